@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make quickstart   -- install, then run the main job
+#   make test         -- install, then run the test suite (what CI runs)
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# On a CPU machine that offers a local CPU build of torch 2.13.0, take that one; a plain
+# `torch` requirement would pull the newest CUDA build (several GB) onto a machine without a GPU.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install install-dev quickstart test test-gpu lint bench-kda
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e .[plot]
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e .[dev]
+
+quickstart: install
+	$(PYTHON) -m kimi_linear.cli quickstart
+
+test: install-dev
+	$(PYTHON) -m pytest -q --durations=15
+
+test-gpu:
+	$(PYTHON) -m pytest -q -m gpu
+
+lint:
+	$(PYTHON) -m ruff check kimi_linear tests
+
+bench-kda:
+	$(PYTHON) -m kimi_linear.cli bench kda

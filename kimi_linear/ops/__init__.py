@@ -1,0 +1,1 @@
+"""Operators: tensors in, tensors out. No nn.Module, no config, no cache objects."""

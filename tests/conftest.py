@@ -1,0 +1,27 @@
+"""Shared pytest fixtures. GPU tests carry ``@pytest.mark.gpu`` and are deselected by default."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# Make `import tests.numerics` work however pytest is invoked.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+SHARED_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "fixtures")
