@@ -38,6 +38,10 @@ import torch
 from kimi_linear.ops.kda.contract import check_kda_inputs, resolve_scale, sequence_spans
 from kimi_linear.ops.kda.fusion import KDAFusion, apply_fusion_ref
 
+# A log-decay at or below this makes exp() exactly 0 in fp32 and fp64 (e^-745 underflows fp64), so
+# flooring gates here changes no result while keeping chunk cumsums small enough to stay precise.
+GATE_FLOOR = -800.0
+
 __all__ = [
     "recurrent_kda_ref",
     "chunk_kda_ref",
@@ -80,18 +84,22 @@ def _chunk_sequence(q, k, v, g, beta, S, scale: float, delta_rule: bool, chunk_s
         qc, kc, vc, gc, bc = q[:, c0:c1], k[:, c0:c1], v[:, c0:c1], g[:, c0:c1], beta[:, c0:c1]
 
         # Step 2: chunk-local cumulative log-decay Gamma_t = sum_{j<=t} g_j  (<= 0, non-increasing).
-        G = gc.cumsum(dim=1)  # [HV, n, K]
+        # Gates are floored at GATE_FLOOR (exp of it is exactly 0 in fp32 and fp64, so no result
+        # changes) and summed in fp64: a huge gate must not absorb the small ones after it, whose
+        # differences Gamma_t - Gamma_i carry the decays between later tokens (docs/kda.md, step 2).
+        G64 = gc.to(torch.float64).clamp(min=GATE_FLOOR).cumsum(dim=1)  # [HV, n, K]
+        G = G64.to(q.dtype)
 
         # Step 3: pairwise decay D[t, i] = exp(Gamma_t - Gamma_i) for i <= t, 0 above the diagonal.
         # Masking happens *before* exp, so no exponent above 0 is ever formed.
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        diff = G.unsqueeze(2) - G.unsqueeze(1)  # [HV, t, i, K]
-        D = torch.exp(torch.where(causal[None, :, :, None], diff, torch.full_like(diff, float("-inf"))))
+        diff = G64.unsqueeze(2) - G64.unsqueeze(1)  # [HV, t, i, K]
+        D = torch.exp(torch.where(causal[None, :, :, None], diff, torch.full_like(diff, float("-inf")))).to(q.dtype)
 
         # Step 5 (intra-chunk attention): Aqk[t, i] = sum_c q_t[c] k_i[c] D[t, i, c], i <= t.
         Aqk = torch.einsum("htc,hic,htic->hti", qc, kc, D)
         G_last = G[:, -1]  # [HV, K]
-        k_to_end = kc * torch.exp(G_last.unsqueeze(1) - G)  # k_i decayed to the chunk's end (exp <= 1)
+        k_to_end = kc * torch.exp(G64[:, -1:] - G64).to(q.dtype)  # k_i decayed to the chunk's end (exp <= 1)
 
         if delta_rule:
             # Step 4 (UT transform): A[t, i] = beta_t sum_c k_t[c] k_i[c] D[t, i, c] for i < t.
