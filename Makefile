@@ -18,7 +18,8 @@ install-dev:
 	$(PIP) install -q -e .[dev]
 
 quickstart: install
-	$(PYTHON) -m kimi_linear.cli quickstart
+	$(PYTHON) -m kimi_linear.cli info
+	$(PYTHON) -m kimi_linear.cli demo
 
 test: install-dev
 	$(PYTHON) -m pytest -q --durations=15

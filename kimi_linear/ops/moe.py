@@ -1,0 +1,112 @@
+"""Mixture-of-experts routing and grouped expert compute (the Kimi Linear / DeepSeek-V3 scheme).
+
+Routing (:func:`route`): sigmoid scores from fp32 router logits; experts are *chosen* on
+``score + correction_bias`` (the auxiliary-loss-free balancing bias, optionally inside the best
+expert groups), but *weighted* by the unbiased scores, renormalised to sum 1 and multiplied by
+``scaling``.
+
+Expert compute (:func:`grouped_swiglu`): the (token, slot) pairs are sorted by expert so each
+active expert runs one GEMM over exactly its tokens; cost scales with the routed tokens, not with
+the number of experts.
+
+| tensor        | shape          | notes                                  |
+|---------------|----------------|----------------------------------------|
+| logits        | ``[N, E]``     | N tokens, E experts (fp32)             |
+| weights       | ``[N, k]``     | fp32 combine weights                   |
+| indices       | ``[N, k]``     | int64 expert ids                       |
+| x             | ``[N, D]``     |                                        |
+| w1, w3        | E x ``[I, D]`` | gate / up projections (nn.Linear layout) |
+| w2            | E x ``[D, I]`` | down projection                        |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["route", "expert_load", "grouped_swiglu"]
+
+
+def route(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    *,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``top_k`` experts per token. Returns ``(weights [N, k] fp32, indices [N, k] int64)``."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, E], got shape {tuple(logits.shape)}")
+    N, E = logits.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
+    if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
+                         f"num_groups={num_groups}, topk_groups={topk_groups}")
+    scores = torch.sigmoid(logits.float())
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if num_groups > 1 and topk_groups < num_groups:
+        per_group = E // num_groups
+        grouped = choice.view(N, num_groups, per_group)
+        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [N, groups]
+        keep = torch.zeros_like(group_score, dtype=torch.bool)
+        keep.scatter_(1, group_score.topk(topk_groups, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
+    indices = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, indices
+
+
+def expert_load(indices: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert, fp32 ``[E]`` (no host sync). ``token_mask [N]`` drops padding."""
+    flat = indices.reshape(-1)
+    w = None
+    if token_mask is not None:
+        w = token_mask.reshape(-1, 1).expand_as(indices).reshape(-1).float()
+    return torch.bincount(flat, weights=w, minlength=num_experts).float()
+
+
+def grouped_swiglu(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    w1: Sequence[torch.Tensor],
+    w3: Sequence[torch.Tensor],
+    w2: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``sum_slot weights * w2_e(silu(w1_e x) * w3_e x)`` over each token's chosen experts. Returns ``[N, D]``.
+
+    The combine is accumulated in fp32 and cast to x's dtype once, so bf16 models do not round
+    after every expert.
+    """
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
+                         f"{tuple(indices.shape)}, {tuple(weights.shape)}")
+    E = len(w1)
+    N, k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k  # which token each sorted slot belongs to
+    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync: group sizes for the GEMMs
+    xs = x[token_of]
+    outs = []
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        xe = xs[start:start + c]
+        h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
+        outs.append(F.linear(h, w2[e]))
+        start += c
+    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    if outs:
+        y = torch.cat(outs).float() * weights.reshape(-1)[order].float()[:, None]
+        out = out.index_add(0, token_of, y)
+    return out.to(x.dtype)

@@ -1,0 +1,45 @@
+"""RMS normalisation, plain and sigmoid-gated (the KDA output norm).
+
+| tensor | shape        | notes                                     |
+|--------|--------------|-------------------------------------------|
+| x      | ``[..., D]`` | any float dtype; statistics in fp32       |
+| weight | ``[D]``      |                                           |
+| gate   | ``[..., D]`` | same shape as x (gated form only)         |
+| return | ``[..., D]`` | dtype of x                                |
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rms_norm", "gated_rms_norm"]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("x and weight must be tensors")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [D={x.shape[-1]}], got shape {tuple(weight.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)``.
+
+    The normalised value is rounded to x's dtype before the weight multiplies it, the order the
+    released model (and transformers) use, so bf16 results match theirs bit for bit.
+    """
+    _check(x, weight)
+    xf = x.float() if x.dtype != torch.float64 else x
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed.to(x.dtype)).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``rms_norm(x) * sigmoid(gate)``, all in fp32 (weight included), then cast to x's dtype."""
+    _check(x, weight)
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)
+    return (normed * torch.sigmoid(gate.to(compute))).to(x.dtype)
