@@ -1,0 +1,85 @@
+"""Absorbed (latent) MLA attention == the expanded form, fp32/fp64 tight; masking by lengths; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.ops.latent_attention import (
+    expanded_attention_ref,
+    latent_attention,
+    latent_attention_ref,
+    mask_from_lengths,
+)
+from tests.numerics import rel_rms
+
+
+def inputs(B=3, T=1, H=4, Dn=8, Dr=4, Dv=6, R=16, L=11, dtype=torch.float32):
+    return (torch.randn(B, T, H, Dn, dtype=dtype), torch.randn(B, T, H, Dr, dtype=dtype),
+            torch.randn(B, L, R, dtype=dtype), torch.randn(B, L, Dr, dtype=dtype),
+            torch.randn(H * (Dn + Dv), R, dtype=dtype) / R**0.5)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_absorbed_equals_expanded(T, dtype, tol):
+    args = inputs(T=T, dtype=dtype)
+    lengths = torch.tensor([11, 5, 3])
+    out = latent_attention_ref(*args, lengths=lengths)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    assert out.shape == (3, T, 4, 6) and out.dtype == dtype
+    assert rel_rms(out, ref) < tol
+
+
+def test_matches_explicit_softmax_attention_and_ignores_masked_positions():
+    q_nope, q_rope, latent, k_rope, w = inputs(B=2, L=7, dtype=torch.float64)
+    lengths = torch.tensor([7, 4])
+    out = latent_attention_ref(q_nope, q_rope, latent, k_rope, w, lengths=lengths)
+    # garbage beyond each row's length must not matter
+    latent2, k_rope2 = latent.clone(), k_rope.clone()
+    latent2[1, 4:] = 1e6
+    k_rope2[1, 4:] = float("nan")
+    out2 = latent_attention_ref(q_nope, q_rope, latent2, k_rope2, w, lengths=lengths)
+    assert torch.equal(out, out2) or rel_rms(out2, out) < 1e-14
+    # explicit per-head loop for row 1
+    H, Dn, Dv = 4, 8, 6
+    wv = w.view(H, Dn + Dv, -1)
+    for h in range(H):
+        k = torch.cat([latent[1, :4] @ wv[h, :Dn].T, k_rope[1, :4]], dim=-1)
+        v = latent[1, :4] @ wv[h, Dn:].T
+        q = torch.cat([q_nope[1, 0, h], q_rope[1, 0, h]])
+        p = torch.softmax(k @ q * (Dn + 4) ** -0.5, dim=0)
+        assert torch.allclose(out[1, 0, h], p @ v, atol=1e-12)
+
+
+def test_multi_token_queries_are_causal():
+    args = inputs(B=1, T=3, L=6, dtype=torch.float64)
+    out = latent_attention_ref(*args, lengths=torch.tensor([6]))
+    m = mask_from_lengths(torch.tensor([6]), 3, 6)
+    assert m[0].sum(-1).tolist() == [4, 5, 6]
+    # the first query equals a single-token call with lengths 4
+    single = latent_attention_ref(args[0][:, :1], args[1][:, :1], *args[2:], lengths=torch.tensor([4]))
+    assert rel_rms(out[:, :1], single) < 1e-14
+
+
+def test_key_mask_path_and_empty_rows():
+    args = inputs(B=2, T=2, L=5)
+    km = torch.zeros(2, 2, 5, dtype=torch.bool)
+    km[0, :, :3] = True
+    out = latent_attention(*args, key_mask=km, backend="reference")
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    assert rel_rms(out, expanded_attention_ref(*args, key_mask=km)) < 2e-6
+
+
+def test_bad_input():
+    q_nope, q_rope, latent, k_rope, w = inputs()
+    with pytest.raises(ValueError, match="exactly one"):
+        latent_attention_ref(q_nope, q_rope, latent, k_rope, w)
+    with pytest.raises(ValueError, match="k_rope"):
+        latent_attention_ref(q_nope, q_rope, latent, k_rope[:, :3], w, lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="lengths"):
+        latent_attention_ref(q_nope, q_rope, latent, k_rope, w, lengths=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="w_kv_b"):
+        latent_attention_ref(q_nope, q_rope, latent, k_rope, w[:, :5], lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(TypeError):
+        latent_attention_ref(q_nope.long(), q_rope, latent, k_rope, w, lengths=torch.tensor([1, 1, 1]))
