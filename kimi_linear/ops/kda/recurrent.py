@@ -176,7 +176,7 @@ def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_f
         idx = state_indices.to(device=q.device, non_blocking=True).contiguous()
     else:
         h0 = initial_state.contiguous() if initial_state is not None else None
-        ht = (q.new_empty((shape.N, shape.HV, shape.K, shape.V), dtype=torch.float32)
+        ht = (torch.empty((shape.N, shape.HV, shape.K, shape.V), dtype=torch.float32, device=q.device)
               if output_final_state else None)
         idx = None
     cu = cu_seqlens.to(device=q.device).contiguous() if cu_seqlens is not None else None
