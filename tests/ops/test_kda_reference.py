@@ -319,3 +319,28 @@ def test_bad_input_is_named(fn, case, err, match):
 
 def test_tolerance_table_is_not_empty_for_refs():
     assert tolerance("ref", F64) <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------- property test
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    T=st.integers(0, 90),
+    H=st.integers(1, 2),
+    group=st.integers(1, 3),
+    K=st.integers(1, 9),
+    V=st.integers(1, 9),
+    chunk=st.sampled_from([1, 8, 16, 64]),
+    log_gate_scale=st.floats(-4, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_chunk_equals_recurrent_property(T, H, group, K, V, chunk, log_gate_scale, seed):
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=T, H=H, HV=H * group, K=K, V=V, state=True, seed=seed)
+    g = g * 10**log_gate_scale
+    (o_r, s_r), (o_c, s_c) = both(q, k, v, g, beta, h0, chunk_size=chunk)
+    assert_close(o_c, o_r, "ref", F64, "o")
+    assert_close(s_c, s_r, "ref", F64, "state")
