@@ -492,3 +492,24 @@ class HybridCache:
     def __repr__(self) -> str:
         return (f"HybridCache(batch={self.batch_size}, max_len={self.max_len}, kinds={''.join(k[0] for k in self.layer_kinds)}, "
                 f"lengths={self.lengths.tolist()})")
+
+
+def specs_from_config(config) -> tuple[list[str], KDACacheSpec | None, MLACacheSpec | None]:
+    """Layer kinds and cache specs of a :class:`kimi_linear.model.config.KimiLinearConfig`."""
+    kinds = list(config.layer_types())
+    kda = None
+    if KDA in kinds:
+        H, K = config.kda_num_heads, config.kda_head_dim
+        kda = KDACacheSpec(num_heads=H, head_k=K, head_v=K, conv_dims=(H * K, H * K, H * K),
+                           conv_kernel=config.conv_kernel_size)
+    mla = MLACacheSpec(config.kv_lora_rank, config.qk_rope_head_dim) if MLA in kinds else None
+    return kinds, kda, mla
+
+
+def cache_for_config(
+    config, *, batch_size: int, max_len: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> HybridCache:
+    """A zeroed :class:`HybridCache` for a model configuration (``dtype``: the model's compute dtype)."""
+    kinds, kda, mla = specs_from_config(config)
+    return HybridCache.allocate(kinds, batch_size=batch_size, max_len=max_len, kda=kda, mla=mla, device=device,
+                                dtype=dtype)
