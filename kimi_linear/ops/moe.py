@@ -105,8 +105,9 @@ def grouped_swiglu(
         h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
         outs.append(F.linear(h, w2[e]))
         start += c
-    out = torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
     if outs:
-        y = torch.cat(outs).float() * weights.reshape(-1)[order].float()[:, None]
+        y = torch.cat(outs).to(acc) * weights.reshape(-1)[order].to(acc)[:, None]
         out = out.index_add(0, token_of, y)
     return out.to(x.dtype)

@@ -1,0 +1,104 @@
+"""``MultiHeadLatentAttention``: MLA without position encoding (the full-attention layer of Kimi Linear).
+
+    q            = q_proj(x)                                   [B, T, H, nope + rope]
+    latent, k_r  = split(kv_a_proj_with_mqa(x))                [B, T, R], [B, T, rope]   (R = kv_lora_rank)
+    latent       = kv_a_layernorm(latent)
+    k_nope, v    = split(kv_b_proj(latent))                    [B, T, H, nope], [B, T, H, v]
+    k            = cat(k_nope, k_r broadcast over heads)       (k_r is shared and never rotated: NoPE)
+    o            = softmax(q k^T * (nope + rope)^-0.5, causal) v
+    y            = o_proj(o)                                   [B, T, D]
+
+A decoder caches only ``(latent, k_r)`` per token (R + rope values); the cached path (issue 5) plugs
+in between :meth:`compress_kv` and :meth:`expand_kv`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kimi_linear.layers.common import RMSNorm, bool_mask
+from kimi_linear.ops.attention import causal_attention
+
+__all__ = ["MultiHeadLatentAttention"]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention, NoPE.
+
+    Args:
+        config: uses ``hidden_size``, ``num_attention_heads``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+            ``v_head_dim``, ``kv_lora_rank``.
+        layer_idx: 0-based index in the stack.
+
+    | forward arg     | shape                 |
+    |-----------------|-----------------------|
+    | hidden_states   | ``[B, T, D]``         |
+    | attention_mask  | ``[B, T]`` 1 = real   |
+    | return          | ``[B, T, D]``         |
+    """
+
+    def __init__(self, config: Any, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        D = config.hidden_size
+        self.num_heads = H = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = self.qk_dim ** -0.5
+        self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        # The released model builds this norm with the default eps (1e-6), not config.rms_norm_eps.
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    # ------------------------------------------------------------------ steps
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D]`` -> ``q [B, T, H, nope + rope]``."""
+        return self.q_proj(x).unflatten(-1, (self.num_heads, self.qk_dim))
+
+    def compress_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` -> ``(latent [B, T, R] normalised, k_rope [B, T, rope])``: what a cache stores."""
+        kv = self.kv_a_proj_with_mqa(x)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_rope
+
+    def expand_kv(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents ``[B, S, R]``, ``[B, S, rope]`` -> ``k [B, S, H, nope + rope]``, ``v [B, S, H, v]``."""
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_shared = k_rope.unsqueeze(2).expand(*k_rope.shape[:2], self.num_heads, self.rope_dim)
+        return torch.cat([k_nope, k_shared], dim=-1), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention (queries aligned to the last keys) -> ``[B, Tq, H * v]``."""
+        o = causal_attention(q, k, v, scale=self.scale, attention_mask=key_mask)
+        return o.flatten(-2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``hidden_states [B, T, D]`` -> ``[B, T, D]``."""
+        if cache is not None:
+            raise NotImplementedError("MultiHeadLatentAttention: cached prefill/decode is added by the generation module")
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
+        if kwargs.get("cu_seqlens") is not None:
+            raise NotImplementedError("MultiHeadLatentAttention does not take packed (cu_seqlens) input yet")
+        B, T, _ = hidden_states.shape
+        mask = bool_mask(attention_mask, B, T)
+        q = self.project_q(hidden_states)
+        k, v = self.expand_kv(*self.compress_kv(hidden_states))
+        return self.o_proj(self._attend(q, k, v, mask))

@@ -1,0 +1,279 @@
+"""``KimiLinearModel`` and ``KimiLinearForCausalLM``: embedding, pre-norm hybrid blocks, final norm, head.
+
+Block ``l`` (0-based) is ``h += attn(input_layernorm(h)); h += ffn(post_attention_layernorm(h))`` with
+``attn`` a :class:`KimiDeltaAttention` or :class:`MultiHeadLatentAttention` (``config.layer_types()``)
+and ``ffn`` a dense :class:`SwiGLUMLP` (``mlp``) or a :class:`SparseMoeBlock` (``block_sparse_moe``).
+Module names are the checkpoint's (``model.layers.L....``, ``lm_head``), so ``state_dict()`` is the
+on-disk tensor table.
+
+``cache`` is threaded from ``KimiLinearForCausalLM.forward`` through every block to every attention
+layer (which finds its own state by ``layer_idx``); the cached paths come with the generation module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kimi_linear.layers.common import RMSNorm
+from kimi_linear.layers.kda import KimiDeltaAttention, ShortConvolution, _HeadNorm
+from kimi_linear.layers.mla import MultiHeadLatentAttention
+from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
+from kimi_linear.model.config import KimiLinearConfig
+
+__all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
+
+
+@dataclass
+class CausalLMOutput:
+    """What :meth:`KimiLinearForCausalLM.forward` returns.
+
+    Attributes:
+        loss: mean next-token cross entropy over labels != -100 (None without labels).
+        logits: ``[B, T', vocab]`` (T' = T, or ``logits_to_keep``).
+        cache: the cache object passed in (updated in place by the cached paths), else None.
+        hidden_states: final-norm hidden states ``[B, T, D]`` when ``output_hidden_states``.
+        aux: extra information (``"num_tokens"``: label tokens counted in the loss).
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    cache: Any = None
+    hidden_states: torch.Tensor | None = None
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class KimiLinearDecoderLayer(nn.Module):
+    """One pre-norm block: attention (KDA or MLA) then MLP (dense or MoE), each with a residual."""
+
+    def __init__(self, config: KimiLinearConfig, layer_idx: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types()[layer_idx]
+        self.self_attn: nn.Module = (
+            KimiDeltaAttention(config, layer_idx, backend) if self.layer_type == "kda"
+            else MultiHeadLatentAttention(config, layer_idx)
+        )
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoeBlock(config)
+        else:
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if self.is_moe else self.mlp
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: Any = None, **kwargs: Any) -> torch.Tensor:
+        """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged."""
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        return h + self.ffn(self.post_attention_layernorm(h), attention_mask=attention_mask, **kwargs)
+
+
+class KimiLinearModel(nn.Module):
+    """Embedding, decoder layers, final norm. ``forward`` returns the final hidden states ``[B, T, D]``."""
+
+    def __init__(self, config: KimiLinearConfig, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [KimiLinearDecoderLayer(config, i, backend) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+            h = self.embed_tokens(input_ids)
+        else:
+            h = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = _checkpointed(layer, h, attention_mask, cache, kwargs)
+            else:
+                h = layer(h, attention_mask, cache, **kwargs)
+        return self.norm(h)
+
+
+def _checkpointed(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, cache: Any,
+                  kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run ``layer`` under activation checkpointing; the backward recompute does not count MoE load twice."""
+    calls = [0]
+
+    def run(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        calls[0] += 1
+        return layer(x, m, cache, **{**kwargs, "count_load": calls[0] == 1})
+
+    return checkpoint(run, h, mask, use_reentrant=False)
+
+
+class KimiLinearForCausalLM(nn.Module):
+    """The language model: :class:`KimiLinearModel` + untied ``lm_head``.
+
+    Args:
+        config: the model configuration.
+        backend: KDA operator backend for every KDA layer (``"auto" | "triton" | "reference"``).
+        init: initialise weights (skipped automatically on the meta device).
+    """
+
+    def __init__(self, config: KimiLinearConfig, backend: str = "auto", init: bool = True) -> None:
+        super().__init__()
+        if config.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=true is not supported (the released model unties the head)")
+        self.config = config
+        self.model = KimiLinearModel(config, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if init and not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) projections and embeddings; residual-output projections scaled
+        by ``1/sqrt(2 * layers)`` (so the residual stream's variance does not grow with depth); norms at 1;
+        KDA decays spread (:meth:`KimiDeltaAttention.reset_gate_parameters`); zero balancing biases."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                residual_out = name.endswith(("o_proj", "down_proj", "w2"))
+                nn.init.normal_(m.weight, std=out_std if residual_out else std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, (RMSNorm, _HeadNorm, ShortConvolution)):
+                m.reset_parameters()
+            elif isinstance(m, KimiDeltaAttention):
+                m.reset_gate_parameters()
+            elif isinstance(m, MoEGate):
+                nn.init.normal_(m.weight, std=std)
+                m.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutput:
+        """Logits (and the loss when ``labels`` is given).
+
+        | arg            | shape / meaning                                                 |
+        |----------------|-----------------------------------------------------------------|
+        | input_ids      | ``[B, T]`` int                                                  |
+        | attention_mask | ``[B, T]``, 1 = real token (left or right padding)              |
+        | labels         | ``[B, T]``, aligned with input_ids (shifted inside), -100 = ignore |
+        | cache          | passed to every attention layer (generation module)             |
+        | logits_to_keep | 0 = all positions, n = the last n                               |
+        """
+        h = self.model(input_ids, attention_mask, cache, inputs_embeds, **kwargs)
+        hk = h if logits_to_keep == 0 else h[:, -logits_to_keep:]
+        logits = self.lm_head(hk)
+        loss, aux = None, {}
+        if labels is not None:
+            if labels.shape != h.shape[:2]:
+                raise ValueError(f"labels must be [B, T] = {tuple(h.shape[:2])}, got {tuple(labels.shape)}")
+            if logits_to_keep != 0:
+                raise ValueError("labels need all logits; pass logits_to_keep=0")
+            target = labels[:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+            aux["num_tokens"] = (target != -100).sum()
+        return CausalLMOutput(loss=loss, logits=logits, cache=cache,
+                              hidden_states=h if output_hidden_states else None, aux=aux)
+
+    # ------------------------------------------------------------------ utilities
+    def set_backend(self, backend: str) -> None:
+        """Switch the KDA operator backend of every KDA layer."""
+        for m in self.modules():
+            if isinstance(m, KimiDeltaAttention):
+                m.backend = backend
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+        self.model.gradient_checkpointing = enabled
+
+    def num_parameters(self, *, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Parameter count (values). ``active``: count only the top-k routed experts of each MoE layer."""
+        total = 0
+        for name, p in self.named_parameters():
+            if exclude_embeddings and name in ("model.embed_tokens.weight", "lm_head.weight"):
+                continue
+            total += p.numel()
+        if active:
+            for m in self.modules():
+                if isinstance(m, SparseMoeBlock):
+                    per_expert = sum(p.numel() for p in m.experts[0].parameters())
+                    total -= per_expert * (m.num_experts - m.top_k)
+        return total
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    def expert_loads(self) -> torch.Tensor | None:
+        """Accumulated per-expert token counts, ``[num_moe_layers, E]`` (None without MoE)."""
+        blocks = self.moe_blocks()
+        return torch.stack([b.expert_load for b in blocks]) if blocks else None
+
+    @torch.no_grad()
+    def update_moe_bias(self, rate: float, loads: torch.Tensor | None = None) -> None:
+        """Balancing step on every MoE layer (see :meth:`SparseMoeBlock.update_correction_bias`).
+
+        ``loads [num_moe_layers, E]`` overrides the accumulated counts (e.g. all-reduced across ranks).
+        """
+        for i, block in enumerate(self.moe_blocks()):
+            block.update_correction_bias(rate, None if loads is None else loads[i])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+        """Write ``config.json`` + safetensors (sharded with an index above ``max_shard_size``), atomically."""
+        from kimi_linear.model.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        backend: str = "auto",
+        strict: bool = True,
+        **config_overrides: Any,
+    ) -> KimiLinearForCausalLM:
+        """Load a checkpoint directory (ours, the released one, or one transformers saved).
+
+        ``device="meta"`` checks names and shapes against the files without reading any tensor data.
+        ``dtype`` (default: the config's ``dtype``) applies to every tensor except the fp32 gate and
+        router-bias parameters.
+        """
+        from kimi_linear.model.checkpoint import from_pretrained
+
+        return from_pretrained(cls, directory, device=device, dtype=dtype, backend=backend, strict=strict,
+                               **config_overrides)
