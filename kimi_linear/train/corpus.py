@@ -101,13 +101,14 @@ def split_files(files: list[CorpusFile], val_fraction: float, seed: int = 0) -> 
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not files:
         raise ValueError("split_files: empty file list")
+    if val_fraction > 0 and len(files) < 2:
+        raise ValueError(
+            f"a validation split needs at least 2 files, got 1 ({files[0].path}); pass --val-data or --val-fraction 0"
+        )
+    files = sorted(files, key=lambda f: f.rel)
     scored = [(_hash_unit(seed, f.rel), f) for f in files]
     val = [f for u, f in scored if u < val_fraction]
     if val_fraction > 0 and not val:
-        if len(files) < 2:
-            raise ValueError(
-                f"a validation split needs at least 2 files, got 1 ({files[0].path}); pass --val-data or --val-fraction 0"
-            )
         val = [min(scored, key=lambda x: x[0])[1]]
     val_names = {f.rel for f in val}
     train = [f for f in files if f.rel not in val_names]

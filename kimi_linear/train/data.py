@@ -15,9 +15,9 @@ Batches (``[B, T]``, labels are the inputs; the model shifts them, HF style):
 
 | key         | shape / dtype           | notes                                                       |
 |-------------|-------------------------|-------------------------------------------------------------|
-| input_ids   | ``[B, T]`` int64        |                                                             |
-| labels      | ``[B, T]`` int64        | varlen: -100 at each document start after a row's first token |
-| cu_seqlens  | ``[N+1]`` int32         | varlen only: document spans of the flattened ``[1, B*T]`` pack |
+| input_ids   | ``[B, T]`` int64        | varlen: flattened to ``[1, B*T]`` (B == 1 with cu_seqlens)   |
+| labels      | ``[B, T]`` int64        | varlen: ``[1, B*T]``, -100 at every segment start but the first |
+| cu_seqlens  | ``[N+1]`` int32         | varlen only: row and document spans of the flattened pack    |
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ class PackedStream:
         self.epoch = 0
         self.file_pos = 0  # index into this epoch's file order
         self.doc_pos = 0  # documents of the current file already consumed
-        self._pending: list[int] = []  # tokens not yet in a row
-        self._pending_starts: list[int] = [0]  # document starts inside _pending
+        self._pending: list[int] = []  # tokens of the current documents; [_head:] not yet in a row
+        self._head = 0
+        self._pending_starts: list[int] = []  # absolute document starts inside _pending
         self._buffer: list[Row] = []
         self._doc_iter = None
         self._order = self._file_order(0)
@@ -114,24 +115,29 @@ class PackedStream:
             return self.encode(text) + [self.eos_id]
 
     def _next_packed_row(self) -> Row | None:
-        while len(self._pending) < self.seq_len:
+        # _pending[_head:] are the tokens not yet in a row; _pending_starts are absolute indices into
+        # _pending of document starts >= _head (the first row of a stream starts a document at 0).
+        T = self.seq_len
+        while len(self._pending) - self._head < T:
             doc = self._next_document()
             if doc is None:
-                if not self._pending:
+                if len(self._pending) == self._head:
                     return None
-                # last partial row of a finite stream: pad with EOS (labels there are plain EOS)
-                self._pending.extend([self.eos_id] * (self.seq_len - len(self._pending)))
+                # last partial row of a finite stream: pad with EOS
+                self._pending.extend([self.eos_id] * (T - (len(self._pending) - self._head)))
                 break
-            if len(self._pending) > 0:
+            if len(self._pending) > self._head:
                 self._pending_starts.append(len(self._pending))
             self._pending.extend(doc)
-        row = Row(self._pending[: self.seq_len], [s for s in self._pending_starts if s < self.seq_len])
-        rest = self._pending[self.seq_len :]
-        # the document that straddles the cut continues at position 0 of the next row
-        self._pending_starts = [0] + [s - self.seq_len for s in self._pending_starts if s > self.seq_len]
-        self._pending = rest
-        if not rest:
-            self._pending_starts = [0]
+        h = self._head
+        starts = [0] + [s - h for s in self._pending_starts if h < s < h + T]
+        row = Row(self._pending[h : h + T], starts)
+        self._head = h + T
+        self._pending_starts = [s for s in self._pending_starts if s >= self._head]
+        if self._head >= 4096 and self._head * 2 >= len(self._pending):  # compact (amortised O(1))
+            del self._pending[: self._head]
+            self._pending_starts = [s - self._head for s in self._pending_starts]
+            self._head = 0
         return row
 
     def next_row(self) -> Row:
@@ -168,8 +174,8 @@ class PackedStream:
             "epoch": self.epoch,
             "file_pos": self.file_pos,
             "doc_pos": self.doc_pos,
-            "pending": list(self._pending),
-            "pending_starts": list(self._pending_starts),
+            "pending": self._pending[self._head :],
+            "pending_starts": [p - self._head for p in self._pending_starts],
             "buffer": [(r.tokens, r.starts) for r in self._buffer],
             "rng": self._rng.bit_generator.state,
             "rows_emitted": self.rows_emitted,
@@ -187,6 +193,7 @@ class PackedStream:
         self._order = self._file_order(self.epoch)
         self._doc_iter = None
         self._pending = list(state["pending"])
+        self._head = 0
         self._pending_starts = list(state["pending_starts"])
         self._buffer = [Row(list(t), list(s)) for t, s in state["buffer"]]
         self._rng.bit_generator.state = state["rng"]
@@ -203,14 +210,13 @@ def collate(rows: list[Row], *, varlen: bool = False) -> dict[str, torch.Tensor]
     labels = input_ids.clone()
     batch = {"input_ids": input_ids, "labels": labels}
     if varlen:
-        offsets = [0]
-        for b, r in enumerate(rows):
-            for s in r.starts:
-                if s > 0:
-                    labels[b, s] = -100  # predicting a new document from the previous one's EOS
-                    offsets.append(b * T + s)
-            offsets.append((b + 1) * T)
-        batch["cu_seqlens"] = torch.tensor(sorted(set(offsets)), dtype=torch.int32)
+        # one packed sequence [1, B*T]: every row start and document start opens a segment, and the
+        # label there (which the previous segment's last token would predict) is dropped
+        offsets = sorted({b * T + s for b, r in enumerate(rows) for s in r.starts} | {len(rows) * T})
+        flat_labels = labels.reshape(1, -1)
+        flat_labels[0, torch.tensor(offsets[1:-1], dtype=torch.long)] = -100
+        batch = {"input_ids": input_ids.reshape(1, -1), "labels": flat_labels,
+                 "cu_seqlens": torch.tensor(offsets, dtype=torch.int32)}
     return batch
 
 
