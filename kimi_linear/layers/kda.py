@@ -210,7 +210,8 @@ class KimiDeltaAttention(KeepFP32):
 
     def _masked_gates(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.compute_gate(x)
-        beta = torch.sigmoid(self.beta_logits(x).float())
+        logits = self.beta_logits(x)
+        beta = torch.sigmoid(logits if logits.dtype == torch.float64 else logits.float())
         if mask is not None:  # pads neither decay nor write the state
             g = g * mask[:, :, None, None]
             beta = beta * mask[:, :, None]
