@@ -74,8 +74,11 @@ def causal_conv1d(
         xt = F.pad(xt, (W - 1, 0))
     else:
         xt = torch.cat([initial_window.to(weight.dtype), xt], dim=-1)
-    y = F.conv1d(xt, weight.unsqueeze(1), bias, groups=D)  # [B, D, T]
-    y = _act(y, activation).transpose(1, 2).to(x.dtype)
+    if T == 0:  # nothing to convolve; the window passes through unchanged
+        y = x.new_zeros(B, 0, D)
+    else:
+        y = F.conv1d(xt, weight.unsqueeze(1), bias, groups=D)  # [B, D, T]
+        y = _act(y, activation).transpose(1, 2).to(x.dtype)
     final = xt[..., xt.shape[-1] - (W - 1):].to(x.dtype) if output_final_window else None
     return y, final
 
@@ -107,7 +110,7 @@ def _varlen(x, weight, bias, activation, initial_window, output_final_window, cu
         shifted = torch.where(inside[:, None], shifted, torch.zeros_like(shifted))
         if initial_window is not None and j > 0:
             # before the start: input at position pos - j lives in the window at index W-1 + pos - j
-            widx = (W - 1 + pos - j).clamp(min=0)
+            widx = (W - 1 + pos - j).clamp(min=0, max=W - 2)  # only read where pos < j
             from_window = initial_window.to(weight.dtype)[seq_id, :, widx]  # [T, D]
             shifted = torch.where(inside[:, None], shifted, from_window)
         y = y + shifted * weight[:, W - 1 - j]
@@ -121,7 +124,7 @@ def _varlen(x, weight, bias, activation, initial_window, output_final_window, cu
         from_x = idx >= offsets[:-1, None]
         gathered = xs[idx.clamp(min=0, max=max(T - 1, 0))] if T > 0 else xs.new_zeros(N, W - 1, D)  # [N, W-1, D]
         if initial_window is not None:
-            widx = (W - 1 + idx - offsets[:-1, None]).clamp(min=0)  # index into the window
+            widx = (W - 1 + idx - offsets[:-1, None]).clamp(min=0, max=W - 2)  # index into the window
             prev = torch.gather(initial_window.to(weight.dtype), 2, widx[:, None, :].expand(N, D, W - 1))
             prev = prev.transpose(1, 2)
         else:

@@ -1,0 +1,103 @@
+"""Causal depthwise short conv: definition, continuation from a window, decode step, varlen, causality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
+
+
+def conv_by_definition(x, weight, window=None, act=True):
+    """y[t] = sum_j w[W-1-j] * x[t-j], reading the window before t = 0 (fp64 loop)."""
+    B, T, D = x.shape
+    W = weight.shape[-1]
+    w = weight.reshape(D, W)
+    prev = torch.zeros(B, D, W - 1, dtype=x.dtype) if window is None else window
+    full = torch.cat([prev, x.transpose(1, 2)], dim=-1)  # [B, D, W-1+T]
+    y = torch.zeros(B, T, D, dtype=x.dtype)
+    for t in range(T):
+        for j in range(W):
+            y[:, t] += w[:, W - 1 - j] * full[:, :, W - 1 + t - j]
+    return F.silu(y) if act else y
+
+
+@pytest.mark.parametrize("W", [1, 2, 4])
+@pytest.mark.parametrize("act", [True, False])
+def test_matches_definition(W, act):
+    x = torch.randn(2, 9, 5, dtype=torch.float64)
+    w = torch.randn(5, 1, W, dtype=torch.float64)
+    win = torch.randn(2, 5, W - 1, dtype=torch.float64)
+    y, final = causal_conv1d(x, w, activation="silu" if act else None, output_final_window=True)
+    torch.testing.assert_close(y, conv_by_definition(x, w, act=act), rtol=1e-12, atol=1e-12)
+    assert final.shape == (2, 5, W - 1)
+    y2, _ = causal_conv1d(x, w, activation="silu" if act else None, initial_window=win)
+    torch.testing.assert_close(y2, conv_by_definition(x, w, win, act=act), rtol=1e-12, atol=1e-12)
+
+
+def test_split_prefill_and_decode_steps_equal_full():
+    x = torch.randn(3, 11, 6, dtype=torch.float64)
+    w = torch.randn(6, 1, 4, dtype=torch.float64)
+    full, _ = causal_conv1d(x, w)
+    a, win = causal_conv1d(x[:, :2], w, output_final_window=True)  # shorter than W-1: window mixes zeros
+    b, win = causal_conv1d(x[:, 2:7], w, initial_window=win, output_final_window=True)
+    outs = [a, b]
+    for t in range(7, 11):
+        y, win = causal_conv1d_update(x[:, t], win, w)
+        outs.append(y[:, None])
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(win, x[:, -3:].transpose(1, 2))
+
+
+def test_update_does_not_modify_window_and_accepts_3d():
+    x = torch.randn(2, 1, 4)
+    w = torch.randn(4, 3)
+    win = torch.randn(2, 4, 2)
+    before = win.clone()
+    y, new = causal_conv1d_update(x, win, w)
+    assert y.shape == (2, 1, 4) and torch.equal(win, before)
+    torch.testing.assert_close(new[..., -1], x[:, 0])
+
+
+def test_varlen_equals_separate_sequences():
+    D, W = 5, 4
+    lens = [3, 0, 1, 7, 2]
+    w = torch.randn(D, 1, W, dtype=torch.float64)
+    seqs = [torch.randn(1, n, D, dtype=torch.float64) for n in lens]
+    wins = torch.randn(len(lens), D, W - 1, dtype=torch.float64)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    packed = torch.cat(seqs, dim=1)
+    for use_win in (False, True):
+        y, finals = causal_conv1d(packed, w, cu_seqlens=cu, initial_window=wins if use_win else None,
+                                  output_final_window=True)
+        for n, s in enumerate(seqs):
+            ref, ref_final = causal_conv1d(s, w, initial_window=wins[n:n + 1] if use_win else None,
+                                           output_final_window=True)
+            torch.testing.assert_close(y[:, cu[n]:cu[n + 1]], ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(finals[n:n + 1], ref_final, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_exactly():
+    x = torch.randn(1, 10, 3)
+    w = torch.randn(3, 1, 4)
+    y, _ = causal_conv1d(x, w)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(1, 4, 3) * 100
+    y2, _ = causal_conv1d(x2, w)
+    assert torch.equal(y[:, :6], y2[:, :6])
+    assert not torch.equal(y[:, 6:], y2[:, 6:])
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="x's channel dim 4"):
+        causal_conv1d(x, torch.randn(3, 1, 4))
+    with pytest.raises(ValueError, match="initial_window must be"):
+        causal_conv1d(x, torch.randn(4, 1, 4), initial_window=torch.zeros(2, 4, 2))
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, torch.randn(4, 1, 4), activation="gelu")
+    with pytest.raises(ValueError, match="batch must be 1"):
+        causal_conv1d(x, torch.randn(4, 1, 4), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="window must be"):
+        causal_conv1d_update(x[:, 0], torch.zeros(2, 4, 1), torch.randn(4, 4))

@@ -1,0 +1,93 @@
+"""MoE routing and grouped expert compute against brute-force references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.ops.moe import expert_load, grouped_swiglu, route
+
+
+def route_brute_force(logits, bias, k, scaling, groups=1, topk_groups=1):
+    """Per token: pick by biased sigmoid score (within the best groups), weight by unbiased scores."""
+    N, E = logits.shape
+    w_out, i_out = [], []
+    for n in range(N):
+        s = torch.sigmoid(logits[n].double())
+        c = s + bias.double()
+        allowed = list(range(E))
+        if groups > 1:
+            per = E // groups
+            gscore = [sorted(c[g * per:(g + 1) * per].tolist(), reverse=True)[:2] for g in range(groups)]
+            best = sorted(range(groups), key=lambda g: -sum(gscore[g]))[:topk_groups]
+            allowed = [e for e in range(E) if e // per in best]
+        chosen = sorted(allowed, key=lambda e: -c[e].item())[:k]
+        w = s[chosen] / s[chosen].sum() * scaling
+        order = torch.argsort(torch.tensor(chosen))
+        i_out.append(torch.tensor(chosen)[order])
+        w_out.append(w[order])
+    return torch.stack(w_out), torch.stack(i_out)
+
+
+def _sorted(w, i):
+    order = torch.argsort(i, dim=-1)
+    return w.gather(1, order), i.gather(1, order)
+
+
+@pytest.mark.parametrize("groups,topk_groups", [(1, 1), (4, 2)])
+def test_route_matches_brute_force(groups, topk_groups):
+    logits = torch.randn(13, 16)
+    bias = torch.randn(16) * 0.3  # large enough to change choices
+    w, i = route(logits, bias, 3, num_groups=groups, topk_groups=topk_groups, scaling=2.5)
+    rw, ri = route_brute_force(logits, bias, 3, 2.5, groups, topk_groups)
+    w, i = _sorted(w, i)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(w.double(), rw, rtol=1e-6, atol=1e-6)
+    assert w.dtype == torch.float32
+
+
+def test_bias_changes_choice_not_weight_formula():
+    logits = torch.zeros(4, 8)
+    logits[:, 0] = 5.0
+    bias = torch.zeros(8)
+    bias[0] = -10.0  # expert 0 has the best score but is never chosen
+    w, i = route(logits, bias, 2, renormalize=False)
+    assert not (i == 0).any()
+    torch.testing.assert_close(w, torch.full((4, 2), 0.5))  # sigmoid(0), unbiased
+
+
+def test_grouped_swiglu_equals_dense_reference_with_grads():
+    E, D, I, N, k = 6, 8, 12, 20, 2
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    w1 = [torch.randn(I, D, dtype=torch.float64, requires_grad=True) for _ in range(E)]
+    w3 = [torch.randn(I, D, dtype=torch.float64, requires_grad=True) for _ in range(E)]
+    w2 = [torch.randn(D, I, dtype=torch.float64, requires_grad=True) for _ in range(E)]
+    idx = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])  # expert E-1 never used
+    wts = torch.rand(N, k, dtype=torch.float64)
+    out = grouped_swiglu(x, idx, wts, w1, w3, w2)
+    ref = torch.zeros(N, D, dtype=torch.float64)
+    for n in range(N):
+        for s in range(k):
+            e = idx[n, s]
+            ref[n] += wts[n, s] * (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n])) @ w2[e].T
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, w1[0], w2[3]], g)
+    want = torch.autograd.grad(ref, [x, w1[0], w2[3]], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_expert_load_counts_and_mask():
+    idx = torch.tensor([[0, 1], [1, 2], [1, 3]])
+    assert torch.equal(expert_load(idx, 5), torch.tensor([1.0, 3.0, 1.0, 1.0, 0.0]))
+    mask = torch.tensor([True, False, True])
+    assert torch.equal(expert_load(idx, 5, mask), torch.tensor([1.0, 2.0, 0.0, 1.0, 0.0]))
+
+
+def test_route_bad_input():
+    with pytest.raises(ValueError, match="top_k"):
+        route(torch.randn(2, 4), None, 5)
+    with pytest.raises(ValueError, match="num_groups"):
+        route(torch.randn(2, 6), None, 2, num_groups=4)
