@@ -175,6 +175,7 @@ class CacheStep:
     | pad         | ``[B]`` int64 | left-padding tokens of this step per row                      |
     | positions   | ``[B, T]``   | cache position of each token (0 for padding)                   |
     | decode      | bool         | ``T == 1`` and no padding: the fast, sync-free path            |
+    | fresh       | bool         | nothing cached in any row yet (a first prefill)                |
     | key_len     | int          | keys to attend over: ``max(start + num_new)`` (``max_len`` in decode) |
     """
 
@@ -185,6 +186,7 @@ class CacheStep:
     token_mask: torch.Tensor | None
     decode: bool
     key_len: int
+    fresh: bool = False
     _valid_index: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _key_mask: torch.Tensor | None = field(default=None, repr=False)
 
@@ -364,6 +366,7 @@ class HybridCache:
             if bool(pad.eq(0).all()):
                 token_mask = None
         decode = T == 1 and token_mask is None
+        fresh = False
         if decode and key_len is not None:
             if not 1 <= key_len <= self.max_len:
                 raise ValueError(f"key_len must lie in [1, max_len={self.max_len}], got {key_len}")
@@ -376,6 +379,7 @@ class HybridCache:
         else:
             end = start + num_new
             key_len = int(end.max())
+            fresh = int(start.max()) == 0
             if key_len > self.max_len:
                 raise ValueError(
                     f"the cache holds at most max_len={self.max_len} tokens per row, but this step would "
@@ -386,7 +390,7 @@ class HybridCache:
         if token_mask is not None:
             positions = positions.masked_fill(~token_mask, 0)
         self.step = CacheStep(start=start.clone(), num_new=num_new, pad=pad, positions=positions,
-                              token_mask=token_mask, decode=decode, key_len=key_len)
+                              token_mask=token_mask, decode=decode, key_len=key_len, fresh=fresh)
         return self.step
 
     def commit_step(self) -> None:

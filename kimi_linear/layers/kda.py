@@ -30,10 +30,11 @@ from torch import nn
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
-from kimi_linear.ops.conv import causal_conv1d
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
+from kimi_linear.ops.kda.recurrent import recurrent_kda
 from kimi_linear.ops.kda.reference import chunk_decay_ref
 from kimi_linear.ops.norm import gated_rms_norm
 
@@ -241,7 +242,7 @@ class KimiDeltaAttention(KeepFP32):
     ) -> torch.Tensor:
         """``hidden_states [B, T, D]`` -> ``[B, T, D]``. ``kwargs`` may carry ``cu_seqlens`` (B == 1 packs)."""
         if cache is not None:
-            raise NotImplementedError("KimiDeltaAttention: cached prefill/decode is added by the generation module")
+            return self._forward_cached(hidden_states, cache)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
@@ -250,6 +251,43 @@ class KimiDeltaAttention(KeepFP32):
         cu_seqlens = kwargs.get("cu_seqlens")
         q, k, v, _ = self.project_qkv(x, cu_seqlens=cu_seqlens)
         o, _ = self._attend(q, k, v, x, mask, cu_seqlens=cu_seqlens)
+        return self.project_output(o, x)
+
+    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Prefill / decode against a :class:`kimi_linear.generation.cache.HybridCache` (its open step).
+
+        Decode (one token, no padding): conv window step + the recurrent kernel, state updated in
+        place in the cache. Otherwise (prefill, or a later piece of a prompt): the chunked operator
+        starts from the cached state and conv windows and hands its final ones back, so a prompt fed
+        in pieces gives the same result as one prefill. Padding comes from ``cache.step``.
+        """
+        step = cache.step
+        if step is None:
+            raise RuntimeError("a cached forward needs an open cache step (HybridCache.begin_step)")
+        B, T, _ = hidden_states.shape
+        cache.check_batch(B, "hidden_states")
+        lc = cache.layers[self.layer_idx]
+        mask = step.token_mask
+        x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
+        if step.decode and self.variant == "kda":
+            outs = []
+            for proj, conv, window in ((self.q_proj, self.q_conv1d, lc.conv_q), (self.k_proj, self.k_conv1d, lc.conv_k),
+                                       (self.v_proj, self.v_conv1d, lc.conv_v)):
+                y, new_window = causal_conv1d_update(proj(x), window, conv.weight, None, activation="silu")
+                window.copy_(new_window)
+                outs.append(y)
+            H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+            q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
+            fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
+            slots = torch.arange(B, device=x.device)  # row b owns slot b of the cache's state pool
+            o, _ = recurrent_kda(q, k, v, self.gate_raw(x), self.beta_logits(x), initial_state=lc.state,
+                                 state_indices=slots, fusion=fusion, backend=self.backend)
+        else:
+            q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
+            for dst, w in zip(lc.convs, windows):
+                dst.copy_(w)
+            o, state = self._attend(q, k, v, x, mask, initial_state=lc.state, output_final_state=True)
+            lc.state.copy_(state)
         return self.project_output(o, x)
 
 

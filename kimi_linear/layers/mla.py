@@ -21,6 +21,7 @@ from torch import nn
 
 from kimi_linear.layers.common import RMSNorm, bool_mask
 from kimi_linear.ops.attention import causal_attention
+from kimi_linear.ops.latent_attention import latent_attention, masked_attention
 
 __all__ = ["MultiHeadLatentAttention"]
 
@@ -92,7 +93,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """``hidden_states [B, T, D]`` -> ``[B, T, D]``."""
         if cache is not None:
-            raise NotImplementedError("MultiHeadLatentAttention: cached prefill/decode is added by the generation module")
+            return self._forward_cached(hidden_states, cache)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
         if kwargs.get("cu_seqlens") is not None:
@@ -102,3 +103,33 @@ class MultiHeadLatentAttention(nn.Module):
         q = self.project_q(hidden_states)
         k, v = self.expand_kv(*self.compress_kv(hidden_states))
         return self.o_proj(self._attend(q, k, v, mask))
+
+    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Prefill / decode against a :class:`kimi_linear.generation.cache.HybridCache` (its open step).
+
+        Every step writes only ``(latent, k_rope)`` into the cache. Decode reads the latent cache
+        through the absorbed projections (:func:`kimi_linear.ops.latent_attention.latent_attention`,
+        never decompressing it); a first prefill attends within the prompt exactly as the uncached
+        forward; a later piece of a prompt expands the cached latents and attends with a per-row mask.
+        """
+        step = cache.step
+        if step is None:
+            raise RuntimeError("a cached forward needs an open cache step (HybridCache.begin_step)")
+        B, T, _ = hidden_states.shape
+        cache.check_batch(B, "hidden_states")
+        lc = cache.layers[self.layer_idx]
+        q = self.project_q(hidden_states)
+        latent, k_rope = self.compress_kv(hidden_states)
+        lc.write(latent, k_rope, step)
+        if step.decode:
+            q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+            c, kr = lc.view(step)
+            o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.start + 1, scale=self.scale)
+            return self.o_proj(o.flatten(-2))
+        if step.fresh:
+            k, v = self.expand_kv(latent, k_rope)
+            return self.o_proj(self._attend(q, k, v, step.token_mask))
+        c, kr = lc.view(step)
+        k, v = self.expand_kv(c.to(q.dtype), kr.to(q.dtype))
+        o = masked_attention(q, k, v, step.key_mask, scale=self.scale)
+        return self.o_proj(o.flatten(-2))

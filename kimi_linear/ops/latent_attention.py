@@ -30,6 +30,7 @@ With ``lengths``, query ``t`` of row ``b`` sees cache positions ``j < lengths[b]
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
@@ -160,3 +161,18 @@ def latent_attention(
 
         return latent_attention_triton(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, scale=scale)
     return latent_attention_ref(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, key_mask=key_mask, scale=scale)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """Expanded attention with an explicit per-query key mask (prefill continuing over a cache).
+
+    ``q [B, T, H, Dk]``, ``k [B, L, H, Dk]``, ``v [B, L, H, Dv]``, ``key_mask [B, T, L]`` bool (every
+    query must see at least one key) -> ``[B, T, H, Dv]``. PyTorch SDPA (memory-efficient kernel on GPU).
+    """
+    if key_mask.dim() != 3 or key_mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
+        raise ValueError(f"key_mask must be [B, T, L] = {(q.shape[0], q.shape[1], k.shape[1])}, got {tuple(key_mask.shape)}")
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=key_mask.unsqueeze(1), scale=scale)
+    return o.transpose(1, 2)
