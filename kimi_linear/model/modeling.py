@@ -109,12 +109,27 @@ class KimiLinearModel(nn.Module):
             h = self.embed_tokens(input_ids)
         else:
             h = inputs_embeds
+        if cache is not None and getattr(cache, "step", False) is None:
+            # One cache step spans all layers: opened here (the input is validated before any layer
+            # writes) and committed once every layer has stored this call's tokens.
+            cache.begin_step(h.shape[1], attention_mask)
+            try:
+                h = self._run_layers(h, attention_mask, cache, kwargs)
+            except BaseException:
+                cache.abort_step()
+                raise
+            cache.commit_step()
+            return self.norm(h)
+        return self.norm(self._run_layers(h, attention_mask, cache, kwargs))
+
+    def _run_layers(self, h: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any,
+                    kwargs: dict[str, Any]) -> torch.Tensor:
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = _checkpointed(layer, h, attention_mask, cache, kwargs)
             else:
                 h = layer(h, attention_mask, cache, **kwargs)
-        return self.norm(h)
+        return h
 
 
 def _checkpointed(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, cache: Any,
@@ -206,6 +221,16 @@ class KimiLinearForCausalLM(nn.Module):
             aux["num_tokens"] = (target != -100).sum()
         return CausalLMOutput(loss=loss, logits=logits, cache=cache,
                               hidden_states=h if output_hidden_states else None, aux=aux)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Generate tokens (batched, left-padded prompts; greedy or sampled; streaming callback).
+
+        Delegates to :func:`kimi_linear.generation.generate.generate` (arguments and the returned
+        ``GenerationOutput`` are documented there); imported lazily since generation builds on the model.
+        """
+        from kimi_linear.generation.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ utilities
     def set_backend(self, backend: str) -> None:
