@@ -1,0 +1,370 @@
+"""Triton backward of chunked KDA (imported lazily: needs Triton). Derivation: docs/kernels.md.
+
+Per chunk (one value head), the forward computed (docs/kda.md steps 2-7)
+
+    Qg = e^G q,  Kd = e^{G_last - G} k,  X = [beta v | beta e^G k],  [U | Wk] = M X,  M = (I + beta Araw)^-1
+    W = U - Wk S,   O = scale (Qg S + Aqk W),   S_next = e^{G_last} S + Kd^T W
+
+Stages of the backward:
+
+| stage          | grid           | computes                                                          |
+|----------------|----------------|-------------------------------------------------------------------|
+| state scan     | (V/BV, N*HV)   | dS from the last chunk to the first: dh per chunk, dW, dh0        |
+| chunk grads    | (NC, HV)       | dv, dbeta, the dense parts of dq/dk/dG, dA (masked), dAqk          |
+| decay products | (NC, HV, K/BK) | the Araw/Aqk parts of dq/dk/dG (exact sub-chunk form), dg = reverse |
+|                |                | cumsum of dG, fused gate backward (raw gate, A_log, dt_bias)      |
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kimi_linear.ops.kda import chunk_common
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, pow2
+from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
+
+
+@triton.jit
+def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, chunk_start, chunk_len, chunk_first, scale,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    # dW = scale Aqk^T dO + Kd dS_next;  dS = e^{G_last} dS_next + scale Qg^T dO - Wk^T dW.
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = (i_nh % HV).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    o_k = tl.arange(0, KP)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, 64)
+    m_k = o_k < K
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    p_state = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+    b_dS = tl.zeros([KP, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dS = tl.load(dht + p_state, mask=m_kv, other=0).to(tl.float32)
+    c0 = tl.load(chunk_first + i_n)
+    c1 = tl.load(chunk_first + i_n + 1)
+    for j in range(0, c1 - c0):
+        c = c1 - 1 - j
+        t0 = tl.load(chunk_start + c).to(tl.int64)
+        n = tl.load(chunk_len + c)
+        tl.store(dh + ((c * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
+                 b_dS.to(dh.dtype.element_ty), mask=m_kv)
+        m_t = o_t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+        b_g = tl.load(G + p_tk, mask=m_tk, other=0)
+        b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        b_kd = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32) * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))
+        b_dw = scale * tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kd, b_dS, input_precision=PREC)
+        tl.store(dW + p_tv, b_dw, mask=m_tv)
+        b_qg = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32) * tl.exp(b_g)
+        b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0).to(tl.float32)
+        b_dS = (b_dS * tl.exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
+                - tl.dot(tl.trans(b_wk), b_dw, input_precision=PREC))
+    if STORE_DH0:
+        tl.store(dh0 + p_state, b_dS, mask=m_kv)
+
+
+@triton.jit
+def _chunk_grad_kernel(q, k, v, beta, G, Araw, M, U, Wk, W, h, dh, do, dW,
+                       dq, dk, dG, dGl, dv, dbeta, dA, dAqk, chunk_start, chunk_len, scale,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_t = tl.arange(0, 64)
+    o_k = tl.arange(0, KP)
+    m_t = o_t < n
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
+    b_M = tl.load(M + p_cc, mask=m_t[:, None], other=0)
+    b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
+    b_dqg = tl.zeros([64, KP], dtype=tl.float32)  # d(e^G q) / scale
+    b_dkd = tl.zeros([64, KP], dtype=tl.float32)  # d(Kd)
+    b_dwk = tl.zeros([64, KP], dtype=tl.float32)  # d(Wk)
+    b_dgl = tl.zeros([KP], dtype=tl.float32)  # sum_v S * dS_next (the e^{G_last} S term)
+    b_daqk = tl.zeros([64, 64], dtype=tl.float32)
+    b_da = tl.zeros([64, 64], dtype=tl.float32)
+    b_db = tl.zeros([64], dtype=tl.float32)
+    p_h = (i_c.to(tl.int64) * HV + i_hv) * K * V
+    for vb in tl.static_range(0, V, BV):
+        o_v = vb + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+        b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
+        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
+        b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+        b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
+        b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
+        b_dgl += tl.sum(b_h * b_dh, axis=1)
+        b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
+        # U = M (beta V): dX_v = M^T dU (dU = dW), dv = beta dX_v, dbeta += <dX_v, v>, dM -> dA
+        b_dxv = tl.dot(tl.trans(b_M), b_dw, input_precision=PREC)
+        tl.store(dv + p_tv, (b_dxv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_db += tl.sum(b_dxv * b_v, axis=1)
+        b_da -= tl.dot(b_dxv, tl.trans(b_u), input_precision=PREC)
+    p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
+    b_g = tl.load(G + p_tk, mask=m_tk, other=0)
+    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+    b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0).to(tl.float32)
+    b_eg = tl.where(m_tk, tl.exp(b_g), 0.0)
+    b_ed = tl.where(m_tk, tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0)), 0.0)
+    # Wk = M (beta e^G k)
+    b_dxk = tl.dot(tl.trans(b_M), b_dwk, input_precision=PREC)
+    b_da -= tl.dot(b_dxk, tl.trans(b_wk), input_precision=PREC)
+    b_dq = scale * b_dqg * b_eg
+    b_dG = scale * b_dqg * b_q * b_eg
+    b_dk = b_dkd * b_ed
+    b_t = b_dkd * b_k * b_ed
+    b_dG -= b_t
+    b_dgl = tl.sum(b_t, axis=0) + tl.exp(b_gl) * b_dgl
+    b_xk = b_k * b_eg
+    b_dk += b_beta[:, None] * b_eg * b_dxk
+    b_dG += b_beta[:, None] * b_dxk * b_xk
+    b_db += tl.sum(b_dxk * b_xk, axis=1)
+    # A = Diag(beta) Araw: dbeta += rowsum(dA * Araw); dAraw = Diag(beta) dA (strictly lower)
+    b_ar = tl.load(Araw + p_cc, mask=m_t[:, None], other=0)
+    b_da = tl.where((o_t[:, None] > o_t[None, :]) & m_t[:, None], b_da, 0.0)
+    b_db += tl.sum(b_da * b_ar, axis=1)
+    if BETA_SIGMOID:
+        b_db = b_db * b_beta * (1.0 - b_beta)
+    tl.store(dbeta + (t0 + o_t) * HV + i_hv, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    tl.store(dA + p_cc, b_da * b_beta[:, None], mask=m_t[:, None])
+    tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(dG + p_tk, b_dG, mask=m_tk)
+    tl.store(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_dgl, mask=m_k)
+
+
+@triton.jit
+def _decay_row(P, X, G, t0, n, i_hv, a: tl.constexpr, o_k, m_k,
+               XH: tl.constexpr, i_x, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Rows t of sub-chunk a of  sum_{i<=t} P[t,i] X_i e^{G_t - G_i}  (exact, docs/kda.md step 3)."""
+    o_s = tl.arange(0, 16)
+    o_t = tl.arange(0, 64)
+    rows = a * 16 + o_s
+    m_r = rows < n
+    m_rk = m_r[:, None] & m_k[None, :]
+    b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+    b_out = tl.zeros([16, BK], dtype=tl.float32)
+    if a > 0:
+        # earlier sub-chunks through the reference token 16a (first of sub-chunk a)
+        b_gr = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & (a * 16 < n), other=0)
+        m_p = (o_t < tl.minimum(a * 16, n))[:, None] & m_k[None, :]
+        b_x = tl.load(X + ((t0 + o_t[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+        b_x = b_x * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+        b_p = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + o_t[None, :],
+                      mask=m_r[:, None] & (o_t < a * 16)[None, :], other=0)
+        b_out = tl.dot(b_p, b_x, input_precision=PREC) * tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+    b_xd = tl.load(X + ((t0 + rows[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+    b_pd = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)
+    m_tri = (o_s[:, None] >= o_s[None, :]) & m_r[:, None]  # [t, i]
+    b_e = tl.exp(tl.where(m_tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf")))
+    b_out += tl.sum(b_pd[:, :, None] * b_xd[None, :, :] * b_e, axis=1)
+    return b_out
+
+
+@triton.jit
+def _decay_col(P, X, G, t0, n, i_hv, b: tl.constexpr, o_k, m_k,
+               XH: tl.constexpr, i_x, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Rows i of sub-chunk b of  sum_{t>=i} P[t,i] X_t e^{G_t - G_i}  (exact, docs/kda.md step 3)."""
+    o_s = tl.arange(0, 16)
+    o_t = tl.arange(0, 64)
+    rows = b * 16 + o_s
+    m_r = rows < n
+    m_rk = m_r[:, None] & m_k[None, :]
+    b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+    b_out = tl.zeros([16, BK], dtype=tl.float32)
+    if b < 3:
+        # later sub-chunks through the reference token 16b+15 (last of sub-chunk b)
+        r_ref = tl.minimum(b * 16 + 15, n - 1)
+        b_gr = tl.load(G + ((t0 + r_ref) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        m_p = ((o_t >= b * 16 + 16) & (o_t < n))[:, None] & m_k[None, :]
+        b_x = tl.load(X + ((t0 + o_t[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+        b_x = b_x * tl.exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
+        b_p = tl.load(P + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + b * 16 + o_s[None, :],
+                      mask=((o_t >= b * 16 + 16) & (o_t < n))[:, None], other=0)  # [t, i]
+        b_out = tl.dot(tl.trans(b_p), b_x, input_precision=PREC) * tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
+    b_xd = tl.load(X + ((t0 + rows[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+    b_pd = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + b * 16 + o_s[None, :], mask=m_r[:, None], other=0)
+    m_tri = (o_s[:, None] >= o_s[None, :]) & m_r[:, None]  # [t, i]
+    b_e = tl.exp(tl.where(m_tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf")))
+    b_out += tl.sum(b_pd[:, :, None] * b_xd[:, None, :] * b_e, axis=0)
+    return b_out
+
+
+@triton.jit
+def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg, dalog_part, ddtb_part,
+                       chunk_start, chunk_len,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                       NKB: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr):
+    # dq += sum_i dAqk[t,i] k_i e^{G_t-G_i};  dk += (dA row form) + (dA, dAqk column forms);
+    # dG += q*dq2 + k*dk3 - k*dk4 - k*dk5;  dg = reverse cumsum of dG (G is a prefix sum).
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_kb = tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_s = tl.arange(0, 16)
+    o_k = i_kb * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+    b_carry = tl.zeros([BK], dtype=tl.float32)
+    b_dalog = tl.zeros([BK], dtype=tl.float32)
+    b_ddtb = tl.zeros([BK], dtype=tl.float32)
+    if GATE_FROM_RAW:
+        b_alog = tl.load(A_log + i_hv).to(tl.float32)
+        b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
+    for a_ in tl.static_range(4):
+        a: tl.constexpr = 3 - a_
+        rows = a * 16 + o_s
+        m_r = rows < n
+        m_rk = m_r[:, None] & m_k[None, :]
+        p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
+        p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
+        b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
+        b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
+        b_dq2 = _decay_row(dAqk, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
+        b_dk3 = _decay_row(dA, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
+        b_dk4 = _decay_col(dA, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
+        b_dk5 = _decay_col(dAqk, q, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
+        b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
+        b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
+        b_dG = tl.load(dG + p_tk, mask=m_rk, other=0) + b_q * b_dq2 + b_k * (b_dk3 - b_dk4 - b_dk5)
+        b_dG += tl.where((rows == n - 1)[:, None], b_gl[None, :], 0.0)
+        tl.store(dq + p_tk, b_dq, mask=m_rk)
+        tl.store(dk + p_tk, b_dk, mask=m_rk)
+        # reverse cumsum over the chunk, sub-chunk by sub-chunk from the last
+        b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + b_carry[None, :]
+        b_carry += tl.sum(b_dG, axis=0)
+        b_graw = tl.load(g + p_tk, mask=m_rk, other=0).to(tl.float32)
+        if GATE_FROM_RAW:
+            b_x = b_graw + b_bias[None, :]
+            b_gate = -tl.exp(b_alog) * softplus_f32(b_x)
+            b_dg = tl.where(m_rk & (b_gate >= FLOOR), b_dg, 0.0)
+            b_dx = b_dg * (-tl.exp(b_alog)) * tl.sigmoid(b_x)
+            b_dalog += tl.sum(b_dg * b_gate, axis=0)
+            b_ddtb += tl.sum(b_dx, axis=0)
+            tl.store(dg + p_tk, b_dx.to(dg.dtype.element_ty), mask=m_rk)
+        else:
+            b_dg = tl.where(b_graw >= FLOOR, b_dg, 0.0)
+            tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_rk)
+    if GATE_FROM_RAW:
+        tl.store(dalog_part + (i_c.to(tl.int64) * HV + i_hv) * NKB + i_kb, tl.sum(b_dalog, axis=0))
+        tl.store(ddtb_part + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_ddtb, mask=m_k)
+
+
+@triton.jit
+def _l2norm_bwd_kernel(y, rstd, dy, dx, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+    # y = x r, r = (|x|^2 + eps)^-1/2:  dx = r (dy - y <y, dy>)
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, DP)
+    m = (o_r < R)[:, None] & (o_d < D)[None, :]
+    b_y = tl.load(y + o_r[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    b_dy = tl.load(dy + o_r[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
+    b_r = tl.load(rstd + o_r, mask=o_r < R, other=0)
+    b_dx = b_r[:, None] * (b_dy - b_y * tl.sum(b_y * b_dy, axis=1)[:, None])
+    tl.store(dx + o_r[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
+
+
+def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of :func:`chunk_fwd.l2norm_fwd` given its output ``y`` and ``rstd``."""
+    D = y.shape[-1]
+    R = rstd.shape[0]
+    dx = chunk_common.alloc(y.shape, out_dtype, y.device)
+    if R > 0:
+        BR = 16
+        _l2norm_bwd_kernel[(triton.cdiv(R, BR),)](y.reshape(-1, D), rstd, dy.reshape(-1, D).contiguous(),
+                                                  dx.view(-1, D), R, D=D, DP=pow2(D), BR=BR)
+    return dx
+
+
+def chunk_kda_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    saved: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None, *, scale: float,
+    has_initial_state: bool, table: ChunkTable, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
+    beta_sigmoid: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Backward over a packed stream (inputs as for ``chunk_kda_fwd``; ``do [Ttot, HV, V]``).
+
+    Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` fp32 (the caller sums GVA groups), ``dv``,
+    ``dg`` (of the raw gate when fused), ``dbeta`` (of the logits when fused), ``dh0`` (or None),
+    ``dA_log``, ``ddt_bias`` (None unless the gate is fused).
+    """
+    Ttot, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    dev = q.device
+    KP = pow2(K)
+    BV = min(64 if K <= 64 else 32, pow2(V))
+    BK = min(32, KP)
+    NKB = triton.cdiv(K, BK)
+    prec = dot_precision(v.dtype)
+    NC, N = table.NC, table.N
+    cs, cl, cf = table.chunk_start, table.chunk_len, table.chunk_first
+    do = do.contiguous()
+    dh = chunk_common.alloc((max(NC, 1), HV, K, V), saved["h"].dtype, dev)
+    dW = chunk_common.alloc((Ttot, HV, V), torch.float32, dev)
+    dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
+    if N > 0:
+        _state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
+            q, k, saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
+            dh0 if dh0 is not None else dW, cs, cl, cf, scale, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec)
+    dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
+    dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
+    dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
+    dGl = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev)
+    dv = chunk_common.alloc(v.shape, v.dtype, dev)
+    dbeta = chunk_common.alloc(beta.shape, beta.dtype, dev)
+    dA = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
+    dAqk = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
+    dg = chunk_common.alloc(g.shape, g.dtype, dev)
+    gate_raw = A_log is not None
+    dalog_part = chunk_common.alloc((max(NC, 1), HV, NKB), torch.float32, dev) if gate_raw else dGl
+    ddtb_part = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev) if gate_raw else dGl
+    if NC > 0:
+        _chunk_grad_kernel[(NC, HV)](
+            q, k, v, beta, saved["G"], saved["Araw"], saved["M"], saved["U"], saved["Wk"], saved["W"],
+            saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dbeta, dA, dAqk, cs, cl, scale,
+            H=H, HV=HV, K=K, V=V, KP=KP, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
+        _decay_grad_kernel[(NC, HV, NKB)](
+            q, k, saved["G"], g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dA, dAqk, dq, dk, dG,
+            dGl, dg, dalog_part, ddtb_part, cs, cl, H=H, HV=HV, K=K, BK=BK, NKB=NKB,
+            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec)
+    dA_log = ddt_bias = None
+    if gate_raw:
+        if NC > 0:
+            dA_log = dalog_part.sum(dim=(0, 2))
+            ddt_bias = ddtb_part.sum(dim=0).reshape(-1)
+        else:
+            dA_log = torch.zeros(HV, dtype=torch.float32, device=dev)
+            ddt_bias = torch.zeros(HV * K, dtype=torch.float32, device=dev)
+    return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias

@@ -1,0 +1,208 @@
+"""Triton ``chunk_kda`` against the fp64 reference: outputs, final states and every gradient.
+
+CPU (CI): the kernels run through Triton's interpreter (``tests/ops/conftest.py`` sets
+``TRITON_INTERPRET=1`` before any kernel module is imported) at tiny sizes, fp32 inputs.
+GPU (``pytest -m gpu``): full sizes, bf16 / fp16 / fp32. Every buffer the kernels allocate starts as
+NaN (``chunk_common.POISON``), so an unwritten element cannot pass; tolerances come from
+``tests/numerics.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.ops.kda import chunk_common
+from kimi_linear.ops.kda.chunk import chunk_kda
+from kimi_linear.ops.kda.fusion import KDAFusion
+from kimi_linear.ops.kda.gate import l2norm
+from kimi_linear.ops.kda.reference import chunk_kda_ref
+from tests.numerics import rel_rms, tolerance
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunk_common, "POISON", True)
+
+
+def make_inputs(B, T, H, HV, K, V, *, N=None, fuse=False, h0=False, gate_scale=5.0, device="cpu", seed=0):
+    """fp32 inputs (and upstream grads) for one case; the fused case holds raw q/k/gate/logits."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    if fuse:
+        q, k, g, beta = r(B, T, H, K), r(B, T, H, K), 2 * r(B, T, HV, K), r(B, T, HV)
+        extra = dict(A_log=0.5 * r(HV), dt_bias=0.5 * r(HV * K))
+    else:
+        q, k = l2norm(r(B, T, H, K)), l2norm(r(B, T, H, K))
+        g = -gate_scale * torch.rand(B, T, HV, K, generator=gen)
+        beta = torch.rand(B, T, HV, generator=gen)
+        extra = {}
+    v = r(B, T, HV, V)
+    n_states = N if N is not None else B
+    state = r(n_states, HV, K, V) if h0 else None
+    grads = dict(do=r(B, T, HV, V), dht=r(n_states, HV, K, V))
+    t = dict(q=q, k=k, v=v, g=g, beta=beta, h0=state, **extra, **grads)
+    return {key: (val.to(device) if val is not None else None) for key, val in t.items()}
+
+
+def run_case(inp, *, dtype, fn, cu_seqlens=None, fuse=False, **kw):
+    """Forward + backward with the upstream grads; returns a dict of outputs and input gradients."""
+    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = {n: inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+    h0 = inp["h0"].to(sdtype).requires_grad_() if inp["h0"] is not None else None
+    fusion = None
+    if fuse:
+        leaves["A_log"] = inp["A_log"].to(sdtype).requires_grad_()
+        leaves["dt_bias"] = inp["dt_bias"].to(sdtype).requires_grad_()
+        fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=leaves["A_log"], dt_bias=leaves["dt_bias"])
+    o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"], initial_state=h0,
+               output_final_state=True, cu_seqlens=cu_seqlens, fusion=fusion, **kw)
+    loss = (o.double() * inp["do"].double()).sum() + (ht.double() * inp["dht"].double()).sum()
+    loss.backward()
+    out = {"o": o.detach(), "ht": ht.detach()}
+    out.update({"d" + n: t.grad for n, t in leaves.items()})
+    if h0 is not None:
+        out["dh0"] = h0.grad
+    return out
+
+
+def compare(out, ref, dtype, *, skip=()):
+    errs = {}
+    for name, r in ref.items():
+        if name in skip:
+            continue
+        kind = "kernel_fwd" if name in ("o", "ht") else "kernel_bwd"
+        errs[name] = (rel_rms(out[name], r), tolerance(kind, dtype))
+    bad = {n: e for n, e in errs.items() if not e[0] <= e[1]}
+    assert not bad, "relative RMS error above tolerance: " + ", ".join(f"{n} {e:.2e} > {t:.1e}" for n, (e, t) in bad.items())
+
+
+# (B, T, H, HV, K, V, cu_seqlens, initial state, fusion)
+CPU_CASES = [
+    (1, 1, 1, 1, 16, 16, None, False, False),
+    (1, 17, 1, 1, 16, 16, None, True, False),
+    (2, 64, 1, 2, 16, 32, None, False, True),
+    (1, 100, 1, 2, 32, 16, [0, 0, 1, 37, 100], True, False),
+    (1, 100, 2, 4, 16, 16, [0, 0, 1, 37, 100], True, True),
+    (1, 130, 1, 1, 32, 32, [0, 66, 130], False, True),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}HV{c[3]}K{c[4]}V{c[5]}"
+                         f"{'-varlen' if c[6] else ''}{'-h0' if c[7] else ''}{'-fused' if c[8] else ''}")
+def test_chunk_kda_interpreter_matches_reference(case):
+    B, T, H, HV, K, V, offsets, h0, fuse = case
+    cu = torch.tensor(offsets, dtype=torch.int32) if offsets else None
+    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=fuse, h0=h0)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=fuse)
+    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, cu_seqlens=cu, fuse=fuse, backend="triton")
+    compare(out, ref, torch.float32)
+
+
+def check_extreme(device, dtype):
+    """Gates down to -1e4 per token (mixed with ordinary ones), beta exactly 0 and 1: all finite and
+    equal to the reference. dg itself is ~0 where gates are huge, so its relative error is measured
+    against the size of the other key-side gradient (absolute, not relative, accuracy there)."""
+    T, K = 150, 32
+    inp = make_inputs(1, T, 1, 2, K, K, h0=True, device=device, seed=3)
+    big = torch.rand(inp["g"].shape, device=device) < 0.3
+    inp["g"] = torch.where(big, torch.full_like(inp["g"], -1e4), inp["g"])
+    inp["beta"] = (torch.rand(inp["beta"].shape, device=device) < 0.5).float()
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref)
+    out = run_case(inp, dtype=dtype, fn=chunk_kda, backend="triton")
+    for name, t in out.items():
+        assert torch.isfinite(t).all(), f"{name} has NaN/Inf with gates at -1e4"
+    compare(out, ref, dtype, skip=("dg",))
+    err = (out["dg"].double() - ref["dg"]).norm() / ref["dk"].norm()
+    assert err <= tolerance("kernel_bwd", dtype), f"dg error {err:.2e} relative to |dk|"
+
+
+def test_chunk_kda_interpreter_extreme_gates_and_beta():
+    check_extreme("cpu", torch.float32)
+
+
+def test_chunk_kda_interpreter_empty_and_causal():
+    # T == 0: no tokens; the final state is the initial state and its gradient passes straight through.
+    inp = make_inputs(2, 0, 1, 1, 16, 16, h0=True)
+    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, backend="triton")
+    assert out["o"].shape == (2, 0, 1, 16)
+    torch.testing.assert_close(out["ht"], inp["h0"])
+    torch.testing.assert_close(out["dh0"], inp["dht"])
+    # Causality: changing tokens after t0 leaves outputs before t0 bit-identical.
+    inp = make_inputs(1, 80, 1, 1, 16, 16)
+    t0 = 37
+    o1, _ = chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], backend="triton")
+    for name in ("q", "k", "v", "g", "beta"):
+        inp[name][:, t0:] = inp[name][:, t0:].flip(1) * 0.5 if name != "g" else inp[name][:, t0:] * 3
+    o2, _ = chunk_kda(inp["q"], inp["k"], inp["v"], inp["g"], inp["beta"], backend="triton")
+    assert torch.equal(o1[:, :t0], o2[:, :t0])
+    assert not torch.equal(o1[:, t0:], o2[:, t0:])
+
+
+def test_chunk_kda_triton_rejects_unsupported():
+    x = torch.randn(1, 4, 1, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        chunk_kda(x, x, x, -x.abs(), x[..., 0], backend="triton")
+    y = torch.randn(1, 4, 1, 256)
+    with pytest.raises(ValueError, match="K <= 128"):
+        chunk_kda(y, y, y, -y.abs(), y[..., 0], backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: full sizes
+# ------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_chunk_kda_gpu_fused_varlen(cuda_device, dtype):
+    # odd lengths, an empty sequence, GVA, initial states, the layer's fused gate/norm/beta
+    offsets = [0, 1000, 1000, 4133, 4200]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
+    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+    compare(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 65536, 2, 2), (16, 1024, 16, 16)], ids=["T65536", "BH256"])
+def test_chunk_kda_gpu_full_size(cuda_device, shape):
+    B, T, H, HV = shape
+    inp = make_inputs(B, T, H, HV, 128, 128, h0=True, device=cuda_device)
+    ref = run_case(inp, dtype=torch.float32, fn=chunk_kda_ref)  # fp32 reference at this size
+    out = run_case(inp, dtype=torch.bfloat16, fn=chunk_kda, backend="triton")
+    compare(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_chunk_kda_gpu_extreme(cuda_device, dtype):
+    check_extreme(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+def test_chunk_kda_gpu_pack_equals_alone_and_causal(cuda_device):
+    lens = [300, 1, 0, 4097, 64]
+    offsets = [0]
+    for n in lens:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
+    inp = make_inputs(1, offsets[-1], 2, 4, 128, 128, N=len(lens), h0=True, device=cuda_device)
+    cast = {n: inp[n].to(torch.bfloat16) for n in ("q", "k", "v", "g", "beta")}
+    o, ht = chunk_kda(*cast.values(), initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu,
+                      backend="triton")
+    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        alone = [t[:, s:e] for t in cast.values()]
+        o1, h1 = chunk_kda(*alone, initial_state=inp["h0"][i:i + 1], output_final_state=True, backend="triton")
+        if e > s:
+            assert rel_rms(o[:, s:e], o1) <= 1e-6
+        assert rel_rms(ht[i:i + 1], h1) <= 1e-6
+    t0 = 3000
+    o2, _ = chunk_kda(*[torch.cat([t[:, :t0], t[:, t0:].flip(1)], 1) for t in cast.values()], initial_state=inp["h0"],
+                      cu_seqlens=cu, backend="triton")
+    assert torch.equal(o[:, :t0], o2[:, :t0])
