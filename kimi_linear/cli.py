@@ -17,6 +17,7 @@ from kimi_linear import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kimi_linear.commands.info",
     "kimi_linear.commands.demo",
+    "kimi_linear.commands.bench",
 )
 
 

@@ -1,0 +1,88 @@
+"""Plots of benchmark records (matplotlib, headless): Figure 2 redrawn, and decode bandwidth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from kimi_linear.bench.common import Record
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kda(records: Sequence[Record], path: str | Path, title: str = "") -> str | None:
+    """The paper's Figure 2 with every provider: ms against T (B=1, H=16), one panel per mode.
+
+    Falls back to one point per shape (x = shape) when the run holds no Figure 2 shapes.
+    Returns the written path, or None when nothing was timed.
+    """
+    timed = [r for r in records if r.ok]
+    if not timed:
+        return None
+    fig2 = [r for r in timed if r.shape["B"] == 1 and r.shape["H"] == 16]
+    use = fig2 or timed
+    modes = [m for m in ("fwd", "fwdbwd") if any(r.mode == m for r in use)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.6), squeeze=False)
+    keys = sorted({(r.shape["B"], r.shape["T"], r.shape["H"]) for r in use})
+    for ax, mode in zip(axes[0], modes):
+        for provider in dict.fromkeys(r.provider for r in use if r.mode == mode):
+            rows = sorted((r for r in use if r.mode == mode and r.provider == provider), key=lambda r: r.shape["T"])
+            if fig2:
+                xs = [r.shape["T"] for r in rows]
+            else:
+                xs = [keys.index((r.shape["B"], r.shape["T"], r.shape["H"])) for r in rows]
+            ax.plot(xs, [r.ms for r in rows], marker="o", label=provider)
+        ax.set_yscale("log")
+        if fig2:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T (B=1, H=16, K=V=128)")
+        else:
+            ax.set_xticks(range(len(keys)), [f"B{b} T{t} H{h}" for b, t, h in keys], rotation=20)
+        ax.set_ylabel("ms (median)")
+        ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "KDA kernels (Figure 2 redrawn with every provider)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_decode(records: Sequence[Record], path: str | Path, copy_tbps: float | None, title: str = "") -> str | None:
+    """Achieved bandwidth (state read + write) against batch, with the device copy bandwidth."""
+    timed = [r for r in records if r.ok]
+    if not timed:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for provider in dict.fromkeys(r.provider for r in timed):
+        rows = sorted((r for r in timed if r.provider == provider), key=lambda r: r.shape["B"])
+        style = "-" if "[" not in provider else ":"
+        axes[0].plot([r.shape["B"] for r in rows], [r.ms for r in rows], style, marker="o", label=provider)
+        axes[1].plot([r.shape["B"] for r in rows], [r.gbps / 1e3 for r in rows], style, marker="o", label=provider)
+    if copy_tbps:
+        axes[1].axhline(copy_tbps, color="k", linestyle="--", label=f"copy {copy_tbps:.2f} TB/s")
+        axes[1].axhline(0.85 * copy_tbps, color="gray", linestyle=":", label="85% of copy")
+    for ax, ylabel in zip(axes, ("ms (median)", "TB/s (bytes read + written)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (sequences, one token each)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.suptitle(title or "KDA decode step (recurrent state in place)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,109 @@
+"""The benchmark harness on CPU (smoke mode): gates reject wrong providers, output parses.
+
+Timings are never asserted; only the procedure (gate before timing, reporting, files) is tested.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimi_linear.bench import decode, kda
+from kimi_linear.bench.common import environment, read_jsonl
+from kimi_linear.bench.registry import DECODE_PROVIDERS, KDA_PROVIDERS, Provider
+from kimi_linear.cli import main
+
+CPU = torch.device("cpu")
+TINY = [kda.Shape(1, 20, 1, 8, 8)]
+
+
+def _variant(base: Provider, name: str, run) -> Provider:
+    return Provider(name, base.setting, "test provider", base.available, base.prepare, run, base.reference)
+
+
+def _env():
+    return environment(CPU, ceilings=False)
+
+
+def test_gate_rejects_wrong_provider_and_reports_failures():
+    ref = KDA_PROVIDERS["reference"]
+    extra = {
+        "scaled": _variant(ref, "scaled", lambda x: 1.1 * ref.run(x)),  # 10% off: must fail the gate
+        "shifted": _variant(ref, "shifted", lambda x: torch.roll(ref.run(x), 1, dims=1)),  # acausal by one step
+        "raises": _variant(ref, "raises", lambda x: (_ for _ in ()).throw(RuntimeError("kernel exploded"))),
+        "absent": Provider("absent", "kda", "never available", lambda d: "not installed here", ref.prepare,
+                           ref.run, ref.reference),
+    }
+    recs = kda.run(TINY, ["reference", *extra], ["fwd", "fwdbwd"], device=CPU, dtype=torch.float32, env=_env(),
+                   extra_providers=extra, log=lambda s: None)
+    by = {(r.provider, r.mode): r for r in recs}
+    for mode in ("fwd", "fwdbwd"):
+        assert by[("reference", mode)].ok and by[("reference", mode)].ms > 0
+        for name in ("scaled", "shifted"):
+            r = by[(name, mode)]
+            assert r.status.startswith("gate failed") and r.ms is None, (name, mode, r.status)
+        assert by[("raises", mode)].status.startswith("error: RuntimeError: kernel exploded")
+        assert by[("absent", mode)].status == "unavailable: not installed here"
+    # the fwd+bwd gate checks every gradient
+    assert {"bwd_T20_dq", "bwd_T20_dk", "bwd_T20_dv", "bwd_T20_dg", "bwd_T20_dbeta"} <= set(by[("reference", "fwdbwd")].gate)
+
+
+def test_gate_catches_wrong_gradient_only():
+    ref = KDA_PROVIDERS["reference"]
+
+    class HalfGradV(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return v.clone()
+
+        @staticmethod
+        def backward(ctx, dv):
+            return 0.5 * dv
+
+    wrong_bwd = _variant(ref, "wrong_bwd", lambda x: ref.run({**x, "v": HalfGradV.apply(x["v"])}))
+    recs = kda.run(TINY, ["wrong_bwd"], ["fwd", "fwdbwd"], device=CPU, dtype=torch.float32, env=_env(),
+                   extra_providers={"wrong_bwd": wrong_bwd}, log=lambda s: None)
+    assert recs[0].ok, "forward is right"
+    assert recs[1].status.startswith("gate failed") and "dv" in recs[1].status
+
+
+def test_decode_gate_rejects_provider_that_skips_the_state_update():
+    ref = DECODE_PROVIDERS["reference"]
+
+    def no_update(x):
+        return ref.run({**x, "pool": x["pool"].clone()})  # right outputs, pool never written
+
+    good = decode.bench_one(ref, 3, H=2, K=8, V=8, T=1, device=CPU, dtype=torch.float32, env=_env(), warmup=1, rep=1)
+    bad = decode.bench_one(_variant(ref, "no_update", no_update), 3, H=2, K=8, V=8, T=1, device=CPU,
+                           dtype=torch.float32, env=_env(), warmup=1, rep=1)
+    assert good.ok and good.gate["untouched_slots_changed"] == 0.0
+    assert bad.status.startswith("gate failed") and "pool_slots" in bad.status and bad.ms is None
+
+
+@pytest.mark.parametrize("command", ["kda", "kda-decode"])
+def test_cli_smoke_writes_files_and_one_json_line(command, tmp_path: Path, capsys):
+    args = ["bench", command, "--smoke", "--out", str(tmp_path), "--tag", "t", "--no-plot"]
+    if command == "kda":
+        args += ["--shapes", "1x16x1x8", "--modes", "fwd"]
+    else:
+        args += ["--batches", "2", "--heads", "1", "--head-dim", "8"]
+    assert main(args) == 0
+    out_lines = capsys.readouterr().out.strip().splitlines()
+    payload = json.loads(out_lines[-1])
+    assert payload["bench"] == command and payload["results"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in payload["results"])
+    assert "provider" in out_lines[0]  # the human table comes first
+    envs, recs = read_jsonl([tmp_path / f"{command}_t.jsonl"])
+    assert len(recs) == len(payload["results"]) and envs[0]["torch"] == torch.__version__
+    assert (tmp_path / f"{command}_t.md").read_text().count("| ok |") == len(recs)
+
+
+def test_parse_shapes():
+    assert kda.parse_shapes("fig2")[-1] == kda.Shape(1, 65536, 16)
+    assert kda.parse_shapes("train,8x4096x32") == kda.SHAPE_SETS["train"]  # duplicates dropped
+    assert kda.parse_shapes("2x64x4x32") == [kda.Shape(2, 64, 4, 32, 32)]
+    with pytest.raises(ValueError, match="BxTxH"):
+        kda.parse_shapes("1x2")
