@@ -210,6 +210,25 @@ def run_tag(env: dict[str, object]) -> str:
     return f"{short.lower()}_{stamp}"
 
 
+def record_line(bench: str, env: dict[str, object], record: Record) -> str:
+    return json.dumps({"bench": bench, "env": env, **asdict(record)})
+
+
+class JsonlWriter:
+    """Appends each record to ``{bench}_{tag}.partial.jsonl`` as it is measured (a run that is cut
+    short keeps its rows); :func:`write_results` writes the final ``.jsonl`` and drops the partial file."""
+
+    def __init__(self, out_dir: str | os.PathLike, bench: str, tag: str, env: dict[str, object]) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(out_dir) / f"{bench}_{tag}.partial.jsonl"
+        self.path.write_text("")
+        self.bench, self.env = bench, env
+
+    def __call__(self, record: Record) -> None:
+        with open(self.path, "a") as f:
+            f.write(record_line(self.bench, self.env, record) + "\n")
+
+
 def write_results(out_dir: str | os.PathLike, bench: str, tag: str, env: dict[str, object],
                   records: Sequence[Record], markdown: str) -> dict[str, str]:
     """Write ``{bench}_{tag}.jsonl`` (one record per line, env inlined) and ``.md``; return paths."""
@@ -218,8 +237,11 @@ def write_results(out_dir: str | os.PathLike, bench: str, tag: str, env: dict[st
     base = out / f"{bench}_{tag}"
     with open(base.with_suffix(".jsonl"), "w") as f:
         for r in records:
-            f.write(json.dumps({"bench": bench, "env": env, **asdict(r)}) + "\n")
+            f.write(record_line(bench, env, r) + "\n")
     base.with_suffix(".md").write_text(markdown)
+    partial = out / f"{bench}_{tag}.partial.jsonl"
+    if partial.exists():
+        partial.unlink()
     return {"jsonl": str(base.with_suffix(".jsonl")), "md": str(base.with_suffix(".md"))}
 
 

@@ -105,7 +105,7 @@ COLUMNS = [
 
 def run(batches: Sequence[int], providers: Sequence[str], *, H: int = 32, K: int = 128, V: int = 128, T: int = 1,
         device: torch.device, dtype: torch.dtype, env: dict[str, object], sweep: bool = False,
-        warmup: int = 25, rep: int = 100, log=print) -> list[Record]:
+        warmup: int = 25, rep: int = 100, log=print, on_record=None) -> list[Record]:
     unknown = [p for p in providers if p not in DECODE_PROVIDERS]
     if unknown:
         raise ValueError(f"unknown decode providers {unknown}; known: {sorted(DECODE_PROVIDERS)}")
@@ -119,6 +119,8 @@ def run(batches: Sequence[int], providers: Sequence[str], *, H: int = 32, K: int
             rec = bench_one(p, B, H=H, K=K, V=V, T=T, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep)
             rows.append(rec)
             log(f"  B={B:<5d} {p.name:18s} {fmt(rec.ms, 4):>8s} ms  {fmt(rec.gbps, 4):>7s} GB/s  {rec.status}")
+            if on_record is not None:
+                on_record(rec)
         fla = next((r for r in rows if r.provider == "fla" and r.ok), None)
         for r in rows:
             if fla is not None and r.ok and r is not fla:

@@ -244,8 +244,9 @@ COLUMNS = [
 
 def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str], *, device: torch.device,
         dtype: torch.dtype, env: dict[str, object], warmup: int = 25, rep: int = 100,
-        extra_providers: dict[str, Provider] | None = None, log=print) -> list[Record]:
-    """Run every (shape, mode, provider); each row is printed as soon as it is measured."""
+        extra_providers: dict[str, Provider] | None = None, log=print, on_record=None) -> list[Record]:
+    """Run every (shape, mode, provider); each row is logged (and handed to ``on_record``) as soon as
+    it is measured, so a run cut short keeps what it measured."""
     registry = {**KDA_PROVIDERS, **(extra_providers or {})}
     unknown = [p for p in providers if p not in registry]
     if unknown:
@@ -260,6 +261,8 @@ def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str],
                 rec = bench_one(registry[name], s, mode, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep)
                 records.append(rec)
                 log(f"  {s.key:18s} {mode:6s} {name:14s} {fmt(rec.ms):>8s} ms  {rec.status}")
+                if on_record is not None:
+                    on_record(rec)
     add_ratios(records)
     return records
 

@@ -75,13 +75,23 @@ def _setup(args: argparse.Namespace):
     return smoke, device, dtype, env
 
 
+def _writer(bench: str, args, env):
+    """Per-record JSONL appender (None without --out); fixes the run's tag on ``args``."""
+    from kimi_linear.bench.common import JsonlWriter, run_tag
+
+    if not args.out:
+        return None
+    args.tag = args.tag or run_tag(env)
+    return JsonlWriter(args.out, bench, args.tag, env)
+
+
 def _finish(bench: str, args, env, records, table: str, md: str, plot) -> int:
-    from kimi_linear.bench.common import json_line, run_tag, write_results
+    from kimi_linear.bench.common import json_line, write_results
 
     print(table)
     paths: dict[str, str] = {}
     if args.out:
-        tag = args.tag or run_tag(env)
+        tag = args.tag
         paths = write_results(args.out, bench, tag, env, records, md)
         if not getattr(args, "no_plot", False):
             try:
@@ -111,7 +121,8 @@ def run_kda(args: argparse.Namespace) -> int:
     print(f"KDA benchmark on {env.get('gpu') or device} ({env['dtype']}): {len(shapes)} shapes x {modes} x {providers}",
           file=sys.stderr)
     records = kda.run(shapes, providers, modes, device=device, dtype=dtype, env=env, warmup=args.warmup,
-                      rep=args.rep, log=lambda s: print(s, file=sys.stderr, flush=True))
+                      rep=args.rep, log=lambda s: print(s, file=sys.stderr, flush=True),
+                      on_record=_writer("kda", args, env))
     return _finish("kda", args, env, records, kda.table(records), kda.markdown(env, records),
                    lambda path: plot_kda(records, path, title=f"KDA kernels, {env.get('gpu') or device}"))
 
@@ -131,7 +142,8 @@ def run_decode(args: argparse.Namespace) -> int:
           file=sys.stderr)
     records = decode.run(batches, providers, H=heads, K=dim, V=dim, T=args.tokens, device=device, dtype=dtype,
                          env=env, sweep=args.sweep and not smoke, warmup=args.warmup, rep=args.rep,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
+                         log=lambda s: print(s, file=sys.stderr, flush=True),
+                         on_record=_writer("kda-decode", args, env))
     copy = env.get("copy_tbps")
     return _finish("kda-decode", args, env, records, decode.table(records), decode.markdown(env, records),
                    lambda path: plot_decode(records, path, float(copy) if copy else None,
