@@ -108,6 +108,7 @@ def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | Non
     """In place: set ``seen[b, tokens[b, t]] = True`` for every (unmasked) token. ``tokens [B, T]`` or ``[B]``."""
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(1)
+        mask = None if mask is None else mask.reshape(-1, 1)
     src = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
     # scatter_reduce with amax is an OR over booleans; done in uint8 since bool scatter-reduce is patchy.
     as_u8 = seen.to(torch.uint8)
