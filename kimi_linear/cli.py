@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kimi_linear.commands.info",
     "kimi_linear.commands.demo",
     "kimi_linear.commands.bench",
+    "kimi_linear.commands.generate",
 )
 
 
