@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kimi_linear.commands.demo",
     "kimi_linear.commands.bench",
     "kimi_linear.commands.generate",
+    "kimi_linear.commands.model",
 )
 
 
