@@ -161,3 +161,29 @@ def test_triton_backend_equals_reference(cuda_device):
         assert_close(y, y_ref, "layer", torch.float32, "triton layer output")
         for a, b, n in zip(g, g_ref, ("x", "A_log", "dt_bias")):
             assert_close(a, b, "layer", torch.float32, f"grad {n}")
+
+
+@pytest.mark.parametrize("variant", ["kda", "gdn"])
+def test_triton_backend_equals_reference_interpreted(variant):
+    """The layer's Triton path (fused L2 norm / gate / beta; unfused gate under padding) on CPU through
+    Triton's interpreter, against the reference path with shared weights: outputs and gradients."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the compiled kernels are tested by the gpu-marked test")
+    import tests.ops.conftest  # noqa: F401  sets TRITON_INTERPRET=1 (+ its NumPy patch) before kernels load
+    from kimi_linear.backends import triton_usable_on
+
+    if not triton_usable_on(torch.device("cpu")):
+        pytest.skip("Triton interpreter unavailable")
+    layer = make(variant, dtype=torch.float32, linear_attn_config={
+        "kda_layers": [1, 2, 4], "full_attn_layers": [3], "head_dim": 16, "num_heads": 2})
+    x = torch.randn(2, 70, 32, requires_grad=True)
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :9] = 0
+    for m in (None, mask) if variant == "kda" else (mask,):
+        outs = {}
+        for backend in ("reference", "triton"):
+            layer.backend = backend
+            y = layer(x, attention_mask=m)
+            outs[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, layer.A_log, layer.dt_bias]))
+        for name, a, b in zip(("y", "dx", "dA_log", "ddt_bias"), outs["triton"], outs["reference"]):
+            assert_close(a, b, "layer", torch.float32, f"{variant} {name} mask={m is not None}")
