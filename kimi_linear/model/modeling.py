@@ -27,6 +27,7 @@ from kimi_linear.layers.kda import KimiDeltaAttention, ShortConvolution, _HeadNo
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
+from kimi_linear.ops.moe_decode import moe_decode
 
 __all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
 
@@ -77,7 +78,21 @@ class KimiLinearDecoderLayer(nn.Module):
                 cache: Any = None, **kwargs: Any) -> torch.Tensor:
         """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged."""
         h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        if self.is_moe and cache is not None and getattr(cache.step, "decode", False):
+            return h + self._moe_decode(self.post_attention_layernorm(h))
         return h + self.ffn(self.post_attention_layernorm(h), attention_mask=attention_mask, **kwargs)
+
+    def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can
+        be captured in a CUDA graph; each chosen expert's weights are read once); reference on CPU."""
+        moe = self.block_sparse_moe
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices = moe.route(flat)
+        y = moe_decode(flat, indices, weights, [e.w1.weight for e in moe.experts],
+                       [e.w3.weight for e in moe.experts], [e.w2.weight for e in moe.experts])
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(flat)
+        return y.view(x.shape)
 
 
 class KimiLinearModel(nn.Module):

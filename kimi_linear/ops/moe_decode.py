@@ -1,0 +1,154 @@
+"""Routed experts for a few tokens (decoding) without a host sync: each chosen expert's weights read once.
+
+:func:`kimi_linear.ops.moe.grouped_swiglu` sorts tokens by expert and reads the group sizes on the
+host, which a CUDA graph cannot capture. At decode sizes (a handful to a few hundred tokens) the cost
+is reading the weights of the experts that any token chose, so this path is organised by expert:
+program ``(e, block)`` returns at once when no token chose expert ``e`` (its weights are never read),
+and otherwise multiplies its weight tile with every token of the step, the tokens that did not choose
+``e`` getting combine weight 0. Bytes moved: the chosen experts' weights once, whatever the batch.
+
+| tensor    | shape              | notes                                                |
+|-----------|--------------------|------------------------------------------------------|
+| x         | ``[N, D]``         | tokens of the step                                   |
+| indices   | ``[N, k]`` int     | chosen experts                                       |
+| weights   | ``[N, k]`` fp32    | combine weights (router output, already scaled)      |
+| w1, w3    | E x ``[I, D]``     | gate / up projections (``nn.Linear`` layout)         |
+| w2        | E x ``[D, I]``     | down projection                                      |
+| return    | ``[N, D]``         | dtype of x; ``sum_slot weight * w2_e(silu(w1_e x) * w3_e x)`` |
+
+Experts stay separate tensors (the checkpoint's layout); the kernels find them through a table of
+their addresses, built once per weight set and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kimi_linear.backends import resolve_backend
+from kimi_linear.ops.moe import grouped_swiglu
+
+_PTR_TABLES: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _pointer_table(ws: Sequence[torch.Tensor]) -> torch.Tensor:
+    key = tuple(w.data_ptr() for w in ws)
+    table = _PTR_TABLES.get(key)
+    if table is None:
+        table = torch.tensor(key, dtype=torch.int64, device=ws[0].device)
+        _PTR_TABLES[key] = table
+    return table
+
+
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK,
+                       BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_NK: tl.constexpr):
+        i_e = tl.program_id(0)
+        i_i = tl.program_id(1)
+        i_n = tl.program_id(2)
+        o_nk = tl.arange(0, BLOCK_NK)
+        chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
+        if tl.sum((chosen == i_e).to(tl.int32), 0) == 0:
+            return  # nobody chose this expert: its weights are never read
+        w1 = tl.load(w1_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w3 = tl.load(w3_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        m_n, m_i = o_n < N, o_i < I
+        acc1 = tl.zeros([BLOCK_N, BLOCK_I], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BLOCK_I], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_x = tl.load(x_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            p_w = o_i[None, :].to(tl.int64) * D + o_d[:, None]  # W^T tile [BLOCK_D, BLOCK_I]
+            m_w = m_i[None, :] & m_d[:, None]
+            acc1 += tl.dot(b_x, tl.load(w1 + p_w, mask=m_w, other=0.0))
+            acc3 += tl.dot(b_x, tl.load(w3 + p_w, mask=m_w, other=0.0))
+        h = acc1 * tl.sigmoid(acc1) * acc3
+        p_h = h_ptr + (i_e.to(tl.int64) * N + o_n[:, None]) * I + o_i[None, :]
+        tl.store(p_h, h.to(h_ptr.dtype.element_ty), mask=m_n[:, None] & m_i[None, :])
+
+    @triton.jit
+    def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+                    BLOCK_NK: tl.constexpr):
+        i_e = tl.program_id(0)
+        i_d = tl.program_id(1)
+        i_n = tl.program_id(2)
+        o_nk = tl.arange(0, BLOCK_NK)
+        chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
+        if tl.sum((chosen == i_e).to(tl.int32), 0) == 0:
+            return
+        w2 = tl.load(w2_tab + i_e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_n, m_d = o_n < N, o_d < D
+        # combine weight of expert e for each token: sum over its k slots of weight * [index == e]
+        c = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(0, K):
+            e_s = tl.load(idx_ptr + o_n * K + s, mask=m_n, other=-1)
+            w_s = tl.load(cw_ptr + o_n * K + s, mask=m_n, other=0.0)
+            c += tl.where(e_s == i_e, w_s, 0.0)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            o_i = i0 + tl.arange(0, BLOCK_I)
+            m_i = o_i < I
+            b_h = tl.load(h_ptr + (i_e.to(tl.int64) * N + o_n[:, None]) * I + o_i[None, :],
+                          mask=m_n[:, None] & m_i[None, :], other=0.0)
+            b_w = tl.load(w2 + o_d[None, :].to(tl.int64) * I + o_i[:, None], mask=m_d[None, :] & m_i[:, None], other=0.0)
+            acc += tl.dot(b_h, b_w)
+        acc = acc * c[:, None]
+        tl.atomic_add(y_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :], acc, mask=m_n[:, None] & m_d[None, :])
+
+    return gate_up_kernel, down_kernel
+
+
+_KERNELS = None
+
+
+def moe_decode(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    w1: Sequence[torch.Tensor],
+    w3: Sequence[torch.Tensor],
+    w2: Sequence[torch.Tensor],
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton."""
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
+                         f"{tuple(indices.shape)}, {tuple(weights.shape)}")
+    if resolve_backend(backend, x.device) == "reference":
+        return grouped_swiglu(x, indices, weights, w1, w3, w2)
+    import triton
+
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _kernels()
+    gate_up, down = _KERNELS
+    N, D = x.shape
+    E, I = len(w1), w1[0].shape[0]
+    k = indices.shape[1]
+    x = x.contiguous()
+    idx = indices.to(torch.int32).contiguous()
+    cw = weights.float().contiguous()
+    block_n = 16 if N <= 16 else 32
+    block_nk = triton.next_power_of_2(N * k)
+    h = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
+    gate_up[(E, triton.cdiv(I, 64), triton.cdiv(N, block_n))](
+        x, idx, _pointer_table(w1), _pointer_table(w3), h, N, D, I, N * k,
+        BLOCK_N=block_n, BLOCK_I=64, BLOCK_D=64, BLOCK_NK=block_nk, num_warps=4)
+    y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
+    down[(E, triton.cdiv(D, 64), triton.cdiv(N, block_n))](
+        h, idx, cw, _pointer_table(w2), y, N, D, I, k, N * k,
+        BLOCK_N=block_n, BLOCK_D=64, BLOCK_I=64, BLOCK_NK=block_nk, num_warps=4)
+    return y.to(x.dtype)
