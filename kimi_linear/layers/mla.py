@@ -78,9 +78,9 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat([k_nope, k_shared], dim=-1), v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention (queries aligned to the last keys) -> ``[B, Tq, H * v]``."""
-        o = causal_attention(q, k, v, scale=self.scale, attention_mask=key_mask)
+        o = causal_attention(q, k, v, scale=self.scale, attention_mask=key_mask, cu_seqlens=cu_seqlens)
         return o.flatten(-2)
 
     # ------------------------------------------------------------------ forward
@@ -96,13 +96,11 @@ class MultiHeadLatentAttention(nn.Module):
             return self._forward_cached(hidden_states, cache)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
-        if kwargs.get("cu_seqlens") is not None:
-            raise NotImplementedError("MultiHeadLatentAttention does not take packed (cu_seqlens) input yet")
         B, T, _ = hidden_states.shape
         mask = bool_mask(attention_mask, B, T)
         q = self.project_q(hidden_states)
         k, v = self.expand_kv(*self.compress_kv(hidden_states))
-        return self.o_proj(self._attend(q, k, v, mask))
+        return self.o_proj(self._attend(q, k, v, mask, kwargs.get("cu_seqlens")))
 
     def _forward_cached(self, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
         """Prefill / decode against a :class:`kimi_linear.generation.cache.HybridCache` (its open step).

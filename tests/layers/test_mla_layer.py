@@ -78,3 +78,15 @@ def test_bad_input():
     with pytest.raises(ValueError, match="attention_mask must be"):
         causal_attention(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8),
                          attention_mask=torch.ones(1, 3))
+
+
+def test_packed_sequences_stay_apart():
+    layer = make()
+    parts = [torch.randn(1, n, 32, dtype=torch.float64) for n in (4, 1, 9)]
+    cu = torch.tensor([0, 4, 5, 14], dtype=torch.int32)
+    y = layer(torch.cat(parts, 1), cu_seqlens=cu)
+    for i, p in enumerate(parts):
+        torch.testing.assert_close(y[:, cu[i]:cu[i + 1]], layer(p), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="batch must be 1"):
+        causal_attention(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8), torch.randn(2, 4, 1, 8),
+                         cu_seqlens=torch.tensor([0, 4]))
