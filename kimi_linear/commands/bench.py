@@ -55,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--out", default="benchmarks/results")
     r.add_argument("--tag", default="merged")
     r.set_defaults(handler=run_report)
+
+    from kimi_linear.commands.bench_decode import register_decode  # whole-model decode (generation area)
+
+    register_decode(sub)
     p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
 
 
