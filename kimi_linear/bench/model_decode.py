@@ -77,12 +77,12 @@ def active_param_bytes(model) -> int:
 def gate(model, device: torch.device) -> float:
     """Cached prefill + 4 decode steps against the full forward: relative RMS error of the logits."""
     from kimi_linear.generation.cache import cache_for_config
-    from kimi_linear.generation.generate import forward_last_logits
+    from kimi_linear.generation.generate import _model_dtype, forward_last_logits
 
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 68), generator=g).to(device)
     full = model(ids).logits.float()
-    cache = cache_for_config(model.config, batch_size=2, max_len=68, device=device, dtype=torch.bfloat16)
+    cache = cache_for_config(model.config, batch_size=2, max_len=68, device=device, dtype=_model_dtype(model))
     outs = [forward_last_logits(model, ids[:, :64], cache)]
     for t in range(64, 67):
         outs.append(forward_last_logits(model, ids[:, t:t + 1], cache))
@@ -362,3 +362,47 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+@torch.no_grad()
+def time_transformers(context: int, device: torch.device, *, layout: str = "hybrid", new_tokens: int = 8,
+                      experts: int = 16, top_k: int = 8) -> dict:
+    """transformers' own ``generate`` on the same geometry (random weights, bf16, batch 1, greedy): TPOT from
+    two runs that differ only in the number of new tokens (both prefill the same prompt)."""
+    import transformers
+
+    cfg = bench_config(layout, experts=experts, top_k=top_k)
+    lac = cfg.linear_attn_config
+    hf_cfg = transformers.KimiLinearConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim, num_local_experts=experts, num_experts_per_tok=top_k, n_shared_experts=1,
+        linear_attn_config=lac, first_k_dense_replace=cfg.first_k_dense_replace, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.device(device):
+        hf = transformers.KimiLinearForCausalLM(hf_cfg)
+    hf = hf.to(torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.vocab_size, (1, context), device=device)
+    times = {}
+    for n in (1, 1 + new_tokens):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        times[n] = time.perf_counter() - t0
+        assert out.shape[1] == context + n
+    tpot = (times[1 + new_tokens] - times[1]) / new_tokens * 1e3
+    return {"kind": "transformers", "layout": layout, "context": context, "tpot_ms": tpot,
+            "prefill_plus_one_s": times[1], "transformers": transformers.__version__,
+            "fla": _module_version("fla")}
+
+
+def _module_version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except Exception:  # noqa: BLE001
+        return None

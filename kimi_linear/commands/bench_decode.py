@@ -32,6 +32,8 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="benchmarks/results/decode")
     d.add_argument("--tag", default=None)
     d.add_argument("--cache-only", action="store_true", help="only the cache-size table (no GPU)")
+    d.add_argument("--transformers", type=int, default=0, metavar="CONTEXT",
+                   help="only time transformers' own generate at this context (hybrid layout, same geometry)")
     d.set_defaults(handler=run)
 
 
@@ -41,6 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from kimi_linear.bench import model_decode as md
     from kimi_linear.bench.common import JsonlWriter, environment, run_tag
 
+    if args.transformers:
+        rec = md.time_transformers(args.transformers, torch.device("cuda"), experts=args.experts, top_k=args.top_k)
+        print(json.dumps(rec))
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            with open(Path(args.out) / f"decode_transformers_{args.tag or 'run'}.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return 0
     contexts = _ints(args.contexts)
     layouts = tuple(t for t in args.layouts.split(",") if t)
     cuda = torch.cuda.is_available() and not args.cache_only
