@@ -108,6 +108,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 25,
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout (``+dirty`` with uncommitted changes); ``KIMI_LINEAR_COMMIT`` when the
+    tree was copied without its git directory (e.g. to a GPU machine)."""
+    if os.environ.get("KIMI_LINEAR_COMMIT"):
+        return os.environ["KIMI_LINEAR_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

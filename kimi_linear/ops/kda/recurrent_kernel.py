@@ -139,13 +139,16 @@ def _recurrent_kda_fwd_kernel(
         tl.store(ht + state_base + o_h, b_h, mask=m_s)
 
 
-def default_tile(V: int, n_rows: int) -> tuple[int, int]:
-    """``(BV, num_warps)`` for a launch with ``n_rows = N * HV`` (sequence, head) pairs.
+def default_tile(K: int, V: int) -> tuple[int, int]:
+    """``(BV, num_warps)`` for the state tile ``[BK, BV]``.
 
-    Chosen from the decode sweep in benchmarks/results (H100, K = V = 128): narrow tiles keep many
-    programs in flight, which is what a bandwidth-bound kernel needs.
+    From the decode sweep in benchmarks/results/kda-decode_h100.md (H100, 32 heads, K = V = 128):
+    BV=64 with 4 warps was the fastest tile at B = 64 and 256 (92% and 96% of copy bandwidth) and
+    within 10% of the best at B = 1 and 16. The tile is capped at 8192 fp32 values (64 registers per
+    thread at 4 warps) so that larger K does not spill.
     """
-    BV = min(triton.next_power_of_2(V), 32)
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), 64, max(16, 8192 // BK))
     return BV, 4
 
 
@@ -180,7 +183,7 @@ def recurrent_kda_fwd(
     if q.numel() == 0 and T == 0:
         return o
     BK = triton.next_power_of_2(K)
-    bv, nw = default_tile(V, N * HV)
+    bv, nw = default_tile(K, V)
     BV = BV or bv
     num_warps = num_warps or nw
     P = h0.shape[0] if h0 is not None else (ht.shape[0] if ht is not None else N)
