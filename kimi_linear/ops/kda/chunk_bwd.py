@@ -76,32 +76,36 @@ def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, chunk_start, chunk
 
 
 @triton.jit
-def _chunk_grad_kernel(q, k, v, beta, G, Araw, M, U, Wk, W, h, dh, do, dW,
-                       dq, dk, dG, dGl, dv, dbeta, dA, dAqk, chunk_start, chunk_len, scale,
+def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
+                       dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+    # One (chunk, value head, key block of BK channels). Key-block 0 also does the V-only work
+    # (dv, dAqk and the U-part of dA / dbeta). dA and dbeta leave as per-key-block partial sums.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
+    i_kb = tl.program_id(2)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
-    o_k = tl.arange(0, KP)
+    o_k = i_kb * BK + tl.arange(0, BK)
     m_t = o_t < n
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
+    first = i_kb == 0
     p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
     b_M = tl.load(M + p_cc, mask=m_t[:, None], other=0)
     b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
-    b_dqg = tl.zeros([64, KP], dtype=tl.float32)  # d(e^G q) / scale
-    b_dkd = tl.zeros([64, KP], dtype=tl.float32)  # d(Kd)
-    b_dwk = tl.zeros([64, KP], dtype=tl.float32)  # d(Wk)
-    b_dgl = tl.zeros([KP], dtype=tl.float32)  # sum_v S * dS_next (the e^{G_last} S term)
+    b_dqg = tl.zeros([64, BK], dtype=tl.float32)  # d(e^G q) / scale
+    b_dkd = tl.zeros([64, BK], dtype=tl.float32)  # d(Kd)
+    b_dwk = tl.zeros([64, BK], dtype=tl.float32)  # d(Wk)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)  # sum_v S * dS_next (the e^{G_last} S term)
     b_daqk = tl.zeros([64, 64], dtype=tl.float32)
     b_da = tl.zeros([64, 64], dtype=tl.float32)
     b_db = tl.zeros([64], dtype=tl.float32)
     p_h = (i_c.to(tl.int64) * HV + i_hv) * K * V
-    for vb in tl.static_range(0, V, BV):
+    for vb in range(0, V, BV):
         o_v = vb + tl.arange(0, BV)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
@@ -110,20 +114,21 @@ def _chunk_grad_kernel(q, k, v, beta, G, Araw, M, U, Wk, W, h, dh, do, dW,
         b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
-        b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
         b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
         b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
         b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
         b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
         b_dgl += tl.sum(b_h * b_dh, axis=1)
-        b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
-        # U = M (beta V): dX_v = M^T dU (dU = dW), dv = beta dX_v, dbeta += <dX_v, v>, dM -> dA
-        b_dxv = tl.dot(tl.trans(b_M), b_dw, input_precision=PREC)
-        tl.store(dv + p_tv, (b_dxv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_db += tl.sum(b_dxv * b_v, axis=1)
-        b_da -= tl.dot(b_dxv, tl.trans(b_u), input_precision=PREC)
+        if first:
+            b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
+            # U = M (beta V): dX_v = M^T dU (dU = dW), dv = beta dX_v, dbeta += <dX_v, v>, dM -> dA
+            b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_dxv = tl.dot(tl.trans(b_M), b_dw, input_precision=PREC)
+            tl.store(dv + p_tv, (b_dxv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+            b_db += tl.sum(b_dxv * b_v, axis=1)
+            b_da -= tl.dot(b_dxv, tl.trans(b_u), input_precision=PREC)
     p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
@@ -146,19 +151,42 @@ def _chunk_grad_kernel(q, k, v, beta, G, Araw, M, U, Wk, W, h, dh, do, dW,
     b_dk += b_beta[:, None] * b_eg * b_dxk
     b_dG += b_beta[:, None] * b_dxk * b_xk
     b_db += tl.sum(b_dxk * b_xk, axis=1)
-    # A = Diag(beta) Araw: dbeta += rowsum(dA * Araw); dAraw = Diag(beta) dA (strictly lower)
+    p_part = i_kb.to(tl.int64) * TOT  # partial-sum slot of this key block
+    tl.store(dA_part + p_part * 64 + p_cc, b_da, mask=m_t[:, None])
+    tl.store(db_part + p_part + (t0 + o_t) * HV + i_hv, b_db, mask=m_t)
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(dG + p_tk, b_dG, mask=m_tk)
+    tl.store(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_dgl, mask=m_k)
+    if first:
+        tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+
+
+@triton.jit
+def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_start, chunk_len, TOT,
+                              HV: tl.constexpr, NKB: tl.constexpr, BETA_SIGMOID: tl.constexpr):
+    # A = Diag(beta) Araw: dbeta += rowsum(dA * Araw); dAraw = Diag(beta) dA (strictly lower).
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_t = tl.arange(0, 64)
+    m_t = o_t < n
+    p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
+    p_b = (t0 + o_t) * HV + i_hv
+    b_da = tl.zeros([64, 64], dtype=tl.float32)
+    b_db = tl.zeros([64], dtype=tl.float32)
+    for kb in range(0, NKB):
+        b_da += tl.load(dA_part + kb * TOT * 64 + p_cc, mask=m_t[:, None], other=0)
+        b_db += tl.load(db_part + kb * TOT + p_b, mask=m_t, other=0)
+    b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
     b_ar = tl.load(Araw + p_cc, mask=m_t[:, None], other=0)
     b_da = tl.where((o_t[:, None] > o_t[None, :]) & m_t[:, None], b_da, 0.0)
     b_db += tl.sum(b_da * b_ar, axis=1)
     if BETA_SIGMOID:
         b_db = b_db * b_beta * (1.0 - b_beta)
-    tl.store(dbeta + (t0 + o_t) * HV + i_hv, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    tl.store(dbeta + p_b, b_db.to(dbeta.dtype.element_ty), mask=m_t)
     tl.store(dA + p_cc, b_da * b_beta[:, None], mask=m_t[:, None])
-    tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
-    tl.store(dq + p_tk, b_dq, mask=m_tk)
-    tl.store(dk + p_tk, b_dk, mask=m_tk)
-    tl.store(dG + p_tk, b_dG, mask=m_tk)
-    tl.store(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_dgl, mask=m_k)
 
 
 @triton.jit
@@ -182,11 +210,14 @@ def _decay_row(P, X, G, t0, n, i_hv, a: tl.constexpr, o_k, m_k,
         b_p = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + o_t[None, :],
                       mask=m_r[:, None] & (o_t < a * 16)[None, :], other=0)
         b_out = tl.dot(b_p, b_x, input_precision=PREC) * tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-    b_xd = tl.load(X + ((t0 + rows[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-    b_pd = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)
-    m_tri = (o_s[:, None] >= o_s[None, :]) & m_r[:, None]  # [t, i]
-    b_e = tl.exp(tl.where(m_tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf")))
-    b_out += tl.sum(b_pd[:, :, None] * b_xd[None, :, :] * b_e, axis=1)
+    # diagonal sub-block, one column i = 16a + j at a time (exponent masked before exp)
+    for j in range(0, 16):
+        m_j = (a * 16 + j < n) & m_k
+        b_xj = tl.load(X + ((t0 + a * 16 + j) * XH + i_x) * K + o_k, mask=m_j, other=0).to(tl.float32)
+        b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+        b_pj = tl.load(P + ((t0 + rows) * HV + i_hv) * 64 + a * 16 + j, mask=m_r, other=0)
+        b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
+        b_out += b_pj[:, None] * b_xj[None, :] * b_e
     return b_out
 
 
@@ -212,11 +243,14 @@ def _decay_col(P, X, G, t0, n, i_hv, b: tl.constexpr, o_k, m_k,
         b_p = tl.load(P + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + b * 16 + o_s[None, :],
                       mask=((o_t >= b * 16 + 16) & (o_t < n))[:, None], other=0)  # [t, i]
         b_out = tl.dot(tl.trans(b_p), b_x, input_precision=PREC) * tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
-    b_xd = tl.load(X + ((t0 + rows[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-    b_pd = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + b * 16 + o_s[None, :], mask=m_r[:, None], other=0)
-    m_tri = (o_s[:, None] >= o_s[None, :]) & m_r[:, None]  # [t, i]
-    b_e = tl.exp(tl.where(m_tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf")))
-    b_out += tl.sum(b_pd[:, :, None] * b_xd[:, None, :] * b_e, axis=0)
+    # diagonal sub-block, one row t = 16b + j at a time (exponent masked before exp)
+    for j in range(0, 16):
+        m_j = (b * 16 + j < n) & m_k
+        b_xj = tl.load(X + ((t0 + b * 16 + j) * XH + i_x) * K + o_k, mask=m_j, other=0).to(tl.float32)
+        b_gj = tl.load(G + ((t0 + b * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+        b_pj = tl.load(P + ((t0 + b * 16 + j) * HV + i_hv) * 64 + rows, mask=m_r & (b * 16 + j < n), other=0)
+        b_e = tl.exp(tl.where((o_s <= j)[:, None] & m_rk & (b * 16 + j < n), b_gj[None, :] - b_g, float("-inf")))
+        b_out += b_pj[:, None] * b_xj[None, :] * b_e
     return b_out
 
 
@@ -243,8 +277,7 @@ def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg
     if GATE_FROM_RAW:
         b_alog = tl.load(A_log + i_hv).to(tl.float32)
         b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
-    for a_ in tl.static_range(4):
-        a: tl.constexpr = 3 - a_
+    for a in tl.static_range(3, -1, -1):
         rows = a * 16 + o_s
         m_r = rows < n
         m_rk = m_r[:, None] & m_k[None, :]
@@ -337,7 +370,7 @@ def chunk_kda_bwd(
         _state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
             q, k, saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
             dh0 if dh0 is not None else dW, cs, cl, cf, scale, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec)
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_warps=8)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
@@ -351,10 +384,16 @@ def chunk_kda_bwd(
     dalog_part = chunk_common.alloc((max(NC, 1), HV, NKB), torch.float32, dev) if gate_raw else dGl
     ddtb_part = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev) if gate_raw else dGl
     if NC > 0:
-        _chunk_grad_kernel[(NC, HV)](
-            q, k, v, beta, saved["G"], saved["Araw"], saved["M"], saved["U"], saved["Wk"], saved["W"],
-            saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dbeta, dA, dAqk, cs, cl, scale,
-            H=H, HV=HV, K=K, V=V, KP=KP, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
+        BKG = min(64, KP)
+        NKG = triton.cdiv(K, BKG)
+        dA_part = chunk_common.alloc((NKG, Ttot, HV, 64), torch.float32, dev)
+        db_part = chunk_common.alloc((NKG, Ttot, HV), torch.float32, dev)
+        _chunk_grad_kernel[(NC, HV, NKG)](
+            q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
+            saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
+            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
+        _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
+                                            HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid)
         _decay_grad_kernel[(NC, HV, NKB)](
             q, k, saved["G"], g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dA, dAqk, dq, dk, dG,
             dGl, dg, dalog_part, ddtb_part, cs, cl, H=H, HV=HV, K=K, BK=BK, NKB=NKB,

@@ -60,55 +60,67 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
 def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                  BK: tl.constexpr, PREC: tl.constexpr):
-    # Steps 3-5: Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t), Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
+    # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
+    # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
+    a = tl.program_id(2)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    o_s = tl.arange(0, 16)
-    o_t = tl.arange(0, 64)
-    for a in tl.static_range(4):
+    if a * 16 < n:
+        o_s = tl.arange(0, 16)
+        o_t = tl.arange(0, 64)
         rows = a * 16 + o_s
         m_r = rows < n
-        # reference token: the first of sub-chunk a; every earlier column i precedes it, every row
-        # t of sub-chunk a follows it, so both exponents below are <= 0 (docs/kda.md, step 3).
-        r_ref = tl.minimum(a * 16, n - 1).to(tl.int64)
-        m_prev = o_t < tl.minimum(a * 16, n)
-        b_aq_off = tl.zeros([16, 64], dtype=tl.float32)
-        b_ak_off = tl.zeros([16, 64], dtype=tl.float32)
-        b_aq_d = tl.zeros([16, 16], dtype=tl.float32)
-        b_ak_d = tl.zeros([16, 16], dtype=tl.float32)
-        m_tri = (o_s[:, None] >= o_s[None, :]) & m_r[:, None]
-        for kb in tl.static_range(0, KP, BK):
-            o_k = kb + tl.arange(0, BK)
+        # Off-diagonal: columns i in earlier sub-chunks, through the reference token r = 16a (the
+        # first of sub-chunk a): i < r <= t, so both exponents are <= 0 (docs/kda.md, step 3).
+        b_aq = tl.zeros([16, 64], dtype=tl.float32)
+        b_ak = tl.zeros([16, 64], dtype=tl.float32)
+        m_prev = o_t < a * 16
+        p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
+        for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
+            o_k = kb * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_rk = m_r[:, None] & m_k[None, :]
-            p_rows = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
-            b_q = tl.load(q + p_rows, mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + p_rows, mask=m_rk, other=0).to(tl.float32)
+            b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+            b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
             b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            if a > 0:
-                b_gr = tl.load(G + (t0 + r_ref) * HV * K + i_hv * K + o_k, mask=m_k, other=0)
-                m_p = m_prev[:, None] & m_k[None, :]
-                b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
-                b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-                b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-                b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-                b_aq_off += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
-                b_ak_off += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-            # diagonal sub-block: exact pairwise decay, masked before exp
-            b_e = tl.exp(tl.where(m_tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf")))
-            b_aq_d += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, axis=2)
-            b_ak_d += tl.sum(b_k[:, None, :] * b_k[None, :, :] * b_e, axis=2)
-        b_ak_d = tl.where(o_s[:, None] > o_s[None, :], b_ak_d, 0.0)
+            b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
+            m_p = m_prev[:, None] & m_k[None, :]
+            b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+            b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+            b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+            b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+            b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
+            b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
+        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp.
+        o_k = tl.arange(0, KP)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+        b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+        b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+        b_dq = tl.zeros([16, 16], dtype=tl.float32)
+        b_dk = tl.zeros([16, 16], dtype=tl.float32)
+        for j in range(0, 16):
+            m_j = (a * 16 + j < n) & m_k
+            p_j = (t0 + a * 16 + j) * H * K + i_h * K + o_k
+            b_kj = tl.load(k + p_j, mask=m_j, other=0).to(tl.float32)
+            b_gj = tl.load(G + (t0 + a * 16 + j) * HV * K + i_hv * K + o_k, mask=m_j, other=0)
+            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
+            b_e = b_e * b_kj[None, :]
+            sel = (o_s == j)[None, :]
+            b_dq = tl.where(sel, tl.sum(b_q * b_e, axis=1)[:, None], b_dq)
+            b_dk = tl.where(sel, tl.sum(b_k * b_e, axis=1)[:, None], b_dk)
+        b_dk = tl.where(o_s[:, None] > o_s[None, :], b_dk, 0.0)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         m_zero = m_r[:, None] & (o_t[None, :] >= a * 16 + 16)
-        tl.store(Aqk + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_aq_off), mask=m_off | m_zero)
-        tl.store(Araw + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_ak_off), mask=m_off | m_zero)
-        tl.store(Aqk + p_row + a * 16 + o_s[None, :], b_aq_d, mask=m_r[:, None])
-        tl.store(Araw + p_row + a * 16 + o_s[None, :], b_ak_d, mask=m_r[:, None])
+        tl.store(Aqk + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_aq), mask=m_off | m_zero)
+        tl.store(Araw + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_ak), mask=m_off | m_zero)
+        tl.store(Aqk + p_row + a * 16 + o_s[None, :], b_dq, mask=m_r[:, None])
+        tl.store(Araw + p_row + a * 16 + o_s[None, :], b_dk, mask=m_r[:, None])
 
 
 @triton.jit
@@ -208,7 +220,7 @@ def _solve_kernel(k, v, beta, G, Araw, M, U, Wk, chunk_start, chunk_len,
     m_t = o_t < n
     b_M = tl.load(M + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
     b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
-    for vb in tl.static_range(0, V, BV):
+    for vb in range(0, V, BV):
         o_v = vb + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_v = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
@@ -359,17 +371,18 @@ def chunk_kda_fwd(
     if NC > 0:
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
-        _gram_kernel[(NC, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec)
+        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec)
         _solve_kernel[(NC, HV)](k, v, beta, G, Araw, M, U, Wk, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
-                                BETA_SIGMOID=beta_sigmoid, PREC=prec)
+                                BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
     if N > 0:
         h0 = initial_state if initial_state is not None else G
-        _state_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+        BVS = min(32, BV)
+        _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             k, G, U, Wk, W, h, h0, ht if ht is not None else G, cs, cl, cf,
-            H=H, HV=HV, K=K, V=V, KP=KP, BV=BV, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, PREC=prec)
+            H=H, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
+            STORE_FINAL=ht is not None, PREC=prec, num_warps=8)
     if NC > 0:
         _output_kernel[(NC, HV, triton.cdiv(V, BV))](q, G, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
-                                                     KP=KP, BV=BV, PREC=prec)
+                                                     KP=KP, BV=BV, PREC=prec, num_warps=8)
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h)
     return o, ht, saved
