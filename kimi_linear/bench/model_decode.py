@@ -108,45 +108,50 @@ def _fill_random_(cache, context: int) -> None:
 def time_decode(model, batch: int, context: int, device: torch.device, *, steps: int = 16) -> dict[str, float]:
     """Mean step time (ms) of graph-replayed greedy decode steps at ``context`` cached tokens."""
     from kimi_linear.generation.cache import cache_for_config
-    from kimi_linear.generation.generate import _GraphedDecoder
+    from kimi_linear.generation.generate import _GraphedDecoder, _model_dtype, forward_last_logits
     from kimi_linear.generation.sampling import SamplingConfig, next_token
 
     cache = cache_for_config(model.config, batch_size=batch, max_len=context + steps + 4, device=device,
-                             dtype=torch.bfloat16)
+                             dtype=_model_dtype(model))
     _fill_random_(cache, context)
-    dec = _GraphedDecoder(model, cache, min_bucket=cache.max_len)
+    cuda = device.type == "cuda"
+    if cuda:
+        dec = _GraphedDecoder(model, cache, min_bucket=cache.max_len)
+        step = dec.step
+    else:  # CPU smoke runs: eager steps
+        dec = None
+        step = lambda t, n: forward_last_logits(model, t.view(-1, 1), cache)  # noqa: E731
     greedy = SamplingConfig()
     tok = torch.randint(0, model.config.vocab_size, (batch,), device=device)
     length = context
     for _ in range(3):  # eager step (warm-up + capture), then two replays
         length += 1
-        tok = next_token(dec.step(tok, length), greedy)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+        tok = next_token(step(tok, length), greedy)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
     for _ in range(steps):
         length += 1
-        tok = next_token(dec.step(tok, length), greedy)
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+        tok = next_token(step(tok, length), greedy)
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / steps  # includes the host's argmax read-back, as a user sees it
     mem = cache.memory()
-    graphed = bool(dec.graphs) and not dec.failed
-    del dec, cache
+    graphed = dec is not None and bool(dec.graphs) and not dec.failed
     return {"step_ms": ms, "tpot_ms": ms / batch, "cache_bytes": mem["total_allocated"], "cuda_graph": graphed}
 
 
 @torch.no_grad()
 def time_prefill(model, context: int, device: torch.device) -> float:
     from kimi_linear.generation.cache import cache_for_config
-    from kimi_linear.generation.generate import forward_last_logits
+    from kimi_linear.generation.generate import _model_dtype, forward_last_logits
 
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
-    cache = cache_for_config(model.config, batch_size=1, max_len=context, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
+    cache = cache_for_config(model.config, batch_size=1, max_len=context, device=device, dtype=_model_dtype(model))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     forward_last_logits(model, ids, cache)
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -159,14 +164,18 @@ def time_kda_layer_step(model, device: torch.device, env: dict) -> dict[str, flo
 
     idx = model.config.layer_types().index("kda")
     layer = model.model.layers[idx].self_attn
-    cache = cache_for_config(model.config, batch_size=1, max_len=8, device=device, dtype=torch.bfloat16)
-    x = torch.randn(1, 1, model.config.hidden_size, device=device, dtype=torch.bfloat16)
+    dtype = next(layer.q_proj.parameters()).dtype
+    cache = cache_for_config(model.config, batch_size=1, max_len=8, device=device, dtype=dtype)
+    x = torch.randn(1, 1, model.config.hidden_size, device=device, dtype=dtype)
     cache.begin_step(1, key_len=8)
     layer(x, cache=cache)  # warm-up / compile
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layer(x, cache=cache)
-    ms = time_ms(graph.replay, device)
+    if device.type == "cuda":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(x, cache=cache)
+        ms = time_ms(graph.replay, device)
+    else:
+        ms = time_ms(lambda: layer(x, cache=cache), device)
     cache.abort_step()
     lc = cache.layers[idx]
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())
@@ -174,6 +183,11 @@ def time_kda_layer_step(model, device: torch.device, env: dict) -> dict[str, flo
     bw = float(env.get("copy_tbps") or 2.97) * 1e12
     floor = (weights + state) / bw * 1e3
     return {"ms": ms, "bytes": weights + state, "floor_ms": floor, "ratio": ms / floor}
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def largest_batch(per_seq_bytes: int, budget: int, cap: int) -> int:
@@ -238,23 +252,23 @@ def run(*, contexts: list[int], budget_gib: float, cap: int, device: torch.devic
                 try:
                     res = time_decode(model, batch, ctx, device)
                     emit({"kind": "decode", "layout": lay, "context": ctx, "batch": batch, "what": what, **res})
-                except torch.cuda.OutOfMemoryError as exc:
+                except torch.OutOfMemoryError as exc:
                     emit({"kind": "decode", "layout": lay, "context": ctx, "batch": batch, "what": what,
                           "status": f"out of memory: {str(exc)[:120]}"})
                 gc.collect()
-                torch.cuda.empty_cache()
+                _empty_cache()
         for ctx in (prefill or {}).get(lay, []):
             try:
                 if ctx == (prefill or {}).get(lay, [0])[0]:
                     time_prefill(model, min(ctx, 1024), device)  # warm-up (kernel compilation)
                 emit({"kind": "prefill", "layout": lay, "context": ctx, "ms": time_prefill(model, ctx, device)})
-            except torch.cuda.OutOfMemoryError as exc:
+            except torch.OutOfMemoryError as exc:
                 emit({"kind": "prefill", "layout": lay, "context": ctx, "status": f"out of memory: {str(exc)[:120]}"})
             gc.collect()
-            torch.cuda.empty_cache()
+            _empty_cache()
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        _empty_cache()
     return records
 
 

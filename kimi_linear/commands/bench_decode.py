@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kimi_linear.bench import model_decode as md
-    from kimi_linear.bench.common import JsonlWriter, environment, run_tag
+    from kimi_linear.bench.common import environment, run_tag
 
     if args.transformers:
         rec = md.time_transformers(args.transformers, torch.device("cuda"), experts=args.experts, top_k=args.top_k)
@@ -64,7 +64,15 @@ def run(args: argparse.Namespace) -> int:
     tag = args.tag or run_tag(env)
     writer = None
     if args.out and cuda:
-        writer = JsonlWriter(args.out, "decode", tag, env)
+        from pathlib import Path
+
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        partial_path = Path(args.out) / f"decode_{tag}.partial.jsonl"
+        partial_path.write_text("")
+
+        def writer(rec: dict) -> None:  # rows survive a run that is cut short
+            with open(partial_path, "a") as f:
+                f.write(json.dumps({"bench": "decode", "env": env, **rec}) + "\n")
     prefill = {lay: _ints(args.prefill) for lay in layouts} if cuda else None
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if cuda:

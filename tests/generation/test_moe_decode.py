@@ -8,7 +8,7 @@ import torch
 from kimi_linear.backends import triton_interpret
 from kimi_linear.ops.moe import grouped_swiglu
 from kimi_linear.ops.moe_decode import moe_decode
-from tests.numerics import rel_rms
+from tests.numerics import rel_rms, tolerance
 
 
 @pytest.mark.parametrize("N", [1, 5, 20])
@@ -27,7 +27,8 @@ def test_moe_decode_kernel_matches_grouped_reference(N):
     ref = grouped_swiglu(x, indices, weights, w1, w3, w2)
     w1[E - 1].fill_(float("nan"))  # an unchosen expert's weights must never be read
     out = moe_decode(x, indices, weights, w1, w3, w2, backend="triton")
-    assert rel_rms(out, ref) < 2e-3  # tf32 dots on GPU
+    # two chained tf32 GEMMs (gate/up, then down) on GPU: the whole-layer tolerance, not one kernel's
+    assert rel_rms(out, ref) < tolerance("layer", torch.float32)
 
 
 def test_reference_path_is_grouped_swiglu():
