@@ -27,7 +27,7 @@ from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
 
 
 @triton.jit
-def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, chunk_start, chunk_len, chunk_first, scale,
+def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, PREC: tl.constexpr):
@@ -48,10 +48,12 @@ def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, chunk_start, chunk
         b_dS = tl.load(dht + p_state, mask=m_kv, other=0).to(tl.float32)
     c0 = tl.load(chunk_first + i_n)
     c1 = tl.load(chunk_first + i_n + 1)
+    bos = tl.load(seq_start + i_n).to(tl.int64)
+    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
     for j in range(0, c1 - c0):
         c = c1 - 1 - j
-        t0 = tl.load(chunk_start + c).to(tl.int64)
-        n = tl.load(chunk_len + c)
+        t0 = bos + (c - c0) * 64
+        n = tl.minimum(eos - t0, 64)
         tl.store(dh + ((c * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
                  b_dS.to(dh.dtype.element_ty), mask=m_kv)
         m_t = o_t < n
@@ -369,7 +371,7 @@ def chunk_kda_bwd(
     if N > 0:
         _state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
             q, k, saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
-            dh0 if dh0 is not None else dW, cs, cl, cf, scale, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
+            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
             HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_warps=8)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)

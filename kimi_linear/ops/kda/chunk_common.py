@@ -29,11 +29,13 @@ class ChunkTable:
     | chunk_start  | ``[NC]``  | first token (packed index) of chunk c           |
     | chunk_len    | ``[NC]``  | tokens in chunk c (1..64)                        |
     | chunk_first  | ``[N+1]`` | index of the first chunk of sequence n          |
+    | seq_start    | ``[N+1]`` | first token of sequence n (the offsets)         |
     """
 
     chunk_start: torch.Tensor
     chunk_len: torch.Tensor
     chunk_first: torch.Tensor
+    seq_start: torch.Tensor
     NC: int
     N: int
 
@@ -50,7 +52,7 @@ def build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
             lens.append(min(CHUNK, e - c0))
         first.append(len(starts))
     as_t = lambda x: torch.tensor(x if x else [0], dtype=torch.int32, device=device)  # noqa: E731
-    return ChunkTable(as_t(starts), as_t(lens), as_t(first), NC=len(starts), N=len(offsets) - 1)
+    return ChunkTable(as_t(starts), as_t(lens), as_t(first), as_t(list(offsets)), NC=len(starts), N=len(offsets) - 1)
 
 
 def pow2(x: int, floor: int = 16) -> int:

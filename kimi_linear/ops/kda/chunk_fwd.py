@@ -237,7 +237,7 @@ def _solve_kernel(k, v, beta, G, Araw, M, U, Wk, chunk_start, chunk_len,
 
 
 @triton.jit
-def _state_fwd_kernel(k, G, U, Wk, W, h, h0, ht, chunk_start, chunk_len, chunk_first,
+def _state_fwd_kernel(k, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                       STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
@@ -258,9 +258,13 @@ def _state_fwd_kernel(k, G, U, Wk, W, h, h0, ht, chunk_start, chunk_len, chunk_f
         b_S = tl.load(h0 + p_state, mask=m_kv, other=0).to(tl.float32)
     c0 = tl.load(chunk_first + i_n)
     c1 = tl.load(chunk_first + i_n + 1)
+    # chunks of a sequence are consecutive 64-token blocks: addresses follow from c alone (no
+    # dependent loads in the scan, so the loads of the next chunk can be issued early)
+    bos = tl.load(seq_start + i_n).to(tl.int64)
+    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
     for c in range(c0, c1):
-        t0 = tl.load(chunk_start + c).to(tl.int64)
-        n = tl.load(chunk_len + c)
+        t0 = bos + (c - c0) * 64
+        n = tl.minimum(eos - t0, 64)
         tl.store(h + ((c * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
                  b_S.to(h.dtype.element_ty), mask=m_kv)
         m_t = o_t < n
@@ -378,7 +382,7 @@ def chunk_kda_fwd(
         h0 = initial_state if initial_state is not None else G
         BVS = min(32, BV)
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
-            k, G, U, Wk, W, h, h0, ht if ht is not None else G, cs, cl, cf,
+            k, G, U, Wk, W, h, h0, ht if ht is not None else G, table.seq_start, cf,
             H=H, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
             STORE_FINAL=ht is not None, PREC=prec, num_warps=8)
     if NC > 0:
