@@ -144,7 +144,8 @@ def test_bad_input():
 @pytest.mark.gpu
 def test_triton_backend_equals_reference(cuda_device):
     """The fused Triton path (in-kernel L2 norm / gate / beta) against the reference path, shared weights."""
-    ref = make(dtype=torch.float32).to(cuda_device)
+    ref = make(dtype=torch.float32, linear_attn_config={  # kernel tiles need K >= 16
+        "kda_layers": [1, 2, 4], "full_attn_layers": [3], "head_dim": 32, "num_heads": 2}).to(cuda_device)
     x = torch.randn(2, 200, 32, device=cuda_device, requires_grad=True)
     mask = torch.ones(2, 200, dtype=torch.long, device=cuda_device)
     mask[1, :37] = 0
