@@ -20,6 +20,10 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kimi_linear.commands.bench",
     "kimi_linear.commands.generate",
     "kimi_linear.commands.model",
+    "kimi_linear.commands.train",
+    "kimi_linear.commands.plot",
+    "kimi_linear.commands.quickstart",
+    "kimi_linear.commands.synthetic",
 )
 
 

@@ -85,8 +85,11 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str) -> tuple[torch
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        # MoE routers may leave some experts without tokens in a step.
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True), "ddp"
+        # MoE routers may leave some experts without tokens in a step. Buffers are not broadcast:
+        # per-rank MoE load counters must stay per rank (they are summed before each bias update,
+        # which every rank then applies identically).
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True,
+                                       broadcast_buffers=False), "ddp"
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -81,7 +81,21 @@ def accepts(fn: Callable, name: str) -> bool:
 
 
 def supports_varlen(model: torch.nn.Module) -> bool:
-    return "cu_seqlens" in inspect.signature(model.forward).parameters
+    """Does ``model.forward`` take packed input (``cu_seqlens``)? Probed with a 2-token pack."""
+    if "cu_seqlens" not in inspect.signature(model.forward).parameters and not accepts(model.forward, "cu_seqlens"):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev),
+                  cu_seqlens=torch.tensor([0, 1, 2], dtype=torch.int32, device=dev))
+        return True
+    except (NotImplementedError, TypeError):
+        return False
+    finally:
+        model.train(was_training)
 
 
 def enable_grad_checkpointing(model: torch.nn.Module) -> None:
@@ -131,12 +145,18 @@ def moe_balance_step(model: torch.nn.Module, rate: float, all_reduce: Callable[[
     """
     if rate <= 0:
         return None
-    for hook in ("update_moe_bias", "moe_balance_update", "update_correction_bias"):
-        fn = getattr(model, hook, None)
-        if callable(fn):
-            if all_reduce is not None and accepts(fn, "all_reduce"):
-                return fn(rate, all_reduce=all_reduce)
-            return fn(rate)
+    # KimiLinearForCausalLM: expert_loads() [layers, E] accumulated in forward, update_moe_bias(rate, loads)
+    loads_fn, update_fn = getattr(model, "expert_loads", None), getattr(model, "update_moe_bias", None)
+    if callable(loads_fn) and callable(update_fn):
+        loads = loads_fn()
+        if loads is None:
+            return None
+        loads = loads.detach().float().clone()
+        if all_reduce is not None:
+            loads = all_reduce(loads)
+        update_fn(rate, loads)
+        mean = loads.mean(dim=-1).clamp_min(1e-9)
+        return {"max_over_mean": float((loads.max(dim=-1).values / mean).max()), "routers": int(loads.shape[0])}
     stats = {"max_over_mean": 0.0, "routers": 0}
     with torch.no_grad():
         for mod in model.modules():

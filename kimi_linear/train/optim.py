@@ -68,13 +68,24 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
 
 
 def lr_at(step: int, *, total: int, lr: float, warmup: int, schedule: str, min_lr_ratio: float,
-          decay_fraction: float = 0.2) -> float:
-    """Learning rate for optimizer step ``step`` (0-based) of ``total``."""
+          decay_fraction: float = 0.2, fraction: float | None = None) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``.
+
+    ``fraction`` (time-budget runs): the share of the budget already used, in [0, 1]; it replaces
+    ``step / total`` as the position in the schedule after warmup (warmup still counts steps).
+    """
     if step < warmup:
         return lr * (step + 1) / warmup
     lo = lr * min_lr_ratio
     if schedule == "constant":
         return lr
+    if fraction is not None:
+        f = min(1.0, max(0.0, fraction))
+        if schedule == "cosine":
+            return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * f))
+        if schedule == "wsd":
+            start = 1.0 - decay_fraction
+            return lr if f < start else lr + (lo - lr) * (f - start) / decay_fraction
     if schedule == "cosine":
         span = max(1, total - warmup - 1)
         t = min(1.0, (step - warmup) / span)

@@ -197,14 +197,15 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ steps
-    def _train_step(self, rows: list[Row]) -> tuple[float, float]:
+    def _train_step(self, rows: list[Row], fraction: float | None = None) -> tuple[float, float]:
         cfg, info = self.cfg, self.info
         mine = rows[info.rank * self.rows_per_rank:(info.rank + 1) * self.rows_per_rank]
         # scored tokens of the whole step, identical on every rank (all ranks see all rows)
         n_total = sum(int((collate(rows[i:i + self.micro], varlen=cfg.varlen)["labels"][:, 1:] != -100).sum())
                       for i in range(0, len(rows), self.micro))
         lr = lr_at(self.step, total=self.total_steps or 10**9, lr=cfg.lr, warmup=cfg.warmup_steps,
-                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction)
+                   schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio, decay_fraction=cfg.decay_fraction,
+                   fraction=fraction)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
@@ -284,21 +285,31 @@ class Trainer:
             t_eval = time.perf_counter() - te
             result.val_losses[0] = v
             self._write_metrics({"kind": "eval", "step": 0, "val_loss": v, "elapsed_s": 0.0})
-        calib_steps = min(6, max(2, cfg.warmup_steps))
-        calib_from = self.step + 1  # step 1 of a process carries one-off costs; time steps after it
-        t_calib = None
+        # Time-budget mode (minutes, no steps): the schedule follows the share of the budget used, so a
+        # machine that slows down mid-run still ends on the decayed learning rate; the step total
+        # shown is an estimate. The final evaluation and save are reserved out of the budget.
+        time_mode = cfg.steps is None
+        reserve = 1.5 * t_eval + 2.0
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = self._progress()
         tok_rate = 0.0
         stopped_on_time = False
-        while self.total_steps is None or self.step < self.total_steps:
+        t_loop, step_loop = time.perf_counter(), self.step
+        while True:
             elapsed = self.elapsed_before + time.perf_counter() - self._t0
-            if budget is not None and elapsed >= budget * (1.0 if self.total_steps is None else 1.1):
+            fraction = None
+            if time_mode:
+                fraction = elapsed / max(budget - reserve, 1e-9)
+                if fraction >= 1.0:
+                    break
+            elif self.step >= self.total_steps:
+                break
+            elif budget is not None and elapsed >= budget:
                 stopped_on_time = True
                 break
             t_step = time.perf_counter()
             rows = [self.stream.next_row() for _ in range(cfg.batch_size)]
-            loss, gnorm = self._train_step(rows)
+            loss, gnorm = self._train_step(rows, fraction)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower lr or enable z_loss")
             self.step += 1
@@ -306,13 +317,10 @@ class Trainer:
             dt = time.perf_counter() - t_step
             tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.8 * tok_rate + 0.2 * tokens_per_step / dt
             result.losses[self.step] = loss
-            if self.step == calib_from:
-                t_calib = time.perf_counter()
-            if self.total_steps is None and t_calib is not None and self.step == calib_from + calib_steps:
-                self.total_steps = self._fit_steps(budget, (time.perf_counter() - t_calib) / calib_steps, t_eval)
-                if bar is not None:
-                    bar.total = self.total_steps
-                    bar.refresh()
+            if time_mode and bar is not None and self.step - step_loop >= 3:
+                per_step = (time.perf_counter() - t_loop) / (self.step - step_loop)
+                left = budget - reserve - (self.elapsed_before + time.perf_counter() - self._t0)
+                bar.total = self.step + max(0, int(left / per_step))
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._write_metrics({"kind": "train", "step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                      "grad_norm": gnorm, "tokens": self.tokens_seen, "tok_per_s": tok_rate,
@@ -320,11 +328,14 @@ class Trainer:
                                      **({"moe_max_over_mean": self.moe_stats["max_over_mean"]}
                                         if isinstance(self.moe_stats, dict) and "max_over_mean" in self.moe_stats else {})})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != self.total_steps:
+                te = time.perf_counter()
                 v = self.evaluate()
                 if v is not None:
                     result.val_losses[self.step] = v
                     self._write_metrics({"kind": "eval", "step": self.step, "val_loss": v,
                                          "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0})
+                t_eval = time.perf_counter() - te
+                reserve = 1.5 * t_eval + 2.0
             if bar is not None:
                 post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_rate:,.0f}"}
                 if result.val_losses:
@@ -339,7 +350,7 @@ class Trainer:
             bar.close()
         if stopped_on_time:
             self.log(f"time budget of {cfg.minutes} min reached at step {self.step}")
-        if self.total_steps is None:
+        if time_mode:
             self.total_steps = self.step
         v = self.evaluate()
         if v is not None:
@@ -352,21 +363,16 @@ class Trainer:
         result.elapsed_s = self.elapsed_before + time.perf_counter() - self._t0
         return result
 
-    def _fit_steps(self, budget: float | None, t_step: float, t_eval: float) -> int:
-        """Steps that fit the time budget, given measured seconds per step and per evaluation."""
-        elapsed = self.elapsed_before + time.perf_counter() - self._t0
-        # reserve the final evaluation + save and a small margin for timing noise
-        remaining = max(0.0, budget * 0.97 - elapsed - 2 * t_eval - 1.0)
-        per_step = t_step + (t_eval / self.cfg.eval_every if self.cfg.eval_every else 0.0)
-        per_step += (2 * t_step / self.cfg.save_every) if self.cfg.save_every else 0.0
-        return self.step + max(1, int(remaining / max(per_step, 1e-9)))
-
     def _progress(self):
         if not (self.cfg.progress and self.info.is_main):
             return None
+        import sys
+
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        interval = 0.5 if sys.stderr.isatty() else 30.0  # logs: a line every 30 s, not every step
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
+                    mininterval=interval)
 
     def close(self) -> None:
         dd.teardown(self.info)
