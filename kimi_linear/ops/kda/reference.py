@@ -160,33 +160,49 @@ def _run(
     compute = torch.float64 if v.dtype == torch.float64 else torch.float32
     group = shape.HV // shape.H
 
-    def heads_first(x: torch.Tensor, b: int, s: int, e: int) -> torch.Tensor:
-        x = x[b, s:e].to(compute)  # [L, heads, ...]
-        if x.dim() == 3 and x.shape[1] == shape.H and group > 1:  # q/k: H -> HV heads
-            x = x.repeat_interleave(group, dim=1)
-        return x.transpose(0, 1)  # [heads, L, ...]
-
     if gate_per_head:
         g = g.unsqueeze(-1).expand(*g.shape, shape.K)  # GDN: one decay per head, same for every channel
     sequence = _recurrent_sequence if algorithm == "recurrent" else _chunk_sequence
     extra = {} if algorithm == "recurrent" else {"chunk_size": chunk_size}
 
-    o = torch.zeros(v.shape, dtype=compute, device=v.device)
-    finals = []
-    for n, (b, s, e) in enumerate(sequence_spans(shape, cu_seqlens)):
+    def heads_first(x: torch.Tensor, qk: bool) -> torch.Tensor:
+        """[R, L, heads, ...] -> [R * HV, L, ...] in the compute dtype (q/k repeated to HV heads)."""
+        x = x.to(compute)
+        if qk and group > 1:
+            x = x.repeat_interleave(group, dim=2)
+        return x.movedim(1, 2).flatten(0, 1)
+
+    def run_rows(span: slice, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the time span ``span`` of every batch row (independent equal-length sequences, folded
+        into the head axis) from ``state [rows, HV, K, V]``. Returns ``o [rows, L, HV, V]``, state."""
+        args = [heads_first(x[:, span], qk) for x, qk in ((q, True), (k, True), (v, False), (g, False), (beta, False))]
+        o_f, S = sequence(*args, state.flatten(0, 1), scale, delta_rule, **extra)
+        R = state.shape[0]
+        return o_f.unflatten(0, (R, shape.HV)).movedim(1, 2), S.unflatten(0, (R, shape.HV))
+
+    def start_state(n0: int, n1: int) -> torch.Tensor:
         if initial_state is not None:
-            S = initial_state[n].to(compute)
+            return initial_state[n0:n1].to(compute)
+        return torch.zeros(n1 - n0, shape.HV, shape.K, shape.V, dtype=compute, device=v.device)
+
+    if cu_seqlens is None:
+        # Batch rows are independent sequences of equal length: fold B into the head axis.
+        S = start_state(0, shape.B)
+        if shape.T > 0:
+            o, S = run_rows(slice(0, shape.T), S)
         else:
-            S = torch.zeros(shape.HV, shape.K, shape.V, dtype=compute, device=v.device)
-        if e > s:
-            o_seq, S = sequence(
-                heads_first(q, b, s, e), heads_first(k, b, s, e), heads_first(v, b, s, e),
-                heads_first(g, b, s, e), heads_first(beta, b, s, e), S, scale, delta_rule, **extra,
-            )
-            # Out-of-place index_put keeps autograd happy across sequences.
-            o = o.index_put((torch.tensor([b]), torch.arange(s, e).unsqueeze(0)), o_seq.transpose(0, 1).unsqueeze(0))
-        finals.append(S)
-    final_state = torch.stack(finals) if output_final_state else None
+            o, S = torch.zeros(v.shape, dtype=compute, device=v.device), S.clone()
+        final_state = S if output_final_state else None
+    else:
+        pieces, finals = [], []
+        for n, (_, s, e) in enumerate(sequence_spans(shape, cu_seqlens)):
+            S = start_state(n, n + 1)
+            if e > s:
+                o_seq, S = run_rows(slice(s, e), S)
+                pieces.append(o_seq)
+            finals.append(S[0])
+        o = torch.cat(pieces, dim=1) if pieces else torch.zeros(v.shape, dtype=compute, device=v.device)
+        final_state = torch.stack(finals) if output_final_state else None
     return o.to(v.dtype), final_state
 
 
