@@ -17,7 +17,9 @@ Measured per layout and context length:
 To reach long contexts without minutes of prefill, the decode timings run on caches filled with
 random latents / states of the right size and ``lengths`` set to the context (the work per step does
 not depend on the values); prefill is timed separately. A correctness gate runs first on each model:
-cached prefill + decode against the full forward (bf16, relative RMS error of the logits).
+cached prefill + decode against the full forward (relative RMS error of the logits), in fp32 on the
+same geometry cut to 4 layers; the full bf16 model's deviation is recorded beside it (bf16 rounding
+is amplified by a deep random MoE stack, whose expert choices flip between equivalent computations).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 KiB = 1024
 CONTEXTS = [4096, 16384, 65536, 131072, 262144, 524288, 1048576]
 PREFILL = {"hybrid": [4096, 16384, 32768, 65536], "mla": [4096, 16384, 32768, 65536]}
-GATE_TOL = 3e-2
+GATE_TOL = 1e-2  # fp32 inputs, tf32 dots on GPU; a gate against wrong results, not rounding
 
 
 def bench_config(layout: str, *, experts: int = 16, top_k: int = 8, layers: int = 27, vocab: int = 163840):
@@ -228,10 +230,18 @@ def run(*, contexts: list[int], budget_gib: float, cap: int, device: torch.devic
         emit(rec)
     for lay, cfg in configs.items():
         t0 = time.perf_counter()
+        # The gate runs in fp32 on the same geometry cut to 4 layers (the same kernels at the same shapes):
+        # in bf16 a deep random MoE model amplifies rounding (expert choices flip between two equivalent
+        # computations), so the full bf16 model's deviation is recorded for information only.
+        small = build_model(bench_config(lay, experts=experts, top_k=top_k, layers=4, vocab=vocab), device,
+                            torch.float32)
+        err = gate(small, device)
+        del small
+        _empty_cache()
         model = build_model(cfg, device, torch.bfloat16)
-        err = gate(model, device)
         ok = err <= GATE_TOL
         emit({"kind": "gate", "layout": lay, "rel_rms": err, "tolerance": GATE_TOL, "ok": ok,
+              "gate_model": "fp32, 4 layers, same geometry", "bf16_full_model_rel_rms": gate(model, device),
               "active_param_bytes": active_param_bytes(model), "build_s": time.perf_counter() - t0})
         if not ok:
             log(f"{lay}: gate failed ({err:.3e}); not timed")
@@ -293,10 +303,12 @@ def markdown(env: dict, records: list[dict], note: str = "") -> str:
             lines.append(f"| {ctx:,} | {h[0]['bytes_per_token']:,} | {m[0]['bytes_per_token']:,} | "
                          f"{h[0]['bytes_total_b1'] / 2**30:.2f} GiB | {m[0]['bytes_total_b1'] / 2**30:.2f} GiB | "
                          f"{h[0]['bytes_total_b1'] / m[0]['bytes_total_b1']:.3f} |")
-    lines += ["", "## Correctness gate (cached prefill + decode vs full forward, bf16)", ""]
+    lines += ["", "## Correctness gate (cached prefill + 3 decode steps vs the full forward)", ""]
     for r in _get(records, kind="gate"):
-        lines.append(f"- {r['layout']}: rel RMS {r['rel_rms']:.2e} (tol {r['tolerance']}) -> {'ok' if r['ok'] else 'FAILED'}; "
-                     f"active weights read per token {r['active_param_bytes'] / 1e9:.2f} GB")
+        extra = (f"; full 27-layer bf16 model (information): {r['bf16_full_model_rel_rms']:.2e}"
+                 if "bf16_full_model_rel_rms" in r else "")
+        lines.append(f"- {r['layout']}: rel RMS {r['rel_rms']:.2e} ({r.get('gate_model', 'timed model')}, tol {r['tolerance']}) "
+                     f"-> {'ok' if r['ok'] else 'FAILED'}{extra}; active weights read per token {r['active_param_bytes'] / 1e9:.2f} GB")
     for r in _get(records, kind="kda_layer"):
         lines.append(f"- one KDA layer decode step (B=1, CUDA graph): {r['ms'] * 1e3:.1f} us vs floor "
                      f"{r['floor_ms'] * 1e3:.1f} us ({r['bytes'] / 1e6:.1f} MB weights + state r/w) = {r['ratio']:.2f}x")
