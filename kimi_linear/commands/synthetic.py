@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
+    r.add_argument("--warmup", action="store_true",
+                   help="first run 2 unrecorded steps per model (kernel compilation stays out of timed runs)")
     r.set_defaults(handler=_run)
     t = sub.add_parser("report", help="results.md + accuracy plots from DIR/results.jsonl")
     t.add_argument("run_dir")
@@ -58,6 +60,13 @@ def _run(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, eval_every=args.eval_every).validate()
                     except ValueError as exc:
                         raise SystemExit(f"kimi-linear synthetic run: {exc}") from None
+    if args.warmup:
+        from kimi_linear.train.synthetic_runner import run_one
+
+        for model in args.models:
+            run_one(SyntheticRun(task=args.tasks[0], variant=model, length=min(args.lengths), lr=args.lrs[0], steps=2,
+                                 batch_size=args.batch_size, eval_every=2, eval_size=args.batch_size,
+                                 device=args.device, backend=args.backend), log=lambda *_: None)
     records = run_grid(args.out, tasks=args.tasks, variants=args.models, lengths=args.lengths, lrs=args.lrs,
                        steps=args.steps, max_seconds=args.max_seconds, batch_size=args.batch_size,
                        eval_every=args.eval_every, eval_size=args.eval_size, seed=args.seed, device=args.device,
