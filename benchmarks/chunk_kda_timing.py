@@ -43,7 +43,7 @@ def ours(inp, extra, fused):
     return lambda: chunk_kda(*inp.values(), fusion=fusion, backend="triton")[0]
 
 
-def fla(inp, extra, fused):
+def fla_provider(inp, extra, fused):
     from fla.ops.kda import chunk_kda as fla_chunk_kda
 
     if fused:
@@ -79,7 +79,7 @@ def main() -> None:
         try:
             import fla  # noqa: F401
 
-            providers["fla"] = fla
+            providers["fla"] = fla_provider
         except ImportError:
             print("FLA not installed; timing ours only")
     rows = []

@@ -64,8 +64,9 @@ class _ChunkKDAFunction(torch.autograd.Function):
             scale=ctx.scale, has_initial_state=has_h0, table=ctx.table, A_log=A_log, dt_bias=dt_bias,
             beta_sigmoid=beta_sigmoid)
         # value heads sharing a q/k head (GVA) add their gradients
-        dq = dq.view(B * T, H, HV // H, K).sum(2)
-        dk = dk.view(B * T, H, HV // H, K).sum(2)
+        if HV != H:
+            dq = dq.view(B * T, H, HV // H, K).sum(2)
+            dk = dk.view(B * T, H, HV // H, K).sum(2)
         if qk_l2norm:
             dq = l2norm_bwd(q2, rq, dq, q_dtype)
             dk = l2norm_bwd(k2, rk, dk, k_dtype)

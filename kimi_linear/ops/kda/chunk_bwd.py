@@ -23,20 +23,20 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, pow2
-from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
+from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, scan_stages, softplus_f32
 
 
 @triton.jit
-def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
+                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
                       STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     # dW = scale Aqk^T dO + Kd dS_next;  dS = e^{G_last} dS_next + scale Qg^T dO - Wk^T dW.
+    DT: tl.constexpr = Wk.dtype.element_ty
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // HV
     i_hv = (i_nh % HV).to(tl.int64)
-    i_h = i_hv // (HV // H)
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, 64)
@@ -59,20 +59,19 @@ def _state_bwd_kernel(q, k, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_f
         m_t = o_t < n
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0)
         b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
-        b_g = tl.load(G + p_tk, mask=m_tk, other=0)
         b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_kd = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32) * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))
-        b_dw = scale * tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kd, b_dS, input_precision=PREC)
+        b_kd = tl.load(Kd + p_tk, mask=m_tk, other=0)
+        b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
+        b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0)
+        b_dw = (scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
+                + tl.dot(b_kd, b_dS.to(DT), input_precision=PREC))
         tl.store(dW + p_tv, b_dw, mask=m_tv)
-        b_qg = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32) * tl.exp(b_g)
-        b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0).to(tl.float32)
-        b_dS = (b_dS * tl.exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
-                - tl.dot(tl.trans(b_wk), b_dw, input_precision=PREC))
+        b_dS = (b_dS * tl.exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
+                - tl.dot(tl.trans(b_wk), b_dw.to(DT), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dS, mask=m_kv)
 
@@ -192,68 +191,76 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 
 
 @triton.jit
-def _decay_row(P, X, G, t0, n, i_hv, a: tl.constexpr, o_k, m_k,
-               XH: tl.constexpr, i_x, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Rows t of sub-chunk a of  sum_{i<=t} P[t,i] X_i e^{G_t - G_i}  (exact, docs/kda.md step 3)."""
+def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i_h,
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
+    dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
+    dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
+    Off-diagonal sub-blocks go through a reference token (tl.dot); the diagonal block computes
+    each exponential once and uses it for all four."""
     o_s = tl.arange(0, 16)
     o_t = tl.arange(0, 64)
     rows = a * 16 + o_s
     m_r = rows < n
     m_rk = m_r[:, None] & m_k[None, :]
+    p_rows = ((t0 + rows) * HV + i_hv) * 64
+    p_rows_cc = p_rows[:, None]
     b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-    b_out = tl.zeros([16, BK], dtype=tl.float32)
+    b_dq2 = tl.zeros([16, BK], dtype=tl.float32)
+    b_dk3 = tl.zeros([16, BK], dtype=tl.float32)
+    b_dk4 = tl.zeros([16, BK], dtype=tl.float32)
+    b_dk5 = tl.zeros([16, BK], dtype=tl.float32)
     if a > 0:
-        # earlier sub-chunks through the reference token 16a (first of sub-chunk a)
+        # earlier sub-chunks (columns i < 16a) through the reference token 16a
         b_gr = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & (a * 16 < n), other=0)
         m_p = (o_t < tl.minimum(a * 16, n))[:, None] & m_k[None, :]
-        b_x = tl.load(X + ((t0 + o_t[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+        b_x = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
         b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
         b_x = b_x * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-        b_p = tl.load(P + ((t0 + rows[:, None]) * HV + i_hv) * 64 + o_t[None, :],
-                      mask=m_r[:, None] & (o_t < a * 16)[None, :], other=0)
-        b_out = tl.dot(b_p, b_x, input_precision=PREC) * tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-    # diagonal sub-block, one column i = 16a + j at a time (exponent masked before exp)
+        m_pc = m_r[:, None] & (o_t < a * 16)[None, :]
+        b_paq = tl.load(dAqk + p_rows_cc + o_t[None, :], mask=m_pc, other=0)
+        b_pa = tl.load(dA + p_rows_cc + o_t[None, :], mask=m_pc, other=0)
+        b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+        b_dq2 = tl.dot(b_paq, b_x, input_precision=PREC) * b_dec
+        b_dk3 = tl.dot(b_pa, b_x, input_precision=PREC) * b_dec
+    if a < 3:
+        # later sub-chunks (rows t >= 16a+16) through the reference token 16a+15
+        r_ref = tl.minimum(a * 16 + 15, n - 1)
+        b_gr = tl.load(G + ((t0 + r_ref) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        m_l = (o_t >= a * 16 + 16) & (o_t < n)
+        m_p = m_l[:, None] & m_k[None, :]
+        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+        b_dec = tl.exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
+        p_x = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_xk = tl.load(k + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
+        b_xq = tl.load(q + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
+        p_cols = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :]
+        b_pa = tl.load(dA + p_cols, mask=m_l[:, None], other=0)  # [t, i]
+        b_paq = tl.load(dAqk + p_cols, mask=m_l[:, None], other=0)
+        b_dec = tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
+        b_dk4 = tl.dot(tl.trans(b_pa), b_xk, input_precision=PREC) * b_dec
+        b_dk5 = tl.dot(tl.trans(b_paq), b_xq, input_precision=PREC) * b_dec
+    # diagonal sub-block, one token j at a time: column i = j for the row forms, row t = j for the
+    # column forms; E[t, :] = e^{G_t - G_j} for t >= j, masked before exp
+    p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
+    b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
     for j in range(0, 16):
         m_j = (a * 16 + j < n) & m_k
-        b_xj = tl.load(X + ((t0 + a * 16 + j) * XH + i_x) * K + o_k, mask=m_j, other=0).to(tl.float32)
+        b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
         b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-        b_pj = tl.load(P + ((t0 + rows) * HV + i_hv) * 64 + a * 16 + j, mask=m_r, other=0)
         b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-        b_out += b_pj[:, None] * b_xj[None, :] * b_e
-    return b_out
-
-
-@triton.jit
-def _decay_col(P, X, G, t0, n, i_hv, b: tl.constexpr, o_k, m_k,
-               XH: tl.constexpr, i_x, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Rows i of sub-chunk b of  sum_{t>=i} P[t,i] X_t e^{G_t - G_i}  (exact, docs/kda.md step 3)."""
-    o_s = tl.arange(0, 16)
-    o_t = tl.arange(0, 64)
-    rows = b * 16 + o_s
-    m_r = rows < n
-    m_rk = m_r[:, None] & m_k[None, :]
-    b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-    b_out = tl.zeros([16, BK], dtype=tl.float32)
-    if b < 3:
-        # later sub-chunks through the reference token 16b+15 (last of sub-chunk b)
-        r_ref = tl.minimum(b * 16 + 15, n - 1)
-        b_gr = tl.load(G + ((t0 + r_ref) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        m_p = ((o_t >= b * 16 + 16) & (o_t < n))[:, None] & m_k[None, :]
-        b_x = tl.load(X + ((t0 + o_t[:, None]) * XH + i_x) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
-        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-        b_x = b_x * tl.exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
-        b_p = tl.load(P + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + b * 16 + o_s[None, :],
-                      mask=((o_t >= b * 16 + 16) & (o_t < n))[:, None], other=0)  # [t, i]
-        b_out = tl.dot(tl.trans(b_p), b_x, input_precision=PREC) * tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
-    # diagonal sub-block, one row t = 16b + j at a time (exponent masked before exp)
-    for j in range(0, 16):
-        m_j = (b * 16 + j < n) & m_k
-        b_xj = tl.load(X + ((t0 + b * 16 + j) * XH + i_x) * K + o_k, mask=m_j, other=0).to(tl.float32)
-        b_gj = tl.load(G + ((t0 + b * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-        b_pj = tl.load(P + ((t0 + b * 16 + j) * HV + i_hv) * 64 + rows, mask=m_r & (b * 16 + j < n), other=0)
-        b_e = tl.exp(tl.where((o_s <= j)[:, None] & m_rk & (b * 16 + j < n), b_gj[None, :] - b_g, float("-inf")))
-        b_out += b_pj[:, None] * b_xj[None, :] * b_e
-    return b_out
+        b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
+        b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
+        b_ek = b_e * b_kj[None, :]
+        b_dq2 += b_cq[:, None] * b_ek
+        b_dk3 += b_ca[:, None] * b_ek
+        sel = (o_s == j)[:, None]
+        b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
+        b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
+        b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
+        b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
+    return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
 @triton.jit
@@ -283,14 +290,9 @@ def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg
         rows = a * 16 + o_s
         m_r = rows < n
         m_rk = m_r[:, None] & m_k[None, :]
-        p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
-        b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
-        b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
-        b_dq2 = _decay_row(dAqk, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
-        b_dk3 = _decay_row(dA, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
-        b_dk4 = _decay_col(dA, k, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
-        b_dk5 = _decay_col(dAqk, q, G, t0, n, i_hv, a, o_k, m_k, H, i_h, HV, K, BK, PREC)
+        b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
+                                                               H, HV, K, BK, PREC)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
         b_dG = tl.load(dG + p_tk, mask=m_rk, other=0) + b_q * b_dq2 + b_k * (b_dk3 - b_dk4 - b_dk5)
@@ -370,9 +372,10 @@ def chunk_kda_bwd(
     dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
     if N > 0:
         _state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
-            q, k, saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
-            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_warps=8)
+            saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
+            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BV,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_warps=8,
+            num_stages=scan_stages(v.dtype))
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)

@@ -150,7 +150,7 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _solve_kernel(k, v, beta, G, Araw, M, U, Wk, chunk_start, chunk_len,
+def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
     # Step 4: M = (I + Diag(beta) Araw)^-1 blockwise, then U = M Diag(beta) V, Wk = M Diag(beta) (e^G k).
@@ -232,21 +232,28 @@ def _solve_kernel(k, v, beta, G, Araw, M, U, Wk, chunk_start, chunk_len,
     b_k = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
     p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     b_g = tl.load(G + p_g, mask=m_tk, other=0)
-    b_wk = tl.dot(b_M, b_k * tl.exp(b_g) * b_beta[:, None], input_precision=PREC)
+    b_eg = tl.exp(b_g)
+    b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
     tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
+    # the decayed q and k the scans and the output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k (step 7)
+    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=o_k < K, other=0)
+    tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+    b_q = tl.load(q + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
+    tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
-def _state_fwd_kernel(k, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
+                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                       STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
     # Steps 6-7 for one [K, BV] column tile of one (sequence, value head): a scan over chunks.
+    # Matrix operands in the input dtype (fp32 accumulation), the state itself in fp32.
+    DT: tl.constexpr = Wk.dtype.element_ty
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // HV
     i_hv = (i_nh % HV).to(tl.int64)
-    i_h = i_hv // (HV // H)
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, 64)
@@ -272,28 +279,25 @@ def _state_fwd_kernel(k, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0).to(tl.float32)
+        b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0)
         b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_w = b_u - tl.dot(b_wk, b_S, input_precision=PREC)  # step 6
-        tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
-        b_g = tl.load(G + p_tk, mask=m_tk, other=0)
+        b_kd = tl.load(Kd + p_tk, mask=m_tk, other=0)
         b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_kd = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-        b_kd = b_kd * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))
-        b_S = b_S * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w, input_precision=PREC)  # step 7
+        b_w = b_u - tl.dot(b_wk, b_S.to(DT), input_precision=PREC)  # step 6
+        tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
+        b_S = b_S * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
         tl.store(ht + p_state, b_S, mask=m_kv)
 
 
 @triton.jit
-def _output_kernel(q, G, Aqk, W, h, o, chunk_start, chunk_len, scale,
+def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     # Step 5: O = scale * ((e^G q) S_0 + Aqk W).
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
-    i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
@@ -303,14 +307,13 @@ def _output_kernel(q, G, Aqk, W, h, o, chunk_start, chunk_len, scale,
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & (o_v < V)[None, :]
-    b_q = tl.load(q + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-    b_g = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
+    b_qg = tl.load(Qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
     b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
-                  mask=m_k[:, None] & (o_v < V)[None, :], other=0).to(tl.float32)
+                  mask=m_k[:, None] & (o_v < V)[None, :], other=0)
     b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
     b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
-    b_o = tl.dot(b_q * tl.exp(b_g), b_h, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
+    b_o = tl.dot(b_qg, b_h, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
     tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
 
@@ -329,6 +332,12 @@ def _l2norm_fwd_kernel(x, y, rstd, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get 3-pass tf32 (about fp32 accuracy); half inputs the single-pass tf32 dot."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def scan_stages(dtype: torch.dtype) -> int:
+    """Software-pipeline depth of the state scans: fp32 operands (3-pass tf32 dots) need too much
+    shared memory for more than one stage on an H100."""
+    return 1 if dtype == torch.float32 else 3
 
 
 def l2norm_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +376,8 @@ def chunk_kda_fwd(
     U = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     Wk = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
     W = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
+    Qg = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
+    Kd = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
     h = chunk_common.alloc((max(NC, 1), HV, K, V), v.dtype, dev)
     o = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     ht = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if output_final_state else None
@@ -376,17 +387,17 @@ def chunk_kda_fwd(
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec)
-        _solve_kernel[(NC, HV)](k, v, beta, G, Araw, M, U, Wk, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
+        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
                                 BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS = min(32, BV)
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
-            k, G, U, Wk, W, h, h0, ht if ht is not None else G, table.seq_start, cf,
-            H=H, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, PREC=prec, num_warps=8)
+            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, table.seq_start, cf,
+            HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
+            STORE_FINAL=ht is not None, PREC=prec, num_warps=8, num_stages=scan_stages(v.dtype))
     if NC > 0:
-        _output_kernel[(NC, HV, triton.cdiv(V, BV))](q, G, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
+        _output_kernel[(NC, HV, triton.cdiv(V, BV))](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, num_warps=8)
-    saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h)
+    saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd)
     return o, ht, saved
