@@ -381,7 +381,8 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> str | None:
         ax.set_xlabel("context length (tokens)")
         ax.set_title(t, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
