@@ -101,6 +101,16 @@ def test_chunk_kda_interpreter_matches_reference(case):
     compare(out, ref, torch.float32)
 
 
+def test_chunk_kda_interpreter_half_inputs():
+    # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
+    # interpreter computes bf16 dots wrongly).
+    cu = torch.tensor([0, 0, 1, 37, 100], dtype=torch.int32)
+    inp = make_inputs(1, 100, 1, 2, 32, 32, N=4, fuse=True, h0=True)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    out = run_case(inp, dtype=torch.float16, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+    compare(out, ref, torch.float16)
+
+
 def check_extreme(device, dtype):
     """Gates down to -1e4 per token (mixed with ordinary ones), beta exactly 0 and 1: all finite and
     equal to the reference. dg itself is ~0 where gates are huge, so its relative error is measured
