@@ -180,7 +180,8 @@ def test_chunk_kda_gpu_fused_varlen(cuda_device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 65536, 2, 2), (16, 1024, 16, 16)], ids=["T65536", "BH256"])
+# (the fp32 reference keeps [HV, 64, 64, K] decay tensors per chunk for autograd: sizes fit 80 GB)
+@pytest.mark.parametrize("shape", [(1, 65536, 2, 2), (16, 512, 16, 16)], ids=["T65536", "BH256"])
 def test_chunk_kda_gpu_full_size(cuda_device, shape):
     B, T, H, HV = shape
     inp = make_inputs(B, T, H, HV, 128, 128, h0=True, device=cuda_device)
