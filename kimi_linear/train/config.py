@@ -57,6 +57,7 @@ class TrainConfig:
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step size; 0 disables
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0 = pick by a quick benchmark (1 wins on a busy machine)
     distributed: str = "auto"  # auto: DDP when launched by torchrun with >1 process
     seed: int = 0
     # bookkeeping
@@ -102,6 +103,7 @@ class TrainConfig:
              f"eval_every/save_every must be >= 0 and log_every >= 1, got {self.eval_every}/{self.save_every}/{self.log_every}")
         need(self.eval_rows >= 1, f"eval_rows must be >= 1, got {self.eval_rows}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(self.threads >= 0, f"threads must be >= 0 (0 = auto), got {self.threads}")
         need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         need(isinstance(self.data, list) and len(self.data) > 0, f"data must be a non-empty list of paths, got {self.data!r}")
         need(isinstance(self.model_overrides, dict), f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")

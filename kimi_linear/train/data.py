@@ -222,16 +222,24 @@ def collate(rows: list[Row], *, varlen: bool = False) -> dict[str, torch.Tensor]
 
 def validation_rows(
     files: list[CorpusFile], encode: Callable[[str], list[int]], eos_id: int, seq_len: int, max_rows: int,
-    text_field: str = "text",
+    text_field: str = "text", scan_factor: int = 64,
 ) -> list[Row]:
-    """The first ``max_rows`` packed rows of the validation files, in sorted file order (fixed set)."""
+    """A fixed validation set: ``max_rows`` packed rows spread evenly over the validation files.
+
+    The files are packed in sorted order (no shuffling); of the first ``scan_factor * max_rows`` rows
+    (all of them for a small split) every n-th is kept, so the set samples every file instead of
+    the first one alone. Same files and settings -> same rows.
+    """
     stream = PackedStream(files, encode, eos_id, seq_len, shuffle=False, text_field=text_field, epochs=1)
     rows = []
     for row in stream:
         rows.append(row)
-        if len(rows) >= max_rows:
+        if len(rows) >= scan_factor * max_rows:
             break
-    return rows
+    if len(rows) <= max_rows:
+        return rows
+    picks = np.linspace(0, len(rows) - 1, max_rows).round().astype(int)
+    return [rows[i] for i in picks]
 
 
 def unigram_entropy(files: list[CorpusFile], encode: Callable[[str], list[int]], eos_id: int, vocab_size: int,

@@ -51,6 +51,40 @@ def setup(device_spec: str = "auto") -> DistInfo:
     return info
 
 
+def pick_cpu_threads(requested: int, log=None) -> int:
+    """Set torch's CPU thread count: ``requested`` if > 0, else the faster of all cores and one.
+
+    Why: small training ops on a CPU that something else is also using can run 10-100x slower with
+    several OpenMP threads (every parallel region waits for a thread the OS has parked), while
+    one thread is unaffected. A short matmul benchmark at start-up tells the two cases apart.
+    """
+    import time
+
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return requested
+    most = torch.get_num_threads()
+    if most <= 1:
+        return most
+    x, w = torch.randn(1024, 128), torch.randn(384, 128)
+
+    def bench(n: int) -> float:
+        torch.set_num_threads(n)
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(30):
+            torch.nn.functional.linear(x, w).sum()
+        return time.perf_counter() - t
+
+    t_most, t_one = bench(most), bench(1)
+    choice = most if t_most <= t_one else 1
+    torch.set_num_threads(choice)
+    if log is not None:
+        log(f"cpu threads: {choice} (benchmark: {most} threads {t_most * 1e3:.1f} ms, 1 thread {t_one * 1e3:.1f} ms)")
+    return choice
+
+
 def teardown(info: DistInfo) -> None:
     if info.initialised_here and dist.is_initialized():
         dist.destroy_process_group()

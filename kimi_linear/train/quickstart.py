@@ -73,8 +73,8 @@ def quickstart_config(opts: QuickstartOptions) -> TrainConfig:
         model="tiny-moe", model_overrides=dict(model), tokenizer="byte", data=["stdlib"], val_fraction=0.02,
         seq_len=seq_len, batch_size=batch, steps=opts.steps, minutes=None if opts.steps else opts.minutes,
         lr=3e-3, min_lr_ratio=0.1, schedule="cosine", warmup_steps=5 if opts.tiny else 20, weight_decay=0.1,
-        grad_clip=1.0, seed=opts.seed, out_dir=opts.out, eval_every=0 if opts.tiny else 100,
-        eval_rows=8 if opts.tiny else 64, save_every=0, log_every=1 if opts.tiny else 5,
+        grad_clip=1.0, moe_bias_update_rate=1e-2, seed=opts.seed, out_dir=opts.out, eval_every=0 if opts.tiny else 100,
+        eval_rows=8 if opts.tiny else 128, save_every=0, log_every=1 if opts.tiny else 5,
         overwrite=True, progress=opts.progress, device=opts.device,
     )
 

@@ -219,7 +219,12 @@ def report(records: list[dict], out_dir: str | os.PathLike) -> tuple[Path, list[
             cells = []
             for v in variants:
                 r = best.get((task, length, v))
-                cells.append("-" if r is None else f"{100 * r['best_acc']:.1f}% (lr {r['lr']:g}, {r['steps_done']} steps)")
+                if r is None:
+                    cells.append("-")
+                    continue
+                hit = next((st for st, a in r["curve"] if a >= 0.9), None)
+                cells.append(f"{100 * r['best_acc']:.1f}% (lr {r['lr']:g}, {r['steps_done']} steps"
+                             + (f", >=90% at step {hit}" if hit is not None else "") + ")")
             if any(c != "-" for c in cells):
                 lines.append(f"| {task} | {length} | " + " | ".join(cells) + " |")
     any_rec = records[0]

@@ -82,6 +82,7 @@ class Trainer:
         else:
             self.train_files, self.val_files = split_files(files, cfg.val_fraction, cfg.seed)
         self._setup_batches()
+        self.threads = dd.pick_cpu_threads(cfg.threads, self.log) if self.info.device.type == "cpu" else 0
         self._seed_everything(cfg.seed)
         self.model_factory = model_factory or build_model
         model = self.model_factory(cfg, self.tokenizer)
@@ -164,6 +165,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             "config": self.cfg.to_dict(),
             "world": self.info.world,
+            "threads": self.threads,
         }
 
     def _load_state(self, st: dict) -> None:
@@ -173,6 +175,9 @@ class Trainer:
         self.tokens_seen = int(st["tokens_seen"])
         dd.load_full_optimizer_state(self.model, self.optimizer, st["optimizer"], self.dist_mode)
         self.stream.load_state_dict(st["data"])
+        if self.cfg.threads == 0 and st.get("threads") and self.info.device.type == "cpu":
+            torch.set_num_threads(st["threads"])  # same thread count as before: same float summation order
+            self.threads = st["threads"]
         ck.set_rng_state(st["rng"])  # last: building the model and streams must not disturb it
 
     def _save_model_fn(self):
