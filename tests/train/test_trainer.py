@@ -23,7 +23,7 @@ def _corpus(tmp_path, n_files=6):
 def _cfg(tmp_path, **kw):
     base = dict(data=[_corpus(tmp_path)], out_dir=str(tmp_path / "run"), steps=20, seq_len=32, batch_size=4,
                 micro_batch_size=2, lr=3e-3, warmup_steps=3, eval_every=5, eval_rows=4, save_every=5, log_every=1,
-                progress=False, val_fraction=0.2, shuffle_buffer=8)
+                progress=False, val_fraction=0.2, shuffle_buffer=8, threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
