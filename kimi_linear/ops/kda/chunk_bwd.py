@@ -10,7 +10,9 @@ Stages of the backward:
 | stage          | grid           | computes                                                          |
 |----------------|----------------|-------------------------------------------------------------------|
 | state scan     | (V/BV, N*HV)   | dS from the last chunk to the first: dh per chunk, dW, dh0        |
-| chunk grads    | (NC, HV)       | dv, dbeta, the dense parts of dq/dk/dG, dA (masked), dAqk          |
+| chunk grads    | (NC, HV, K/64) | dense parts of dq/dk/dG per key block; key block 0 also dv, dAqk; |
+|                |                | dA and dbeta as per-key-block partial sums                        |
+| finish         | (NC, HV)       | sums the partials; dbeta (+ sigmoid'), dAraw = beta dA            |
 | decay products | (NC, HV, K/BK) | the Araw/Aqk parts of dq/dk/dG (exact sub-chunk form), dg = reverse |
 |                |                | cumsum of dG, fused gate backward (raw gate, A_log, dt_bias)      |
 """
