@@ -217,3 +217,14 @@ def test_chunk_kda_gpu_pack_equals_alone_and_causal(cuda_device):
     o2, _ = chunk_kda(*[torch.cat([t[:, :t0], t[:, t0:].flip(1)], 1) for t in cast.values()], initial_state=inp["h0"],
                       cu_seqlens=cu, backend="triton")
     assert torch.equal(o[:, :t0], o2[:, :t0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,V,T", [(16, 16, 40), (8, 8, 200), (16, 32, 200), (64, 64, 333)])
+def test_chunk_kda_gpu_small_head_dims(cuda_device, K, V, T):
+    # the layer's fused path at head dims below 128 (a KDA layer with K=16, T=40 once faulted in the backward)
+    inp = make_inputs(2, T, 2, 2, K, V, fuse=True, h0=True, device=cuda_device)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, fuse=True)
+    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, fuse=True, backend="triton")
+    torch.cuda.synchronize()
+    compare(out, ref, torch.float32)
