@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class Output:  # a dataclass, like the real model's: DDP finds the output tensors in it
+    loss: torch.Tensor | None
+    logits: torch.Tensor
 
 
 class StandInLM(torch.nn.Module):
@@ -38,7 +44,7 @@ class StandInLM(torch.nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
+        return Output(loss=loss, logits=logits)
 
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)
