@@ -69,6 +69,8 @@ def run_case(inp, *, dtype, fn, cu_seqlens=None, fuse=False, **kw):
 
 
 def compare(out, ref, dtype, *, skip=()):
+    missing = [n for n in ref if n not in skip and ref[n] is not None and out.get(n) is None]
+    assert not missing, f"kernel returned no value for {missing} where the reference has one"
     errs = {}
     for name, r in ref.items():
         if name in skip:
