@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        cfg.check_paths()
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"kimi-linear train: {exc}") from None
     result = train(cfg)
