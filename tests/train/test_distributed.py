@@ -30,11 +30,11 @@ def _cfg(tmp_path, name, **kw):
     return base
 
 
-def _torchrun(cfg: dict) -> dict[int, float]:
+def _torchrun(cfg: dict, real: bool = False) -> dict[int, float]:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "dist_worker.py"), json.dumps(cfg)],
+         os.path.join(HERE, "dist_worker.py"), json.dumps(cfg)] + (["real"] if real else []),
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,3 +54,16 @@ def test_two_processes_match_one(tmp_path, mode):
     resumed = train(TrainConfig(**_cfg(tmp_path, mode, distributed="none", steps=8, resume=True)),
                     model_factory=stand_in_factory, log=lambda *_: None)
     assert sorted(resumed.losses) == [7, 8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_real_model(tmp_path, mode):
+    from tests.train.test_real_model import TINY
+
+    kw = dict(model="tiny-moe", model_overrides=dict(TINY), moe_bias_update_rate=1e-2, steps=4, eval_every=2,
+              save_every=2)
+    single = train(TrainConfig(**_cfg(tmp_path, "one", **kw)), log=lambda *_: None)
+    multi = _torchrun(_cfg(tmp_path, mode, distributed=mode, **kw), real=True)
+    for s in single.losses:
+        assert abs(multi[s] - single.losses[s]) < 1e-4, (s, multi[s], single.losses[s])
