@@ -43,6 +43,10 @@ def model_config(cfg: TrainConfig, tokenizer) -> object:
         overrides["vocab_size"] = round_vocab(tokenizer.vocab_size)
     elif "vocab_size" not in overrides and not (os.path.isdir(spec) or os.path.isfile(spec)):
         overrides["vocab_size"] = round_vocab(tokenizer.vocab_size)  # presets follow the tokenizer
+    for key, val in list(overrides.items()):  # dict fields (linear_attn_config) merge key by key
+        base = getattr(mc, key, None)
+        if isinstance(val, dict) and isinstance(base, dict):
+            overrides[key] = {**base, **val}
     overrides.setdefault("bos_token_id", tokenizer.bos_id)
     overrides.setdefault("eos_token_id", tokenizer.eos_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_id)
