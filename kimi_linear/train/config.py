@@ -41,8 +41,8 @@ class TrainConfig:
     varlen: bool = False  # per-document attention/state via cu_seqlens (needs model support)
     shuffle_buffer: int = 512
     # optimisation
-    steps: int | None = 1000
-    minutes: float | None = None  # time budget; with steps unset, the step count is fitted to it
+    steps: int | None = 1000  # 0 or None: no step limit (then minutes sets the budget)
+    minutes: float | None = None  # time budget; without steps the lr schedule follows the time used
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
@@ -79,6 +79,11 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"train config: {msg}")
 
+        # 0 means "no limit" (so a flag can switch off a limit set in a config file)
+        if self.steps == 0:
+            self.steps = None
+        if self.minutes == 0:
+            self.minutes = None
         need(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.micro_batch_size is None or self.micro_batch_size >= 1,

@@ -161,5 +161,5 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     print(f"loss plot:  {png}")
     print(f"metrics:    {out / 'metrics.jsonl'}")
     print(f"summary:    {out / 'summary.json'}")
-    print(f"continue training: kimi-linear train --config {out / 'train_config.json'} --resume --steps N")
+    print(f"generate more: kimi-linear generate --model {result.final_dir} --prompt 'import os' --temperature 0.8")
     return summary

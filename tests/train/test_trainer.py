@@ -114,3 +114,13 @@ def test_checkpoint_layout_and_pruning(tmp_path):
     assert not [p for p in run.rglob(".tmp-*")]
     st = torch.load(r.final_dir / "trainer_state.pt", weights_only=False)
     assert st["step"] == 20 and st["data"]["rows_emitted"] == 20 * 4
+
+
+def test_time_budget_run_ends_on_decayed_lr(tmp_path):
+    r = train(_cfg(tmp_path, steps=0, minutes=0.04, eval_every=0, save_every=0), model_factory=stand_in_factory,
+              log=lambda *_: None)
+    assert r.steps > 5 and r.elapsed_s < 0.04 * 60 + 5
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in recs if x["kind"] == "train"]
+    assert lrs[-1] < 0.5 * max(lrs)  # the schedule followed the time used down toward min_lr
+    assert torch.load(r.final_dir / "trainer_state.pt", weights_only=False)["total_steps"] == r.steps
