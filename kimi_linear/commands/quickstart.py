@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="prompt for the sample continuation")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--data", nargs="+", default=["stdlib"],
+                   help="text/JSONL files or folders instead of the embedded stdlib corpus (needs >= 2 files)")
     p.set_defaults(handler=run)
 
 
@@ -31,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kimi-linear quickstart: --minutes must be > 0 and --steps >= 1")
     opts = QuickstartOptions(minutes=args.minutes, steps=args.steps, out=args.out, tiny=args.tiny, seed=args.seed,
                              device=args.device, prompt=args.prompt or DEFAULT_PROMPT,
-                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress, data=tuple(args.data))
+    try:  # a missing or too small corpus fails here, before any work
+        from kimi_linear.train.corpus import list_files, split_files
+
+        split_files(list_files(list(opts.data)), 0.02)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"kimi-linear quickstart: {exc}") from None
     run_quickstart(opts)
     return 0

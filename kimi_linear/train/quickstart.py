@@ -62,6 +62,7 @@ class QuickstartOptions:
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 160
     progress: bool = True
+    data: tuple[str, ...] = ("stdlib",)  # the corpus; the embedded default needs no files
 
 
 def quickstart_config(opts: QuickstartOptions) -> TrainConfig:
@@ -70,7 +71,7 @@ def quickstart_config(opts: QuickstartOptions) -> TrainConfig:
     seq_len = 64 if opts.tiny else 128
     batch = 4 if opts.tiny else (64 if on_gpu else 16)
     return TrainConfig(
-        model="tiny-moe", model_overrides=dict(model), tokenizer="byte", data=["stdlib"], val_fraction=0.02,
+        model="tiny-moe", model_overrides=dict(model), tokenizer="byte", data=list(opts.data), val_fraction=0.02,
         seq_len=seq_len, batch_size=batch, steps=opts.steps, minutes=None if opts.steps else opts.minutes,
         lr=3e-3, min_lr_ratio=0.1, schedule="cosine", warmup_steps=5 if opts.tiny else 20, weight_decay=0.1,
         grad_clip=1.0, moe_bias_update_rate=1e-2, seed=opts.seed, out_dir=opts.out, eval_every=0 if opts.tiny else 100,
@@ -115,21 +116,25 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     from kimi_linear.train.trainer import train
 
     t_start = time.perf_counter()
+    budget = f"{opts.steps} steps" if opts.steps else f"{opts.minutes:g} min"
+    print(f"kimi-linear quickstart: train a small Kimi Linear for {budget} on this machine, then evaluate, save, "
+          f"plot and sample (Ctrl-C stops)")
     out = Path(opts.out)
     cfg = quickstart_config(opts)
     tok = ByteTokenizer()
     train_files, val_files = split_files(list_files(cfg.data), cfg.val_fraction, cfg.seed)
     mb = sum(f.path.stat().st_size for f in train_files) / 1e6
-    print(f"corpus: Python standard library sources on this machine, {len(train_files)} training files ({mb:.1f} MB), "
+    where = "Python standard library sources on this machine" if list(opts.data) == ["stdlib"] else ", ".join(opts.data)
+    print(f"corpus: {where}, {len(train_files)} training files ({mb:.1f} MB), "
           f"{len(val_files)} held-out validation files")
     h = unigram_entropy(train_files, tok.encode, tok.eos_id, tok.vocab_size)
     print(f"unigram baseline (entropy of the training bytes): {h:.3f} nats/token")
-    budget = f"{opts.steps} steps" if opts.steps else f"{opts.minutes:g} min"
     print(f"training a 3:1 KDA/MLA hybrid with MoE for {budget} "
           f"({cfg.batch_size} x {cfg.seq_len} bytes per step) -> {out}")
     out.mkdir(parents=True, exist_ok=True)
     result = train(cfg)
-    info = {"title": "quickstart: byte-level Kimi Linear on the stdlib corpus", "unigram_entropy": h}
+    info = {"title": "quickstart: byte-level Kimi Linear, " + ("stdlib corpus" if list(opts.data) == ["stdlib"] else "your corpus"),
+            "unigram_entropy": h}
     (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
     val = result.val_losses.get(result.steps)
     png = plot_run(out, out / "loss.png")

@@ -38,3 +38,9 @@ def test_quickstart_tiny_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         a, b = ours(ids).logits, hf(ids).logits
     assert a.shape == b.shape and (a - b).abs().max().item() < 1e-3
+
+
+def test_quickstart_missing_corpus_fails_before_work(tmp_path):
+    with pytest.raises(SystemExit, match="data path not found"):
+        main(["quickstart", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "qs")])
+    assert not (tmp_path / "qs").exists()
