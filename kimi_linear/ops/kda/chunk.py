@@ -16,6 +16,10 @@ from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.reference import chunk_kda_ref
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The reference forms an [n, n, K] pairwise-decay tensor per chunk of n tokens, so its cost per token
+# grows with n; any chunk size gives the same result (tests/ops/test_kda_reference.py). 16-token
+# chunks made a KDA layer's CPU forward+backward ~7x faster than 64 at the quickstart's shapes.
+REFERENCE_CHUNK_SIZE = 16
 _MAX_K = 128  # the backward keeps three [64, K] fp32 tiles per program
 # On a CUDA device the backward's state pass faults (illegal address) at K = V = 16 and K = V = 8
 # with Triton 3.6.0 on an H100 (K, V in {32, 64, 128} pass); until that is fixed, smaller heads run
@@ -23,7 +27,7 @@ _MAX_K = 128  # the backward keeps three [64, K] fp32 tiles per program
 _MIN_CUDA_HEAD_DIM = 32
 
 
-def _triton_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+def triton_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Triton path handles these head dims on q's device."""
     return q.device.type != "cuda" or (q.shape[-1] >= _MIN_CUDA_HEAD_DIM and v.shape[-1] >= _MIN_CUDA_HEAD_DIM)
 
@@ -93,7 +97,7 @@ def _chunk_kda_triton(q, k, v, g, beta, *, scale, initial_state, output_final_st
             raise TypeError(f"backend='triton' takes fp16/bf16/fp32 {name}, got {t.dtype} (use backend='reference' for fp64)")
     if shape.K > _MAX_K:
         raise ValueError(f"the Triton chunk_kda supports K <= {_MAX_K}, got K={shape.K}")
-    if not _triton_takes(q, v):
+    if not triton_takes(q, v):
         raise ValueError(f"the Triton chunk_kda on CUDA needs K >= {_MIN_CUDA_HEAD_DIM} and V >= {_MIN_CUDA_HEAD_DIM}, "
                          f"got K={shape.K}, V={shape.V} (use backend='reference' or 'auto')")
     if initial_state is not None and initial_state.dtype != torch.float32:
@@ -148,10 +152,11 @@ def chunk_kda(
     (that would cost a device sync); the reference does.
     """
     chosen = resolve_backend(backend, q.device)
-    if backend == "auto" and chosen == "triton" and not _triton_takes(q, v):
+    if backend == "auto" and chosen == "triton" and not triton_takes(q, v):
         chosen = "reference"  # small heads on CUDA: see _MIN_CUDA_HEAD_DIM
     if chosen == "reference":
         return chunk_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion,
+                             chunk_size=REFERENCE_CHUNK_SIZE)
     return _chunk_kda_triton(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
