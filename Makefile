@@ -18,8 +18,7 @@ install-dev:
 	$(PIP) install -q -e .[dev]
 
 quickstart: install
-	$(PYTHON) -m kimi_linear.cli info
-	$(PYTHON) -m kimi_linear.cli demo
+	$(PYTHON) -m kimi_linear.cli quickstart
 
 test: install-dev
 	$(PYTHON) -m pytest -q --durations=15
