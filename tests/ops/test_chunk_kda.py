@@ -50,12 +50,14 @@ def make_inputs(B, T, H, HV, K, V, *, N=None, fuse=False, h0=False, gate_scale=5
 def run_case(inp, *, dtype, fn, cu_seqlens=None, fuse=False, **kw):
     """Forward + backward with the upstream grads; returns a dict of outputs and input gradients."""
     sdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    leaves = {n: inp[n].to(dtype).requires_grad_() for n in ("q", "k", "v", "g", "beta")}
-    h0 = inp["h0"].to(sdtype).requires_grad_() if inp["h0"] is not None else None
+    # detach first: when dtype is the inputs' own, .to() returns the same tensor, and making the shared
+    # inputs grad leaves would turn the next run's casts into non-leaves whose .grad stays None
+    leaves = {n: inp[n].detach().to(dtype).requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+    h0 = inp["h0"].detach().to(sdtype).requires_grad_() if inp["h0"] is not None else None
     fusion = None
     if fuse:
-        leaves["A_log"] = inp["A_log"].to(sdtype).requires_grad_()
-        leaves["dt_bias"] = inp["dt_bias"].to(sdtype).requires_grad_()
+        leaves["A_log"] = inp["A_log"].detach().to(sdtype).requires_grad_()
+        leaves["dt_bias"] = inp["dt_bias"].detach().to(sdtype).requires_grad_()
         fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=leaves["A_log"], dt_bias=leaves["dt_bias"])
     o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"], initial_state=h0,
                output_final_state=True, cu_seqlens=cu_seqlens, fusion=fusion, **kw)
@@ -242,3 +244,12 @@ def test_chunk_kda_gpu_refuses_tiny_heads(cuda_device):
     o_auto, _ = chunk_kda(*args, backend="auto")  # falls back to the reference
     o_ref, _ = chunk_kda_ref(*args)
     assert torch.equal(o_auto, o_ref)
+
+
+def test_chunk_kda_interpreter_after_same_dtype_reference():
+    # the GPU full-size tests run an fp32 reference on fp32 inputs before the kernel; the kernel's
+    # gradients must still all come back (they once did not, through the test's own casts)
+    inp = make_inputs(2, 40, 2, 2, 32, 32, h0=True)
+    ref = run_case(inp, dtype=torch.float32, fn=chunk_kda_ref)
+    out = run_case(inp, dtype=torch.float16, fn=chunk_kda, backend="triton")
+    compare(out, ref, torch.float16)
