@@ -68,6 +68,40 @@ def test_repetition_penalty_changes_greedy_output(model):
     assert plain != penalised or len(set(plain)) == len(plain)
 
 
+@torch.no_grad()
+def greedy_with_penalty_by_full_forward(model, prompt, n, penalty, penalise_prompt=True, penalise_output=True) -> list[int]:
+    """Greedy decoding by full forwards with the CTRL penalty applied by hand to every seen token."""
+    ids, out = prompt[None], []
+    seen = set(prompt.tolist()) if penalise_prompt else set()
+    for _ in range(n):
+        x = model(ids).logits[0, -1].double().clone()
+        for t in seen:
+            x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
+        tok = int(x.argmax())
+        out.append(tok)
+        if penalise_output:
+            seen.add(tok)
+        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out
+
+
+def test_repetition_penalty_equals_full_forward_by_hand(model):
+    # pick a prompt where leaving out either the prompt's tokens or the generated ones changes the
+    # output, so that generate() must mark both as seen to pass
+    gen = torch.Generator().manual_seed(0)
+    n, pen = 10, 1.8
+    for _ in range(40):
+        prompt = torch.randint(3, V, (5,), generator=gen)
+        want = greedy_with_penalty_by_full_forward(model, prompt, n, pen)
+        if (want != greedy_with_penalty_by_full_forward(model, prompt, n, pen, penalise_prompt=False)
+                and want != greedy_with_penalty_by_full_forward(model, prompt, n, pen, penalise_output=False)):
+            break
+    else:
+        pytest.fail("no prompt found where both the prompt's and the generated tokens matter to the penalty")
+    assert want != greedy_by_full_forward(model, prompt, n)  # the penalty itself matters too
+    assert generate(model, prompt[None], max_new_tokens=n, repetition_penalty=pen).new_tokens[0] == want
+
+
 def test_eos_and_stop_sequences(model):
     ids = torch.randint(3, V, (2, 4))
     free = generate(model, ids, max_new_tokens=8).new_tokens
@@ -134,6 +168,13 @@ def test_generation_matches_transformers_generate():
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     hf = transformers.KimiLinearForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger than the init, so that every layer moves the argmax (at init they barely do)
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.15)
+        for name, b in hf.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0, 0.2)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = KimiLinearForCausalLM.from_pretrained(d, backend="reference", dtype=torch.float32).eval()

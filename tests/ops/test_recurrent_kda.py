@@ -243,8 +243,11 @@ def test_pool_validation(backend):
 
 def test_fp64_runs_in_reference_under_auto():
     xs, _ = make_inputs(1, 2, 1, 1, 8, 8, device=torch.device("cpu"))
-    o, _ = recurrent_kda(*[x.double() for x in xs])
+    o, s = recurrent_kda(*[x.double() for x in xs], output_final_state=True)
     assert o.dtype == torch.float64
+    o_ref, s_ref = recurrent_kda_ref(*[x.double() for x in xs], output_final_state=True)
+    assert_close(o, o_ref, "ref", torch.float64, "o")
+    assert_close(s, s_ref, "ref", torch.float64, "final state")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -129,6 +130,8 @@ def test_missing_and_bad_inputs_fail_clearly(tmp_path):
 def test_unigram_entropy(tmp_path):
     p = tmp_path / "u.txt"
     p.write_text("ab" * 1000)
-    # bytes a, b equally likely plus one EOS: just under log(2) + a sliver
+    # counts a: 1000, b: 1000, EOS: 1 (one document) -> the entropy of that distribution, by hand
     h = unigram_entropy(list_files([str(p)]), TOK.encode, TOK.eos_id, TOK.vocab_size)
-    assert 0.69 < h < 0.70
+    n = 2001
+    expected = -2 * (1000 / n) * math.log(1000 / n) - (1 / n) * math.log(1 / n)
+    assert abs(h - expected) < 1e-12, (h, expected)
