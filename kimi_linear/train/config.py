@@ -39,7 +39,10 @@ class TrainConfig:
     batch_size: int = 16  # rows per optimizer step, all ranks and accumulation steps together
     micro_batch_size: int | None = None  # rows per forward per rank (default: batch_size / world)
     varlen: bool = False  # per-document attention/state via cu_seqlens (needs model support)
-    shuffle_buffer: int = 512
+    # rows in the shuffle buffer; None = about 1M tokens' worth (at least 64 rows). A buffer of a few
+    # files' rows makes consecutive batches share files: on the quickstart a 512-row buffer (~4 files)
+    # ended 300 steps at validation loss 2.35 with train loss 1.2, an 8192-row one at 2.08 / 1.66.
+    shuffle_buffer: int | None = None
     # optimisation
     steps: int | None = 1000  # 0 or None: no step limit (then minutes sets the budget)
     minutes: float | None = None  # time budget; without steps the lr schedule follows the time used
@@ -72,6 +75,10 @@ class TrainConfig:
     progress: bool = True
 
     # ------------------------------------------------------------------ validation
+    def shuffle_rows(self) -> int:
+        """Rows held by the training stream's shuffle buffer (``shuffle_buffer`` or ~1M tokens' worth)."""
+        return self.shuffle_buffer or max(64, (1 << 20) // self.seq_len)
+
     def validate(self) -> TrainConfig:
         """Check values (not files). Returns self. Raises ValueError naming the field and value."""
 
@@ -109,7 +116,7 @@ class TrainConfig:
         need(self.eval_rows >= 1, f"eval_rows must be >= 1, got {self.eval_rows}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.threads >= 0, f"threads must be >= 0 (0 = auto), got {self.threads}")
-        need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        need(self.shuffle_buffer is None or self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1 or None, got {self.shuffle_buffer}")
         need(isinstance(self.data, list) and len(self.data) > 0, f"data must be a non-empty list of paths, got {self.data!r}")
         need(isinstance(self.model_overrides, dict), f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
         return self

@@ -101,7 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.stream = PackedStream(self.train_files, self.tokenizer.encode, self.tokenizer.eos_id, cfg.seq_len,
-                                   seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, text_field=cfg.text_field)
+                                   seed=cfg.seed, shuffle_buffer=cfg.shuffle_rows(), text_field=cfg.text_field)
         self.val_rows: list[Row] = []
         if self.val_files:
             self.val_rows = validation_rows(self.val_files, self.tokenizer.encode, self.tokenizer.eos_id, cfg.seq_len,
