@@ -30,6 +30,13 @@ def _cfg(tmp_path, name, **kw):
     return base
 
 
+def _grad_norms(run_dir) -> dict[int, float]:
+    """Per-step gradient norms (before clipping) from a run's metrics file: AdamW is blind to the
+    gradients' scale, so equal losses alone would not show a wrong rank weighting."""
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in recs if r["kind"] == "train"}
+
+
 def _torchrun(cfg: dict, real: bool = False) -> dict[int, float]:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -50,6 +57,10 @@ def test_two_processes_match_one(tmp_path, mode):
     assert sorted(multi) == sorted(single.losses)
     for s in single.losses:
         assert abs(multi[s] - single.losses[s]) < 1e-4, (s, multi[s], single.losses[s])
+    g1, g2 = _grad_norms(tmp_path / "one"), _grad_norms(tmp_path / mode)
+    assert sorted(g1) == sorted(g2) == sorted(single.losses)
+    for s in g1:
+        assert abs(g2[s] - g1[s]) <= 1e-4 * g1[s], (s, g2[s], g1[s])
     # the checkpoint written by the distributed run continues in a single process
     resumed = train(TrainConfig(**_cfg(tmp_path, mode, distributed="none", steps=8, resume=True)),
                     model_factory=stand_in_factory, log=lambda *_: None)
@@ -67,3 +78,6 @@ def test_two_processes_match_one_real_model(tmp_path, mode):
     multi = _torchrun(_cfg(tmp_path, mode, distributed=mode, **kw), real=True)
     for s in single.losses:
         assert abs(multi[s] - single.losses[s]) < 1e-4, (s, multi[s], single.losses[s])
+    g1, g2 = _grad_norms(tmp_path / "one"), _grad_norms(tmp_path / mode)
+    for s in g1:
+        assert abs(g2[s] - g1[s]) <= 1e-4 * g1[s], (s, g2[s], g1[s])

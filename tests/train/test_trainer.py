@@ -80,6 +80,33 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         assert abs(a.losses[s] - b.losses[s]) < 1e-5
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_grad_accumulation_gives_the_big_batch_gradient(tmp_path, varlen):
+    """The gradients themselves (AdamW is blind to their scale, so equal losses after a step prove
+    little): micro-batches of 1 row sum to the token-mean gradient of the whole 4-row batch."""
+    # short documents of uneven length: with varlen the rows score different numbers of tokens, so
+    # a plain mean of micro-batch means (instead of the token mean) shows
+    d = tmp_path / "short"
+    d.mkdir()
+    for i in range(6):
+        (d / f"s{i}.jsonl").write_text("\n".join(json.dumps({"text": "x" * (3 + (7 * i + 5 * j) % 29)})
+                                                for j in range(40)))
+    grads = {}
+    for micro in (1, 4):
+        tr = Trainer(_cfg(tmp_path, data=[str(d)], out_dir=str(tmp_path / f"m{micro}"), micro_batch_size=micro,
+                          grad_clip=0.0, varlen=varlen), model_factory=stand_in_factory, log=lambda *_: None)
+        tr._t0 = 0.0
+        rows = [tr.stream.next_row() for _ in range(4)]
+        captured = {}
+        tr.optimizer.step = lambda captured=captured, model=tr.raw_model: captured.update(
+            {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        tr._train_step(rows)
+        grads[micro] = captured
+    assert grads[1].keys() == grads[4].keys() and grads[1]
+    for n in grads[4]:
+        torch.testing.assert_close(grads[1][n], grads[4][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_z_loss_adds_to_loss(tmp_path):
     a = train(_cfg(tmp_path, out_dir=str(tmp_path / "a"), steps=1), model_factory=stand_in_factory, log=lambda *_: None)
     b = train(_cfg(tmp_path, out_dir=str(tmp_path / "b"), steps=1, z_loss=1e-2), model_factory=stand_in_factory,
