@@ -20,6 +20,9 @@ TOLERANCES: dict[tuple[str, torch.dtype], float] = {
     ("kernel_bwd", torch.float32): 5e-3,
     ("kernel_bwd", torch.float16): 1.5e-2,
     ("kernel_bwd", torch.bfloat16): 3e-2,
+    # the same fp32 kernels under Triton's CPU interpreter: its dots are true fp32 (no tf32), measured
+    # errors are <= ~2e-5 (outputs ~1e-6); not for sums with heavy cancellation such as dA_log
+    ("kernel_interp", torch.float32): 1e-4,
     # whole layers / models: triton backend vs reference backend with shared weights
     ("layer", torch.float32): 5e-3,
     ("layer", torch.bfloat16): 3e-2,

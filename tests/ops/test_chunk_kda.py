@@ -78,6 +78,10 @@ def compare(out, ref, dtype, *, skip=()):
         if name in skip:
             continue
         kind = "kernel_fwd" if name in ("o", "ht") else "kernel_bwd"
+        if dtype == torch.float32 and out[name].device.type == "cpu" and name != "dA_log":
+            # interpreter: true fp32 dots, so the tf32 allowance does not apply (dA_log is a
+            # per-head sum with heavy cancellation: measured 1.3e-3, it keeps the GPU bound)
+            kind = "kernel_interp"
         errs[name] = (rel_rms(out[name], r), tolerance(kind, dtype))
     bad = {n: e for n, e in errs.items() if not e[0] <= e[1]}
     assert not bad, "relative RMS error above tolerance: " + ", ".join(f"{n} {e:.2e} > {t:.1e}" for n, (e, t) in bad.items())
