@@ -11,7 +11,7 @@ from kimi_linear.ops.latent_attention import (
     latent_attention_ref,
     mask_from_lengths,
 )
-from tests.numerics import rel_rms
+from tests.numerics import rel_rms, tolerance
 
 
 def inputs(B=3, T=1, H=4, Dn=8, Dr=4, Dv=6, R=16, L=11, dtype=torch.float32):
@@ -97,7 +97,9 @@ def test_triton_kernel_matches_reference(T, splits):
     lengths = torch.tensor([37, 20, 2], device=device)
     out = latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=splits)
     ref = expanded_attention_ref(*args, lengths=lengths)
-    assert rel_rms(out, ref) < 2e-3  # tf32 dots on GPU
+    # tf32 dots on GPU; under the CPU interpreter the dots are true fp32 (measured ~2e-7)
+    tol = 2e-3 if torch.cuda.is_available() else tolerance("kernel_interp", torch.float32)
+    assert rel_rms(out, ref) < tol
 
 
 @pytest.mark.gpu

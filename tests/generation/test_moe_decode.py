@@ -27,8 +27,10 @@ def test_moe_decode_kernel_matches_grouped_reference(N):
     ref = grouped_swiglu(x, indices, weights, w1, w3, w2)
     w1[E - 1].fill_(float("nan"))  # an unchosen expert's weights must never be read
     out = moe_decode(x, indices, weights, w1, w3, w2, backend="triton")
-    # two chained tf32 GEMMs (gate/up, then down) on GPU: the whole-layer tolerance, not one kernel's
-    assert rel_rms(out, ref) < tolerance("layer", torch.float32)
+    # two chained tf32 GEMMs (gate/up, then down) on GPU: the whole-layer tolerance, not one kernel's;
+    # under the CPU interpreter the dots are true fp32 (measured ~4e-7)
+    tol = tolerance("layer" if torch.cuda.is_available() else "kernel_interp", torch.float32)
+    assert rel_rms(out, ref) < tol
 
 
 def test_reference_path_is_grouped_swiglu():

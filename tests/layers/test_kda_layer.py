@@ -184,4 +184,7 @@ def test_triton_backend_equals_reference_interpreted(variant):
             y = layer(x, attention_mask=m)
             outs[backend] = (y, *torch.autograd.grad(y.square().sum(), [x, layer.A_log, layer.dt_bias]))
         for name, a, b in zip(("y", "dx", "dA_log", "ddt_bias"), outs["triton"], outs["reference"]):
-            assert_close(a, b, "layer", torch.float32, f"{variant} {name} mask={m is not None}")
+            # the interpreter's dots are true fp32: no tf32 allowance (dA_log, a per-head sum with heavy
+            # cancellation, keeps the layer bound; see tests/ops/test_chunk_kda.py)
+            kind = "layer" if name == "dA_log" else "kernel_interp"
+            assert_close(a, b, kind, torch.float32, f"{variant} {name} mask={m is not None}")

@@ -70,7 +70,7 @@ def run_case(inp, *, dtype, fn, cu_seqlens=None, fuse=False, **kw):
     return out
 
 
-def compare(out, ref, dtype, *, skip=()):
+def compare(out, ref, dtype, *, skip=(), interp_tol=True):
     missing = [n for n in ref if n not in skip and ref[n] is not None and out.get(n) is None]
     assert not missing, f"kernel returned no value for {missing} where the reference has one"
     errs = {}
@@ -78,7 +78,7 @@ def compare(out, ref, dtype, *, skip=()):
         if name in skip:
             continue
         kind = "kernel_fwd" if name in ("o", "ht") else "kernel_bwd"
-        if dtype == torch.float32 and out[name].device.type == "cpu" and name != "dA_log":
+        if interp_tol and dtype == torch.float32 and out[name].device.type == "cpu" and name != "dA_log":
             # interpreter: true fp32 dots, so the tf32 allowance does not apply (dA_log is a
             # per-head sum with heavy cancellation: measured 1.3e-3, it keeps the GPU bound)
             kind = "kernel_interp"
@@ -132,7 +132,9 @@ def check_extreme(device, dtype):
     out = run_case(inp, dtype=dtype, fn=chunk_kda, backend="triton")
     for name, t in out.items():
         assert torch.isfinite(t).all(), f"{name} has NaN/Inf with gates at -1e4"
-    compare(out, ref, dtype, skip=("dg",))
+    # gates at -1e4 with beta exactly 0/1 amplify rounding (measured ~5e-5 even in the interpreter's
+    # true fp32): this case keeps the GPU bounds rather than a tight interpreter one with a 2x margin
+    compare(out, ref, dtype, skip=("dg",), interp_tol=False)
     err = (out["dg"].double() - ref["dg"]).norm() / ref["dk"].norm()
     assert err <= tolerance("kernel_bwd", dtype), f"dg error {err:.2e} relative to |dk|"
 
