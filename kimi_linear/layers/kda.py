@@ -30,7 +30,7 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
-from kimi_linear.ops.kda.chunk import REFERENCE_CHUNK_SIZE, chunk_kda, triton_takes
+from kimi_linear.ops.kda.chunk import REFERENCE_CHUNK_SIZE, chunk_kda
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
 from kimi_linear.ops.kda.recurrent import recurrent_kda
@@ -193,9 +193,7 @@ class KimiDeltaAttention(KeepFP32):
         if self.variant == "decay":
             g, beta = self._masked_gates(x, mask)
             return chunk_decay_ref(l2norm(q), l2norm(k), v, g, beta, chunk_size=REFERENCE_CHUNK_SIZE, **kw)
-        # "auto" keeps heads the CUDA kernels do not take (K or V < 32) on the reference; a forced
-        # "triton" lets chunk_kda refuse them with its message.
-        if backend == "triton" and (self.backend != "auto" or triton_takes(q, v)):
+        if backend == "triton":
             return self._attend_fused(q, k, v, x, mask, **kw)
         g, beta = self._masked_gates(x, mask)
         return chunk_kda(l2norm(q), l2norm(k), v, g, beta, backend="reference", **kw)

@@ -21,15 +21,6 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # chunks made a KDA layer's CPU forward+backward ~7x faster than 64 at the quickstart's shapes.
 REFERENCE_CHUNK_SIZE = 16
 _MAX_K = 128  # the backward keeps three [64, K] fp32 tiles per program
-# On a CUDA device the backward's state pass faults (illegal address) at K = V = 16 and K = V = 8
-# with Triton 3.6.0 on an H100 (K, V in {32, 64, 128} pass); until that is fixed, smaller heads run
-# on the reference (backend="auto") or are refused (backend="triton"). The CPU interpreter is unaffected.
-_MIN_CUDA_HEAD_DIM = 32
-
-
-def triton_takes(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton path handles these head dims on q's device."""
-    return q.device.type != "cuda" or (q.shape[-1] >= _MIN_CUDA_HEAD_DIM and v.shape[-1] >= _MIN_CUDA_HEAD_DIM)
 
 
 class _ChunkKDAFunction(torch.autograd.Function):
@@ -97,9 +88,6 @@ def _chunk_kda_triton(q, k, v, g, beta, *, scale, initial_state, output_final_st
             raise TypeError(f"backend='triton' takes fp16/bf16/fp32 {name}, got {t.dtype} (use backend='reference' for fp64)")
     if shape.K > _MAX_K:
         raise ValueError(f"the Triton chunk_kda supports K <= {_MAX_K}, got K={shape.K}")
-    if not triton_takes(q, v):
-        raise ValueError(f"the Triton chunk_kda on CUDA needs K >= {_MIN_CUDA_HEAD_DIM} and V >= {_MIN_CUDA_HEAD_DIM}, "
-                         f"got K={shape.K}, V={shape.V} (use backend='reference' or 'auto')")
     if initial_state is not None and initial_state.dtype != torch.float32:
         raise TypeError(f"initial_state must be float32 for the Triton path, got {initial_state.dtype}")
     scale = resolve_scale(scale, shape.K)
@@ -148,12 +136,10 @@ def chunk_kda(
     | return o       | ``[B, T, HV, V]`` | dtype of v                                         |
     | return final   | ``[N, HV, K, V]`` | float32, or None unless ``output_final_state``     |
 
-    The Triton path (K <= 128, and K, V >= 32 on CUDA; fp16/bf16/fp32) does not read the gate values to check ``g <= 0``
+    The Triton path (K <= 128; fp16/bf16/fp32) does not read the gate values to check ``g <= 0``
     (that would cost a device sync); the reference does.
     """
     chosen = resolve_backend(backend, q.device)
-    if backend == "auto" and chosen == "triton" and not triton_takes(q, v):
-        chosen = "reference"  # small heads on CUDA: see _MIN_CUDA_HEAD_DIM
     if chosen == "reference":
         return chunk_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion,

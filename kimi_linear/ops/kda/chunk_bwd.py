@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, pow2
-from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, scan_stages, softplus_f32
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
 
 
 @triton.jit
@@ -243,25 +243,29 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
         b_dk4 = tl.dot(tl.trans(b_pa), b_xk, input_precision=PREC) * b_dec
         b_dk5 = tl.dot(tl.trans(b_paq), b_xq, input_precision=PREC) * b_dec
     # diagonal sub-block, one token j at a time: column i = j for the row forms, row t = j for the
-    # column forms; E[t, :] = e^{G_t - G_j} for t >= j, masked before exp
+    # column forms; E[t, :] = e^{G_t - G_j} for t >= j, masked before exp. Every operand is loaded
+    # once before the loop and row / column j is taken out in registers: loads inside the loop
+    # serialised it on memory latency (v3: this kernel was ~45% of fwd+bwd at T = 64K).
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
     b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
+    b_daa = tl.load(dA + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)  # dA[t, j]
+    b_dqaa = tl.load(dAqk + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)  # dAqk[t, j]
     for j in range(0, 16):
-        m_j = (a * 16 + j < n) & m_k
-        b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-        b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+        row_j = (o_s == j)[:, None]
+        col_j = (o_s == j)[None, :]
+        b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
+        b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)
+        b_cq = tl.sum(tl.where(col_j, b_dqaa, 0.0), axis=1)
+        b_ca = tl.sum(tl.where(col_j, b_daa, 0.0), axis=1)
         b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-        b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
-        b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
         b_ek = b_e * b_kj[None, :]
         b_dq2 += b_cq[:, None] * b_ek
         b_dk3 += b_ca[:, None] * b_ek
-        sel = (o_s == j)[:, None]
         b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
         b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
-        b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
-        b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
+        b_dk4 = tl.where(row_j, b_dk4 + b_c4[None, :], b_dk4)
+        b_dk5 = tl.where(row_j, b_dk5 + b_c5[None, :], b_dk5)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
@@ -363,6 +367,7 @@ def chunk_kda_bwd(
     dev = q.device
     KP = pow2(K)
     BV = min(64 if K <= 64 else 32, pow2(V))
+    BVS, scan_kw = scan_launch("state_bwd", table.N * HV, V, KP, v.dtype, dev)
     BK = min(32, KP)
     NKB = triton.cdiv(K, BK)
     prec = dot_precision(v.dtype)
@@ -373,11 +378,10 @@ def chunk_kda_bwd(
     dW = chunk_common.alloc((Ttot, HV, V), torch.float32, dev)
     dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
     if N > 0:
-        _state_bwd_kernel[(triton.cdiv(V, BV), N * HV)](
+        _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
-            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BV,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_warps=8,
-            num_stages=scan_stages(v.dtype))
+            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **scan_kw)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
@@ -398,13 +402,14 @@ def chunk_kda_bwd(
         _chunk_grad_kernel[(NC, HV, NKG)](
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
-            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
+            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+            **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
-                                            HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid)
+                                            HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC, HV, NKB)](
             q, k, saved["G"], g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dA, dAqk, dq, dk, dG,
             dGl, dg, dalog_part, ddtb_part, cs, cl, H=H, HV=HV, K=K, BK=BK, NKB=NKB,
-            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec)
+            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec, **launch("decay_grad"))
     dA_log = ddt_bias = None
     if gate_raw:
         if NC > 0:

@@ -41,7 +41,28 @@ class ChunkTable:
 
 
 def build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
-    """Chunk table for sequences ``[offsets[n], offsets[n+1])`` of the packed stream."""
+    """Chunk table for sequences ``[offsets[n], offsets[n+1])`` of the packed stream.
+
+    Tables are cached per (offsets, device): a training loop with fixed shapes builds one once. A new
+    table travels to the device in one non-blocking copy from pinned memory, so building it does not
+    make the host wait for the GPU's queued work (a plain ``torch.tensor(..., device=cuda)`` does).
+    """
+    device = torch.device(device)
+    key = (tuple(offsets), device)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _build_chunk_table(list(offsets), device)
+        if len(_TABLES) >= _TABLE_CACHE_SIZE:
+            _TABLES.pop(next(iter(_TABLES)))  # oldest first
+        _TABLES[key] = table
+    return table
+
+
+_TABLE_CACHE_SIZE = 64
+_TABLES: dict[tuple, ChunkTable] = {}
+
+
+def _build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
     starts: list[int] = []
     lens: list[int] = []
     first = [0]
@@ -51,8 +72,14 @@ def build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
             starts.append(c0)
             lens.append(min(CHUNK, e - c0))
         first.append(len(starts))
-    as_t = lambda x: torch.tensor(x if x else [0], dtype=torch.int32, device=device)  # noqa: E731
-    return ChunkTable(as_t(starts), as_t(lens), as_t(first), as_t(list(offsets)), NC=len(starts), N=len(offsets) - 1)
+    parts = [x if x else [0] for x in (starts, lens, first, list(offsets))]
+    flat = torch.tensor([v for p in parts for v in p], dtype=torch.int32)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    views = torch.split(flat, [len(p) for p in parts])
+    return ChunkTable(*views, NC=len(starts), N=len(offsets) - 1)
 
 
 def pow2(x: int, floor: int = 16) -> int:
@@ -61,6 +88,72 @@ def pow2(x: int, floor: int = 16) -> int:
     while p < x:
         p *= 2
     return p
+
+
+# Launch settings per kernel (``num_warps`` / ``num_stages``; for the two scans also the V-tile ``BV``),
+# measured best on an H100 with bf16 inputs at B=1 T=65536 H=16 and B=8 T=4096 H=32
+# (benchmarks/chunk_kda_sweep.py, results in benchmarks/results/kda/sweep/; docs/kernels.md).
+# None means "choose by shape" (the scans, see scan_launch). One table, so that a sweep can try
+# settings without editing launch sites.
+LAUNCH: dict[str, dict[str, int | None]] = {
+    "gate": dict(num_warps=4, num_stages=None),
+    "gram": dict(num_warps=4, num_stages=3),
+    "solve": dict(num_warps=4, num_stages=2),  # 8 warps: 2x slower (4.7 vs 2.3 ms at 1M tokens x heads)
+    "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
+    "output": dict(num_warps=8, num_stages=3),
+    "state_bwd": dict(num_warps=None, num_stages=None, BV=None),
+    "chunk_grad": dict(num_warps=8, num_stages=3),
+    "grad_finish": dict(num_warps=4, num_stages=None),
+    "decay_grad": dict(num_warps=4, num_stages=3),  # 8 warps: 1.8x slower
+}
+
+
+def launch(name: str, default_stages: int | None = None, tile: tuple[int, int] | None = None) -> dict[str, int]:
+    """Triton launch keywords of kernel ``name`` from :data:`LAUNCH`. ``tile`` is the (rows, cols) of
+    the kernel's main register tile: tiles smaller than 32x32 get at most 4 warps (the scans at
+    K = V = 16 faulted with 8 warps on an H100; with 4 they pass)."""
+    cfg = LAUNCH[name]
+    kw = {"num_warps": int(cfg["num_warps"] or 4)}
+    if tile is not None and tile[0] * tile[1] < 32 * 32:
+        kw["num_warps"] = min(kw["num_warps"], 4)
+    stages = cfg.get("num_stages") or default_stages
+    if stages:
+        kw["num_stages"] = int(stages)
+    return kw
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 assumed elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def scan_launch(name: str, rows: int, V: int, KP: int, dtype: torch.dtype, device: torch.device) -> tuple[int, dict]:
+    """V-tile and launch keywords of a state scan (``name`` "state_fwd" or "state_bwd") over ``rows`` =
+    sequences x value heads. A scan is sequential along the sequence, so its parallelism is
+    rows x V-tiles. Measured on an H100 (bf16): when 64-wide tiles give at least two programs per SM,
+    they are fastest (B=8 T=4096 H=32: fwd scan 0.59 ms vs 0.92 with 32-wide tiles and 8 warps); with
+    few rows (B=1, H=16) 16-wide tiles spread the scan over 4x more SMs (fwd 1.26 ms vs 1.52, bwd
+    3.05 vs 3.72 at T=65536). fp32 operands keep 32-wide tiles and one stage (shared memory)."""
+    cfg = LAUNCH[name]
+    if dtype == torch.float32:
+        bv, warps, stages = 32, 8, 1
+    elif rows * -(-V // 64) >= 2 * sm_count(device):
+        bv, warps, stages = 64, 4, 2
+    else:
+        bv, warps, stages = 16, (8 if name == "state_fwd" else 4), 3
+    bv = min(int(cfg.get("BV") or bv), pow2(V))
+    warps = int(cfg.get("num_warps") or warps)
+    if KP * bv < 32 * 32:
+        warps = min(warps, 4)
+    return bv, {"num_warps": warps, "num_stages": int(cfg.get("num_stages") or stages)}
 
 
 # Tests set this to True: every buffer the kernels write (outputs and intermediates) then starts

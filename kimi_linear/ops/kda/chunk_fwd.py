@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, pow2
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, launch, pow2, scan_launch
 
 
 @triton.jit
@@ -94,7 +94,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp.
+        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp; row j
+        # of k and G is taken out of the loaded tile in registers (no loads inside the loop).
         o_k = tl.arange(0, KP)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
@@ -104,10 +105,9 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         b_dq = tl.zeros([16, 16], dtype=tl.float32)
         b_dk = tl.zeros([16, 16], dtype=tl.float32)
         for j in range(0, 16):
-            m_j = (a * 16 + j < n) & m_k
-            p_j = (t0 + a * 16 + j) * H * K + i_h * K + o_k
-            b_kj = tl.load(k + p_j, mask=m_j, other=0).to(tl.float32)
-            b_gj = tl.load(G + (t0 + a * 16 + j) * HV * K + i_hv * K + o_k, mask=m_j, other=0)
+            row_j = (o_s == j)[:, None]
+            b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
+            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)
             b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
             b_e = b_e * b_kj[None, :]
             sel = (o_s == j)[None, :]
@@ -334,12 +334,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def scan_stages(dtype: torch.dtype) -> int:
-    """Software-pipeline depth of the state scans: fp32 operands (3-pass tf32 dots) need too much
-    shared memory for more than one stage on an H100."""
-    return 1 if dtype == torch.float32 else 3
-
-
 def l2norm_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise L2 norm of ``x [..., D]``. Returns ``(y, rstd)`` with rstd fp32 ``[rows]``."""
     D = x.shape[-1]
@@ -385,19 +379,20 @@ def chunk_kda_fwd(
     cs, cl, cf = table.chunk_start, table.chunk_len, table.chunk_first
     if NC > 0:
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
-                                      HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
-        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec)
+                                      HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
+        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec,
+                                  **launch("gram"))
         _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
-                                BETA_SIGMOID=beta_sigmoid, PREC=prec, num_warps=8)
+                                BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
-        BVS = min(32, BV)
+        BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, table.seq_start, cf,
             HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, PREC=prec, num_warps=8, num_stages=scan_stages(v.dtype))
+            STORE_FINAL=ht is not None, PREC=prec, **scan_kw)
     if NC > 0:
         _output_kernel[(NC, HV, triton.cdiv(V, BV))](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
-                                                     KP=KP, BV=BV, PREC=prec, num_warps=8)
+                                                     KP=KP, BV=BV, PREC=prec, **launch("output"))
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd)
     return o, ht, saved

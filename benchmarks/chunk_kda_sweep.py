@@ -1,0 +1,166 @@
+"""Launch-setting sweep of our chunked KDA kernels, one kernel at a time, on a GPU.
+
+For each shape: per-kernel GPU time (torch.profiler) of one fwd+bwd with the settings in
+``chunk_common.LAUNCH``, then for every kernel each candidate setting (num_warps, num_stages, and the
+V-tile of the scans) with the others left alone. Every candidate must reproduce the baseline's
+output and gradients (relative difference < 1e-2; the settings change no arithmetic, so a larger
+difference is a miscompile) before its time counts. Ends with the best setting per kernel, the
+fwd / fwd+bwd times with all of them applied, and one JSON line.
+
+    PYTHONPATH=. python benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 8x4096x32 --budget 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_NAMES = {
+    "gate": "_gate_cumsum_kernel", "gram": "_gram_kernel", "solve": "_solve_kernel",
+    "state_fwd": "_state_fwd_kernel", "output": "_output_kernel", "state_bwd": "_state_bwd_kernel",
+    "chunk_grad": "_chunk_grad_kernel", "grad_finish": "_chunk_grad_finish_kernel",
+    "decay_grad": "_decay_grad_kernel",
+}
+SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
+PLAIN = [dict(num_warps=w, num_stages=s) for w, s in itertools.product((4, 8), (1, 2, 3))]
+CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": PLAIN, "chunk_grad": PLAIN, "gram": PLAIN,
+              "solve": PLAIN, "output": PLAIN}
+
+
+DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1
+DTYPE = torch.bfloat16
+
+
+def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=DEVICE)  # noqa: E731
+    q, k = F.normalize(r(B, T, H, K), dim=-1), F.normalize(r(B, T, H, K), dim=-1)
+    v = r(B, T, H, K)
+    g = F.logsigmoid(r(B, T, H, K)) / 16
+    beta = torch.rand(B, T, H, device=DEVICE, generator=gen)
+    xs = [x.to(DTYPE).requires_grad_(True) for x in (q, k, v, g, beta)]
+    do = r(B, T, H, K).to(DTYPE)
+    return xs, do
+
+
+def run_once(xs, do):
+    from kimi_linear.ops.kda.chunk import chunk_kda
+
+    for x in xs:
+        x.grad = None
+    o, _ = chunk_kda(*xs, backend="triton")
+    o.backward(do)
+    return [o.detach().float()] + [x.grad.float() for x in xs]
+
+
+def per_kernel_ms(xs, do, reps: int = 3) -> dict[str, float]:
+    run_once(xs, do)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run_once(xs, do)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    tot: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            tot[ev.name] += ev.device_time_total / 1000 / reps
+    return dict(tot)
+
+
+def timed_fns(xs, do):
+    """fwd and fwd+bwd closures (gradients accumulate across calls; the time is the same)."""
+    from kimi_linear.ops.kda.chunk import chunk_kda
+
+    def o_fn():
+        return chunk_kda(*xs, backend="triton")[0]
+
+    def fb_fn():
+        o_fn().backward(do)
+
+    return o_fn, fb_fn
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main() -> None:
+    import triton
+
+    from kimi_linear.ops.kda import chunk_common
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["1x65536x16", "8x4096x32"])
+    ap.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep (shared equally by shapes)")
+    args = ap.parse_args()
+    t_start = time.time()
+    base_launch = copy.deepcopy(chunk_common.LAUNCH)
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+              "shapes": {}}
+    for i_shape, shape in enumerate(args.shapes):
+        shape_deadline = t_start + args.budget * (i_shape + 1) / len(args.shapes)
+        B, T, H = (int(x) for x in shape.split("x"))
+        xs, do = inputs(B, T, H)
+        chunk_common.LAUNCH.clear()
+        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
+        ref = run_once(xs, do)
+        base = per_kernel_ms(xs, do)
+        rows = {"baseline": {k: round(v, 4) for k, v in sorted(base.items(), key=lambda x: -x[1])}, "sweep": {}}
+        print(f"== {shape}: baseline per-kernel ms (total {sum(base.values()):.3f})", flush=True)
+        for name, ms in sorted(base.items(), key=lambda x: -x[1])[:12]:
+            print(f"   {ms:8.3f}  {name[:70]}", flush=True)
+        best = {}
+        for kname in args.kernels:
+            kfun = KERNEL_NAMES[kname]
+            results = []
+            for cand in CANDIDATES[kname]:
+                if time.time() > shape_deadline:
+                    print("   (budget reached)", flush=True)
+                    break
+                chunk_common.LAUNCH[kname] = {**base_launch[kname], **cand}
+                try:
+                    got = run_once(xs, do)
+                    err = max(rel(a, b) for a, b in zip(got, ref))
+                    ms = per_kernel_ms(xs, do).get(kfun, float("nan")) if err < 1e-2 else float("nan")
+                except Exception as e:  # noqa: BLE001 (a setting that does not compile or fit is skipped)
+                    err, ms = float("nan"), float("nan")
+                    print(f"   {kname} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                results.append({**cand, "ms": round(ms, 4), "err": err})
+                print(f"   {kname:11s} {cand}  {ms:8.3f} ms  (diff {err:.1e})", flush=True)
+            chunk_common.LAUNCH[kname] = dict(base_launch[kname])
+            ok = [r for r in results if r["ms"] == r["ms"]]
+            if ok:
+                b = min(ok, key=lambda r: r["ms"])
+                best[kname] = {k: v for k, v in b.items() if k not in ("ms", "err")}
+                print(f"   -> {kname}: best {best[kname]} {b['ms']:.3f} ms (baseline {base.get(kfun, 0):.3f})",
+                      flush=True)
+            rows["sweep"][kname] = results
+        for kname, cfg in best.items():
+            chunk_common.LAUNCH[kname] = {**base_launch[kname], **cfg}
+        o_fn, fb_fn = timed_fns(xs, do)
+        fwd_best = triton.testing.do_bench(o_fn, warmup=5, rep=40)
+        fb_best = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
+        chunk_common.LAUNCH.clear()
+        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
+        fwd_base = triton.testing.do_bench(o_fn, warmup=5, rep=40)
+        fb_base = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
+        rows.update(best=best, fwd_ms_base=round(fwd_base, 4), fwdbwd_ms_base=round(fb_base, 4),
+                    fwd_ms_best=round(fwd_best, 4), fwdbwd_ms_best=round(fb_best, 4))
+        print(f"== {shape}: fwd {fwd_base:.3f} -> {fwd_best:.3f} ms, fwd+bwd {fb_base:.3f} -> {fb_best:.3f} ms "
+              f"with {best}", flush=True)
+        report["shapes"][shape] = rows
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
