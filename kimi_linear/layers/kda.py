@@ -34,7 +34,7 @@ from kimi_linear.ops.kda.chunk import REFERENCE_CHUNK_SIZE, chunk_kda
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
 from kimi_linear.ops.kda.recurrent import recurrent_kda
-from kimi_linear.ops.kda.reference import chunk_decay_ref
+from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.norm import gated_rms_norm
 
 __all__ = ["ShortConvolution", "KimiDeltaAttention"]
@@ -192,7 +192,7 @@ class KimiDeltaAttention(KeepFP32):
         backend = resolve_backend(self.backend, q.device)
         if self.variant == "decay":
             g, beta = self._masked_gates(x, mask)
-            return chunk_decay_ref(l2norm(q), l2norm(k), v, g, beta, chunk_size=REFERENCE_CHUNK_SIZE, **kw)
+            return chunk_decay(l2norm(q), l2norm(k), v, g, beta, **kw)
         if backend == "triton":
             return self._attend_fused(q, k, v, x, mask, **kw)
         g, beta = self._masked_gates(x, mask)

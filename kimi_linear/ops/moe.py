@@ -99,8 +99,8 @@ def grouped_swiglu(
     outs = []
     start = 0
     for e, c in enumerate(counts):
-        if c == 0:
-            continue
+        if c == 0 and not (torch.is_grad_enabled() and w1[e].requires_grad):
+            continue  # training keeps empty experts in the graph (zero grads): FSDP reduces the same set on every rank
         xe = xs[start:start + c]
         h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
         outs.append(F.linear(h, w2[e]))

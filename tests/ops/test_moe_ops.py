@@ -91,3 +91,21 @@ def test_route_bad_input():
         route(torch.randn(2, 4), None, 5)
     with pytest.raises(ValueError, match="num_groups"):
         route(torch.randn(2, 6), None, 2, num_groups=4)
+
+
+def test_grouped_swiglu_empty_expert_gets_zero_grads_not_none():
+    # FSDP2 reduce-scatters the same parameter set on every rank: an expert no token chose on this
+    # rank must still receive a (zero) gradient, or ranks disagree on what they reduce
+    torch.manual_seed(0)
+    E, D, F_ = 4, 8, 16
+    w1 = [torch.randn(F_, D, requires_grad=True) for _ in range(E)]
+    w3 = [torch.randn(F_, D, requires_grad=True) for _ in range(E)]
+    w2 = [torch.randn(D, F_, requires_grad=True) for _ in range(E)]
+    x = torch.randn(5, D)
+    indices = torch.tensor([[0, 1]] * 5)  # experts 2 and 3 get no token
+    weights = torch.rand(5, 2)
+    grouped_swiglu(x, indices, weights, w1, w3, w2).sum().backward()
+    for e in (2, 3):
+        for w in (w1[e], w3[e], w2[e]):
+            assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+    assert torch.count_nonzero(w1[0].grad) > 0

@@ -94,8 +94,7 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp; row j
-        # of k and G is taken out of the loaded tile in registers (no loads inside the loop).
+        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp.
         o_k = tl.arange(0, KP)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
@@ -105,9 +104,10 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         b_dq = tl.zeros([16, 16], dtype=tl.float32)
         b_dk = tl.zeros([16, 16], dtype=tl.float32)
         for j in range(0, 16):
-            row_j = (o_s == j)[:, None]
-            b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
-            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)
+            m_j = (a * 16 + j < n) & m_k
+            p_j = (t0 + a * 16 + j) * H * K + i_h * K + o_k
+            b_kj = tl.load(k + p_j, mask=m_j, other=0).to(tl.float32)
+            b_gj = tl.load(G + (t0 + a * 16 + j) * HV * K + i_hv * K + o_k, mask=m_j, other=0)
             b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
             b_e = b_e * b_kj[None, :]
             sel = (o_s == j)[None, :]
