@@ -111,6 +111,17 @@ def _kernels():
 
 
 _KERNELS = None
+# Tile sizes and launch settings (benchmarks/moe_decode_sweep.py tries others on a GPU). At batch 1
+# the grid is (experts, I / BLOCK_I): narrow tiles give more programs to stream the chosen experts'
+# weights; BLOCK_N is 16 (tl.dot's minimum) or 32.
+TILES: dict[str, dict[str, int | None]] = {
+    "gate_up": dict(BLOCK_I=64, BLOCK_D=64, num_warps=4, num_stages=None),
+    "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
+}
+
+
+def _launch_kw(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def moe_decode(
@@ -144,11 +155,13 @@ def moe_decode(
     block_n = 16 if N <= 16 else 32
     block_nk = triton.next_power_of_2(N * k)
     h = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
-    gate_up[(E, triton.cdiv(I, 64), triton.cdiv(N, block_n))](
+    gu = TILES["gate_up"]
+    gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
         x, idx, _pointer_table(w1), _pointer_table(w3), h, N, D, I, N * k,
-        BLOCK_N=block_n, BLOCK_I=64, BLOCK_D=64, BLOCK_NK=block_nk, num_warps=4)
+        BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(gu))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
-    down[(E, triton.cdiv(D, 64), triton.cdiv(N, block_n))](
+    dn = TILES["down"]
+    down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
         h, idx, cw, _pointer_table(w2), y, N, D, I, k, N * k,
-        BLOCK_N=block_n, BLOCK_D=64, BLOCK_I=64, BLOCK_NK=block_nk, num_warps=4)
+        BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(dn))
     return y.to(x.dtype)
