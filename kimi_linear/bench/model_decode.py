@@ -148,10 +148,6 @@ def time_prefill(model, context: int, device: torch.device) -> float:
     from kimi_linear.generation.generate import _model_dtype, forward_last_logits
 
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
-    # warm-up on a short prompt first: kernel compilation must stay out of the timed prefill
-    warm = cache_for_config(model.config, batch_size=1, max_len=128, device=device, dtype=_model_dtype(model))
-    forward_last_logits(model, ids[:, :128], warm)
-    del warm
     cache = cache_for_config(model.config, batch_size=1, max_len=context, device=device, dtype=_model_dtype(model))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
