@@ -213,7 +213,7 @@ def cache_records(contexts: list[int], layouts=("hybrid", "mla"), **cfg_kw) -> l
 def run(*, contexts: list[int], budget_gib: float, cap: int, device: torch.device, env: dict,
         prefill: dict[str, list[int]] | None, log: Callable[[str], None], layouts=("hybrid", "mla"),
         experts: int = 16, top_k: int = 8, layers: int = 27, vocab: int = 163840,
-        on_record: Callable[[dict], None] | None = None) -> list[dict]:
+        on_record: Callable[[dict], None] | None = None, transformers_contexts: tuple[int, ...] = ()) -> list[dict]:
     from kimi_linear.generation.cache import cache_bytes, specs_from_config
 
     records: list[dict] = []
@@ -279,6 +279,13 @@ def run(*, contexts: list[int], budget_gib: float, cap: int, device: torch.devic
         del model
         gc.collect()
         _empty_cache()
+    for ctx in transformers_contexts:  # the peer, in the same run (its own model: same geometry, random weights)
+        try:
+            emit(time_transformers(ctx, device, experts=experts, top_k=top_k))
+        except Exception as exc:  # noqa: BLE001 (a missing or failing peer is reported, not fatal)
+            emit({"kind": "transformers", "layout": "hybrid", "context": ctx, "status": f"{type(exc).__name__}: {str(exc)[:160]}"})
+        gc.collect()
+        _empty_cache()
     return records
 
 
@@ -335,6 +342,19 @@ def markdown(env: dict, records: list[dict], note: str = "") -> str:
     skipped = [r for r in _get(records, kind="decode") if "status" in r]
     if skipped:
         lines += [""] + [f"- not run: {r['layout']} ctx {r['context']:,} B={r['batch']}: {r['status']}" for r in skipped]
+    peer = _get(records, kind="transformers")
+    if peer:
+        lines += ["", "## transformers' own generate, same geometry, same run (batch 1, greedy)", "",
+                  "| context | transformers TPOT (ms) | ours, hybrid TPOT B=1 (ms) | our speed-up |", "|---|---|---|---|"]
+        for r in peer:
+            ours = dec("hybrid", r["context"], "b1")
+            mine = f"{ours['tpot_ms']:.3f}" if ours else "-"
+            if "tpot_ms" not in r:
+                lines.append(f"| {r['context']:,} | not run: {r.get('status', '?')} | {mine} | - |")
+                continue
+            sp = f"{r['tpot_ms'] / ours['tpot_ms']:.1f}x" if ours else "-"
+            lines.append(f"| {r['context']:,} | {r['tpot_ms']:.1f} (transformers {r.get('transformers')}, "
+                         f"fla {r.get('fla') or 'not installed'}) | {mine} | {sp} |")
     lines += ["", "## Prefill (one forward, B=1, bf16)", "", "| context | hybrid (ms) | all-MLA (ms) | speedup |",
               "|---|---|---|---|"]
     for ctx in sorted({r["context"] for r in _get(records, kind="prefill")}):

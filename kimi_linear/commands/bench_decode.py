@@ -1,6 +1,6 @@
 """``kimi-linear bench decode``: whole-model decode, 3:1 hybrid vs all-MLA (kimi_linear/bench/model_decode.py).
 
-  kimi-linear bench decode [--contexts 4096,...,1048576] [--budget-gib 48] [--max-batch 128]
+  kimi-linear bench decode [--contexts 4096,...,1048576] [--budget-gib 48] [--max-batch 128] [--with-transformers 4096]
                            [--prefill 4096,16384,32768,65536] [--out benchmarks/results/decode]
   kimi-linear bench decode --cache-only      (cache bytes table, no GPU needed)
 
@@ -32,6 +32,8 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="benchmarks/results/decode")
     d.add_argument("--tag", default=None)
     d.add_argument("--cache-only", action="store_true", help="only the cache-size table (no GPU)")
+    d.add_argument("--with-transformers", default="4096", metavar="CONTEXTS",
+                   help="also time transformers' own generate at these contexts in the same run ('' = none)")
     d.add_argument("--transformers", type=int, default=0, metavar="CONTEXT",
                    help="only time transformers' own generate at this context (hybrid layout, same geometry)")
     d.set_defaults(handler=run)
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         records = md.run(contexts=contexts, budget_gib=args.budget_gib, cap=args.max_batch, device=device, env=env,
                          prefill=prefill, log=log, layouts=layouts, experts=args.experts, top_k=args.top_k,
                          layers=args.layers, vocab=args.vocab,
-                         on_record=(lambda r: writer(r)) if writer else None)
+                         on_record=(lambda r: writer(r)) if writer else None,
+                         transformers_contexts=tuple(_ints(args.with_transformers)))
     else:
         records = md.cache_records(contexts, layouts, experts=args.experts, top_k=args.top_k, layers=args.layers,
                                    vocab=args.vocab)

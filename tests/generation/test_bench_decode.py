@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from kimi_linear.bench import model_decode as md
 from kimi_linear.cli import main
 
@@ -39,3 +41,24 @@ def test_markdown_and_plot_from_records(tmp_path):
     text = md.markdown({"gpu": "x"}, recs)
     assert "| 4,096 | 2.000 | 3.000 | 1.50x |" in text
     assert md.plot(recs, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_markdown_puts_transformers_beside_ours():
+    recs = [{"kind": "decode", "layout": "hybrid", "context": 4096, "batch": 1, "what": "b1", "step_ms": 4.0,
+             "tpot_ms": 4.0},
+            {"kind": "transformers", "layout": "hybrid", "context": 4096, "tpot_ms": 30.0, "transformers": "5.17.0",
+             "fla": None},
+            {"kind": "transformers", "layout": "hybrid", "context": 65536, "status": "OutOfMemoryError: x"}]
+    text = md.markdown({"gpu": "x"}, recs)
+    assert "| 4,096 | 30.0 (transformers 5.17.0, fla not installed) | 4.000 | 7.5x |" in text
+    assert "| 65,536 | not run: OutOfMemoryError: x | - | - |" in text
+
+
+def test_run_reports_a_failing_peer_instead_of_stopping(monkeypatch):
+    def boom(*a, **k):
+        raise ImportError("no transformers")
+
+    monkeypatch.setattr(md, "time_transformers", boom)
+    recs = md.run(contexts=[], budget_gib=1.0, cap=1, device=torch.device("cpu"), env={}, prefill=None,
+                  log=lambda s: None, layouts=(), transformers_contexts=(4096,))
+    assert recs == [{"kind": "transformers", "layout": "hybrid", "context": 4096, "status": "ImportError: no transformers"}]
