@@ -31,7 +31,8 @@ KERNEL_NAMES = {
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": PLAIN, "chunk_grad": PLAIN, "gram": PLAIN,
+DECAY = [dict(c, column_loop=v) for v in (0, 1) for c in PLAIN]
+CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": DECAY, "chunk_grad": PLAIN, "gram": PLAIN,
               "solve": PLAIN, "output": PLAIN}
 
 

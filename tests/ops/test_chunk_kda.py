@@ -109,6 +109,24 @@ def test_chunk_kda_interpreter_matches_reference(case):
     compare(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
+def test_chunk_kda_interpreter_decay_column_loop(case, monkeypatch):
+    # the backward's decay products have a second formulation (column forms looped over rows, no
+    # cross-row reductions) selected by the launch table; it must give the same gradients
+    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
+    B, T, H, HV, K, V, offsets, h0, fuse = case
+    cu = torch.tensor(offsets, dtype=torch.int32) if offsets else None
+    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=fuse, h0=h0)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=fuse)
+    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, cu_seqlens=cu, fuse=fuse, backend="triton")
+    compare(out, ref, torch.float32)
+
+
+def test_chunk_kda_interpreter_decay_column_loop_extreme(monkeypatch):
+    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
+    check_extreme("cpu", torch.float32)
+
+
 def test_chunk_kda_interpreter_half_inputs():
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
     # interpreter computes bf16 dots wrongly).
@@ -204,6 +222,19 @@ def test_chunk_kda_gpu_full_size(cuda_device, shape):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_chunk_kda_gpu_extreme(cuda_device, dtype):
     check_extreme(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_decay_column_loop(cuda_device, dtype, monkeypatch):
+    # the alternative decay-products formulation (launch table column_loop=1) at full head size
+    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
+    offsets = [0, 1000, 1000, 4133, 4200]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
+    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+    compare(out, ref, dtype)
 
 
 @pytest.mark.gpu

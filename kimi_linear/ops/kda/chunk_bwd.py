@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
 
 
@@ -194,7 +194,8 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 
 @triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i_h,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                    COLUMN_LOOP: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
@@ -247,21 +248,49 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
     b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
-    for j in range(0, 16):
-        m_j = (a * 16 + j < n) & m_k
-        b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-        b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-        b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-        b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
-        b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
-        b_ek = b_e * b_kj[None, :]
-        b_dq2 += b_cq[:, None] * b_ek
-        b_dk3 += b_ca[:, None] * b_ek
-        sel = (o_s == j)[:, None]
-        b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
-        b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
-        b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
-        b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
+    if COLUMN_LOOP:
+        # Variant without cross-row reductions: the row forms loop over columns j (as below), the
+        # column forms loop over rows t and update every column j at once,
+        # dk4[j] += dA[t, j] k_t e^{G_t - G_j}, dk5[j] += dAqk[t, j] q_t e^{G_t - G_j} (j <= t):
+        # each exponential is formed twice, but no iteration reduces across rows.
+        for j in range(0, 16):
+            m_j = (a * 16 + j < n) & m_k
+            b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
+            b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
+            b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
+            b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
+            b_ek = b_e * b_kj[None, :]
+            b_dq2 += b_cq[:, None] * b_ek
+            b_dk3 += b_ca[:, None] * b_ek
+        for t in range(0, 16):
+            m_t = (a * 16 + t < n) & m_k
+            p_t = (t0 + a * 16 + t) * H * K + i_h * K + o_k
+            b_kt = tl.load(k + p_t, mask=m_t, other=0).to(tl.float32)
+            b_qt = tl.load(q + p_t, mask=m_t, other=0).to(tl.float32)
+            b_gt = tl.load(G + (t0 + a * 16 + t) * HV * K + i_hv * K + o_k, mask=m_t, other=0)
+            p_rt = ((t0 + a * 16 + t) * HV + i_hv) * 64 + a * 16 + o_s
+            b_at = tl.load(dA + p_rt, mask=a * 16 + t < n, other=0)  # dA[t, j] over j
+            b_aqt = tl.load(dAqk + p_rt, mask=a * 16 + t < n, other=0)  # dAqk[t, j] over j
+            b_e = tl.exp(tl.where((o_s <= t)[:, None] & m_rk & m_t[None, :], b_gt[None, :] - b_g, float("-inf")))
+            b_dk4 += b_at[:, None] * (b_e * b_kt[None, :])
+            b_dk5 += b_aqt[:, None] * (b_e * b_qt[None, :])
+    else:
+        for j in range(0, 16):
+            m_j = (a * 16 + j < n) & m_k
+            b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
+            b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
+            b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
+            b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
+            b_ek = b_e * b_kj[None, :]
+            b_dq2 += b_cq[:, None] * b_ek
+            b_dk3 += b_ca[:, None] * b_ek
+            sel = (o_s == j)[:, None]
+            b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
+            b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
+            b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
+            b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
@@ -269,7 +298,8 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
 def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg, dalog_part, ddtb_part,
                        chunk_start, chunk_len,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                       NKB: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr):
+                       NKB: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr,
+                       COLUMN_LOOP: tl.constexpr):
     # dq += sum_i dAqk[t,i] k_i e^{G_t-G_i};  dk += (dA row form) + (dA, dAqk column forms);
     # dG += q*dq2 + k*dk3 - k*dk4 - k*dk5;  dg = reverse cumsum of dG (G is a prefix sum).
     i_c = tl.program_id(0)
@@ -294,7 +324,7 @@ def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg
         m_rk = m_r[:, None] & m_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                                                               H, HV, K, BK, PREC)
+                                                               H, HV, K, BK, PREC, COLUMN_LOOP)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
         b_dG = tl.load(dG + p_tk, mask=m_rk, other=0) + b_q * b_dq2 + b_k * (b_dk3 - b_dk4 - b_dk5)
@@ -405,7 +435,8 @@ def chunk_kda_bwd(
         _decay_grad_kernel[(NC, HV, NKB)](
             q, k, saved["G"], g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dA, dAqk, dq, dk, dG,
             dGl, dg, dalog_part, ddtb_part, cs, cl, H=H, HV=HV, K=K, BK=BK, NKB=NKB,
-            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec, **launch("decay_grad"))
+            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec,
+            COLUMN_LOOP=bool(LAUNCH["decay_grad"].get("column_loop")), **launch("decay_grad"))
     dA_log = ddt_bias = None
     if gate_raw:
         if NC > 0:

@@ -104,7 +104,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None),
     "chunk_grad": dict(num_warps=8, num_stages=3),
     "grad_finish": dict(num_warps=4, num_stages=None),
-    "decay_grad": dict(num_warps=1, num_stages=3),  # in-loop reductions: 14.4 ms (1 warp), 18.0 (4), 32.7 (8)
+    # in-loop reductions: 14.4 ms (1 warp), 18.0 (4), 32.7 (8). column_loop=1: a variant without
+    # cross-row reductions (interpreter-tested, not yet timed on a GPU; the sweep tries it).
+    "decay_grad": dict(num_warps=1, num_stages=3, column_loop=0),
 }
 
 
