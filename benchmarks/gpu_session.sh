@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU work, in priority order, for the device tool (see its README):
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=590)
-# Writes logs and results under $OUT (at most 8 files come back: keep the list below short).
+# The pending GPU work, one device call per stage (each fits one 590 s call; see the device README):
+#   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"], timeout_s=590)
+#   run(command="bash benchmarks/gpu_session.sh tests", timeout_s=590)
+#   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
+# Writes logs and results under $OUT (at most 8 files come back: keep the list short).
 # Each step has its own time cap so a slow one (FLA autotuning) cannot starve the rest.
 set -u
+STAGE=${1:-kernels}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then   # fla-core + einops wheels for the side-by-side benchmarks
@@ -13,11 +16,26 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 FLA_DISABLE_BACKEND_DISPATCH=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
-# 1. every GPU test, one process per file (logs concatenated into one file)
-timeout 150 make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
-cat /tmp/gpu-logs/*.log > "$OUT/gpu_tests_full.log" 2>/dev/null
-# 2. whole-model decode benchmark (issue 5): hybrid vs all-MLA, cache, TPOT, prefill
-timeout 280 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -40
-# 3. chunked KDA side by side at the longest Figure-2 shape and a training shape (issue 3)
-timeout 130 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,8x4096x32 \
-  --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
+case "$STAGE" in
+kernels)
+  # 1. the decay-products variants (column_loop 0/1 x warps) and the other kernels' settings, B=1 T=64K
+  timeout 200 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels decay_grad gram solve \
+    --budget 170 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
+  # 2. MoE decode tiles at batch 1 (whole-model decode spends ~2.7 ms/token there)
+  timeout 100 python3 benchmarks/moe_decode_sweep.py 2>&1 | grep -v '^{' | tee "$OUT/moe_sweep.txt"
+  # 3. chunked KDA side by side: the Figure-2 ends and a training shape
+  timeout 250 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,1x4096x16,8x4096x32 \
+    --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
+  ;;
+tests)
+  # every GPU test, one process per file (a fault poisons its process's CUDA context)
+  timeout 560 make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
+  cat /tmp/gpu-logs/*.log > "$OUT/gpu_tests_full.log" 2>/dev/null
+  ;;
+decode)
+  # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run
+  timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
+  ;;
+*)
+  echo "stage must be kernels, tests or decode, got $STAGE" >&2; exit 2 ;;
+esac
