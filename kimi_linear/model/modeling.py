@@ -232,8 +232,12 @@ class KimiLinearForCausalLM(nn.Module):
             if logits_to_keep != 0:
                 raise ValueError("labels need all logits; pass logits_to_keep=0")
             target = labels[:, 1:]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
-            aux["num_tokens"] = (target != -100).sum()
+            # mean over scored tokens; a batch with none scores 0 (not NaN, as a plain mean would),
+            # without reading the count on the host
+            count = (target != -100).sum()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                   reduction="sum") / count.clamp_min(1)
+            aux["num_tokens"] = count
         return CausalLMOutput(loss=loss, logits=logits, cache=cache,
                               hidden_states=h if output_hidden_states else None, aux=aux)
 

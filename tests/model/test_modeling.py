@@ -29,6 +29,17 @@ def test_loss_shifts_labels_and_ignores_minus_100():
     assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 97)
 
 
+def test_loss_of_a_batch_without_scored_tokens_is_zero_not_nan():
+    # e.g. a synthetic Stack batch with no POP: nothing to score; training must not see NaN
+    model = _model()
+    ids = torch.randint(0, 97, (2, 12))
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.loss.item() == 0.0 and int(out.aux["num_tokens"]) == 0
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
 def test_batched_left_and_right_padding_match_single_sequences():
     model = _model().double().eval()
     a = torch.randint(3, 97, (1, 6))
