@@ -32,7 +32,8 @@ SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 DECAY = [dict(c, column_loop=v) for v in (0, 1) for c in PLAIN]
-CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": DECAY, "chunk_grad": PLAIN, "gram": PLAIN,
+GRAD = [dict(c, half_dots=v) for v in (0, 1) for c in PLAIN if c["num_warps"] >= 4]
+CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "solve": PLAIN, "output": PLAIN}
 
 

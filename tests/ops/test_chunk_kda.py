@@ -137,6 +137,16 @@ def test_chunk_kda_interpreter_half_inputs():
     compare(out, ref, torch.float16)
 
 
+def test_chunk_kda_interpreter_half_inputs_half_dots(monkeypatch):
+    # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) give the same gradients
+    monkeypatch.setitem(chunk_common.LAUNCH, "chunk_grad", {**chunk_common.LAUNCH["chunk_grad"], "half_dots": 1})
+    cu = torch.tensor([0, 0, 1, 37, 100], dtype=torch.int32)
+    inp = make_inputs(1, 100, 1, 2, 32, 32, N=4, fuse=True, h0=True)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    out = run_case(inp, dtype=torch.float16, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+    compare(out, ref, torch.float16)
+
+
 def check_extreme(device, dtype):
     """Gates down to -1e4 per token (mixed with ordinary ones), beta exactly 0 and 1: all finite and
     equal to the reference. dg itself is ~0 where gates are huge, so its relative error is measured
@@ -229,6 +239,19 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 def test_chunk_kda_gpu_decay_column_loop(cuda_device, dtype, monkeypatch):
     # the alternative decay-products formulation (launch table column_loop=1) at full head size
     monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
+    offsets = [0, 1000, 1000, 4133, 4200]
+    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
+    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+    compare(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_chunk_kda_gpu_half_dots(cuda_device, dtype, monkeypatch):
+    # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) at full head size
+    monkeypatch.setitem(chunk_common.LAUNCH, "chunk_grad", {**chunk_common.LAUNCH["chunk_grad"], "half_dots": 1})
     offsets = [0, 1000, 1000, 4133, 4200]
     cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
     inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)

@@ -82,7 +82,8 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
 def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
                        dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+                       HALF_DOTS: tl.constexpr):
     # One (chunk, value head, key block of BK channels). Key-block 0 also does the V-only work
     # (dv, dAqk and the U-part of dA / dbeta). dA and dbeta leave as per-key-block partial sums.
     i_c = tl.program_id(0)
@@ -114,17 +115,29 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_do_s = tl.load(do + p_tv, mask=m_tv, other=0)  # stored dtype (that of v)
+        b_w_s = tl.load(W + p_tv, mask=m_tv, other=0)
         b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
-        b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
-        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
-        b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
-        b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
+        b_h_s = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
+        b_dh_s = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
+        b_do, b_w = b_do_s.to(tl.float32), b_w_s.to(tl.float32)
+        b_h, b_dh = b_h_s.to(tl.float32), b_dh_s.to(tl.float32)
+        if HALF_DOTS:
+            # products of two stored half tensors on their own dtype: the same values as the tf32 dot
+            # of their fp32 copies (half values are exact in tf32; fp32 accumulation either way) at
+            # twice the tensor-core rate
+            b_dqg += tl.dot(b_do_s, tl.trans(b_h_s), input_precision=PREC)
+            b_dkd += tl.dot(b_w_s, tl.trans(b_dh_s), input_precision=PREC)
+        else:
+            b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
         b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
         b_dgl += tl.sum(b_h * b_dh, axis=1)
         if first:
-            b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
+            if HALF_DOTS:
+                b_daqk += tl.dot(b_do_s, tl.trans(b_w_s), input_precision=PREC)
+            else:
+                b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
             # U = M (beta V): dX_v = M^T dU (dU = dW), dv = beta dX_v, dbeta += <dX_v, v>, dM -> dA
             b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
             b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
@@ -429,6 +442,7 @@ def chunk_kda_bwd(
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
             H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+            HALF_DOTS=bool(LAUNCH["chunk_grad"].get("half_dots")) and v.dtype != torch.float32,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))

@@ -102,7 +102,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None),
-    "chunk_grad": dict(num_warps=8, num_stages=3),
+    # half_dots=1: three of its dots on the stored half operands instead of tf32 on fp32 copies (the
+    # same values; interpreter-tested, not yet timed on a GPU; the sweep tries it)
+    "chunk_grad": dict(num_warps=8, num_stages=3, half_dots=0),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # in-loop reductions: 14.4 ms (1 warp), 18.0 (4), 32.7 (8). column_loop=1: a variant without
     # cross-row reductions (interpreter-tested, not yet timed on a GPU; the sweep tries it).
