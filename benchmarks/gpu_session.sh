@@ -18,13 +18,13 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 
 case "$STAGE" in
 kernels)
-  # 1. the decay-products variants (column_loop 0/1 x warps) and the other kernels' settings, B=1 T=64K
-  timeout 200 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels decay_grad gram solve \
-    --budget 170 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
+  # 1. the prepared backward variants (decay products column_loop, chunk grads half_dots) x warps, B=1 T=64K
+  timeout 220 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels decay_grad chunk_grad \
+    --budget 190 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
   # 2. MoE decode tiles at batch 1 (whole-model decode spends ~2.7 ms/token there)
   timeout 100 python3 benchmarks/moe_decode_sweep.py 2>&1 | grep -v '^{' | tee "$OUT/moe_sweep.txt"
   # 3. chunked KDA side by side: the Figure-2 ends and a training shape
-  timeout 250 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,1x4096x16,8x4096x32 \
+  timeout 220 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,1x4096x16,8x4096x32 \
     --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
   ;;
 tests)
