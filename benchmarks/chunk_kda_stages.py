@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chunk_kda_timing import make, ours  # noqa: E402
+
+from kimi_linear.bench.common import kernel_times  # noqa: E402
 
 
 def main() -> None:
@@ -27,18 +28,7 @@ def main() -> None:
         x.requires_grad_(True)
     f = ours(inp, extra, args.fused)
     do = torch.randn(1, args.T, args.H, 128, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        f().backward(do)
-    torch.cuda.synchronize()
-    reps = 5
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            f().backward(do)
-        torch.cuda.synchronize()
-    tot = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name] += ev.device_time_total / 1000 / reps if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000 / reps
+    tot = {name: ms for name, (ms, _) in kernel_times(lambda: f().backward(do), torch.device("cuda"), reps=5).items()}
     print(f"per-kernel ms (T={args.T}, H={args.H}, fused={args.fused}):")
     for name, ms in sorted(tot.items(), key=lambda x: -x[1]):
         print(f"  {ms:8.3f}  {name[:90]}")

@@ -16,11 +16,14 @@ import argparse
 import copy
 import itertools
 import json
+import os
+import sys
 import time
-from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from chunk_kda_timing import make  # noqa: E402
 
 KERNEL_NAMES = {
     "gate": "_gate_cumsum_kernel", "gram": "_gram_kernel", "solve": "_solve_kernel",
@@ -42,14 +45,11 @@ DTYPE = torch.bfloat16
 
 
 def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, device=DEVICE)  # noqa: E731
-    q, k = F.normalize(r(B, T, H, K), dim=-1), F.normalize(r(B, T, H, K), dim=-1)
-    v = r(B, T, H, K)
-    g = F.logsigmoid(r(B, T, H, K)) / 16
-    beta = torch.rand(B, T, H, device=DEVICE, generator=gen)
-    xs = [x.to(DTYPE).requires_grad_(True) for x in (q, k, v, g, beta)]
-    do = r(B, T, H, K).to(DTYPE)
+    """The Figure-2 log-decay setting (``chunk_kda_timing.make``) as grad leaves, plus an upstream grad."""
+    inp, _ = make(T, H, K, fused=False, dtype=DTYPE, device=DEVICE, seed=seed, B=B)
+    xs = [x.requires_grad_(True) for x in inp.values()]
+    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    do = torch.randn(B, T, H, K, generator=gen, device=DEVICE).to(DTYPE)
     return xs, do
 
 
@@ -64,19 +64,10 @@ def run_once(xs, do):
 
 
 def per_kernel_ms(xs, do, reps: int = 3) -> dict[str, float]:
-    run_once(xs, do)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run_once(xs, do)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-    tot: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            tot[ev.name] += ev.device_time_total / 1000 / reps
-    return dict(tot)
+    from kimi_linear.bench.common import kernel_times
+
+    times = kernel_times(lambda: run_once(xs, do), torch.device(DEVICE), reps=reps)
+    return {name: ms for name, (ms, _) in times.items()}
 
 
 def timed_fns(xs, do):

@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 
 
-def make(T: int, H: int, K: int, fused: bool, dtype=torch.bfloat16, device="cuda", seed=0):
+def make(T: int, H: int, K: int, fused: bool, dtype=torch.bfloat16, device="cuda", seed=0, B: int = 1):
     gen = torch.Generator(device=device).manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
-    q, k, v = r(1, T, H, K), r(1, T, H, K), r(1, T, H, K)
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, K)
     if fused:
-        g, beta = r(1, T, H, K), r(1, T, H)
+        g, beta = r(B, T, H, K), r(B, T, H)
         extra = dict(A_log=torch.log(torch.rand(H, device=device) * 15 + 1), dt_bias=r(H * K) * 0.5)
     else:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g = F.logsigmoid(r(1, T, H, K)) / 16  # a pre-computed log-decay (<= 0)
-        beta = torch.rand(1, T, H, device=device, generator=gen)
+        g = F.logsigmoid(r(B, T, H, K)) / 16  # a pre-computed log-decay (<= 0)
+        beta = torch.rand(B, T, H, device=device, generator=gen)
         extra = {}
     t = dict(q=q, k=k, v=v, g=g, beta=beta)
     return {n: x.to(dtype) for n, x in t.items()}, extra

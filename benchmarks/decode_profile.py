@@ -11,13 +11,14 @@ same). Prints the kernels by total GPU time, the sum, and the graph-replayed ste
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+import functools
 
 import torch
 
 
 @torch.no_grad()
 def main() -> None:
+    from kimi_linear.bench.common import kernel_times
     from kimi_linear.bench.model_decode import _fill_random_, bench_config, build_model, time_decode
     from kimi_linear.generation.cache import cache_for_config
     from kimi_linear.generation.generate import _model_dtype, forward_last_logits
@@ -33,34 +34,22 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     model = build_model(bench_config(args.layout, layers=args.layers, vocab=args.vocab), dev, torch.bfloat16)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     steps = 5
     cache = cache_for_config(model.config, batch_size=args.batch, max_len=args.context + 2 * steps + 4, device=dev,
                              dtype=_model_dtype(model))
     _fill_random_(cache, args.context)
     tok = torch.randint(0, model.config.vocab_size, (args.batch, 1), device=dev)
     key_len = cache.max_len
-    for _ in range(2):
-        forward_last_logits(model, tok, cache, key_len=key_len)
-    sync()
-    acts = [torch.profiler.ProfilerActivity.CUDA if dev.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
-    kind = torch.autograd.DeviceType.CUDA if dev.type == "cuda" else torch.autograd.DeviceType.CPU
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(steps):
-            forward_last_logits(model, tok, cache, key_len=key_len)
-        sync()
-    tot: dict[str, float] = defaultdict(float)
-    cnt: dict[str, int] = defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == kind:
-            tot[ev.name] += (ev.device_time_total if dev.type == "cuda" else ev.self_cpu_time_total) / steps
-            cnt[ev.name] += 1
+    step = functools.partial(forward_last_logits, model, tok, cache, key_len=key_len)
+    times = kernel_times(step, dev, reps=steps)
+    tot = {name: ms * 1e3 for name, (ms, _) in times.items()}  # us per step
+    cnt = {name: n for name, (_, n) in times.items()}
     total = sum(tot.values())
-    print(f"{args.layout} B={args.batch} context={args.context}: kernels per step {sum(cnt.values()) // steps}, "
+    print(f"{args.layout} B={args.batch} context={args.context}: kernels per step {sum(cnt.values())}, "
           f"GPU time per step {total / 1000:.3f} ms")
     for name, us in sorted(tot.items(), key=lambda x: -x[1])[: args.top]:
-        print(f"  {us:9.1f} us  x{cnt[name] // steps:4d}  {name[:100]}")
-    del cache
+        print(f"  {us:9.1f} us  x{cnt[name]:4d}  {name[:100]}")
+    del step, cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     rec = time_decode(model, args.batch, args.context, dev)

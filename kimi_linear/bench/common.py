@@ -107,6 +107,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 25,
     return statistics.median(samples)
 
 
+def kernel_times(fn: Callable[[], object], device: torch.device, *, reps: int = 3) -> dict[str, tuple[float, int]]:
+    """Per-kernel time of one ``fn()`` call from torch.profiler: ``{name: (ms per call, launches per
+    call)}``. On CUDA the kernels' device time; on CPU (smoke runs) the ops' self CPU time."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # warm-up
+    sync()
+    act = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(activities=[act]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    us: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for ev in prof.events():
+        if ev.device_type == kind:
+            us[ev.name] = us.get(ev.name, 0.0) + (ev.device_time_total if cuda else ev.self_cpu_time_total)
+            count[ev.name] = count.get(ev.name, 0) + 1
+    return {name: (us[name] / 1e3 / reps, count[name] // reps) for name in us}
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout (``+dirty`` with uncommitted changes); ``KIMI_LINEAR_COMMIT`` when the
     tree was copied without its git directory (e.g. to a GPU machine)."""

@@ -30,11 +30,11 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
-from kimi_linear.ops.kda.chunk import REFERENCE_CHUNK_SIZE, chunk_kda
+from kimi_linear.ops.kda.chunk import chunk_kda
+from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
 from kimi_linear.ops.kda.recurrent import recurrent_kda
-from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.norm import gated_rms_norm
 
 __all__ = ["ShortConvolution", "KimiDeltaAttention"]

@@ -107,3 +107,12 @@ def test_parse_shapes():
     assert kda.parse_shapes("2x64x4x32") == [kda.Shape(2, 64, 4, 32, 32)]
     with pytest.raises(ValueError, match="BxTxH"):
         kda.parse_shapes("1x2")
+
+
+def test_kernel_times_counts_launches_per_call():
+    from kimi_linear.bench.common import kernel_times
+
+    a = torch.randn(64, 64)
+    times = kernel_times(lambda: (a @ a) @ a, torch.device("cpu"), reps=2)
+    ms, launches = times["aten::mm"]
+    assert launches == 2 and ms >= 0.0

@@ -98,53 +98,53 @@ CPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}HV{c[3]}K{c[4]}V{c[5]}"
-                         f"{'-varlen' if c[6] else ''}{'-h0' if c[7] else ''}{'-fused' if c[8] else ''}")
-def test_chunk_kda_interpreter_matches_reference(case):
+def use_variant(monkeypatch, kernel: str, **switches) -> None:
+    """Select a launch-table variant of one kernel (e.g. decay_grad column_loop=1) for this test."""
+    monkeypatch.setitem(chunk_common.LAUNCH, kernel, {**chunk_common.LAUNCH[kernel], **switches})
+
+
+def check_case(case, dtype=torch.float32):
+    """One CPU_CASES entry through the kernels (interpreter) against the fp64 reference."""
     B, T, H, HV, K, V, offsets, h0, fuse = case
     cu = torch.tensor(offsets, dtype=torch.int32) if offsets else None
     inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=fuse, h0=h0)
     ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=fuse)
-    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, cu_seqlens=cu, fuse=fuse, backend="triton")
-    compare(out, ref, torch.float32)
+    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=fuse, backend="triton")
+    compare(out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}HV{c[3]}K{c[4]}V{c[5]}"
+                         f"{'-varlen' if c[6] else ''}{'-h0' if c[7] else ''}{'-fused' if c[8] else ''}")
+def test_chunk_kda_interpreter_matches_reference(case):
+    check_case(case)
 
 
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
 def test_chunk_kda_interpreter_decay_column_loop(case, monkeypatch):
     # the backward's decay products have a second formulation (column forms looped over rows, no
     # cross-row reductions) selected by the launch table; it must give the same gradients
-    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
-    B, T, H, HV, K, V, offsets, h0, fuse = case
-    cu = torch.tensor(offsets, dtype=torch.int32) if offsets else None
-    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=fuse, h0=h0)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=fuse)
-    out = run_case(inp, dtype=torch.float32, fn=chunk_kda, cu_seqlens=cu, fuse=fuse, backend="triton")
-    compare(out, ref, torch.float32)
+    use_variant(monkeypatch, "decay_grad", column_loop=1)
+    check_case(case)
 
 
 def test_chunk_kda_interpreter_decay_column_loop_extreme(monkeypatch):
-    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
+    use_variant(monkeypatch, "decay_grad", column_loop=1)
     check_extreme("cpu", torch.float32)
+
+
+HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
 
 
 def test_chunk_kda_interpreter_half_inputs():
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
     # interpreter computes bf16 dots wrongly).
-    cu = torch.tensor([0, 0, 1, 37, 100], dtype=torch.int32)
-    inp = make_inputs(1, 100, 1, 2, 32, 32, N=4, fuse=True, h0=True)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
-    out = run_case(inp, dtype=torch.float16, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-    compare(out, ref, torch.float16)
+    check_case(HALF_CASE, torch.float16)
 
 
 def test_chunk_kda_interpreter_half_inputs_half_dots(monkeypatch):
     # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) give the same gradients
-    monkeypatch.setitem(chunk_common.LAUNCH, "chunk_grad", {**chunk_common.LAUNCH["chunk_grad"], "half_dots": 1})
-    cu = torch.tensor([0, 0, 1, 37, 100], dtype=torch.int32)
-    inp = make_inputs(1, 100, 1, 2, 32, 32, N=4, fuse=True, h0=True)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
-    out = run_case(inp, dtype=torch.float16, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-    compare(out, ref, torch.float16)
+    use_variant(monkeypatch, "chunk_grad", half_dots=1)
+    check_case(HALF_CASE, torch.float16)
 
 
 def check_extreme(device, dtype):
@@ -205,16 +205,20 @@ def test_chunk_kda_triton_rejects_unsupported():
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-def test_chunk_kda_gpu_fused_varlen(cuda_device, dtype):
-    # odd lengths, an empty sequence, GVA, initial states, the layer's fused gate/norm/beta
+def check_fused_varlen(device, dtype):
+    """Odd lengths, an empty sequence, GVA, initial states, the layer's fused gate/norm/beta, K=V=128."""
     offsets = [0, 1000, 1000, 4133, 4200]
-    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
-    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=device)
     ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
     out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
     compare(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_chunk_kda_gpu_fused_varlen(cuda_device, dtype):
+    check_fused_varlen(cuda_device, dtype)
 
 
 @pytest.mark.gpu
@@ -238,26 +242,16 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_decay_column_loop(cuda_device, dtype, monkeypatch):
     # the alternative decay-products formulation (launch table column_loop=1) at full head size
-    monkeypatch.setitem(chunk_common.LAUNCH, "decay_grad", {**chunk_common.LAUNCH["decay_grad"], "column_loop": 1})
-    offsets = [0, 1000, 1000, 4133, 4200]
-    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
-    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
-    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-    compare(out, ref, dtype)
+    use_variant(monkeypatch, "decay_grad", column_loop=1)
+    check_fused_varlen(cuda_device, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_chunk_kda_gpu_half_dots(cuda_device, dtype, monkeypatch):
     # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) at full head size
-    monkeypatch.setitem(chunk_common.LAUNCH, "chunk_grad", {**chunk_common.LAUNCH["chunk_grad"], "half_dots": 1})
-    offsets = [0, 1000, 1000, 4133, 4200]
-    cu = torch.tensor(offsets, dtype=torch.int32, device=cuda_device)
-    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=cuda_device)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
-    out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-    compare(out, ref, dtype)
+    use_variant(monkeypatch, "chunk_grad", half_dots=1)
+    check_fused_varlen(cuda_device, dtype)
 
 
 @pytest.mark.gpu

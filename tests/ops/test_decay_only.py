@@ -92,12 +92,12 @@ def test_rejects_bad_inputs():
         chunk_decay(q, k, v, g, beta, chunk_size=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_fp32_matches_fp64_reference():
+@pytest.mark.gpu
+def test_cuda_fp32_matches_fp64_reference(cuda_device):
     """On a GPU at a synthetic-task shape (fp32 arithmetic, no TF32 by default): outputs and grads."""
     inputs = make_inputs(B=4, T=300, H=2, K=128, V=128, state=True, seed=11)
     ref_in = [x.clone().requires_grad_(True) for x in inputs]
-    gpu_in = [x.float().cuda().requires_grad_(True) for x in inputs]
+    gpu_in = [x.float().to(cuda_device).requires_grad_(True) for x in inputs]
     outs = []
     for fn, xs in ((chunk_decay_ref, ref_in), (chunk_decay, gpu_in)):
         q, k, v, g, beta, h0 = xs

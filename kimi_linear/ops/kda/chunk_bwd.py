@@ -261,21 +261,26 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
     b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
+    for j in range(0, 16):
+        m_j = (a * 16 + j < n) & m_k
+        b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
+        b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
+        b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
+        b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
+        b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
+        b_ek = b_e * b_kj[None, :]
+        b_dq2 += b_cq[:, None] * b_ek
+        b_dk3 += b_ca[:, None] * b_ek
+        if not COLUMN_LOOP:  # column forms for column j: a reduction over the rows t
+            sel = (o_s == j)[:, None]
+            b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
+            b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
+            b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
+            b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
     if COLUMN_LOOP:
-        # Variant without cross-row reductions: the row forms loop over columns j (as below), the
-        # column forms loop over rows t and update every column j at once,
-        # dk4[j] += dA[t, j] k_t e^{G_t - G_j}, dk5[j] += dAqk[t, j] q_t e^{G_t - G_j} (j <= t):
-        # each exponential is formed twice, but no iteration reduces across rows.
-        for j in range(0, 16):
-            m_j = (a * 16 + j < n) & m_k
-            b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-            b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-            b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
-            b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
-            b_ek = b_e * b_kj[None, :]
-            b_dq2 += b_cq[:, None] * b_ek
-            b_dk3 += b_ca[:, None] * b_ek
+        # Variant without cross-row reductions: the column forms loop over rows t and update every
+        # column j at once, dk4[j] += dA[t, j] k_t e^{G_t - G_j}, dk5[j] += dAqk[t, j] q_t e^{G_t - G_j}
+        # (j <= t); each exponential is formed twice, but no iteration reduces across rows.
         for t in range(0, 16):
             m_t = (a * 16 + t < n) & m_k
             p_t = (t0 + a * 16 + t) * H * K + i_h * K + o_k
@@ -288,22 +293,6 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
             b_e = tl.exp(tl.where((o_s <= t)[:, None] & m_rk & m_t[None, :], b_gt[None, :] - b_g, float("-inf")))
             b_dk4 += b_at[:, None] * (b_e * b_kt[None, :])
             b_dk5 += b_aqt[:, None] * (b_e * b_qt[None, :])
-    else:
-        for j in range(0, 16):
-            m_j = (a * 16 + j < n) & m_k
-            b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-            b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-            b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
-            b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
-            b_ek = b_e * b_kj[None, :]
-            b_dq2 += b_cq[:, None] * b_ek
-            b_dk3 += b_ca[:, None] * b_ek
-            sel = (o_s == j)[:, None]
-            b_c4 = tl.sum(b_ca[:, None] * b_k * b_e, axis=0)
-            b_c5 = tl.sum(b_cq[:, None] * b_q * b_e, axis=0)
-            b_dk4 = tl.where(sel, b_dk4 + b_c4[None, :], b_dk4)
-            b_dk5 = tl.where(sel, b_dk5 + b_c5[None, :], b_dk5)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 

@@ -112,7 +112,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
 }
 
 
-def launch(name: str, default_stages: int | None = None, tile: tuple[int, int] | None = None) -> dict[str, int]:
+def launch(name: str, tile: tuple[int, int] | None = None) -> dict[str, int]:
     """Triton launch keywords of kernel ``name`` from :data:`LAUNCH`. ``tile`` is the (rows, cols) of
     the kernel's main register tile: tiles smaller than 32x32 get at most 4 warps (the scans at
     K = V = 16 faulted with 8 warps on an H100; with 4 they pass)."""
@@ -120,9 +120,8 @@ def launch(name: str, default_stages: int | None = None, tile: tuple[int, int] |
     kw = {"num_warps": int(cfg["num_warps"] or 4)}
     if tile is not None and tile[0] * tile[1] < 32 * 32:
         kw["num_warps"] = min(kw["num_warps"], 4)
-    stages = cfg.get("num_stages") or default_stages
-    if stages:
-        kw["num_stages"] = int(stages)
+    if cfg.get("num_stages"):
+        kw["num_stages"] = int(cfg["num_stages"])
     return kw
 
 
