@@ -29,12 +29,13 @@ KERNEL_NAMES = {
     "gate": "_gate_cumsum_kernel", "gram": "_gram_kernel", "solve": "_solve_kernel",
     "state_fwd": "_state_fwd_kernel", "output": "_output_kernel", "state_bwd": "_state_bwd_kernel",
     "chunk_grad": "_chunk_grad_kernel", "grad_finish": "_chunk_grad_finish_kernel",
-    "decay_grad": "_decay_grad_kernel",
+    "decay_grad": "_decay_grad_kernel", "gate_grad": "_gate_grad_kernel",
 }
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-DECAY = [dict(c, column_loop=v) for v in (0, 1) for c in PLAIN]
+DECAY = [dict(num_warps=w, num_stages=s, column_loop=c, BK=bk)
+         for w, s, c, bk in itertools.product((2, 4, 8), (1, 3), (0, 1), (16, 32, 64)) if not (bk == 64 and w < 4)]
 GRAD = [dict(c, half_dots=v) for v in (0, 1) for c in PLAIN if c["num_warps"] >= 4]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "solve": PLAIN, "output": PLAIN}
@@ -61,6 +62,39 @@ def run_once(xs, do):
     o, _ = chunk_kda(*xs, backend="triton")
     o.backward(do)
     return [o.detach().float()] + [x.grad.float() for x in xs]
+
+
+def fused_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
+    """Per-kernel ms of one fwd+bwd of the layer's fused path (l2norm, raw gate, beta sigmoid)."""
+    from kimi_linear.bench.common import kernel_times
+    from kimi_linear.ops.kda.chunk import chunk_kda
+    from kimi_linear.ops.kda.fusion import KDAFusion
+
+    inp, extra = make(T, H, K, fused=True, dtype=DTYPE, device=DEVICE, seed=0, B=B)
+    xs = [x.requires_grad_(True) for x in list(inp.values()) + list(extra.values())]
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=xs[5], dt_bias=xs[6])
+    do = torch.randn(B, T, H, K, device=DEVICE).to(DTYPE)
+
+    def step():
+        chunk_kda(*xs[:5], fusion=fusion, backend="triton")[0].backward(do)
+
+    return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
+
+
+def fla_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
+    """Per-kernel ms of one fwd+bwd of FLA's exact chunk_kda (the peer's budget per stage), or {}."""
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+    except ImportError:
+        return {}
+    from kimi_linear.bench.common import kernel_times
+
+    xs, do = inputs(B, T, H, K)
+
+    def step():
+        fla_chunk_kda(*xs)[0].backward(do)
+
+    return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
 
 
 def per_kernel_ms(xs, do, reps: int = 3) -> dict[str, float]:
@@ -95,6 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["1x65536x16", "8x4096x32"])
     ap.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--fla-profile", action="store_true", help="also print FLA's per-kernel times (if installed)")
+    ap.add_argument("--fused-profile", action="store_true", help="also print the fused path's per-kernel times")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep (shared equally by shapes)")
     args = ap.parse_args()
     t_start = time.time()
@@ -113,6 +149,18 @@ def main() -> None:
         print(f"== {shape}: baseline per-kernel ms (total {sum(base.values()):.3f})", flush=True)
         for name, ms in sorted(base.items(), key=lambda x: -x[1])[:12]:
             print(f"   {ms:8.3f}  {name[:70]}", flush=True)
+        if args.fused_profile:
+            fused = fused_profile(B, T, H)
+            rows["fused_baseline"] = {k: round(v, 4) for k, v in sorted(fused.items(), key=lambda x: -x[1])}
+            print(f"== {shape}: fused path per-kernel ms (total {sum(fused.values()):.3f})", flush=True)
+            for name, ms in sorted(fused.items(), key=lambda x: -x[1])[:16]:
+                print(f"   {ms:8.3f}  {name[:90]}", flush=True)
+        if args.fla_profile:
+            fla = fla_profile(B, T, H)
+            rows["fla_baseline"] = {k: round(v, 4) for k, v in sorted(fla.items(), key=lambda x: -x[1])}
+            print(f"== {shape}: FLA exact path per-kernel ms (total {sum(fla.values()):.3f})", flush=True)
+            for name, ms in sorted(fla.items(), key=lambda x: -x[1])[:20]:
+                print(f"   {ms:8.3f}  {name[:90]}", flush=True)
         best = {}
         for kname in args.kernels:
             kfun = KERNEL_NAMES[kname]

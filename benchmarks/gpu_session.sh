@@ -18,13 +18,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 
 case "$STAGE" in
 kernels)
-  # 1. the prepared backward variants (decay products column_loop, chunk grads half_dots) x warps, B=1 T=64K
-  timeout 220 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels decay_grad chunk_grad \
-    --budget 190 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
-  # 2. MoE decode tiles at batch 1 (whole-model decode spends ~2.7 ms/token there)
-  timeout 100 python3 benchmarks/moe_decode_sweep.py 2>&1 | grep -v '^{' | tee "$OUT/moe_sweep.txt"
-  # 3. chunked KDA side by side: the Figure-2 ends and a training shape
-  timeout 220 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,1x4096x16,8x4096x32 \
+  # 1. per-kernel profiles (ours, ours fused, FLA) and a launch sweep of $SWEEP (default: the decay
+  #    products) at B=1 T=64K H=16
+  timeout 260 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels ${SWEEP:-decay_grad} \
+    --fla-profile --fused-profile --budget 200 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
+  # 2. chunked KDA side by side: the Figure-2 end and a training shape
+  timeout 220 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,8x4096x32 \
     --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
   ;;
 tests)

@@ -63,10 +63,12 @@ class _ChunkKDAFunction(torch.autograd.Function):
         saved = dict(zip(ctx.saved_keys, rest))
         B, T, H, HV, K, V = ctx.shape
         has_h0, qk_l2norm, beta_sigmoid, q_dtype, k_dtype = ctx.flags
+        # the kernels write dq / dk in the input dtype when nothing (GVA sum, l2norm backward) follows
+        direct = HV == H and not qk_l2norm and q_dtype == k_dtype
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd(
             q2, k2, v2, g2, b2, saved, do.reshape(B * T, HV, V), dht.contiguous() if dht is not None else None,
             scale=ctx.scale, has_initial_state=has_h0, table=ctx.table, A_log=A_log, dt_bias=dt_bias,
-            beta_sigmoid=beta_sigmoid)
+            beta_sigmoid=beta_sigmoid, grad_dtype=q_dtype if direct else torch.float32)
         # value heads sharing a q/k head (GVA) add their gradients
         if HV != H:
             dq = dq.view(B * T, H, HV // H, K).sum(2)

@@ -206,7 +206,7 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 
 
 @triton.jit
-def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i_h,
+def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                     COLUMN_LOOP: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
@@ -215,7 +215,6 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
     Off-diagonal sub-blocks go through a reference token (tl.dot); the diagonal block computes
     each exponential once and uses it for all four."""
     o_s = tl.arange(0, 16)
-    o_t = tl.arange(0, 64)
     rows = a * 16 + o_s
     m_r = rows < n
     m_rk = m_r[:, None] & m_k[None, :]
@@ -226,36 +225,42 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
     b_dk3 = tl.zeros([16, BK], dtype=tl.float32)
     b_dk4 = tl.zeros([16, BK], dtype=tl.float32)
     b_dk5 = tl.zeros([16, BK], dtype=tl.float32)
-    if a > 0:
-        # earlier sub-chunks (columns i < 16a) through the reference token 16a
-        b_gr = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & (a * 16 < n), other=0)
-        m_p = (o_t < tl.minimum(a * 16, n))[:, None] & m_k[None, :]
-        b_x = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
-        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-        b_x = b_x * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-        m_pc = m_r[:, None] & (o_t < a * 16)[None, :]
-        b_paq = tl.load(dAqk + p_rows_cc + o_t[None, :], mask=m_pc, other=0)
-        b_pa = tl.load(dA + p_rows_cc + o_t[None, :], mask=m_pc, other=0)
-        b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-        b_dq2 = tl.dot(b_paq, b_x, input_precision=PREC) * b_dec
-        b_dk3 = tl.dot(b_pa, b_x, input_precision=PREC) * b_dec
-    if a < 3:
-        # later sub-chunks (rows t >= 16a+16) through the reference token 16a+15
-        r_ref = tl.minimum(a * 16 + 15, n - 1)
-        b_gr = tl.load(G + ((t0 + r_ref) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        m_l = (o_t >= a * 16 + 16) & (o_t < n)
+    # off-diagonal sub-blocks, one 16-row sub-chunk b at a time ([16, BK] tiles keep registers low)
+    # earlier sub-chunks b < a (columns i of dq2/dk3) through the reference token 16a
+    b_gr = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & (a * 16 < n), other=0)
+    for b in range(0, a):
+        cols = b * 16 + o_s
+        p_ck = ((t0 + cols[:, None]) * H + i_h) * K + o_k[None, :]
+        b_gp = tl.load(G + ((t0 + cols[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_k[None, :], other=0)
+        b_x = tl.load(k + p_ck, mask=m_k[None, :], other=0).to(tl.float32) * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+        m_pc = m_r[:, None]
+        b_paq = tl.load(dAqk + p_rows_cc + cols[None, :], mask=m_pc, other=0)
+        b_pa = tl.load(dA + p_rows_cc + cols[None, :], mask=m_pc, other=0)
+        b_dq2 += tl.dot(b_paq, b_x, input_precision=PREC)
+        b_dk3 += tl.dot(b_pa, b_x, input_precision=PREC)
+    b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+    b_dq2 = b_dq2 * b_dec
+    b_dk3 = b_dk3 * b_dec
+    # later sub-chunks b > a (rows t of dk4/dk5) through the reference token 16a+15 (or the last row)
+    r_ref = tl.minimum(a * 16 + 15, n - 1)
+    b_gr = tl.load(G + ((t0 + r_ref) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+    for b in range(a + 1, tl.cdiv(n, 16)):
+        trow = b * 16 + o_s
+        m_l = trow < n
         m_p = m_l[:, None] & m_k[None, :]
-        b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+        b_gp = tl.load(G + ((t0 + trow[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
         b_dec = tl.exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
-        p_x = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        p_x = ((t0 + trow[:, None]) * H + i_h) * K + o_k[None, :]
         b_xk = tl.load(k + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
         b_xq = tl.load(q + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
-        p_cols = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :]
+        p_cols = ((t0 + trow[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :]
         b_pa = tl.load(dA + p_cols, mask=m_l[:, None], other=0)  # [t, i]
         b_paq = tl.load(dAqk + p_cols, mask=m_l[:, None], other=0)
-        b_dec = tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
-        b_dk4 = tl.dot(tl.trans(b_pa), b_xk, input_precision=PREC) * b_dec
-        b_dk5 = tl.dot(tl.trans(b_paq), b_xq, input_precision=PREC) * b_dec
+        b_dk4 += tl.dot(tl.trans(b_pa), b_xk, input_precision=PREC)
+        b_dk5 += tl.dot(tl.trans(b_paq), b_xq, input_precision=PREC)
+    b_dec = tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
+    b_dk4 = b_dk4 * b_dec
+    b_dk5 = b_dk5 * b_dec
     # diagonal sub-block, one token j at a time: column i = j for the row forms, row t = j for the
     # column forms; E[t, :] = e^{G_t - G_j} for t >= j, masked before exp
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
@@ -297,60 +302,74 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a: tl.constexpr, o_k, m_k, i
 
 
 @triton.jit
-def _decay_grad_kernel(q, k, G, g, A_log, dt_bias, dA, dAqk, dq, dk, dG, dGl, dg, dalog_part, ddtb_part,
-                       chunk_start, chunk_len,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                       NKB: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr,
+def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                        COLUMN_LOOP: tl.constexpr):
+    # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
+    # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
+    # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
     # dq += sum_i dAqk[t,i] k_i e^{G_t-G_i};  dk += (dA row form) + (dA, dAqk column forms);
-    # dG += q*dq2 + k*dk3 - k*dk4 - k*dk5;  dg = reverse cumsum of dG (G is a prefix sum).
-    i_c = tl.program_id(0)
+    # dG += q*dq2 + k*dk3 - k*dk4 - k*dk5 (+ the G_last terms on the chunk's last row).
+    # The reverse cumsum dG -> dg runs afterwards in _gate_grad_kernel (it spans the sub-chunks).
+    i_c = tl.program_id(0) // 4
+    a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
     i_kb = tl.program_id(2)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    o_s = tl.arange(0, 16)
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
-    b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-    b_carry = tl.zeros([BK], dtype=tl.float32)
-    b_dalog = tl.zeros([BK], dtype=tl.float32)
-    b_ddtb = tl.zeros([BK], dtype=tl.float32)
-    if GATE_FROM_RAW:
-        b_alog = tl.load(A_log + i_hv).to(tl.float32)
-        b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
-    for a in tl.static_range(3, -1, -1):
-        rows = a * 16 + o_s
+    if a * 16 < n:  # a sub-chunk past the chunk's end has no rows (and earlier sub-chunks are full)
+        rows = a * 16 + tl.arange(0, 16)
         m_r = rows < n
         m_rk = m_r[:, None] & m_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                                                                H, HV, K, BK, PREC, COLUMN_LOOP)
+        b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
         b_dG = tl.load(dG + p_tk, mask=m_rk, other=0) + b_q * b_dq2 + b_k * (b_dk3 - b_dk4 - b_dk5)
         b_dG += tl.where((rows == n - 1)[:, None], b_gl[None, :], 0.0)
-        tl.store(dq + p_tk, b_dq, mask=m_rk)
-        tl.store(dk + p_tk, b_dk, mask=m_rk)
-        # reverse cumsum over the chunk, sub-chunk by sub-chunk from the last
-        b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + b_carry[None, :]
-        b_carry += tl.sum(b_dG, axis=0)
-        b_graw = tl.load(g + p_tk, mask=m_rk, other=0).to(tl.float32)
-        if GATE_FROM_RAW:
-            b_x = b_graw + b_bias[None, :]
-            b_gate = -tl.exp(b_alog) * softplus_f32(b_x)
-            b_dg = tl.where(m_rk & (b_gate >= FLOOR), b_dg, 0.0)
-            b_dx = b_dg * (-tl.exp(b_alog)) * tl.sigmoid(b_x)
-            b_dalog += tl.sum(b_dg * b_gate, axis=0)
-            b_ddtb += tl.sum(b_dx, axis=0)
-            tl.store(dg + p_tk, b_dx.to(dg.dtype.element_ty), mask=m_rk)
-        else:
-            b_dg = tl.where(b_graw >= FLOOR, b_dg, 0.0)
-            tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_rk)
+        # dq_out / dk_out: dq / dk themselves, or the caller's final gradients in the input dtype
+        tl.store(dq_out + p_tk, b_dq.to(dq_out.dtype.element_ty), mask=m_rk)
+        tl.store(dk_out + p_tk, b_dk.to(dk_out.dtype.element_ty), mask=m_rk)
+        tl.store(dG + p_tk, b_dG, mask=m_rk)
+
+
+@triton.jit
+def _gate_grad_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len,
+                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+    # G is the chunk's prefix sum of the gate, so dg = reverse cumsum of dG over the chunk's rows;
+    # then the fused gate's backward: g = -e^{A_log} softplus(x + dt_bias) (zero below the floor).
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_kb = tl.program_id(2)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_t = tl.arange(0, 64)
+    o_k = i_kb * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = (o_t < n)[:, None] & m_k[None, :]
+    p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_dg = tl.cumsum(tl.load(dG + p_tk, mask=m_tk, other=0), axis=0, reverse=True)
+    b_graw = tl.load(g + p_tk, mask=m_tk, other=0).to(tl.float32)
     if GATE_FROM_RAW:
-        tl.store(dalog_part + (i_c.to(tl.int64) * HV + i_hv) * NKB + i_kb, tl.sum(b_dalog, axis=0))
-        tl.store(ddtb_part + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_ddtb, mask=m_k)
+        b_alog = tl.load(A_log + i_hv).to(tl.float32)
+        b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
+        b_x = b_graw + b_bias[None, :]
+        b_gate = -tl.exp(b_alog) * softplus_f32(b_x)
+        b_dg = tl.where(m_tk & (b_gate >= FLOOR), b_dg, 0.0)
+        b_dx = b_dg * (-tl.exp(b_alog)) * tl.sigmoid(b_x)
+        tl.store(dg + p_tk, b_dx.to(dg.dtype.element_ty), mask=m_tk)
+        p_part = (i_c.to(tl.int64) * HV + i_hv)
+        tl.store(dalog_part + p_part * NKB + i_kb, tl.sum(tl.sum(b_dg * b_gate, axis=0), axis=0))
+        tl.store(ddtb_part + p_part * K + o_k, tl.sum(b_dx, axis=0), mask=m_k)
+    else:
+        b_dg = tl.where(b_graw >= FLOOR, b_dg, 0.0)
+        tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -382,11 +401,12 @@ def chunk_kda_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     saved: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None, *, scale: float,
     has_initial_state: bool, table: ChunkTable, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
-    beta_sigmoid: bool,
+    beta_sigmoid: bool, grad_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, ...]:
     """Backward over a packed stream (inputs as for ``chunk_kda_fwd``; ``do [Ttot, HV, V]``).
 
-    Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` fp32 (the caller sums GVA groups), ``dv``,
+    Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` in ``grad_dtype`` (fp32 when the caller still
+    sums GVA groups or runs the l2norm backward; the input dtype saves a cast otherwise), ``dv``,
     ``dg`` (of the raw gate when fused), ``dbeta`` (of the logits when fused), ``dh0`` (or None),
     ``dA_log``, ``ddt_bias`` (None unless the gate is fused).
     """
@@ -396,7 +416,7 @@ def chunk_kda_bwd(
     KP = pow2(K)
     BV = min(64 if K <= 64 else 32, pow2(V))
     BVS, scan_kw = scan_launch("state_bwd", table.N * HV, V, KP, v.dtype, dev)
-    BK = min(32, KP)
+    BK = min(int(LAUNCH["decay_grad"].get("BK") or 32), KP)  # key block of the decay products
     NKB = triton.cdiv(K, BK)
     prec = dot_precision(v.dtype)
     NC, N = table.NC, table.N
@@ -420,11 +440,17 @@ def chunk_kda_bwd(
     dAqk = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
     dg = chunk_common.alloc(g.shape, g.dtype, dev)
     gate_raw = A_log is not None
-    dalog_part = chunk_common.alloc((max(NC, 1), HV, NKB), torch.float32, dev) if gate_raw else dGl
+    BKG = min(64, KP)  # key block of the chunk-gradient kernel
+    NKG = triton.cdiv(K, BKG)
+    BKE = min(32, KP)  # key block of the gate-gradient kernel
+    NKE = triton.cdiv(K, BKE)
+    dalog_part = chunk_common.alloc((max(NC, 1), HV, NKE), torch.float32, dev) if gate_raw else dGl
     ddtb_part = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev) if gate_raw else dGl
+    dq_out, dk_out = dq, dk  # the last writer of dq / dk (the decay products) stores them here
+    if grad_dtype != torch.float32:
+        dq_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
+        dk_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
     if NC > 0:
-        BKG = min(64, KP)
-        NKG = triton.cdiv(K, BKG)
         dA_part = chunk_common.alloc((NKG, Ttot, HV, 64), torch.float32, dev)
         db_part = chunk_common.alloc((NKG, Ttot, HV), torch.float32, dev)
         _chunk_grad_kernel[(NC, HV, NKG)](
@@ -435,11 +461,12 @@ def chunk_kda_bwd(
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
-        _decay_grad_kernel[(NC, HV, NKB)](
-            q, k, saved["G"], g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dA, dAqk, dq, dk, dG,
-            dGl, dg, dalog_part, ddtb_part, cs, cl, H=H, HV=HV, K=K, BK=BK, NKB=NKB,
-            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, PREC=prec,
+        _decay_grad_kernel[(NC * 4, HV, NKB)](
+            q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK, PREC=prec,
             COLUMN_LOOP=bool(LAUNCH["decay_grad"].get("column_loop")), **launch("decay_grad"))
+        _gate_grad_kernel[(NC, HV, NKE)](
+            dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
+            HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate_grad"))
     dA_log = ddt_bias = None
     if gate_raw:
         if NC > 0:
@@ -448,4 +475,4 @@ def chunk_kda_bwd(
         else:
             dA_log = torch.zeros(HV, dtype=torch.float32, device=dev)
             ddt_bias = torch.zeros(HV * K, dtype=torch.float32, device=dev)
-    return dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias
+    return dq_out, dk_out, dv, dg, dbeta, dh0, dA_log, ddt_bias

@@ -109,6 +109,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # in-loop reductions: 14.4 ms (1 warp), 18.0 (4), 32.7 (8). column_loop=1: a variant without
     # cross-row reductions (interpreter-tested, not yet timed on a GPU; the sweep tries it).
     "decay_grad": dict(num_warps=1, num_stages=3, column_loop=0),
+    "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
 
