@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from chunk_kda_timing import make  # noqa: E402
 
 KERNEL_NAMES = {
-    "gate": "_gate_cumsum_kernel", "gram": "_gram_kernel", "solve": "_solve_kernel",
+    "gate": "_gate_cumsum_kernel", "gram": "_gram_kernel", "gram_diag": "_gram_diag_kernel", "solve": "_solve_kernel",
     "state_fwd": "_state_fwd_kernel", "output": "_output_kernel", "state_bwd": "_state_bwd_kernel",
     "chunk_grad": "_chunk_grad_kernel", "grad_finish": "_chunk_grad_finish_kernel",
     "decay_grad": "_decay_grad_kernel", "gate_grad": "_gate_grad_kernel",
@@ -34,11 +34,12 @@ KERNEL_NAMES = {
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-DECAY = [dict(num_warps=w, num_stages=s, column_loop=c, BK=bk)
-         for w, s, c, bk in itertools.product((2, 4, 8), (1, 3), (0, 1), (16, 32, 64)) if not (bk == 64 and w < 4)]
+DECAY = [dict(num_warps=w, num_stages=3, column_loop=c, BK=bk) for w, c, bk in itertools.product((2, 4, 8), (0, 1), (16, 32))]
 GRAD = [dict(c, half_dots=v) for v in (0, 1) for c in PLAIN if c["num_warps"] >= 4]
+SOLVE = [dict(num_warps=w, num_stages=s, BV=bv) for w, s, bv in itertools.product((4, 8), (1, 2), (32, 64))]
+WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "solve": PLAIN, "output": PLAIN}
+              "gram_diag": WARPS, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

@@ -20,10 +20,10 @@ case "$STAGE" in
 kernels)
   # 1. per-kernel profiles (ours, ours fused, FLA) and a launch sweep of $SWEEP (default: the decay
   #    products) at B=1 T=64K H=16
-  timeout 260 python3 benchmarks/chunk_kda_sweep.py --shapes 1x65536x16 --kernels ${SWEEP:-decay_grad} \
-    --fla-profile --fused-profile --budget 200 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
+  timeout 300 python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-decay_grad} \
+    ${PROFILES:-} --budget 240 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
   # 2. chunked KDA side by side: the Figure-2 end and a training shape
-  timeout 220 python3 -m kimi_linear.cli bench kda --shapes 1x65536x16,8x4096x32 \
+  timeout 220 python3 -m kimi_linear.cli bench kda --shapes ${BENCH_SHAPES:-1x65536x16,8x4096x32} \
     --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
   ;;
 tests)

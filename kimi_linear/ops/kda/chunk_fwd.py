@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 
 
 @triton.jit
@@ -94,33 +94,45 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-        # Diagonal sub-block: exact pairwise decays, one column j at a time, masked before exp.
-        o_k = tl.arange(0, KP)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-        b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-        b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-        b_dq = tl.zeros([16, 16], dtype=tl.float32)
-        b_dk = tl.zeros([16, 16], dtype=tl.float32)
-        for j in range(0, 16):
-            m_j = (a * 16 + j < n) & m_k
-            p_j = (t0 + a * 16 + j) * H * K + i_h * K + o_k
-            b_kj = tl.load(k + p_j, mask=m_j, other=0).to(tl.float32)
-            b_gj = tl.load(G + (t0 + a * 16 + j) * HV * K + i_hv * K + o_k, mask=m_j, other=0)
-            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-            b_e = b_e * b_kj[None, :]
-            sel = (o_s == j)[None, :]
-            b_dq = tl.where(sel, tl.sum(b_q * b_e, axis=1)[:, None], b_dq)
-            b_dk = tl.where(sel, tl.sum(b_k * b_e, axis=1)[:, None], b_dk)
-        b_dk = tl.where(o_s[:, None] > o_s[None, :], b_dk, 0.0)
+        # The diagonal 16x16 block is _gram_diag_kernel's (one program per row: no serial loop).
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         m_zero = m_r[:, None] & (o_t[None, :] >= a * 16 + 16)
         tl.store(Aqk + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_aq), mask=m_off | m_zero)
         tl.store(Araw + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_ak), mask=m_off | m_zero)
-        tl.store(Aqk + p_row + a * 16 + o_s[None, :], b_dq, mask=m_r[:, None])
-        tl.store(Araw + p_row + a * 16 + o_s[None, :], b_dk, mask=m_r[:, None])
+
+
+@triton.jit
+def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    # Step 3's diagonal blocks, token-parallel: one program per (chunk row r, value head) computes row
+    # r of its sub-chunk's 16x16 block with exact pairwise decays on one [16, K] tile, masked before
+    # exp: Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r).
+    i_c = tl.program_id(0) // 64
+    r = tl.program_id(0) % 64
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    if r < n:
+        a0 = (r // 16) * 16
+        o_s = tl.arange(0, 16)
+        o_k = tl.arange(0, KP)
+        m_k = o_k < K
+        m_j = (a0 + o_s) <= r
+        m_jk = m_j[:, None] & m_k[None, :]
+        p_r = ((t0 + r) * H + i_h) * K + o_k
+        b_qr = tl.load(q + p_r, mask=m_k, other=0).to(tl.float32)
+        b_kr = tl.load(k + p_r, mask=m_k, other=0).to(tl.float32)
+        b_gr = tl.load(G + ((t0 + r) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        b_kj = tl.load(k + ((t0 + a0 + o_s[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
+        b_gj = tl.load(G + ((t0 + a0 + o_s[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
+        b_e = tl.exp(tl.where(m_jk, b_gr[None, :] - b_gj, float("-inf"))) * b_kj
+        b_aq = tl.sum(b_e * b_qr[None, :], axis=1)
+        b_ak = tl.where(a0 + o_s < r, tl.sum(b_e * b_kr[None, :], axis=1), 0.0)
+        p_out = ((t0 + r) * HV + i_hv) * 64 + a0 + o_s
+        tl.store(Aqk + p_out, b_aq)
+        tl.store(Araw + p_out, b_ak)
 
 
 @triton.jit
@@ -227,19 +239,24 @@ def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_l
         b_v = tl.load(v + p_v, mask=m_tv, other=0).to(tl.float32)
         b_u = tl.dot(b_M, b_v * b_beta[:, None], input_precision=PREC)
         tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
-    o_k = tl.arange(0, KP)
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
-    b_k = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-    p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
-    b_g = tl.load(G + p_g, mask=m_tk, other=0)
-    b_eg = tl.exp(b_g)
-    b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
-    tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
-    # the decayed q and k the scans and the output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k (step 7)
-    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=o_k < K, other=0)
-    tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
-    b_q = tl.load(q + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)
-    tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
+    # Wk and the decayed q and k the scans and the output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k
+    # (step 7); in key blocks of BV so that no [64, K] fp32 tile set has to live at once (at K = 128
+    # the whole-K form needed 255 registers and spilled ~3 KB)
+    for kb in range(0, K, BV):
+        o_k = kb + tl.arange(0, BV)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+        b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
+        b_g = tl.load(G + p_g, mask=m_tk, other=0)
+        b_eg = tl.exp(b_g)
+        b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
+        tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
+        b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+        b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
+        tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -382,7 +399,9 @@ def chunk_kda_fwd(
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec,
                                   **launch("gram"))
-        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BV,
+        _gram_diag_kernel[(NC * 64, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, **launch("gram_diag"))
+        BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
+        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
                                 BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
