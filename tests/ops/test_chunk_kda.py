@@ -120,16 +120,25 @@ def test_chunk_kda_interpreter_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_decay_column_loop(case, monkeypatch):
-    # the backward's decay products have a second formulation (column forms looped over rows, no
-    # cross-row reductions) selected by the launch table; it must give the same gradients
-    use_variant(monkeypatch, "decay_grad", column_loop=1)
+def test_chunk_kda_interpreter_decay_row_reductions(case, monkeypatch):
+    # the backward's decay products have two formulations of the column forms, selected by the
+    # launch table (default: a loop over rows; column_loop=0: per-column reductions across rows);
+    # the non-default one must give the same gradients
+    use_variant(monkeypatch, "decay_grad", column_loop=0)
     check_case(case)
 
 
-def test_chunk_kda_interpreter_decay_column_loop_extreme(monkeypatch):
-    use_variant(monkeypatch, "decay_grad", column_loop=1)
+def test_chunk_kda_interpreter_decay_row_reductions_extreme(monkeypatch):
+    use_variant(monkeypatch, "decay_grad", column_loop=0)
     check_extreme("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("rows", [2, 4, 16])
+def test_chunk_kda_interpreter_gram_diag_rows_per_program(rows, monkeypatch):
+    # the diagonal gram blocks with several chunk rows per program (launch table R), on a case whose
+    # sequences end inside a sub-chunk (rows past a chunk's end must be left alone)
+    use_variant(monkeypatch, "gram_diag", R=rows)
+    check_case(CPU_CASES[-2])
 
 
 HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
@@ -240,10 +249,18 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_decay_column_loop(cuda_device, dtype, monkeypatch):
-    # the alternative decay-products formulation (launch table column_loop=1) at full head size
-    use_variant(monkeypatch, "decay_grad", column_loop=1)
+def test_chunk_kda_gpu_decay_row_reductions(cuda_device, dtype, monkeypatch):
+    # the non-default decay-products formulation (launch table column_loop=0) at full head size
+    use_variant(monkeypatch, "decay_grad", column_loop=0)
     check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [4, 16])
+def test_chunk_kda_gpu_gram_diag_rows_per_program(cuda_device, rows, monkeypatch):
+    # several chunk rows per program in the diagonal gram kernel (launch table R) at full head size
+    use_variant(monkeypatch, "gram_diag", R=rows)
+    check_fused_varlen(cuda_device, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -98,18 +98,20 @@ def pow2(x: int, floor: int = 16) -> int:
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
     "gram": dict(num_warps=4, num_stages=3),
-    "gram_diag": dict(num_warps=4, num_stages=None),
-    "solve": dict(num_warps=4, num_stages=2),  # 8 warps: 2x slower (4.7 vs 2.3 ms at 1M tokens x heads)
+    # diagonal gram blocks, token-parallel: 1.59 ms with 1 warp and one row per program (4 warps: 2.30)
+    "gram_diag": dict(num_warps=1, num_stages=None, R=1),
+    # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
+    "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None),
     # half_dots=1: three of its dots on the stored half operands instead of tf32 on fp32 copies (the
-    # same values; interpreter-tested, not yet timed on a GPU; the sweep tries it)
+    # same values; 5.74 vs 5.76 ms on an H100 at 1M tokens x heads: no gain, so off)
     "chunk_grad": dict(num_warps=8, num_stages=3, half_dots=0),
     "grad_finish": dict(num_warps=4, num_stages=None),
-    # in-loop reductions: 14.4 ms (1 warp), 18.0 (4), 32.7 (8). column_loop=1: a variant without
-    # cross-row reductions (interpreter-tested, not yet timed on a GPU; the sweep tries it).
-    "decay_grad": dict(num_warps=1, num_stages=3, column_loop=0),
+    # decay products, one program per sub-chunk: 6.85 ms with 2 warps, column loop, BK 32 (row
+    # reductions: 10.4; 4 warps 7.2; 8 warps 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
+    "decay_grad": dict(num_warps=2, num_stages=3, column_loop=1, BK=32),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 

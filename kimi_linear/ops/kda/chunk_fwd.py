@@ -104,35 +104,39 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
-    # Step 3's diagonal blocks, token-parallel: one program per (chunk row r, value head) computes row
-    # r of its sub-chunk's 16x16 block with exact pairwise decays on one [16, K] tile, masked before
-    # exp: Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r).
-    i_c = tl.program_id(0) // 64
-    r = tl.program_id(0) % 64
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr):
+    # Step 3's diagonal blocks, token-parallel: one program per (R chunk rows, value head). Row r of
+    # its sub-chunk's 16x16 block takes exact pairwise decays on one [16, K] tile, masked before exp:
+    # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r).
+    # The R rows share one load of the sub-chunk's k and G (R = 1 re-reads them once per row: 16x the
+    # L2 traffic); their computations are independent, so there is no serial chain as in a column loop.
+    i_c = tl.program_id(0) // (64 // R)
+    r0 = (tl.program_id(0) % (64 // R)) * R
     i_hv = tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    if r < n:
-        a0 = (r // 16) * 16
+    if r0 < n:
+        a0 = (r0 // 16) * 16
         o_s = tl.arange(0, 16)
         o_k = tl.arange(0, KP)
         m_k = o_k < K
-        m_j = (a0 + o_s) <= r
-        m_jk = m_j[:, None] & m_k[None, :]
-        p_r = ((t0 + r) * H + i_h) * K + o_k
-        b_qr = tl.load(q + p_r, mask=m_k, other=0).to(tl.float32)
-        b_kr = tl.load(k + p_r, mask=m_k, other=0).to(tl.float32)
-        b_gr = tl.load(G + ((t0 + r) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+        m_jk = ((a0 + o_s) < tl.minimum(r0 + R, n))[:, None] & m_k[None, :]
         b_kj = tl.load(k + ((t0 + a0 + o_s[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
         b_gj = tl.load(G + ((t0 + a0 + o_s[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
-        b_e = tl.exp(tl.where(m_jk, b_gr[None, :] - b_gj, float("-inf"))) * b_kj
-        b_aq = tl.sum(b_e * b_qr[None, :], axis=1)
-        b_ak = tl.where(a0 + o_s < r, tl.sum(b_e * b_kr[None, :], axis=1), 0.0)
-        p_out = ((t0 + r) * HV + i_hv) * 64 + a0 + o_s
-        tl.store(Aqk + p_out, b_aq)
-        tl.store(Araw + p_out, b_ak)
+        for rr in tl.static_range(R):
+            r = r0 + rr
+            m_rk = m_k & (r < n)
+            p_r = ((t0 + r) * H + i_h) * K + o_k
+            b_qr = tl.load(q + p_r, mask=m_rk, other=0).to(tl.float32)
+            b_kr = tl.load(k + p_r, mask=m_rk, other=0).to(tl.float32)
+            b_gr = tl.load(G + ((t0 + r) * HV + i_hv) * K + o_k, mask=m_rk, other=0)
+            b_e = tl.exp(tl.where(((a0 + o_s) <= r)[:, None] & m_jk, b_gr[None, :] - b_gj, float("-inf"))) * b_kj
+            b_aq = tl.sum(b_e * b_qr[None, :], axis=1)
+            b_ak = tl.where(a0 + o_s < r, tl.sum(b_e * b_kr[None, :], axis=1), 0.0)
+            p_out = ((t0 + r) * HV + i_hv) * 64 + a0 + o_s
+            tl.store(Aqk + p_out, b_aq, mask=r < n)
+            tl.store(Araw + p_out, b_ak, mask=r < n)
 
 
 @triton.jit
@@ -399,7 +403,9 @@ def chunk_kda_fwd(
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec,
                                   **launch("gram"))
-        _gram_diag_kernel[(NC * 64, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, **launch("gram_diag"))
+        R = int(LAUNCH["gram_diag"].get("R") or 1)  # chunk rows per program (a power of two <= 16)
+        _gram_diag_kernel[(NC * (64 // R), HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, R=R,
+                                                **launch("gram_diag"))
         BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
         _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
                                 BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
