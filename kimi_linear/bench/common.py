@@ -146,6 +146,20 @@ def _git_commit() -> str | None:
         return None
 
 
+def source_hash() -> str:
+    """SHA-1 (12 hex digits) of the package's Python sources, in path order. Identifies the code a
+    result was measured with even where the git metadata travelled stale (a GPU machine gets the
+    working tree, not necessarily a current ``.git``): recompute it on a checkout to match."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -176,6 +190,7 @@ def environment(device: torch.device, *, ceilings: bool = True) -> dict[str, obj
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "kimi_linear": __version__,
         "commit": _git_commit(),
+        "src_sha": source_hash(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

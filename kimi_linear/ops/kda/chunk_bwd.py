@@ -13,8 +13,10 @@ Stages of the backward:
 | chunk grads    | (NC, HV, K/64) | dense parts of dq/dk/dG per key block; key block 0 also dv, dAqk; |
 |                |                | dA and dbeta as per-key-block partial sums                        |
 | finish         | (NC, HV)       | sums the partials; dbeta (+ sigmoid'), dAraw = beta dA            |
-| decay products | (NC, HV, K/BK) | the Araw/Aqk parts of dq/dk/dG (exact sub-chunk form), dg = reverse |
-|                |                | cumsum of dG, fused gate backward (raw gate, A_log, dt_bias)      |
+| decay products | (4NC, HV, K/BK)| the Araw/Aqk parts of dq/dk/dG (exact sub-chunk form), one program |
+|                |                | per 16-row sub-chunk                                              |
+| gate grads     | (NC, HV, K/32) | dg = reverse cumsum of dG over the chunk, fused gate backward     |
+|                |                | (raw gate, A_log, dt_bias partials)                               |
 """
 
 from __future__ import annotations

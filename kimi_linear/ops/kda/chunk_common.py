@@ -98,8 +98,9 @@ def pow2(x: int, floor: int = 16) -> int:
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
     "gram": dict(num_warps=4, num_stages=3),
-    # diagonal gram blocks, token-parallel: 1.59 ms with 1 warp and one row per program (4 warps: 2.30)
-    "gram_diag": dict(num_warps=1, num_stages=None, R=1),
+    # diagonal gram blocks, token-parallel, R chunk rows per program: 1.63 ms with R=8 on 4 warps,
+    # 1.70 R=4, 1.82-1.89 R=1 on 1 warp (same run; sweep_v7_gram_diag_h100.txt)
+    "gram_diag": dict(num_warps=4, num_stages=None, R=8),
     # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
     "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),

@@ -5,9 +5,10 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 | stage            | grid              | reads                      | writes                               |
 |------------------|-------------------|----------------------------|--------------------------------------|
 | gate + cumsum    | (NC, HV)          | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
-| gram             | (NC, HV, 4)       | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
+| gram (off-diag.) | (NC, HV, 4)       | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
+| gram (diagonal)  | (NC*64/R, HV)     | q, k, G                    | the 16x16 diagonal blocks of both    |
 | solve (UT)       | (NC, HV)          | Araw, beta, q, k, v, G     | M=(I+A)^-1, U, Wk, Qg, Kd (step 4)   |
-| state scan       | (V/32, N*HV)      | U, Wk, Kd, G_last          | h [NC, HV, K, V], W, final state (6-7)|
+| state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last          | h [NC, HV, K, V], W, final state (6-7)|
 | output           | (NC, HV, V/64)    | Qg, h, Aqk, W              | o (step 5)                           |
 
 Exactness (step 3): every ``exp`` argument is <= 0. Off-diagonal 16x16 sub-blocks factor the decay

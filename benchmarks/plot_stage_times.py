@@ -1,0 +1,118 @@
+"""Per-stage GPU time of one chunked-KDA fwd+bwd, ours (each kernel version) beside FLA, as stacked bars.
+
+Reads the per-kernel profiles the launch sweep prints (``benchmarks/chunk_kda_sweep.py``: the
+"baseline per-kernel ms" block, and with ``--fla-profile`` FLA's block) and groups kernels into stages.
+
+    python benchmarks/plot_stage_times.py --out benchmarks/results/kda/session4/stages_h100.png \\
+        "v4=benchmarks/results/kda/sweep/sweep_v6_variants_h100.txt:baseline" \\
+        "FLA 0.6.0=benchmarks/results/kda/sweep/sweep_v7_profiles_h100.txt:FLA"
+
+Each bar is ``label=file:block`` with block ``baseline``, ``fused`` or ``FLA``; ``+best`` after the
+block replaces each swept kernel's time by its best candidate from the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+# kernel-name fragments -> stage (ours and FLA's names)
+STAGES = [
+    ("gate / cumsum", ("_gate_cumsum_kernel", "_gate_grad_kernel", "chunk_local_cumsum")),
+    ("fwd: intra-chunk (gram, solve, WY)", ("_gram_kernel", "_gram_diag_kernel", "_solve_kernel",
+                                            "intra_token_parallel", "inter_solve_fused", "recompute_w_u")),
+    ("fwd: state scan", ("_state_fwd_kernel", "fwd_kernel_h")),
+    ("fwd: output", ("_output_kernel", "chunk_gla_fwd_kernel_o")),
+    ("bwd: state-gradient scan", ("_state_bwd_kernel", "bwd_kernel_dhu")),
+    ("bwd: chunk grads", ("_chunk_grad_kernel", "_chunk_grad_finish_kernel", "wy_dqkg_fused", "bwd_kernel_dAv")),
+    ("bwd: intra-chunk decay products", ("_decay_grad_kernel", "bwd_kernel_intra")),
+    ("l2norm", ("_l2norm",)),
+]
+OTHER = "torch elementwise (casts, grad accumulation; partly the profiling harness)"
+
+
+def read_block(path: str, block: str) -> dict[str, float]:
+    """Kernel -> ms from one profile block of a sweep log (names as printed, possibly truncated)."""
+    heads = {"baseline": "baseline per-kernel ms", "fused": "fused path per-kernel ms", "FLA": "FLA exact path per-kernel ms"}
+    times: dict[str, float] = {}
+    inside = False
+    for line in open(path):
+        if line.startswith("=="):
+            inside = heads[block] in line
+            continue
+        m = re.match(r"\s+([0-9.]+)\s{2}(\S.*)$", line)
+        if inside and m:
+            times[m.group(2).strip()] = float(m.group(1))
+        elif inside and line.strip() and not m:
+            inside = False
+    return times
+
+
+def best_per_kernel(path: str) -> dict[str, float]:
+    """Swept kernel -> its best candidate's ms (the '-> name: best {...} X ms' lines)."""
+    names = {"decay_grad": "_decay_grad_kernel", "gram_diag": "_gram_diag_kernel", "gram": "_gram_kernel",
+             "solve": "_solve_kernel", "chunk_grad": "_chunk_grad_kernel", "state_fwd": "_state_fwd_kernel",
+             "state_bwd": "_state_bwd_kernel", "output": "_output_kernel"}
+    out = {}
+    for line in open(path):
+        m = re.match(r"\s+-> (\w+): best .* ([0-9.]+) ms \(baseline", line)
+        if m:
+            out[names[m.group(1)]] = float(m.group(2))
+    return out
+
+
+def stages(times: dict[str, float]) -> dict[str, float]:
+    out = {name: 0.0 for name, _ in STAGES}
+    out[OTHER] = 0.0
+    for kernel, ms in times.items():
+        for name, frags in STAGES:
+            if any(f in kernel for f in frags):
+                out[name] += ms
+                break
+        else:
+            out[OTHER] += ms
+    return out
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bars", nargs="+", help="label=file:block[+best]")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--title", default="chunked KDA fwd+bwd per stage, B=1 T=65536 H=16 K=V=128 bf16, H100")
+    args = ap.parse_args()
+    labels, rows = [], []
+    for spec in args.bars:
+        label, rest = spec.split("=", 1)
+        path, block = rest.rsplit(":", 1)
+        use_best = block.endswith("+best")
+        times = read_block(path, block.removesuffix("+best"))
+        if use_best:
+            times.update(best_per_kernel(path))
+        labels.append(label)
+        rows.append(stages(times))
+        print(f"{label:28s} " + "  ".join(f"{k.split(':')[-1].strip()[:14]} {v:.2f}" for k, v in rows[-1].items()))
+    names = [n for n, _ in STAGES] + [OTHER]
+    fig, ax = plt.subplots(figsize=(11, 0.8 * len(labels) + 2.5))
+    left = [0.0] * len(labels)
+    colors = plt.get_cmap("tab10").colors
+    for i, name in enumerate(names):
+        vals = [r[name] for r in rows]
+        ax.barh(labels, vals, left=left, color=colors[i % 10], label=name, edgecolor="white")
+        left = [a + b for a, b in zip(left, vals)]
+    for y, total in enumerate(left):
+        ax.text(total + 0.2, y, f"{total:.1f} ms", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("GPU time per fwd+bwd (ms, torch.profiler)")
+    ax.set_title(args.title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
