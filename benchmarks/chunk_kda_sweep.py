@@ -118,6 +118,15 @@ def timed_fns(xs, do):
     return o_fn, fb_fn
 
 
+def show_profile(rows: dict, key: str, title: str, shape: str, times: dict[str, float], top: int) -> None:
+    """Print a per-kernel profile (slowest first; plot_stage_times.py parses these blocks) into rows[key]."""
+    ordered = sorted(times.items(), key=lambda x: -x[1])
+    rows[key] = {k: round(v, 4) for k, v in ordered}
+    print(f"== {shape}: {title} (total {sum(times.values()):.3f})", flush=True)
+    for name, ms in ordered[:top]:
+        print(f"   {ms:8.3f}  {name[:90]}", flush=True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
@@ -146,22 +155,12 @@ def main() -> None:
         chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
         ref = run_once(xs, do)
         base = per_kernel_ms(xs, do)
-        rows = {"baseline": {k: round(v, 4) for k, v in sorted(base.items(), key=lambda x: -x[1])}, "sweep": {}}
-        print(f"== {shape}: baseline per-kernel ms (total {sum(base.values()):.3f})", flush=True)
-        for name, ms in sorted(base.items(), key=lambda x: -x[1])[:12]:
-            print(f"   {ms:8.3f}  {name[:70]}", flush=True)
+        rows = {"sweep": {}}
+        show_profile(rows, "baseline", "baseline per-kernel ms", shape, base, 12)
         if args.fused_profile:
-            fused = fused_profile(B, T, H)
-            rows["fused_baseline"] = {k: round(v, 4) for k, v in sorted(fused.items(), key=lambda x: -x[1])}
-            print(f"== {shape}: fused path per-kernel ms (total {sum(fused.values()):.3f})", flush=True)
-            for name, ms in sorted(fused.items(), key=lambda x: -x[1])[:16]:
-                print(f"   {ms:8.3f}  {name[:90]}", flush=True)
+            show_profile(rows, "fused_baseline", "fused path per-kernel ms", shape, fused_profile(B, T, H), 16)
         if args.fla_profile:
-            fla = fla_profile(B, T, H)
-            rows["fla_baseline"] = {k: round(v, 4) for k, v in sorted(fla.items(), key=lambda x: -x[1])}
-            print(f"== {shape}: FLA exact path per-kernel ms (total {sum(fla.values()):.3f})", flush=True)
-            for name, ms in sorted(fla.items(), key=lambda x: -x[1])[:20]:
-                print(f"   {ms:8.3f}  {name[:90]}", flush=True)
+            show_profile(rows, "fla_baseline", "FLA exact path per-kernel ms", shape, fla_profile(B, T, H), 20)
         best = {}
         for kname in args.kernels:
             kfun = KERNEL_NAMES[kname]

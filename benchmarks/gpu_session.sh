@@ -3,6 +3,9 @@
 #   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh tests", timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
+#   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
+# Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
+# --fused-profile", BENCH_SHAPES.
 # Writes logs and results under $OUT (at most 8 files come back: keep the list short).
 # Each step has its own time cap so a slow one (FLA autotuning) cannot starve the rest.
 set -u
@@ -31,10 +34,17 @@ tests)
   timeout 560 make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
   cat /tmp/gpu-logs/*.log > "$OUT/gpu_tests_full.log" 2>/dev/null
   ;;
+grid|train)
+  # the side-by-side table of issues 3 / 7: Figure-2 grid (or the training shapes), ours vs FLA, exact
+  # and layer-fused; FLA autotunes each new kernel configuration for minutes, so one stage per call
+  shapes=$([ "$STAGE" = grid ] && echo fig2 || echo 8x4096x32,32x2048x16,1x4096x16,1x65536x16)
+  timeout 560 python3 -m kimi_linear.cli bench kda --shapes $shapes \
+    --providers ${PROVIDERS:-ours,fla_kda,ours_fused,fla_kda_fused,flash} --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -50
+  ;;
 decode)
   # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
   ;;
 *)
-  echo "stage must be kernels, tests or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train or decode, got $STAGE" >&2; exit 2 ;;
 esac
