@@ -29,7 +29,7 @@ from torch import nn
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
-from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update_
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
@@ -262,9 +262,9 @@ class KimiDeltaAttention(KeepFP32):
             outs = []
             for proj, conv, window in ((self.q_proj, self.q_conv1d, lc.conv_q), (self.k_proj, self.k_conv1d, lc.conv_k),
                                        (self.v_proj, self.v_conv1d, lc.conv_v)):
-                y, new_window = causal_conv1d_update(proj(x), window, conv.weight, None, activation="silu")
-                window.copy_(new_window)
-                outs.append(y)
+                # one fused step that shifts the cached window in place (Triton on CUDA)
+                outs.append(causal_conv1d_update_(proj(x), window, conv.weight, None, activation="silu",
+                                                  backend=self.backend))
             H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
             q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d", "causal_conv1d_update"]
+from kimi_linear.backends import resolve_backend
+
+__all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_update_"]
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -40,6 +42,17 @@ def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> tup
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     return weight, weight.shape[1]
+
+
+def _step_input(x: torch.Tensor, window: torch.Tensor, W: int) -> tuple[torch.Tensor, bool]:
+    """A decode step's ``x`` as ``[B, D]`` (and whether it came 2-D), after checking x and window."""
+    if not (x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)):
+        raise ValueError(f"x must be [B, D] or [B, 1, D], got shape {tuple(x.shape)}")
+    x2 = x if x.dim() == 2 else x[:, 0]
+    B, D = x2.shape
+    if tuple(window.shape) != (B, D, W - 1):
+        raise ValueError(f"window must be [B, D, W-1] = {(B, D, W - 1)}, got {tuple(window.shape)}")
+    return x2, x.dim() == 2
 
 
 def _act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -147,13 +160,7 @@ def causal_conv1d_update(
     with x appended; the input window is not modified).
     """
     weight, W = _check(x, weight, activation)
-    squeeze = x.dim() == 2
-    x2 = x if squeeze else x.reshape(x.shape[0], x.shape[-1])
-    if x2.dim() != 2 or (not squeeze and x.shape[1] != 1):
-        raise ValueError(f"x must be [B, D] or [B, 1, D], got shape {tuple(x.shape)}")
-    B, D = x2.shape
-    if tuple(window.shape) != (B, D, W - 1):
-        raise ValueError(f"window must be [B, D, W-1] = {(B, D, W - 1)}, got {tuple(window.shape)}")
+    x2, squeeze = _step_input(x, window, W)
     full = torch.cat([window.to(weight.dtype), x2.to(weight.dtype)[:, :, None]], dim=-1)  # [B, D, W]
     y = (full * weight).sum(-1)
     if bias is not None:
@@ -161,3 +168,28 @@ def causal_conv1d_update(
     y = _act(y, activation).to(x.dtype)
     new_window = full[..., 1:].to(window.dtype)
     return (y if squeeze else y.unsqueeze(1)), new_window
+
+
+def causal_conv1d_update_(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = "silu",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode step that updates ``window [B, D, W-1]`` in place; returns y shaped like ``x``
+    (``[B, D]`` or ``[B, 1, D]``). Same arithmetic as :func:`causal_conv1d_update` (the Triton path
+    sums in fp32 and rounds once, so half-precision results may differ from it by one rounding).
+    ``backend`` picks the Triton kernel (one launch, CUDA default) or the PyTorch step + copy."""
+    weight2, W = _check(x, weight, activation)
+    x2, squeeze = _step_input(x, window, W)
+    if W < 2 or resolve_backend(backend, x.device) == "reference" or not window.is_contiguous():
+        y, new_window = causal_conv1d_update(x2, window, weight, bias, activation=activation)
+        window.copy_(new_window)
+    else:
+        from kimi_linear.ops.conv_kernel import conv_update_triton
+
+        y = conv_update_triton(x2, window, weight2, bias, silu=activation in ("silu", "swish"))
+    return y if squeeze else y.unsqueeze(1)

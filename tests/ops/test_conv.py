@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update
+from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update, causal_conv1d_update_
 
 
 def conv_by_definition(x, weight, window=None, act=True):
@@ -101,3 +101,56 @@ def test_bad_inputs():
         causal_conv1d(x, torch.randn(4, 1, 4), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="window must be"):
         causal_conv1d_update(x[:, 0], torch.zeros(2, 4, 1), torch.randn(4, 4))
+
+
+def check_inplace_update(device, dtype, B, D, W, bias, act, strided):
+    """The in-place step (Triton on ``device``) against the PyTorch step: same y (one rounding apart
+    in half precision), window shifted exactly, over several steps on fresh inputs."""
+    gen = torch.Generator().manual_seed(B * 1000 + D * 10 + W)
+    r = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    w = r(D, 1, W)
+    b = r(D) if bias else None
+    win = r(B, D, W - 1)
+    win_ref = win.clone()
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for _ in range(W + 1):  # more steps than the window is long: every entry gets replaced
+        big = r(B, 3 * D)
+        x = big[:, D:2 * D] if strided else big[:, :D].contiguous()  # a slice of a fused projection
+        y = causal_conv1d_update_(x, win, w, b, activation="silu" if act else None, backend="triton")
+        y_ref, win_ref = causal_conv1d_update(x, win_ref, w, b, activation="silu" if act else None)
+        assert y.dtype == x.dtype and y.shape == (B, D)
+        torch.testing.assert_close(y.float(), y_ref.float(), **(tol if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)))
+        assert torch.equal(win, win_ref)  # the shift is a copy: bit-exact
+
+
+@pytest.mark.parametrize("D,W,bias,act,strided", [(6, 4, False, True, False), (300, 4, True, True, True),
+                                                   (130, 3, False, False, True), (5, 2, True, True, False)])
+def test_inplace_update_triton_interpreter(D, W, bias, act, strided):
+    pytest.importorskip("triton")
+    check_inplace_update("cpu", torch.float32, 3, D, W, bias, act, strided)
+
+
+def test_inplace_update_triton_interpreter_half():
+    pytest.importorskip("triton")
+    check_inplace_update("cpu", torch.float16, 2, 200, 4, False, True, True)
+
+
+def test_inplace_update_reference_backend_and_bad_inputs():
+    x = torch.randn(2, 1, 4)
+    w = torch.randn(4, 1, 3)
+    win = torch.randn(2, 4, 2)
+    y_ref, new = causal_conv1d_update(x, win, w)
+    y = causal_conv1d_update_(x, win, w, backend="reference")
+    assert y.shape == (2, 1, 4) and torch.equal(y, y_ref) and torch.equal(win, new)
+    before = win.clone()
+    with pytest.raises(ValueError, match="window must be"):
+        causal_conv1d_update_(x, torch.zeros(2, 4, 1), w)
+    with pytest.raises(ValueError, match="x must be"):
+        causal_conv1d_update_(torch.randn(2, 2, 4), win, w)
+    assert torch.equal(win, before)  # a rejected call leaves the window alone
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_inplace_update_triton_gpu(cuda_device, dtype):
+    check_inplace_update(cuda_device, dtype, 64, 4096, 4, False, True, True)
