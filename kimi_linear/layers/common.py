@@ -11,15 +11,17 @@ from kimi_linear.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned scale ``weight [D]`` (see :func:`kimi_linear.ops.norm.rms_norm`)."""
+    """RMSNorm with a learned scale ``weight [D]`` (see :func:`kimi_linear.ops.norm.rms_norm`;
+    ``backend`` picks its inference kernel)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "auto") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -218,7 +218,7 @@ class KimiDeltaAttention(KeepFP32):
     def project_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``."""
         gate = self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (self.num_heads, self.head_v_dim))
-        y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps)
+        y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
         return self.o_proj(y.flatten(-2).to(x.dtype))
 
     # ------------------------------------------------------------------ forward

@@ -67,8 +67,8 @@ class KimiLinearDecoderLayer(nn.Module):
             self.block_sparse_moe = SparseMoeBlock(config)
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
     @property
     def ffn(self) -> nn.Module:
@@ -105,7 +105,7 @@ class KimiLinearModel(nn.Module):
         self.layers = nn.ModuleList(
             [KimiLinearDecoderLayer(config, i, backend) for i in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.gradient_checkpointing = False
 
     def forward(

@@ -6,12 +6,17 @@
 | weight | ``[D]``      |                                           |
 | gate   | ``[..., D]`` | same shape as x (gated form only)         |
 | return | ``[..., D]`` | dtype of x                                |
+
+``backend="auto"`` takes a one-launch Triton kernel on CUDA when no gradient is needed (inference,
+decode); otherwise, and on CPU, the PyTorch form below (differentiable).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from kimi_linear.backends import resolve_backend
 
 __all__ = ["rms_norm", "gated_rms_norm"]
 
@@ -23,7 +28,17 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be [D={x.shape[-1]}], got shape {tuple(weight.shape)}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def _use_kernel(backend: str, *tensors: torch.Tensor) -> bool:
+    """Take the Triton inference kernel? Only where Triton runs and no gradient is needed."""
+    x = tensors[0]
+    if x.dtype == torch.float64 or x.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return resolve_backend(backend, x.device) == "triton"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)``.
 
     The normalised value is rounded to x's dtype before the weight multiplies it, the order the
@@ -31,6 +46,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     the fused reduction may differ from an unfused one in the last fp32 bit before that rounding).
     """
     _check(x, weight)
+    if _use_kernel(backend, x, weight):
+        from kimi_linear.ops.norm_kernel import rms_norm_fwd_triton
+
+        return rms_norm_fwd_triton(x, weight, eps)
     xf = x.float() if x.dtype != torch.float64 else x
     # F.rms_norm: one fused kernel on CUDA instead of five (pow, mean, add, rsqrt, mul); a decode step
     # runs ~80 of these norms, where kernel count, not bytes, sets the time
@@ -38,11 +57,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return (weight * normed.to(x.dtype)).to(x.dtype)
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                   backend: str = "auto") -> torch.Tensor:
     """``rms_norm(x) * sigmoid(gate)``, all in fp32 (weight included), then cast to x's dtype."""
     _check(x, weight)
     if gate.shape != x.shape:
         raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if _use_kernel(backend, x, gate, weight):
+        from kimi_linear.ops.norm_kernel import rms_norm_fwd_triton
+
+        return rms_norm_fwd_triton(x, weight, eps, gate=gate)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(compute)
     normed = F.rms_norm(xf, (xf.shape[-1],), weight.to(compute), eps=eps)

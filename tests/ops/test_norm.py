@@ -46,3 +46,49 @@ def test_bad_shapes():
         rms_norm(torch.randn(2, 8), torch.ones(7))
     with pytest.raises(ValueError, match="gate must have"):
         gated_rms_norm(torch.randn(2, 8), torch.randn(2, 4), torch.ones(8))
+
+
+def check_norm_kernel(device, dtype, shape, gated):
+    """The Triton inference kernel against the PyTorch form (no grad), fresh inputs, odd widths."""
+    x = torch.randn(*shape, device=device).to(dtype) * 3
+    w = (torch.rand(shape[-1], device=device) + 0.5).to(dtype)
+    with torch.no_grad():
+        if gated:
+            g = torch.randn(*shape, device=device).to(dtype)
+            got = gated_rms_norm(x, g, w, 1e-6, backend="triton")
+            want = gated_rms_norm(x, g, w, 1e-6, backend="reference")
+        else:
+            got = rms_norm(x, w, 1e-6, backend="triton")
+            want = rms_norm(x, w, 1e-6, backend="reference")
+    assert got.dtype == x.dtype and got.shape == x.shape
+    # fp32: reduction order only; half: at most one rounding step of the output dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 128), (7, 2304), (1, 1, 100), (0, 64)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_kernel_interpreter(shape, gated):
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    check_norm_kernel("cpu", torch.float32, shape, gated)
+    check_norm_kernel("cpu", torch.float16, shape, gated)
+
+
+def test_norm_kernel_not_used_when_grad_needed():
+    pytest.importorskip("triton")
+    # the kernel has no backward: with requires_grad the op must stay differentiable
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    rms_norm(x, w, backend="triton").sum().backward()
+    g = torch.randn(4, 16, requires_grad=True)
+    gated_rms_norm(x, g, w, backend="triton").sum().backward()
+    assert x.grad is not None and w.grad is not None and g.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_norm_kernel_gpu(cuda_device, dtype):
+    check_norm_kernel(cuda_device, dtype, (64, 2304), False)
+    check_norm_kernel(cuda_device, dtype, (64, 32, 128), True)

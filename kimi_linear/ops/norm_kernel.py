@@ -1,0 +1,50 @@
+"""Triton inference kernels for :mod:`kimi_linear.ops.norm` (imported lazily: needs Triton).
+
+One launch per norm instead of PyTorch's chain of casts, the fused RMS reduction, sigmoid and
+multiplies (4-7 launches): a decode step runs ~80 norms on a few KB each, where launches, not bytes,
+set the time. Forward only; the ops use these kernels only when no gradient is needed. The rounding
+order is the ops' own: plain norm rounds the normalised value to x's dtype before the weight
+multiplies it; the gated norm stays in fp32 until the final cast.
+
+Launch grid: ``(cdiv(R, BR),)`` over the ``R`` rows of ``x.reshape(-1, D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x, gate, weight, y, R, eps, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
+                         GATED: tl.constexpr):
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, DP)
+    m = (o_r < R)[:, None] & (o_d < D)[None, :]
+    p = o_r[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0).to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0).to(tl.float32)
+    b_n = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)[:, None]
+    if GATED:
+        b_g = tl.load(gate + p, mask=m, other=0).to(tl.float32)
+        b_y = b_n * b_w[None, :] * tl.sigmoid(b_g)
+    else:
+        b_y = b_n.to(y.dtype.element_ty).to(tl.float32) * b_w[None, :]
+    tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
+
+
+def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., D]`` (and ``gate`` of the same shape) -> ``[..., D]`` in x's dtype."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    g2 = gate.reshape(-1, D).contiguous() if gate is not None else x2
+    y = torch.empty_like(x2)
+    R = x2.shape[0]
+    if R == 0:
+        return y.view(x.shape)
+    DP = triton.next_power_of_2(D)
+    BR = max(1, min(16, 4096 // DP))  # rows per program: a few KB of fp32 per program
+    _rms_norm_fwd_kernel[(triton.cdiv(R, BR),)](x2, g2, weight.contiguous(), y, R, eps, D=D, DP=DP, BR=BR,
+                                              GATED=gate is not None, num_warps=4 if DP * BR <= 4096 else 8)
+    return y.view(x.shape)
