@@ -247,6 +247,8 @@ class HybridCache:
         self.kda_spec = kda
         self.mla_spec = mla
         self.step: CacheStep | None = None
+        # row b of a batch owns slot b of every KDA state pool; made once, not per layer and step
+        self.slot_index = torch.arange(lengths.shape[0], device=lengths.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod

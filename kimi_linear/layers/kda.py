@@ -268,9 +268,8 @@ class KimiDeltaAttention(KeepFP32):
             H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
             q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            slots = torch.arange(B, device=x.device)  # row b owns slot b of the cache's state pool
             o, _ = recurrent_kda(q, k, v, self.gate_raw(x), self.beta_logits(x), initial_state=lc.state,
-                                 state_indices=slots, fusion=fusion, backend=self.backend)
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
         else:
             q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
             for dst, w in zip(lc.convs, windows):

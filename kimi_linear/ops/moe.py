@@ -57,7 +57,9 @@ def route(
         keep = torch.zeros_like(group_score, dtype=torch.bool)
         keep.scatter_(1, group_score.topk(topk_groups, dim=-1).indices, True)
         choice = choice.masked_fill(~keep.repeat_interleave(per_group, dim=1), float("-inf"))
-    indices = choice.topk(top_k, dim=-1).indices
+    # unsorted: the slots' order does not matter (weights travel with their indices), and on CUDA
+    # sorting costs a second kernel per MoE layer in every decode step
+    indices = choice.topk(top_k, dim=-1, sorted=False).indices
     weights = scores.gather(1, indices)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
