@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.backends import resolve_backend
+
 __all__ = ["route", "expert_load", "grouped_swiglu"]
 
 
@@ -38,8 +40,12 @@ def route(
     topk_groups: int = 1,
     renormalize: bool = True,
     scaling: float = 1.0,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose ``top_k`` experts per token. Returns ``(weights [N, k] fp32, indices [N, k] int64)``."""
+    """Choose ``top_k`` experts per token. Returns ``(weights [N, k] fp32, indices [N, k] int64)``.
+
+    Slots come unsorted. Without expert groups and without a gradient to carry (inference), the
+    Triton backend does it in one launch (:mod:`kimi_linear.ops.moe_route_kernel`)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, E], got shape {tuple(logits.shape)}")
     N, E = logits.shape
@@ -48,9 +54,15 @@ def route(
     if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
                          f"num_groups={num_groups}, topk_groups={topk_groups}")
+    grouped = num_groups > 1 and topk_groups < num_groups
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if not grouped and not needs_grad and logits.dtype != torch.float64 and resolve_backend(backend, logits.device) == "triton":
+        from kimi_linear.ops.moe_route_kernel import route_triton
+
+        return route_triton(logits, correction_bias, top_k, renormalize, scaling)
     scores = torch.sigmoid(logits.float())
     choice = scores if correction_bias is None else scores + correction_bias.float()
-    if num_groups > 1 and topk_groups < num_groups:
+    if grouped:
         per_group = E // num_groups
         grouped = choice.view(N, num_groups, per_group)
         group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(-1)  # [N, groups]
