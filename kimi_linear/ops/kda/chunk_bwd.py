@@ -214,8 +214,11 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
-    Off-diagonal sub-blocks go through a reference token (tl.dot); the diagonal block computes
-    each exponential once and uses it for all four."""
+    Off-diagonal sub-blocks go through a reference token (tl.dot, one earlier or later sub-chunk at
+    a time). The diagonal block loops over its 16 tokens: the row forms take column j per step; the
+    column forms either reduce across rows in the same loop (COLUMN_LOOP=0, one exponential shared by
+    all four) or run a second loop over rows t that updates every column at once (COLUMN_LOOP=1, the
+    default: each exponential formed twice, but no cross-row reduction per step)."""
     o_s = tl.arange(0, 16)
     rows = a * 16 + o_s
     m_r = rows < n
