@@ -133,6 +133,13 @@ def test_chunk_kda_interpreter_decay_row_reductions_extreme(monkeypatch):
     check_extreme("cpu", torch.float32)
 
 
+@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
+def test_chunk_kda_interpreter_state_bwd_dw_local(case, monkeypatch):
+    # the state-gradient scan with its dO-only term computed by a parallel kernel first (dw_local=1)
+    use_variant(monkeypatch, "state_bwd", dw_local=1)
+    check_case(case)
+
+
 @pytest.mark.parametrize("rows", [2, 4, 16])
 def test_chunk_kda_interpreter_gram_diag_rows_per_program(rows, monkeypatch):
     # the diagonal gram blocks with several chunk rows per program (launch table R), on a case whose
@@ -252,6 +259,13 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 def test_chunk_kda_gpu_decay_row_reductions(cuda_device, dtype, monkeypatch):
     # the non-default decay-products formulation (launch table column_loop=0) at full head size
     use_variant(monkeypatch, "decay_grad", column_loop=0)
+    check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
+    use_variant(monkeypatch, "state_bwd", dw_local=1)
     check_fused_varlen(cuda_device, dtype)
 
 

@@ -9,6 +9,7 @@ Stages of the backward:
 
 | stage          | grid           | computes                                                          |
 |----------------|----------------|-------------------------------------------------------------------|
+| dW local       | (NC, HV, V/64) | optional (launch table dw_local): dW = scale Aqk^T dO ahead of the scan |
 | state scan     | (V/BV, N*HV)   | dS from the last chunk to the first: dh per chunk, dW, dh0        |
 | chunk grads    | (NC, HV, K/64) | dense parts of dq/dk/dG per key block; key block 0 also dv, dAqk; |
 |                |                | dA and dbeta as per-key-block partial sums                        |
@@ -34,8 +35,10 @@ from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
 def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
                       HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
-                      STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                      STORE_DH0: tl.constexpr, PREC: tl.constexpr, DW_LOCAL: tl.constexpr):
     # dW = scale Aqk^T dO + Kd dS_next;  dS = e^{G_last} dS_next + scale Qg^T dO - Wk^T dW.
+    # DW_LOCAL: dW already holds scale Aqk^T dO (_dw_local_kernel, fully parallel), so the sequential
+    # loop neither loads the fp32 Aqk tile nor runs its dot.
     DT: tl.constexpr = Wk.dtype.element_ty
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -66,18 +69,40 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
         p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         b_do = tl.load(do + p_tv, mask=m_tv, other=0)
-        b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
         b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_kd = tl.load(Kd + p_tk, mask=m_tk, other=0)
         b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
         b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0)
-        b_dw = (scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
-                + tl.dot(b_kd, b_dS.to(DT), input_precision=PREC))
+        if DW_LOCAL:
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+        else:
+            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+            b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
+        b_dw += tl.dot(b_kd, b_dS.to(DT), input_precision=PREC)
         tl.store(dW + p_tv, b_dw, mask=m_tv)
         b_dS = (b_dS * tl.exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
                 - tl.dot(tl.trans(b_wk), b_dw.to(DT), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dS, mask=m_kv)
+
+
+@triton.jit
+def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
+                     HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # The part of dW that does not depend on the state gradient, dW = scale Aqk^T dO, one program per
+    # (chunk, value head, V block), ahead of the state-gradient scan (which then adds Kd dS).
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    o_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_t = tl.arange(0, 64)
+    m_t = o_t < n
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+    tl.store(dW + p_tv, scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC), mask=m_tv)
 
 
 @triton.jit
@@ -430,11 +455,17 @@ def chunk_kda_bwd(
     dh = chunk_common.alloc((max(NC, 1), HV, K, V), saved["h"].dtype, dev)
     dW = chunk_common.alloc((Ttot, HV, V), torch.float32, dev)
     dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
+    # dw_local=1: the scan's dO-only term as a parallel kernel first (launch-table variant, see LAUNCH)
+    dw_local = bool(LAUNCH["state_bwd"].get("dw_local")) and NC > 0
+    if dw_local:
+        BVD = min(64, pow2(V))
+        _dw_local_kernel[(NC, HV, triton.cdiv(V, BVD))](saved["Aqk"], do, dW, cs, cl, scale, HV=HV, V=V, BV=BVD,
+                                                        PREC=prec, **launch("dw_local"))
     if N > 0:
         _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
             dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **scan_kw)
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, DW_LOCAL=dw_local, **scan_kw)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)

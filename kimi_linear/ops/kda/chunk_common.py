@@ -105,7 +105,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
-    "state_bwd": dict(num_warps=None, num_stages=None, BV=None),
+    # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
+    # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it (its dhu scan: 1.53 ms vs
+    # our 3.07 at 1M tokens x heads). Interpreter-tested, not yet timed: off until the sweep says so.
+    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
+    "dw_local": dict(num_warps=4, num_stages=None),
     # half_dots=1: three of its dots on the stored half operands instead of tf32 on fp32 copies (the
     # same values; 5.74 vs 5.76 ms on an H100 at 1M tokens x heads: no gain, so off)
     "chunk_grad": dict(num_warps=8, num_stages=3, half_dots=0),

@@ -1,0 +1,84 @@
+"""Registers, spills and shared memory of our Triton kernels for an H100 (sm_90a), without a GPU.
+
+Compiles each kernel with Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` and runs the
+``ptxas`` Triton ships with ``-v`` on the PTX. This is how register pressure was found to be the
+limit of several chunked-KDA kernels (docs/kernels.md, v5-v7): a kernel at 255 registers with spills
+runs few programs per SM, and no launch setting fixes that.
+
+    PYTHONPATH=. python benchmarks/kernel_resources.py            # all
+    PYTHONPATH=. python benchmarks/kernel_resources.py decay scan  # names containing these
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# pointer arguments that are not fp32 at the benchmark shapes (bf16 inputs); everything else that is
+# not a constexpr is an fp32 pointer, except the scalars listed here
+TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg",
+                              "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
+TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start")})
+TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
+TYPES.update(indices="*i64", logits="*fp32")
+
+
+def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    sig = {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        err = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = next((ln.split("Used")[1].split(",")[0].strip() for ln in err.splitlines() if "Used" in ln), "?")
+    spill = next((ln.split("stack frame,")[1].strip() for ln in err.splitlines() if "spill" in ln), "?")
+    return f"{regs}, {spill}, shared {kernel.metadata.shared} B"
+
+
+def cases():
+    """(label, kernel, constexprs, warps, stages) at the H100 benchmark shapes (H = 16, K = V = 128)."""
+    from kimi_linear.ops import conv_kernel, moe_route_kernel, norm_kernel
+    from kimi_linear.ops.kda import chunk_bwd as cb
+    from kimi_linear.ops.kda import chunk_fwd as cf
+    from kimi_linear.ops.kda.chunk_common import LAUNCH
+
+    hk = dict(H=16, HV=16, K=128)
+    dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
+    yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
+    yield "gram diagonal", cf._gram_diag_kernel, dict(hk, KP=128, R=gd["R"]), gd["num_warps"], 3
+    yield "solve", cf._solve_kernel, dict(hk, V=128, KP=128, BV=sol["BV"], BETA_SIGMOID=False, PREC="tf32"), \
+        sol["num_warps"], sol["num_stages"]
+    for bv, w, s in ((16, 4, 3), (64, 4, 2)):
+        for d in (0, 1):
+            yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,
+                   dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_DHT=False, STORE_DH0=False, PREC="tf32", DW_LOCAL=d), w, s)
+    yield "dw_local", cb._dw_local_kernel, dict(HV=16, V=128, BV=64, PREC="tf32"), 4, 3
+    yield "decay products", cb._decay_grad_kernel, dict(hk, BK=dg["BK"], PREC="tf32", COLUMN_LOOP=dg["column_loop"]), \
+        dg["num_warps"], dg["num_stages"]
+    yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
+    yield "conv decode step", conv_kernel._conv_update_kernel, dict(W=4, WP=4, BD=128, HAS_BIAS=False, SILU=True), 4, 3
+    yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False), 4, 3
+    yield "gated rms norm (D=128)", norm_kernel._rms_norm_fwd_kernel, dict(D=128, DP=128, BR=16, GATED=True), 4, 3
+    yield "moe route (E=256, k=8)", moe_route_kernel._route_kernel, dict(EP=256, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True), 1, 3
+
+
+def main() -> None:
+    wanted = sys.argv[1:]
+    for label, fn, ce, warps, stages in cases():
+        if wanted and not any(w in label for w in wanted):
+            continue
+        print(f"{label:42s} {warps} warps, {stages} stages: {compile_stats(fn, ce, warps, stages)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

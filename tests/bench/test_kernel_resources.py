@@ -1,0 +1,28 @@
+"""benchmarks/kernel_resources.py compiles kernels for sm_90a on a machine without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernel_resources_reports_registers():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no ptxas")
+    # a fresh process without TRITON_INTERPRET (the kernel tests' conftest sets it in this one, and
+    # interpreted kernels cannot be compiled)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "conv decode"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    regs = int(line.split(": ")[1].split(" registers")[0])
+    assert line.startswith("conv decode step") and 0 < regs <= 255 and "spill" in line
