@@ -26,7 +26,8 @@ TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start")})
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
-TYPES.update(indices="*i64", logits="*fp32")
+TYPES.update(indices="*i64", logits="*fp32", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
+             w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 
 
 def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
@@ -69,6 +70,13 @@ def cases():
     yield "conv decode step", conv_kernel._conv_update_kernel, dict(W=4, WP=4, BD=128, HAS_BIAS=False, SILU=True), 4, 3
     yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False), 4, 3
     yield "gated rms norm (D=128)", norm_kernel._rms_norm_fwd_kernel, dict(D=128, DP=128, BR=16, GATED=True), 4, 3
+    from kimi_linear.ops import moe_decode
+    gate_up, down = moe_decode._kernels()
+    tu, td = moe_decode.TILES["gate_up"], moe_decode.TILES["down"]
+    yield "moe decode gate_up", gate_up, dict(BLOCK_N=16, BLOCK_I=tu["BLOCK_I"], BLOCK_D=tu["BLOCK_D"], BLOCK_NK=16), \
+        tu["num_warps"], tu["num_stages"] or 3
+    yield "moe decode down", down, dict(BLOCK_N=16, BLOCK_D=td["BLOCK_D"], BLOCK_I=td["BLOCK_I"], BLOCK_NK=16), \
+        td["num_warps"], td["num_stages"] or 3
     yield "moe route (E=256, k=8)", moe_route_kernel._route_kernel, dict(EP=256, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True), 1, 3
 
 

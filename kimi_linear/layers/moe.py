@@ -92,10 +92,11 @@ class SparseMoeBlock(nn.Module):
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.track_load = True
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
         return route(self.gate(x), self.gate.e_score_correction_bias, self.top_k, num_groups=self.num_groups,
-                     topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling)
+                     topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
+                     backend=backend)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:

@@ -57,6 +57,7 @@ class KimiLinearDecoderLayer(nn.Module):
     def __init__(self, config: KimiLinearConfig, layer_idx: int, backend: str = "auto") -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.backend = backend
         self.layer_type = config.layer_types()[layer_idx]
         self.self_attn: nn.Module = (
             KimiDeltaAttention(config, layer_idx, backend) if self.layer_type == "kda"
@@ -87,11 +88,16 @@ class KimiLinearDecoderLayer(nn.Module):
         be captured in a CUDA graph; each chosen expert's weights are read once); reference on CPU."""
         moe = self.block_sparse_moe
         flat = x.reshape(-1, x.shape[-1])
-        weights, indices = moe.route(flat)
-        y = moe_decode(flat, indices, weights, [e.w1.weight for e in moe.experts],
-                       [e.w3.weight for e in moe.experts], [e.w2.weight for e in moe.experts])
-        if moe.shared_experts is not None:
-            y = y + moe.shared_experts(flat)
+        weights, indices = moe.route(flat, backend=self.backend)
+        w1, w3, w2 = ([e.w1.weight for e in moe.experts], [e.w3.weight for e in moe.experts],
+                      [e.w2.weight for e in moe.experts])
+        se = moe.shared_experts
+        # a shared expert of a routed expert's size runs in the same launches as the routed ones
+        fold = se is not None and se.gate_proj.weight.shape == w1[0].shape
+        shared = ([se.gate_proj.weight], [se.up_proj.weight], [se.down_proj.weight]) if fold else None
+        y = moe_decode(flat, indices, weights, w1, w3, w2, shared=shared, backend=self.backend)
+        if se is not None and not fold:
+            y = y + se(flat)
         return y.view(x.shape)
 
 

@@ -46,15 +46,16 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK,
+    def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK, ER,
                        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_NK: tl.constexpr):
+        # experts i_e >= ER are shared ones: every token uses them
         i_e = tl.program_id(0)
         i_i = tl.program_id(1)
         i_n = tl.program_id(2)
         o_nk = tl.arange(0, BLOCK_NK)
         chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
-        if tl.sum((chosen == i_e).to(tl.int32), 0) == 0:
+        if (i_e < ER) & (tl.sum((chosen == i_e).to(tl.int32), 0) == 0):
             return  # nobody chose this expert: its weights are never read
         w1 = tl.load(w1_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
         w3 = tl.load(w3_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
@@ -76,7 +77,7 @@ def _kernels():
         tl.store(p_h, h.to(h_ptr.dtype.element_ty), mask=m_n[:, None] & m_i[None, :])
 
     @triton.jit
-    def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK,
+    def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK, ER,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
                     BLOCK_NK: tl.constexpr):
         i_e = tl.program_id(0)
@@ -84,7 +85,7 @@ def _kernels():
         i_n = tl.program_id(2)
         o_nk = tl.arange(0, BLOCK_NK)
         chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
-        if tl.sum((chosen == i_e).to(tl.int32), 0) == 0:
+        if (i_e < ER) & (tl.sum((chosen == i_e).to(tl.int32), 0) == 0):
             return
         w2 = tl.load(w2_tab + i_e).to(tl.pointer_type(h_ptr.dtype.element_ty))
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,6 +97,7 @@ def _kernels():
             e_s = tl.load(idx_ptr + o_n * K + s, mask=m_n, other=-1)
             w_s = tl.load(cw_ptr + o_n * K + s, mask=m_n, other=0.0)
             c += tl.where(e_s == i_e, w_s, 0.0)
+        c = tl.where(i_e >= ER, 1.0, c)  # a shared expert enters every token with weight 1
         acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
             o_i = i0 + tl.arange(0, BLOCK_I)
@@ -135,13 +137,27 @@ def moe_decode(
     w3: Sequence[torch.Tensor],
     w2: Sequence[torch.Tensor],
     *,
+    shared: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton."""
+    """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton.
+
+    ``shared = (w1s, w3s, w2s)``: always-on experts of the same shapes, added to every token with
+    weight 1 in the same launches (a separate shared MLP would cost five more per MoE layer)."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
+    ER = len(w1)
+    if shared is not None:
+        if not (len(shared[0]) == len(shared[1]) == len(shared[2]) >= 1) or any(
+                w.shape != w1[0].shape for w in (*shared[0], *shared[1])) or any(w.shape != w2[0].shape for w in shared[2]):
+            raise ValueError("shared experts must have the routed experts' weight shapes")
+        w1, w3, w2 = [*w1, *shared[0]], [*w3, *shared[1]], [*w2, *shared[2]]
     if resolve_backend(backend, x.device) == "reference":
+        if shared is not None:  # the shared experts as extra slots of weight 1
+            extra = torch.arange(ER, len(w1), device=x.device).expand(x.shape[0], -1)
+            indices = torch.cat([indices, extra.to(indices.dtype)], dim=1)
+            weights = torch.cat([weights.float(), torch.ones(extra.shape, device=x.device)], dim=1)
         return grouped_swiglu(x, indices, weights, w1, w3, w2)
     import triton
 
@@ -160,11 +176,11 @@ def moe_decode(
     h = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
     gu = TILES["gate_up"]
     gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
-        x, idx, _pointer_table(w1), _pointer_table(w3), h, N, D, I, N * k,
+        x, idx, _pointer_table(w1), _pointer_table(w3), h, N, D, I, N * k, ER,
         BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(gu))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     dn = TILES["down"]
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
-        h, idx, cw, _pointer_table(w2), y, N, D, I, k, N * k,
+        h, idx, cw, _pointer_table(w2), y, N, D, I, k, N * k, ER,
         BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(dn))
     return y.to(x.dtype)

@@ -114,14 +114,16 @@ def test_reorder_cache_between_steps_is_exact():
     assert torch.equal(a[perm], b)
 
 
+@pytest.mark.parametrize("preset", ["tiny-kda", "tiny-moe"])
 @torch.no_grad()
-def test_triton_backend_decode_equals_reference_full_forward():
-    # the Triton decode path of a KDA layer (in-place conv-window step, recurrent kernel, chunked
-    # prefill) under the CPU interpreter against the reference backend's full forward
+def test_triton_backend_decode_equals_reference_full_forward(preset):
+    # the Triton decode path (in-place conv-window step, recurrent kernel, chunked prefill, inference
+    # norms; with MoE: one-launch routing, routed + shared experts in the same launches, latent MLA)
+    # under the CPU interpreter against the reference backend's full forward
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    ref = make_model("tiny-kda")
+    ref = make_model(preset)
     model = KimiLinearForCausalLM(ref.config, backend="triton").eval()
     model.load_state_dict(ref.state_dict())
     ids = torch.randint(0, V, (2, 9))

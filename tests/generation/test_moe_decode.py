@@ -38,3 +38,28 @@ def test_reference_path_is_grouped_swiglu():
     ws = [[torch.randn(4, 8) for _ in range(3)], [torch.randn(4, 8) for _ in range(3)], [torch.randn(8, 4) for _ in range(3)]]
     idx, w = torch.tensor([[0, 2], [1, 0], [2, 1]]), torch.rand(3, 2)
     assert torch.equal(moe_decode(x, idx, w, *ws, backend="reference"), grouped_swiglu(x, idx, w, *ws))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_shared_experts_fold_into_the_same_launches(backend):
+    # shared = always-on experts with weight 1: the same as routed output + a separate SwiGLU per shared expert
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and not triton_interpret():
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    E, S, D, I, k, N = 5, 2, 40, 24, 2, 3
+    mk = lambda *s: torch.randn(*s, device=device) / s[-1] ** 0.5  # noqa: E731
+    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
+    s1, s3, s2 = [mk(I, D) for _ in range(S)], [mk(I, D) for _ in range(S)], [mk(D, I) for _ in range(S)]
+    x = torch.randn(N, D, device=device)
+    idx = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(N)])
+    w = torch.rand(N, k, device=device)
+    want = grouped_swiglu(x, idx, w, w1, w3, w2)
+    for a, b, c in zip(s1, s3, s2):
+        want = want + (torch.nn.functional.silu(x @ a.T) * (x @ b.T)) @ c.T
+    got = moe_decode(x, idx, w, w1, w3, w2, shared=(s1, s3, s2), backend=backend)
+    tol = 1e-12 if backend == "reference" else tolerance("layer" if torch.cuda.is_available() else "kernel_interp", torch.float32)
+    assert rel_rms(got, want) < max(tol, 1e-6)
+    with pytest.raises(ValueError, match="shared experts"):
+        moe_decode(x, idx, w, w1, w3, w2, shared=([mk(I + 1, D)], s3[:1], s2[:1]), backend=backend)
