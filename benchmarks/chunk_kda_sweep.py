@@ -41,7 +41,8 @@ GRAD = [dict(c, half_dots=v) for v in (0, 1) for c in PLAIN if c["num_warps"] >=
 SOLVE = [dict(num_warps=w, num_stages=s, BV=bv) for w, s, bv in itertools.product((4, 8), (1, 2), (32, 64))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": [dict(num_warps=w, R=r) for r in (1, 2, 4, 8) for w in (1, 2, 4)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+              "gram_diag": [dict(num_warps=w, triangular=1, BH=bh) for bh in (1, 2, 4, 8) for w in (1, 2, 4)]
+              + [dict(num_warps=w, R=r, triangular=0) for r in (4, 8) for w in (2, 4)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

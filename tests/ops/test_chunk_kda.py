@@ -140,6 +140,14 @@ def test_chunk_kda_interpreter_state_bwd_dw_local(case, monkeypatch):
     check_case(case)
 
 
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_chunk_kda_interpreter_gram_diag_triangular(heads, monkeypatch):
+    # the diagonal gram blocks evaluated column by column (only j <= r), BH value heads per program,
+    # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk
+    use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads)
+    check_case(CPU_CASES[-2])
+
+
 @pytest.mark.parametrize("rows", [2, 4, 16])
 def test_chunk_kda_interpreter_gram_diag_rows_per_program(rows, monkeypatch):
     # the diagonal gram blocks with several chunk rows per program (launch table R), on a case whose
@@ -267,6 +275,13 @@ def test_chunk_kda_gpu_decay_row_reductions(cuda_device, dtype, monkeypatch):
 def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
     use_variant(monkeypatch, "state_bwd", dw_local=1)
     check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [1, 4])
+def test_chunk_kda_gpu_gram_diag_triangular(cuda_device, heads, monkeypatch):
+    use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads, num_warps=1)
+    check_fused_varlen(cuda_device, torch.bfloat16)
 
 
 @pytest.mark.gpu

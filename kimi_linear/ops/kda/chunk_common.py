@@ -100,7 +100,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "gram": dict(num_warps=4, num_stages=3),
     # diagonal gram blocks, token-parallel, R chunk rows per program: 1.63 ms with R=8 on 4 warps,
     # 1.70 R=4, 1.82-1.89 R=1 on 1 warp (same run; sweep_v7_gram_diag_h100.txt)
-    "gram_diag": dict(num_warps=4, num_stages=None, R=8),
+    # triangular=1: a variant that evaluates only the needed columns (loop over j <= r, BH heads per
+    # program); interpreter- and GPU-tested, not yet timed, so off
+    "gram_diag": dict(num_warps=4, num_stages=None, R=8, triangular=0, BH=1),
     # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
     "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),

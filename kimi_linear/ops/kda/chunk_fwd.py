@@ -141,6 +141,43 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 
 @triton.jit
+def _gram_diag_tri_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+    # The same diagonal blocks as _gram_diag_kernel, evaluating only the needed columns: one program
+    # per (chunk row r, BH value heads) loops over j = start of r's sub-chunk .. r on [BH, K] tiles, so
+    # no exponential is spent on a masked entry (the [16, K] tile form wastes ~half of them).
+    i_c = tl.program_id(0) // 64
+    r = tl.program_id(0) % 64
+    o_hv = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
+    o_h = o_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    if r < n:
+        a0 = (r // 16) * 16
+        o_s = tl.arange(0, 16)
+        o_k = tl.arange(0, KP)
+        m_hk = (o_hv < HV)[:, None] & (o_k < K)[None, :]
+        p_qk = o_h[:, None] * K + o_k[None, :]
+        p_g = o_hv[:, None] * K + o_k[None, :]
+        b_qr = tl.load(q + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+        b_kr = tl.load(k + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+        b_gr = tl.load(G + (t0 + r) * HV * K + p_g, mask=m_hk, other=0)
+        b_aq = tl.zeros([BH, 16], dtype=tl.float32)
+        b_ak = tl.zeros([BH, 16], dtype=tl.float32)
+        for j in range(a0, r + 1):
+            b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+            b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
+            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
+            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+            sel = (o_s == j - a0)[None, :]
+            b_aq = tl.where(sel, tl.sum(b_e * b_qr, axis=1)[:, None], b_aq)
+            b_ak = tl.where(sel & (j < r), tl.sum(b_e * b_kr, axis=1)[:, None], b_ak)
+        p_out = ((t0 + r) * HV + o_hv[:, None]) * 64 + a0 + o_s[None, :]
+        tl.store(Aqk + p_out, b_aq, mask=(o_hv < HV)[:, None])
+        tl.store(Araw + p_out, b_ak, mask=(o_hv < HV)[:, None])
+
+
+@triton.jit
 def _load_block(base, t0, n, i_hv, HV: tl.constexpr, a: tl.constexpr, b: tl.constexpr):
     """The 16x16 block (row sub-chunk a, column sub-chunk b) of a per-chunk [64, 64] matrix."""
     o_s = tl.arange(0, 16)
@@ -404,9 +441,15 @@ def chunk_kda_fwd(
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec,
                                   **launch("gram"))
-        R = int(LAUNCH["gram_diag"].get("R") or 1)  # chunk rows per program (a power of two <= 16)
-        _gram_diag_kernel[(NC * (64 // R), HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, R=R,
-                                                **launch("gram_diag"))
+        diag = LAUNCH["gram_diag"]
+        if diag.get("triangular"):  # only the needed columns, BH value heads per program
+            BH = min(int(diag.get("BH") or 1), HV)
+            _gram_diag_tri_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
+                                                                 BH=BH, **launch("gram_diag"))
+        else:
+            R = int(diag.get("R") or 1)  # chunk rows per program (a power of two <= 16)
+            _gram_diag_kernel[(NC * (64 // R), HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, R=R,
+                                                    **launch("gram_diag"))
         BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
         _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
                                 BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
