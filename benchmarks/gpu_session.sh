@@ -4,6 +4,9 @@
 #   run(command="bash benchmarks/gpu_session.sh tests", timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
+# Order for the next session (30 device minutes; the H100 counts half its held time): tests (the
+# decode kernels of session 4 have not run on a GPU yet), decode, kernels (times the two prepared
+# variants), grid, train.
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", BENCH_SHAPES.
 # Writes logs and results under $OUT (at most 8 files come back: keep the list short).
