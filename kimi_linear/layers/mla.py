@@ -41,9 +41,10 @@ class MultiHeadLatentAttention(nn.Module):
     | return          | ``[B, T, D]``         |
     """
 
-    def __init__(self, config: Any, layer_idx: int = 0) -> None:
+    def __init__(self, config: Any, layer_idx: int = 0, backend: str = "auto") -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.backend = backend  # the latent decode kernel and the latent norm's inference kernel
         D = config.hidden_size
         self.num_heads = H = config.num_attention_heads
         self.nope_dim = config.qk_nope_head_dim
@@ -55,7 +56,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
         # The released model builds this norm with the default eps (1e-6), not config.rms_norm_eps.
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6, backend=backend)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
 
@@ -122,7 +123,8 @@ class MultiHeadLatentAttention(nn.Module):
         if step.decode:
             q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
             c, kr = lc.view(step)
-            o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.start + 1, scale=self.scale)
+            o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.start + 1, scale=self.scale,
+                                 backend=self.backend)
             return self.o_proj(o.flatten(-2))
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)

@@ -61,7 +61,7 @@ class KimiLinearDecoderLayer(nn.Module):
         self.layer_type = config.layer_types()[layer_idx]
         self.self_attn: nn.Module = (
             KimiDeltaAttention(config, layer_idx, backend) if self.layer_type == "kda"
-            else MultiHeadLatentAttention(config, layer_idx)
+            else MultiHeadLatentAttention(config, layer_idx, backend)
         )
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
