@@ -24,18 +24,25 @@ def make_model(preset: str, **overrides) -> KimiLinearForCausalLM:
     return KimiLinearForCausalLM(cfg, backend="reference").eval()
 
 
+def prefill_then_decode(model, ids: torch.Tensor, prefill: int):
+    """Last-position logits ``[B, T - prefill + 1, vocab]``: one prefill of ``prefill`` tokens, then one
+    decode step per remaining token; and the cache."""
+    cache = cache_for_config(model.config, batch_size=ids.shape[0], max_len=ids.shape[1])
+    got = [forward_last_logits(model, ids[:, :prefill], cache)]
+    for t in range(prefill, ids.shape[1]):
+        got.append(forward_last_logits(model, ids[:, t:t + 1], cache))
+    return torch.stack(got, 1), cache
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @torch.no_grad()
 def test_prefill_then_decode_equals_full_forward(preset):
     model = make_model(preset)
     ids = torch.randint(0, V, (2, 14))
     full = model(ids).logits
-    cache = cache_for_config(model.config, batch_size=2, max_len=14)
-    got = [forward_last_logits(model, ids[:, :6], cache)]
-    for t in range(6, 14):
-        got.append(forward_last_logits(model, ids[:, t:t + 1], cache))
+    got, cache = prefill_then_decode(model, ids, 6)
     assert cache.lengths.tolist() == [14, 14]
-    assert_close(torch.stack(got, 1), full[:, 5:], "decode", torch.float32, f"{preset} decode")
+    assert_close(got, full[:, 5:], "decode", torch.float32, f"{preset} decode")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mla-moe"])
@@ -127,9 +134,5 @@ def test_triton_backend_decode_equals_reference_full_forward(preset):
     model = KimiLinearForCausalLM(ref.config, backend="triton").eval()
     model.load_state_dict(ref.state_dict())
     ids = torch.randint(0, V, (2, 9))
-    full = ref(ids).logits
-    cache = cache_for_config(model.config, batch_size=2, max_len=9)
-    got = [forward_last_logits(model, ids[:, :5], cache)]
-    for t in range(5, 9):
-        got.append(forward_last_logits(model, ids[:, t:t + 1], cache))
-    assert_close(torch.stack(got, 1), full[:, 4:], "decode", torch.float32, "triton decode")
+    got, _ = prefill_then_decode(model, ids, 5)
+    assert_close(got, ref(ids).logits[:, 4:], "decode", torch.float32, f"{preset} triton decode")
