@@ -54,9 +54,10 @@ def route(
     if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
                          f"num_groups={num_groups}, topk_groups={topk_groups}")
+    chosen = resolve_backend(backend, logits.device)
     grouped = num_groups > 1 and topk_groups < num_groups
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if not grouped and not needs_grad and logits.dtype != torch.float64 and resolve_backend(backend, logits.device) == "triton":
+    if not grouped and not needs_grad and logits.dtype != torch.float64 and chosen == "triton":
         from kimi_linear.ops.moe_route_kernel import route_triton
 
         return route_triton(logits, correction_bias, top_k, renormalize, scaling)

@@ -31,11 +31,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
 def _use_kernel(backend: str, *tensors: torch.Tensor) -> bool:
     """Take the Triton inference kernel? Only where Triton runs and no gradient is needed."""
     x = tensors[0]
+    chosen = resolve_backend(backend, x.device)  # also rejects an unknown name whatever the inputs
     if x.dtype == torch.float64 or x.numel() == 0:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return resolve_backend(backend, x.device) == "triton"
+    return chosen == "triton"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:

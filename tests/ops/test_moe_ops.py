@@ -150,3 +150,8 @@ def test_route_kernel_not_used_with_grad_or_groups():
 def test_route_kernel_gpu(cuda_device):
     check_route_kernel(cuda_device, 64, 16, 8, True, True, 2.446)
     check_route_kernel(cuda_device, 3, 256, 8, True, True, 2.5)
+
+
+def test_route_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        route(torch.randn(3, 8, dtype=torch.float64), None, 2, backend="fast")

@@ -92,3 +92,9 @@ def test_norm_kernel_not_used_when_grad_needed():
 def test_norm_kernel_gpu(cuda_device, dtype):
     check_norm_kernel(cuda_device, dtype, (64, 2304), False)
     check_norm_kernel(cuda_device, dtype, (64, 32, 128), True)
+
+
+def test_unknown_backend_is_rejected_for_any_input():
+    for x in (torch.randn(2, 4, dtype=torch.float64), torch.randn(0, 4)):
+        with pytest.raises(ValueError, match="backend"):
+            rms_norm(x, torch.ones(4, dtype=x.dtype), backend="cuda")
