@@ -36,8 +36,8 @@ SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product
 SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) for bv, s in ((16, 3), (64, 2), (32, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-DECAY = [dict(num_warps=w, num_stages=3, column_loop=c, BK=bk) for w, c, bk in itertools.product((2, 4, 8), (0, 1), (16, 32))]
-GRAD = [dict(c, half_dots=v) for v in (0, 1) for c in PLAIN if c["num_warps"] >= 4]
+DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in itertools.product((1, 2, 4), (32, 64))]
+GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 SOLVE = [dict(num_warps=w, num_stages=s, BV=bv) for w, s, bv in itertools.product((4, 8), (1, 2), (32, 64))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,

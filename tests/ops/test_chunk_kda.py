@@ -99,7 +99,7 @@ CPU_CASES = [
 
 
 def use_variant(monkeypatch, kernel: str, **switches) -> None:
-    """Select a launch-table variant of one kernel (e.g. decay_grad column_loop=1) for this test."""
+    """Select a launch-table variant of one kernel (e.g. gram_diag triangular=1) for this test."""
     monkeypatch.setitem(chunk_common.LAUNCH, kernel, {**chunk_common.LAUNCH[kernel], **switches})
 
 
@@ -117,20 +117,6 @@ def check_case(case, dtype=torch.float32):
                          f"{'-varlen' if c[6] else ''}{'-h0' if c[7] else ''}{'-fused' if c[8] else ''}")
 def test_chunk_kda_interpreter_matches_reference(case):
     check_case(case)
-
-
-@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_decay_row_reductions(case, monkeypatch):
-    # the backward's decay products have two formulations of the column forms, selected by the
-    # launch table (default: a loop over rows; column_loop=0: per-column reductions across rows);
-    # the non-default one must give the same gradients
-    use_variant(monkeypatch, "decay_grad", column_loop=0)
-    check_case(case)
-
-
-def test_chunk_kda_interpreter_decay_row_reductions_extreme(monkeypatch):
-    use_variant(monkeypatch, "decay_grad", column_loop=0)
-    check_extreme("cpu", torch.float32)
 
 
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
@@ -162,12 +148,6 @@ HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
 def test_chunk_kda_interpreter_half_inputs():
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
     # interpreter computes bf16 dots wrongly).
-    check_case(HALF_CASE, torch.float16)
-
-
-def test_chunk_kda_interpreter_half_inputs_half_dots(monkeypatch):
-    # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) give the same gradients
-    use_variant(monkeypatch, "chunk_grad", half_dots=1)
     check_case(HALF_CASE, torch.float16)
 
 
@@ -264,14 +244,6 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_decay_row_reductions(cuda_device, dtype, monkeypatch):
-    # the non-default decay-products formulation (launch table column_loop=0) at full head size
-    use_variant(monkeypatch, "decay_grad", column_loop=0)
-    check_fused_varlen(cuda_device, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
     use_variant(monkeypatch, "state_bwd", dw_local=1)
     check_fused_varlen(cuda_device, dtype)
@@ -290,14 +262,6 @@ def test_chunk_kda_gpu_gram_diag_rows_per_program(cuda_device, rows, monkeypatch
     # several chunk rows per program in the diagonal gram kernel (launch table R) at full head size
     use_variant(monkeypatch, "gram_diag", R=rows)
     check_fused_varlen(cuda_device, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_chunk_kda_gpu_half_dots(cuda_device, dtype, monkeypatch):
-    # the chunk-gradient kernel's half-operand dots (launch table half_dots=1) at full head size
-    use_variant(monkeypatch, "chunk_grad", half_dots=1)
-    check_fused_varlen(cuda_device, dtype)
 
 
 @pytest.mark.gpu

@@ -112,13 +112,12 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # our 3.07 at 1M tokens x heads). Interpreter-tested, not yet timed: off until the sweep says so.
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
     "dw_local": dict(num_warps=4, num_stages=None),
-    # half_dots=1: three of its dots on the stored half operands instead of tf32 on fp32 copies (the
-    # same values; 5.74 vs 5.76 ms on an H100 at 1M tokens x heads: no gain, so off)
-    "chunk_grad": dict(num_warps=8, num_stages=3, half_dots=0),
+    # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
+    "chunk_grad": dict(num_warps=8, num_stages=3),
     "grad_finish": dict(num_warps=4, num_stages=None),
-    # decay products, one program per sub-chunk: 6.85 ms with 2 warps, column loop, BK 32 (row
-    # reductions: 10.4; 4 warps 7.2; 8 warps 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
-    "decay_grad": dict(num_warps=2, num_stages=3, column_loop=1, BK=32),
+    # decay products, one program per sub-chunk: 6.85 ms with 2 warps and BK 32 (4 warps 7.2, 8 warps
+    # 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
