@@ -185,6 +185,9 @@ def causal_conv1d_update_(
     ``backend`` picks the Triton kernel (one launch, CUDA default) or the PyTorch step + copy."""
     weight2, W = _check(x, weight, activation)
     x2, squeeze = _step_input(x, window, W)
+    for name, t in (("window", window), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     if W < 2 or resolve_backend(backend, x.device) == "reference" or not window.is_contiguous():
         y, new_window = causal_conv1d_update(x2, window, weight, bias, activation=activation)
         window.copy_(new_window)

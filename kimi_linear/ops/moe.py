@@ -54,6 +54,9 @@ def route(
     if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
         raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
                          f"num_groups={num_groups}, topk_groups={topk_groups}")
+    if correction_bias is not None and (correction_bias.shape != (E,) or correction_bias.device != logits.device):
+        raise ValueError(f"correction_bias must be [E={E}] on {logits.device}, "
+                         f"got {tuple(correction_bias.shape)} on {correction_bias.device}")
     chosen = resolve_backend(backend, logits.device)
     grouped = num_groups > 1 and topk_groups < num_groups
     needs_grad = torch.is_grad_enabled() and logits.requires_grad

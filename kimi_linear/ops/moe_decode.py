@@ -32,10 +32,16 @@ from kimi_linear.ops.moe import grouped_swiglu
 _PTR_TABLES: dict[tuple[int, ...], torch.Tensor] = {}
 
 
-def _pointer_table(ws: Sequence[torch.Tensor]) -> torch.Tensor:
+def _pointer_table(ws: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Device table of the weights' addresses (the kernels read each expert through it), cached per
+    weight set. A new set is checked first: the kernels read raw addresses as x's dtype, row-major."""
     key = tuple(w.data_ptr() for w in ws)
     table = _PTR_TABLES.get(key)
     if table is None:
+        for i, w in enumerate(ws):
+            if w.device != x.device or w.dtype != x.dtype or not w.is_contiguous():
+                raise ValueError(f"expert weight {i} must be a contiguous {x.dtype} tensor on {x.device} (x's), "
+                                 f"got {w.dtype} on {w.device}{'' if w.is_contiguous() else ', not contiguous'}")
         table = torch.tensor(key, dtype=torch.int64, device=ws[0].device)
         _PTR_TABLES[key] = table
     return table
@@ -176,11 +182,11 @@ def moe_decode(
     h = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
     gu = TILES["gate_up"]
     gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
-        x, idx, _pointer_table(w1), _pointer_table(w3), h, N, D, I, N * k, ER,
+        x, idx, _pointer_table(w1, x), _pointer_table(w3, x), h, N, D, I, N * k, ER,
         BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(gu))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     dn = TILES["down"]
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
-        h, idx, cw, _pointer_table(w2), y, N, D, I, k, N * k, ER,
+        h, idx, cw, _pointer_table(w2, x), y, N, D, I, k, N * k, ER,
         BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(dn))
     return y.to(x.dtype)

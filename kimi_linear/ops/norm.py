@@ -26,6 +26,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise TypeError("x and weight must be tensors")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be [D={x.shape[-1]}], got shape {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
 
 
 def _use_kernel(backend: str, *tensors: torch.Tensor) -> bool:
@@ -62,8 +64,9 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
                    backend: str = "auto") -> torch.Tensor:
     """``rms_norm(x) * sigmoid(gate)``, all in fp32 (weight included), then cast to x's dtype."""
     _check(x, weight)
-    if gate.shape != x.shape:
-        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if gate.shape != x.shape or gate.device != x.device:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)} and device {x.device}, "
+                         f"got {tuple(gate.shape)} on {gate.device}")
     if _use_kernel(backend, x, gate, weight):
         from kimi_linear.ops.norm_kernel import rms_norm_fwd_triton
 

@@ -63,3 +63,16 @@ def test_shared_experts_fold_into_the_same_launches(backend):
     assert rel_rms(got, want) < max(tol, 1e-6)
     with pytest.raises(ValueError, match="shared experts"):
         moe_decode(x, idx, w, w1, w3, w2, shared=([mk(I + 1, D)], s3[:1], s2[:1]), backend=backend)
+
+
+def test_expert_weights_of_another_dtype_are_rejected():
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 16, device=device)
+    ws = [[torch.randn(8, 16, device=device, dtype=torch.float64)], [torch.randn(8, 16, device=device)],
+          [torch.randn(16, 8, device=device)]]
+    with pytest.raises(ValueError, match=r"expert weight 0 must be a contiguous torch.float32 tensor"):
+        moe_decode(x, torch.zeros(2, 1, dtype=torch.long, device=device), torch.ones(2, 1, device=device), *ws,
+                   backend="triton")

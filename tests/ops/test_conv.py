@@ -147,6 +147,8 @@ def test_inplace_update_reference_backend_and_bad_inputs():
         causal_conv1d_update_(x, torch.zeros(2, 4, 1), w)
     with pytest.raises(ValueError, match="x must be"):
         causal_conv1d_update_(torch.randn(2, 2, 4), win, w)
+    with pytest.raises(ValueError, match="window must be on x's device"):
+        causal_conv1d_update_(x, torch.zeros(2, 4, 2, device="meta"), w)
     assert torch.equal(win, before)  # a rejected call leaves the window alone
 
 

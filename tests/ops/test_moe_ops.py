@@ -155,3 +155,10 @@ def test_route_kernel_gpu(cuda_device):
 def test_route_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         route(torch.randn(3, 8, dtype=torch.float64), None, 2, backend="fast")
+
+
+def test_route_bad_correction_bias():
+    with pytest.raises(ValueError, match=r"correction_bias must be \[E=8\]"):
+        route(torch.randn(3, 8), torch.zeros(7), 2)
+    with pytest.raises(ValueError, match="correction_bias must be"):
+        route(torch.randn(3, 8), torch.zeros(8, device="meta"), 2)

@@ -98,3 +98,11 @@ def test_unknown_backend_is_rejected_for_any_input():
     for x in (torch.randn(2, 4, dtype=torch.float64), torch.randn(0, 4)):
         with pytest.raises(ValueError, match="backend"):
             rms_norm(x, torch.ones(4, dtype=x.dtype), backend="cuda")
+
+
+def test_weight_and_gate_on_another_device_are_rejected():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="weight must be on x's device"):
+        rms_norm(x, torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="gate must have x's shape"):
+        gated_rms_norm(x, torch.randn(2, 4, device="meta"), torch.ones(4))
