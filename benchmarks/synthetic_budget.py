@@ -42,7 +42,7 @@ def time_config(task: str, variant: str, length: int, *, batch_size: int, eval_s
     from kimi_linear.model.modeling import KimiLinearForCausalLM
     from kimi_linear.train.optim import build_optimizer
     from kimi_linear.train.synthetic import eval_set, make_batch
-    from kimi_linear.train.synthetic_runner import SyntheticRun, accuracy, model_config
+    from kimi_linear.train.synthetic_runner import SyntheticRun, accuracy, model_config, train_step
 
     run = SyntheticRun(task=task, variant=variant, length=length, lr=1e-3, batch_size=batch_size,
                        eval_size=eval_size, backend=backend).validate()
@@ -61,12 +61,7 @@ def time_config(task: str, variant: str, length: int, *, batch_size: int, eval_s
         t = time.perf_counter()
         x, y = make_batch(task, batch_size, length, seed=0, step=step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            loss = model(x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, x, y, autocast)
         _sync(device)
         if step >= warm_steps:
             times.append(time.perf_counter() - t)

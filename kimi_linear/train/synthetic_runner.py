@@ -100,6 +100,17 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: torch.device, batc
     return right / max(total, 1)
 
 
+def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, autocast) -> torch.Tensor:
+    """One optimiser step on a batch (clip at 1.0); returns the loss (the budget probe times this)."""
+    with autocast():
+        loss = model(x, labels=y).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_one(run: SyntheticRun, log=print) -> dict:
     """Train one model on one task/length/lr; return the result record (also the JSONL line)."""
     from kimi_linear.model.modeling import KimiLinearForCausalLM
@@ -132,12 +143,7 @@ def run_one(run: SyntheticRun, log=print) -> dict:
         lr = lr_at(step, total=run.steps, lr=run.lr, warmup=warmup, schedule="cosine", min_lr_ratio=0.1)
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast():
-            loss = model(x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, x, y, autocast)
         step += 1
         if step % run.eval_every == 0 or step == run.steps:
             losses.append((step, float(loss.detach())))
