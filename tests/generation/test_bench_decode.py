@@ -48,10 +48,13 @@ def test_markdown_puts_transformers_beside_ours():
              "tpot_ms": 4.0},
             {"kind": "transformers", "layout": "hybrid", "context": 4096, "tpot_ms": 30.0, "transformers": "5.17.0",
              "fla": None},
-            {"kind": "transformers", "layout": "hybrid", "context": 65536, "status": "OutOfMemoryError: x"}]
+            {"kind": "transformers", "layout": "hybrid", "context": 65536, "status": "OutOfMemoryError: x"},
+            {"kind": "transformers", "layout": "hybrid", "context": 8192, "tpot_ms": None}]
     text = md.markdown({"gpu": "x"}, recs)
     assert "| 4,096 | 30.0 (transformers 5.17.0, fla not installed) | 4.000 | 7.5x |" in text
-    assert "| 65,536 | not run: OutOfMemoryError: x | - | - |" in text
+    assert "| 65,536 | not measured: OutOfMemoryError: x | - | - |" in text
+    # a difference of two noisy runs that came out <= 0 is reported as no measurement, never as a number
+    assert "| 8,192 | not measured: decode time below the timing noise | - | - |" in text
 
 
 def test_run_reports_a_failing_peer_instead_of_stopping(monkeypatch):

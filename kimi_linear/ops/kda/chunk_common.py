@@ -97,7 +97,10 @@ def pow2(x: int, floor: int = 16) -> int:
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
-    "gram": dict(num_warps=4, num_stages=3),
+    # diag=1: the diagonal 16x16 blocks inside the gram kernel by halving levels (4 exponentials per
+    # (row, channel), sums on tensor cores) instead of _gram_diag_kernel's elementwise pairs; not yet
+    # timed on a GPU (ptxas for sm_90a: 255 registers at 4 warps and BK 32, 192 at 8 warps, no spills)
+    "gram": dict(num_warps=8, num_stages=3, diag=1, BK=32),
     # diagonal gram blocks, token-parallel, R chunk rows per program: 1.63 ms with R=8 on 4 warps,
     # 1.70 R=4, 1.82-1.89 R=1 on 1 warp (same run; sweep_v7_gram_diag_h100.txt)
     # triangular=1: a variant that evaluates only the needed columns (loop over j <= r, BH heads per
@@ -108,16 +111,20 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
-    # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it (its dhu scan: 1.53 ms vs
-    # our 3.07 at 1M tokens x heads). Interpreter-tested, not yet timed: off until the sweep says so.
-    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
+    # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it. H100 sweep at 1M tokens x
+    # heads (sweep_v8_variants_h100.txt): scan 3.05 -> 2.24 ms (BV 16), 5.52 -> 3.90 (BV 64); fwd+bwd
+    # 24.16 -> 23.83 ms including the new kernel's time
+    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=1),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     "chunk_grad": dict(num_warps=8, num_stages=3),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk: 6.85 ms with 2 warps and BK 32 (4 warps 7.2, 8 warps
     # 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32),
+    # levels=1: the diagonal sub-block by halving levels (as the forward gram's diag=1) instead of two
+    # 16-step loops with masked [16, BK] exponentials; not yet timed on a GPU (ptxas for sm_90a: 152
+    # registers at 4 warps and BK 32, no spills; 2 warps spill 100 B)
+    "decay_grad": dict(num_warps=4, num_stages=3, BK=32, levels=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 

@@ -60,9 +60,10 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
 @triton.jit
 def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr):
+                 BK: tl.constexpr, PREC: tl.constexpr, DIAG: tl.constexpr):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
+    # DIAG: the diagonal 16x16 block here too, by halving levels (below); else _gram_diag_kernel's.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     a = tl.program_id(2)
@@ -78,29 +79,65 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         # first of sub-chunk a): i < r <= t, so both exponents are <= 0 (docs/kda.md, step 3).
         b_aq = tl.zeros([16, 64], dtype=tl.float32)
         b_ak = tl.zeros([16, 64], dtype=tl.float32)
+        b_dq = tl.zeros([16, 16], dtype=tl.float32)
+        b_dk = tl.zeros([16, 16], dtype=tl.float32)
+        b_qk = tl.zeros([16], dtype=tl.float32)
         m_prev = o_t < a * 16
         p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
-        for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
+        if DIAG:
+            n_kb = KP // BK
+        else:
+            n_kb = (a > 0).to(tl.int32) * (KP // BK)  # no trips for a == 0
+        for kb in range(0, n_kb):
             o_k = kb * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_rk = m_r[:, None] & m_k[None, :]
-            b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+            p_rows = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p_rows, mask=m_rk, other=0).to(tl.float32)
+            b_k = tl.load(k + p_rows, mask=m_rk, other=0).to(tl.float32)
             b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
-            m_p = m_prev[:, None] & m_k[None, :]
-            b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
-            b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-            b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-            b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-            b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
-            b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-        # The diagonal 16x16 block is _gram_diag_kernel's (one program per row: no serial loop).
+            if a > 0:
+                b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
+                m_p = m_prev[:, None] & m_k[None, :]
+                b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+                b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+                b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+                b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+                b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
+                b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
+            if DIAG:
+                # Diagonal block by halving levels (exact for any gate): at level s = 8, 4, 2, 1 a pair
+                # j < r of the same 2s-aligned group with r in its upper half and j in its lower half
+                # factors through the group's midpoint p (j < p <= r): e^{G_r - G_j} = e^{G_r - G_p}
+                # e^{G_p - G_j}, both <= 1, so nothing overflows and a factor that underflows means a
+                # product below it. Every pair j < r has exactly one such level. Each row takes one
+                # exponential per level and channel (its factor to its own group's midpoint): 4 per
+                # (row, channel) instead of up to 16, and the sums run on tensor cores.
+                b_qk += tl.sum(b_q * b_k, axis=1)  # the j = r term of Aqk (decay e^0)
+                for lvl in tl.static_range(4):
+                    s = 8 >> lvl  # constexpr: 8, 4, 2, 1
+                    mid = (o_s // (2 * s)) * (2 * s) + s  # the midpoint of each row's 2s group
+                    upper = (o_s & s) != 0
+                    b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                                   mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
+                    b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+                    b_kf = b_k * b_f
+                    b_kl = tl.where(upper[:, None], 0.0, b_kf)  # the lower halves' columns
+                    same = (o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))
+                    b_dq += tl.where(same, tl.dot(tl.where(upper[:, None], b_q * b_f, 0.0), tl.trans(b_kl),
+                                                  input_precision=PREC), 0.0)
+                    b_dk += tl.where(same, tl.dot(tl.where(upper[:, None], b_kf, 0.0), tl.trans(b_kl),
+                                                  input_precision=PREC), 0.0)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         m_zero = m_r[:, None] & (o_t[None, :] >= a * 16 + 16)
         tl.store(Aqk + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_aq), mask=m_off | m_zero)
         tl.store(Araw + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_ak), mask=m_off | m_zero)
+        if DIAG:
+            eye = o_s[:, None] == o_s[None, :]
+            m_d = m_r[:, None] & (o_s[None, :] >= 0)
+            tl.store(Aqk + p_row + a * 16 + o_s[None, :], tl.where(eye, b_qk[:, None], b_dq), mask=m_d)
+            tl.store(Araw + p_row + a * 16 + o_s[None, :], b_dk, mask=m_d)
 
 
 @triton.jit
@@ -439,10 +476,14 @@ def chunk_kda_fwd(
     if NC > 0:
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
-        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BK, PREC=prec,
-                                  **launch("gram"))
+        in_gram = bool(LAUNCH["gram"].get("diag"))  # the diagonal blocks in the gram kernel (halving levels)
+        BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
+        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
+                                  DIAG=in_gram, **launch("gram"))
         diag = LAUNCH["gram_diag"]
-        if diag.get("triangular"):  # only the needed columns, BH value heads per program
+        if in_gram:
+            pass  # done above
+        elif diag.get("triangular"):  # only the needed columns, BH value heads per program
             BH = min(int(diag.get("BH") or 1), HV)
             _gram_diag_tri_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                                  BH=BH, **launch("gram_diag"))
