@@ -46,11 +46,11 @@ SOLVE = [dict(num_warps=w, num_stages=s, BV=bv) for w, s, bv in itertools.produc
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 # the gram kernel with the diagonal blocks inside (diag=1, halving levels) against diag=0 (+ the separate
 # diagonal kernel, whose time the sweep adds: KERNEL_NAMES)
-GRAM = [dict(num_warps=w, num_stages=s, BK=bk, diag=1) for w, s, bk in itertools.product((4, 8), (2, 3), (16, 32))] + [
-    dict(num_warps=w, num_stages=3, BK=32, diag=0) for w in (4, 8)]
+GRAM = [dict(num_warps=w, num_stages=3, BK=bk, diag=1) for w, bk in ((4, 32), (8, 32), (4, 16))] + [
+    dict(num_warps=4, num_stages=3, BK=32, diag=0)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": GRAM,
-              "gram_diag": [dict(num_warps=w, triangular=1, BH=bh) for bh in (1, 2, 4, 8) for w in (1, 2, 4)]
-              + [dict(num_warps=w, R=r, triangular=0) for r in (4, 8) for w in (2, 4)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+              "gram_diag": [dict(num_warps=w, triangular=1, BH=bh) for bh in (1, 2, 4) for w in (1, 2, 4)]
+              + [dict(num_warps=4, R=8, triangular=0)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

@@ -131,7 +131,7 @@ def test_chunk_kda_interpreter_state_bwd_in_scan(case, monkeypatch):
 def test_chunk_kda_interpreter_gram_diag_triangular(heads, monkeypatch):
     # the diagonal gram blocks evaluated column by column (only j <= r), BH value heads per program,
     # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk
-    use_variant(monkeypatch, "gram", diag=0)
+    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
     use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads)
     check_case(CPU_CASES[-2])
 
@@ -140,16 +140,17 @@ def test_chunk_kda_interpreter_gram_diag_triangular(heads, monkeypatch):
 def test_chunk_kda_interpreter_gram_diag_rows_per_program(rows, monkeypatch):
     # the diagonal gram blocks with several chunk rows per program (launch table R), on a case whose
     # sequences end inside a sub-chunk (rows past a chunk's end must be left alone)
-    use_variant(monkeypatch, "gram", diag=0)
+    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
     use_variant(monkeypatch, "gram_diag", R=rows)
     check_case(CPU_CASES[-2])
 
 
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_diagonals_by_loops(case, monkeypatch):
-    # the diagonal 16x16 blocks the earlier way (the default uses halving levels in the gram kernel and
-    # in the decay products): elementwise pairs in the forward, two 16-step loops in the backward
-    use_variant(monkeypatch, "gram", diag=0)
+def test_chunk_kda_interpreter_diagonal_variants(case, monkeypatch):
+    # the non-default forms of the diagonal 16x16 blocks: halving levels inside the forward gram kernel
+    # (default: the separate elementwise kernel) and two 16-step loops in the backward decay products
+    # (default: halving levels)
+    use_variant(monkeypatch, "gram", diag=1)
     use_variant(monkeypatch, "decay_grad", levels=0)
     check_case(case)
 
@@ -263,8 +264,8 @@ def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_diagonals_by_loops(cuda_device, dtype, monkeypatch):
-    use_variant(monkeypatch, "gram", diag=0)
+def test_chunk_kda_gpu_diagonal_variants(cuda_device, dtype, monkeypatch):
+    use_variant(monkeypatch, "gram", diag=1)
     use_variant(monkeypatch, "decay_grad", levels=0)
     check_fused_varlen(cuda_device, dtype)
 
@@ -272,7 +273,7 @@ def test_chunk_kda_gpu_diagonals_by_loops(cuda_device, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [1, 4])
 def test_chunk_kda_gpu_gram_diag_triangular(cuda_device, heads, monkeypatch):
-    use_variant(monkeypatch, "gram", diag=0)
+    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
     use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads, num_warps=1)
     check_fused_varlen(cuda_device, torch.bfloat16)
 
@@ -281,7 +282,7 @@ def test_chunk_kda_gpu_gram_diag_triangular(cuda_device, heads, monkeypatch):
 @pytest.mark.parametrize("rows", [4, 16])
 def test_chunk_kda_gpu_gram_diag_rows_per_program(cuda_device, rows, monkeypatch):
     # several chunk rows per program in the diagonal gram kernel (launch table R) at full head size
-    use_variant(monkeypatch, "gram", diag=0)
+    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
     use_variant(monkeypatch, "gram_diag", R=rows)
     check_fused_varlen(cuda_device, torch.bfloat16)
 

@@ -98,9 +98,11 @@ def pow2(x: int, floor: int = 16) -> int:
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
     # diag=1: the diagonal 16x16 blocks inside the gram kernel by halving levels (4 exponentials per
-    # (row, channel), sums on tensor cores) instead of _gram_diag_kernel's elementwise pairs; not yet
-    # timed on a GPU (ptxas for sm_90a: 255 registers at 4 warps and BK 32, 192 at 8 warps, no spills)
-    "gram": dict(num_warps=8, num_stages=3, diag=1, BK=32),
+    # (row, channel), sums as small tensor-core dots) instead of _gram_diag_kernel's elementwise pairs.
+    # H100 sweep (sweep_v9_levels_h100.txt, 1M tokens x heads): 4.70 ms for gram + diagonal against 3.69
+    # with the separate kernel, both with the diagonal branch inside the off-diagonal loop (since moved
+    # to a loop of its own, which restores the off-diagonal loop's pipelining): off until re-timed
+    "gram": dict(num_warps=4, num_stages=3, diag=0, BK=32),
     # diagonal gram blocks, token-parallel, R chunk rows per program: 1.63 ms with R=8 on 4 warps,
     # 1.70 R=4, 1.82-1.89 R=1 on 1 warp (same run; sweep_v7_gram_diag_h100.txt)
     # triangular=1: a variant that evaluates only the needed columns (loop over j <= r, BH heads per
@@ -122,8 +124,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # decay products, one program per sub-chunk: 6.85 ms with 2 warps and BK 32 (4 warps 7.2, 8 warps
     # 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
     # levels=1: the diagonal sub-block by halving levels (as the forward gram's diag=1) instead of two
-    # 16-step loops with masked [16, BK] exponentials; not yet timed on a GPU (ptxas for sm_90a: 152
-    # registers at 4 warps and BK 32, no spills; 2 warps spill 100 B)
+    # 16-step loops with masked [16, BK] exponentials: 5.23 ms (4 warps, BK 32) against 6.90 (2 warps,
+    # BK 32; 8 warps or BK 16 at 4 warps: 9-17 ms) at 1M tokens x heads (sweep_v9_levels_h100.txt)
     "decay_grad": dict(num_warps=4, num_stages=3, BK=32, levels=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }

@@ -84,50 +84,52 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         b_qk = tl.zeros([16], dtype=tl.float32)
         m_prev = o_t < a * 16
         p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
-        if DIAG:
-            n_kb = KP // BK
-        else:
-            n_kb = (a > 0).to(tl.int32) * (KP // BK)  # no trips for a == 0
-        for kb in range(0, n_kb):
+        for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
             o_k = kb * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_rk = m_r[:, None] & m_k[None, :]
-            p_rows = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
-            b_q = tl.load(q + p_rows, mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + p_rows, mask=m_rk, other=0).to(tl.float32)
+            b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+            b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
             b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            if a > 0:
-                b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
-                m_p = m_prev[:, None] & m_k[None, :]
-                b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
-                b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-                b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-                b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-                b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
-                b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-            if DIAG:
-                # Diagonal block by halving levels (exact for any gate): at level s = 8, 4, 2, 1 a pair
-                # j < r of the same 2s-aligned group with r in its upper half and j in its lower half
-                # factors through the group's midpoint p (j < p <= r): e^{G_r - G_j} = e^{G_r - G_p}
-                # e^{G_p - G_j}, both <= 1, so nothing overflows and a factor that underflows means a
-                # product below it. Every pair j < r has exactly one such level. Each row takes one
-                # exponential per level and channel (its factor to its own group's midpoint): 4 per
-                # (row, channel) instead of up to 16, and the sums run on tensor cores.
-                b_qk += tl.sum(b_q * b_k, axis=1)  # the j = r term of Aqk (decay e^0)
-                for lvl in tl.static_range(4):
-                    s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-                    mid = (o_s // (2 * s)) * (2 * s) + s  # the midpoint of each row's 2s group
-                    upper = (o_s & s) != 0
-                    b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                                   mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-                    b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-                    b_kf = b_k * b_f
-                    b_kl = tl.where(upper[:, None], 0.0, b_kf)  # the lower halves' columns
-                    same = (o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))
-                    b_dq += tl.where(same, tl.dot(tl.where(upper[:, None], b_q * b_f, 0.0), tl.trans(b_kl),
-                                                  input_precision=PREC), 0.0)
-                    b_dk += tl.where(same, tl.dot(tl.where(upper[:, None], b_kf, 0.0), tl.trans(b_kl),
-                                                  input_precision=PREC), 0.0)
+            b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
+            m_p = m_prev[:, None] & m_k[None, :]
+            b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
+            b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
+            b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+            b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+            b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
+            b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
+        # (a loop of its own: a branch inside the loop above stopped its loads from being pipelined,
+        # 0.95 -> ~2 ms on an H100)
+        for kb in range(0, DIAG * (KP // BK)):
+            # Diagonal block by halving levels (exact for any gate): at level s = 8, 4, 2, 1 a pair
+            # j < r of the same 2s-aligned group with r in its upper half and j in its lower half
+            # factors through the group's midpoint p (j < p <= r): e^{G_r - G_j} = e^{G_r - G_p}
+            # e^{G_p - G_j}, both <= 1, so nothing overflows and a factor that underflows means a
+            # product below it. Every pair j < r has exactly one such level. Each row takes one
+            # exponential per level and channel (its factor to its own group's midpoint): 4 per
+            # (row, channel) instead of up to 16, and the sums run on tensor cores.
+            o_k = kb * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+            b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
+            b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+            b_qk += tl.sum(b_q * b_k, axis=1)  # the j = r term of Aqk (decay e^0)
+            for lvl in tl.static_range(4):
+                s = 8 >> lvl  # constexpr: 8, 4, 2, 1
+                mid = (o_s // (2 * s)) * (2 * s) + s  # the midpoint of each row's 2s group
+                upper = (o_s & s) != 0
+                b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                               mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
+                b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+                b_kf = b_k * b_f
+                b_kl = tl.where(upper[:, None], 0.0, b_kf)  # the lower halves' columns
+                same = (o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))
+                b_dq += tl.where(same, tl.dot(tl.where(upper[:, None], b_q * b_f, 0.0), tl.trans(b_kl),
+                                              input_precision=PREC), 0.0)
+                b_dk += tl.where(same, tl.dot(tl.where(upper[:, None], b_kf, 0.0), tl.trans(b_kl),
+                                              input_precision=PREC), 0.0)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         m_zero = m_r[:, None] & (o_t[None, :] >= a * 16 + 16)
