@@ -103,11 +103,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # with the separate kernel, both with the diagonal branch inside the off-diagonal loop (since moved
     # to a loop of its own, which restores the off-diagonal loop's pipelining): off until re-timed
     "gram": dict(num_warps=4, num_stages=3, diag=0, BK=32),
-    # diagonal gram blocks, token-parallel, R chunk rows per program: 1.63 ms with R=8 on 4 warps,
-    # 1.70 R=4, 1.82-1.89 R=1 on 1 warp (same run; sweep_v7_gram_diag_h100.txt)
-    # triangular=1: a variant that evaluates only the needed columns (loop over j <= r, BH heads per
-    # program); interpreter- and GPU-tested, not yet timed, so off
-    "gram_diag": dict(num_warps=4, num_stages=None, R=8, triangular=0, BH=1),
+    # diagonal gram blocks, token-parallel: triangular=1 evaluates only the needed columns j <= r of
+    # each row, BH value heads per program: 1.105 ms with BH 4 on 1 warp against 1.56 for the [16, K]
+    # tile form with R = 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
+    "gram_diag": dict(num_warps=1, num_stages=None, R=8, triangular=1, BH=4),
     # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
     "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
