@@ -27,8 +27,8 @@ from chunk_kda_timing import make  # noqa: E402
 
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
-    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel", "_gram_diag_kernel", "_gram_diag_tri_kernel"),
-    "gram_diag": ("_gram_diag_kernel", "_gram_diag_tri_kernel"), "solve": ("_solve_kernel",),
+    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
+    "gram_diag": ("_gram_diag_kernel",), "solve": ("_solve_kernel",),
     "state_fwd": ("_state_fwd_kernel",), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
@@ -38,19 +38,12 @@ SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product
 SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) for bv, s in ((16, 3), (64, 2), (32, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-# the decay products with the diagonal sub-block by halving levels (levels=1) against the two 16-step loops
-DECAY = [dict(num_warps=w, num_stages=3, BK=bk, levels=1) for w, bk in ((4, 32), (8, 64), (4, 16), (2, 16), (8, 32))] + [
-    dict(num_warps=2, num_stages=3, BK=32, levels=0)]
+DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in ((4, 32), (2, 32), (4, 16), (2, 16), (8, 32))]
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 SOLVE = [dict(num_warps=w, num_stages=s, BV=bv) for w, s, bv in itertools.product((4, 8), (1, 2), (32, 64))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
-# the gram kernel with the diagonal blocks inside (diag=1, halving levels) against diag=0 (+ the separate
-# diagonal kernel, whose time the sweep adds: KERNEL_NAMES)
-GRAM = [dict(num_warps=w, num_stages=3, BK=bk, diag=1) for w, bk in ((4, 32), (8, 32), (4, 16))] + [
-    dict(num_warps=4, num_stages=3, BK=32, diag=0)]
-CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": GRAM,
-              "gram_diag": [dict(num_warps=w, triangular=1, BH=bh) for bh in (1, 2, 4) for w in (1, 2, 4)]
-              + [dict(num_warps=4, R=8, triangular=0)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
+              "gram_diag": [dict(num_warps=w, BH=bh) for bh in (2, 4, 8) for w in (1, 2)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

@@ -55,11 +55,8 @@ def cases():
 
     hk = dict(H=16, HV=16, K=128)
     dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
-    for d in (1, 0):
-        yield f"gram diag={d}", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32", DIAG=d), 4, 3
-    yield "gram diagonal", cf._gram_diag_kernel, dict(hk, KP=128, R=gd["R"]), gd["num_warps"], 3
-    for bh, w in ((1, 1), (4, 4)):
-        yield f"gram diagonal triangular BH={bh}", cf._gram_diag_tri_kernel, dict(hk, KP=128, BH=bh), w, 3
+    yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
+    yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
     yield "solve", cf._solve_kernel, dict(hk, V=128, KP=128, BV=sol["BV"], BETA_SIGMOID=False, PREC="tf32"), \
         sol["num_warps"], sol["num_stages"]
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):

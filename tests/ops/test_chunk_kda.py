@@ -99,7 +99,7 @@ CPU_CASES = [
 
 
 def use_variant(monkeypatch, kernel: str, **switches) -> None:
-    """Select a launch-table variant of one kernel (e.g. gram_diag triangular=1) for this test."""
+    """Select a launch-table variant of one kernel (e.g. state_bwd dw_local=0) for this test."""
     monkeypatch.setitem(chunk_common.LAUNCH, kernel, {**chunk_common.LAUNCH[kernel], **switches})
 
 
@@ -127,32 +127,17 @@ def test_chunk_kda_interpreter_state_bwd_in_scan(case, monkeypatch):
     check_case(case)
 
 
-@pytest.mark.parametrize("heads", [1, 2, 4])
-def test_chunk_kda_interpreter_gram_diag_triangular(heads, monkeypatch):
-    # the diagonal gram blocks evaluated column by column (only j <= r), BH value heads per program,
+@pytest.mark.parametrize("heads", [1, 2])
+def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, monkeypatch):
+    # the diagonal gram kernel with BH value heads per program (the other cases run the default BH = 4),
     # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk
-    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
-    use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads)
+    use_variant(monkeypatch, "gram_diag", BH=heads)
     check_case(CPU_CASES[-2])
 
 
-@pytest.mark.parametrize("rows", [2, 4, 16])
-def test_chunk_kda_interpreter_gram_diag_rows_per_program(rows, monkeypatch):
-    # the diagonal gram blocks with several chunk rows per program (launch table R), on a case whose
-    # sequences end inside a sub-chunk (rows past a chunk's end must be left alone)
-    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
-    use_variant(monkeypatch, "gram_diag", R=rows)
-    check_case(CPU_CASES[-2])
-
-
-@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_diagonal_variants(case, monkeypatch):
-    # the non-default forms of the diagonal 16x16 blocks: halving levels inside the forward gram kernel
-    # (default: the separate elementwise kernel) and two 16-step loops in the backward decay products
-    # (default: halving levels)
-    use_variant(monkeypatch, "gram", diag=1)
-    use_variant(monkeypatch, "decay_grad", levels=0)
-    check_case(case)
+def test_chunk_kda_interpreter_value_heads_not_a_power_of_two():
+    # HV = 3 value heads on one q/k head: the diagonal gram's head block (4) is only partly used
+    check_case((1, 70, 1, 3, 16, 16, None, True, True))
 
 
 HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
@@ -263,27 +248,9 @@ def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_diagonal_variants(cuda_device, dtype, monkeypatch):
-    use_variant(monkeypatch, "gram", diag=1)
-    use_variant(monkeypatch, "decay_grad", levels=0)
-    check_fused_varlen(cuda_device, dtype)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [1, 4])
-def test_chunk_kda_gpu_gram_diag_triangular(cuda_device, heads, monkeypatch):
-    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
-    use_variant(monkeypatch, "gram_diag", triangular=1, BH=heads, num_warps=1)
-    check_fused_varlen(cuda_device, torch.bfloat16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [4, 16])
-def test_chunk_kda_gpu_gram_diag_rows_per_program(cuda_device, rows, monkeypatch):
-    # several chunk rows per program in the diagonal gram kernel (launch table R) at full head size
-    use_variant(monkeypatch, "gram", diag=0)  # the separate diagonal kernel whatever the default
-    use_variant(monkeypatch, "gram_diag", R=rows)
+def test_chunk_kda_gpu_gram_diag_heads_per_program(cuda_device, heads, monkeypatch):
+    use_variant(monkeypatch, "gram_diag", BH=heads, num_warps=1)
     check_fused_varlen(cuda_device, torch.bfloat16)
 
 

@@ -221,16 +221,14 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 
 @triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                    LEVELS: tl.constexpr):
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
     Off-diagonal sub-blocks go through a reference token (tl.dot, one earlier or later sub-chunk at
-    a time). The diagonal block loops over its 16 tokens twice: the row forms take column j per step,
-    the column forms take row t per step and update every column at once. Each exponential is formed
-    twice, but no step reduces across rows (per-column reductions in one loop measured 1.5x slower on
-    an H100: 10.4 vs 6.85 ms at 1M tokens x heads, sweep_v7_h100.txt)."""
+    a time). The diagonal block goes by halving levels (below): 4 exponentials per (row, channel) and
+    small tensor-core dots, 5.23 ms at 1M tokens x heads on an H100 against 6.90 for two 16-step loops
+    of masked [16, BK] exponentials (sweep_v9_levels_h100.txt)."""
     o_s = tl.arange(0, 16)
     rows = a * 16 + o_s
     m_r = rows < n
@@ -281,72 +279,45 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
     b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
-    if LEVELS:
-        # diagonal sub-block by halving levels, as the forward gram (chunk_fwd._gram_kernel): at level
-        # s = 8, 4, 2, 1 the pairs j < r of one 2s group with r in its upper half and j in its lower half
-        # factor through the group's midpoint, e^{G_r - G_j} = F_r F_j with both factors <= 1 (exact for
-        # any gate); one exponential per level and (row, channel), the sums as [16,16] x [16,BK] dots.
-        b_daq = tl.load(dAqk + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)  # [t, j]
-        b_da = tl.load(dA + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)
-        eye = o_s[:, None] == o_s[None, :]
-        # the j = t terms (decay e^0): dq2 and dk5 from dAqk[t, t], dk3 and dk4 from dA[t, t]
-        c_q = tl.sum(tl.where(eye, b_daq, 0.0), axis=1)[:, None]
-        c_a = tl.sum(tl.where(eye, b_da, 0.0), axis=1)[:, None]
-        b_dq2 += c_q * b_k
-        b_dk5 += c_q * b_q
-        b_dk3 += c_a * b_k
-        b_dk4 += c_a * b_k
-        for lvl in tl.static_range(4):
-            s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-            mid = (o_s // (2 * s)) * (2 * s) + s
-            upper = (o_s & s) != 0
-            b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                           mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-            b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-            f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
-            f_lo = b_f - f_up  # F of the lower rows j
-            pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
-            l_aq = tl.where(pair, b_daq, 0.0)
-            l_a = tl.where(pair, b_da, 0.0)
-            b_kl = b_k * f_lo
-            b_dq2 += f_up * tl.dot(l_aq, b_kl, input_precision=PREC)
-            b_dk3 += f_up * tl.dot(l_a, b_kl, input_precision=PREC)
-            b_dk4 += f_lo * tl.dot(tl.trans(l_a), b_k * f_up, input_precision=PREC)
-            b_dk5 += f_lo * tl.dot(tl.trans(l_aq), b_q * f_up, input_precision=PREC)
-    else:
-        # diagonal sub-block, row forms one column j at a time: E[t, :] = e^{G_t - G_j} for t >= j,
-        # masked before exp
-        for j in range(0, 16):
-            m_j = (a * 16 + j < n) & m_k
-            b_kj = tl.load(k + ((t0 + a * 16 + j) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-            b_gj = tl.load(G + ((t0 + a * 16 + j) * HV + i_hv) * K + o_k, mask=m_j, other=0)
-            b_e = tl.exp(tl.where((o_s >= j)[:, None] & m_rk, b_g - b_gj[None, :], float("-inf")))
-            b_cq = tl.load(dAqk + p_rows + a * 16 + j, mask=m_r, other=0)  # dAqk[t, j]
-            b_ca = tl.load(dA + p_rows + a * 16 + j, mask=m_r, other=0)  # dA[t, j]
-            b_ek = b_e * b_kj[None, :]
-            b_dq2 += b_cq[:, None] * b_ek
-            b_dk3 += b_ca[:, None] * b_ek
-        # column forms one row t at a time, every column j <= t at once:
-        # dk4[j] += dA[t, j] k_t e^{G_t - G_j},  dk5[j] += dAqk[t, j] q_t e^{G_t - G_j}
-        for t in range(0, 16):
-            m_t = (a * 16 + t < n) & m_k
-            p_t = (t0 + a * 16 + t) * H * K + i_h * K + o_k
-            b_kt = tl.load(k + p_t, mask=m_t, other=0).to(tl.float32)
-            b_qt = tl.load(q + p_t, mask=m_t, other=0).to(tl.float32)
-            b_gt = tl.load(G + (t0 + a * 16 + t) * HV * K + i_hv * K + o_k, mask=m_t, other=0)
-            p_rt = ((t0 + a * 16 + t) * HV + i_hv) * 64 + a * 16 + o_s
-            b_at = tl.load(dA + p_rt, mask=a * 16 + t < n, other=0)  # dA[t, j] over j
-            b_aqt = tl.load(dAqk + p_rt, mask=a * 16 + t < n, other=0)  # dAqk[t, j] over j
-            b_e = tl.exp(tl.where((o_s <= t)[:, None] & m_rk & m_t[None, :], b_gt[None, :] - b_g, float("-inf")))
-            b_dk4 += b_at[:, None] * (b_e * b_kt[None, :])
-            b_dk5 += b_aqt[:, None] * (b_e * b_qt[None, :])
+    # Diagonal sub-block by halving levels: at level s = 8, 4, 2, 1 the pairs j < r of one 2s-aligned
+    # group with r in its upper half and j in its lower half factor through the group's midpoint p
+    # (j < p <= r): e^{G_r - G_j} = F_r F_j with F_r = e^{G_r - G_p} and F_j = e^{G_p - G_j}, both <= 1,
+    # so nothing overflows for any gate, and a factor that underflows bounds a product below it (exact).
+    # Every pair j < r has exactly one such level; a row takes one exponential per level and channel
+    # (to its own group's midpoint), and the sums run as [16,16] x [16,BK] dots.
+    b_daq = tl.load(dAqk + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)  # [t, j]
+    b_da = tl.load(dA + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)
+    eye = o_s[:, None] == o_s[None, :]
+    # the j = t terms (decay e^0): dq2 and dk5 from dAqk[t, t], dk3 and dk4 from dA[t, t]
+    c_q = tl.sum(tl.where(eye, b_daq, 0.0), axis=1)[:, None]
+    c_a = tl.sum(tl.where(eye, b_da, 0.0), axis=1)[:, None]
+    b_dq2 += c_q * b_k
+    b_dk5 += c_q * b_q
+    b_dk3 += c_a * b_k
+    b_dk4 += c_a * b_k
+    for lvl in tl.static_range(4):
+        s = 8 >> lvl  # constexpr: 8, 4, 2, 1
+        mid = (o_s // (2 * s)) * (2 * s) + s
+        upper = (o_s & s) != 0
+        b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                       mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
+        b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+        f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
+        f_lo = b_f - f_up  # F of the lower rows j
+        pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
+        l_aq = tl.where(pair, b_daq, 0.0)
+        l_a = tl.where(pair, b_da, 0.0)
+        b_kl = b_k * f_lo
+        b_dq2 += f_up * tl.dot(l_aq, b_kl, input_precision=PREC)
+        b_dk3 += f_up * tl.dot(l_a, b_kl, input_precision=PREC)
+        b_dk4 += f_lo * tl.dot(tl.trans(l_a), b_k * f_up, input_precision=PREC)
+        b_dk5 += f_lo * tl.dot(tl.trans(l_aq), b_q * f_up, input_precision=PREC)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
 @triton.jit
 def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       LEVELS: tl.constexpr):
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
     # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
     # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
@@ -368,7 +339,7 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
         m_rk = m_r[:, None] & m_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                                                               H, HV, K, BK, PREC, LEVELS)
+                                                               H, HV, K, BK, PREC)
         b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
@@ -510,7 +481,7 @@ def chunk_kda_bwd(
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK, PREC=prec,
-            LEVELS=bool(LAUNCH["decay_grad"].get("levels")), **launch("decay_grad"))
+            **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
             HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate_grad"))

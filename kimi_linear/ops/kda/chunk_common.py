@@ -97,16 +97,14 @@ def pow2(x: int, floor: int = 16) -> int:
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
-    # diag=1: the diagonal 16x16 blocks inside the gram kernel by halving levels (4 exponentials per
-    # (row, channel), sums as small tensor-core dots) instead of _gram_diag_kernel's elementwise pairs.
-    # H100 sweep (sweep_v9_levels_h100.txt, 1M tokens x heads): 4.70 ms for gram + diagonal against 3.69
-    # with the separate kernel, both with the diagonal branch inside the off-diagonal loop (since moved
-    # to a loop of its own, which restores the off-diagonal loop's pipelining): off until re-timed
-    "gram": dict(num_warps=4, num_stages=3, diag=0, BK=32),
-    # diagonal gram blocks, token-parallel: triangular=1 evaluates only the needed columns j <= r of
-    # each row, BH value heads per program: 1.105 ms with BH 4 on 1 warp against 1.56 for the [16, K]
-    # tile form with R = 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
-    "gram_diag": dict(num_warps=1, num_stages=None, R=8, triangular=1, BH=4),
+    # the off-diagonal blocks; 0.95 ms at 1M tokens x heads (the diagonal blocks inside this kernel by
+    # halving levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
+    # sweep_v10_gram_diag_h100.txt, removed)
+    "gram": dict(num_warps=4, num_stages=3, BK=32),
+    # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
+    # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
+    # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=4),
     # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
     "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
@@ -120,12 +118,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     "chunk_grad": dict(num_warps=8, num_stages=3),
     "grad_finish": dict(num_warps=4, num_stages=None),
-    # decay products, one program per sub-chunk: 6.85 ms with 2 warps and BK 32 (4 warps 7.2, 8 warps
-    # 11.9) at 1M tokens x heads (sweep_v7_h100.txt)
-    # levels=1: the diagonal sub-block by halving levels (as the forward gram's diag=1) instead of two
-    # 16-step loops with masked [16, BK] exponentials: 5.23 ms (4 warps, BK 32) against 6.90 (2 warps,
-    # BK 32; 8 warps or BK 16 at 4 warps: 9-17 ms) at 1M tokens x heads (sweep_v9_levels_h100.txt)
-    "decay_grad": dict(num_warps=4, num_stages=3, BK=32, levels=1),
+    # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
+    # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
+    # at 1M tokens x heads (sweep_v9_levels_h100.txt)
+    "decay_grad": dict(num_warps=4, num_stages=3, BK=32),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 

@@ -6,7 +6,7 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 |------------------|-------------------|----------------------------|--------------------------------------|
 | gate + cumsum    | (NC, HV)          | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
 | gram (off-diag.) | (NC, HV, 4)       | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
-| gram (diagonal)  | (NC*64/R, HV)     | q, k, G                    | the 16x16 diagonal blocks of both    |
+| gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
 | solve (UT)       | (NC, HV)          | Araw, beta, q, k, v, G     | M=(I+A)^-1, U, Wk, Qg, Kd (step 4)   |
 | state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last          | h [NC, HV, K, V], W, final state (6-7)|
 | output           | (NC, HV, V/64)    | Qg, h, Aqk, W              | o (step 5)                           |
@@ -60,10 +60,9 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
 @triton.jit
 def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr, DIAG: tl.constexpr):
+                 BK: tl.constexpr, PREC: tl.constexpr):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
-    # DIAG: the diagonal 16x16 block here too, by halving levels (below); else _gram_diag_kernel's.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     a = tl.program_id(2)
@@ -79,9 +78,6 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         # first of sub-chunk a): i < r <= t, so both exponents are <= 0 (docs/kda.md, step 3).
         b_aq = tl.zeros([16, 64], dtype=tl.float32)
         b_ak = tl.zeros([16, 64], dtype=tl.float32)
-        b_dq = tl.zeros([16, 16], dtype=tl.float32)
-        b_dk = tl.zeros([16, 16], dtype=tl.float32)
-        b_qk = tl.zeros([16], dtype=tl.float32)
         m_prev = o_t < a * 16
         p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
         for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
@@ -99,92 +95,23 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-        # (a loop of its own: a branch inside the loop above stopped its loads from being pipelined,
-        # 0.95 -> ~2 ms on an H100)
-        for kb in range(0, DIAG * (KP // BK)):
-            # Diagonal block by halving levels (exact for any gate): at level s = 8, 4, 2, 1 a pair
-            # j < r of the same 2s-aligned group with r in its upper half and j in its lower half
-            # factors through the group's midpoint p (j < p <= r): e^{G_r - G_j} = e^{G_r - G_p}
-            # e^{G_p - G_j}, both <= 1, so nothing overflows and a factor that underflows means a
-            # product below it. Every pair j < r has exactly one such level. Each row takes one
-            # exponential per level and channel (its factor to its own group's midpoint): 4 per
-            # (row, channel) instead of up to 16, and the sums run on tensor cores.
-            o_k = kb * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
-            b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            b_qk += tl.sum(b_q * b_k, axis=1)  # the j = r term of Aqk (decay e^0)
-            for lvl in tl.static_range(4):
-                s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-                mid = (o_s // (2 * s)) * (2 * s) + s  # the midpoint of each row's 2s group
-                upper = (o_s & s) != 0
-                b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                               mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-                b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-                b_kf = b_k * b_f
-                b_kl = tl.where(upper[:, None], 0.0, b_kf)  # the lower halves' columns
-                same = (o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))
-                b_dq += tl.where(same, tl.dot(tl.where(upper[:, None], b_q * b_f, 0.0), tl.trans(b_kl),
-                                              input_precision=PREC), 0.0)
-                b_dk += tl.where(same, tl.dot(tl.where(upper[:, None], b_kf, 0.0), tl.trans(b_kl),
-                                              input_precision=PREC), 0.0)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         m_zero = m_r[:, None] & (o_t[None, :] >= a * 16 + 16)
         tl.store(Aqk + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_aq), mask=m_off | m_zero)
         tl.store(Araw + p_row + o_t[None, :], tl.where(m_zero, 0.0, b_ak), mask=m_off | m_zero)
-        if DIAG:
-            eye = o_s[:, None] == o_s[None, :]
-            m_d = m_r[:, None] & (o_s[None, :] >= 0)
-            tl.store(Aqk + p_row + a * 16 + o_s[None, :], tl.where(eye, b_qk[:, None], b_dq), mask=m_d)
-            tl.store(Araw + p_row + a * 16 + o_s[None, :], b_dk, mask=m_d)
+        # The diagonal 16x16 block is _gram_diag_kernel's (token-parallel, only the needed columns).
 
 
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, R: tl.constexpr):
-    # Step 3's diagonal blocks, token-parallel: one program per (R chunk rows, value head). Row r of
-    # its sub-chunk's 16x16 block takes exact pairwise decays on one [16, K] tile, masked before exp:
-    # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r).
-    # The R rows share one load of the sub-chunk's k and G (R = 1 re-reads them once per row: 16x the
-    # L2 traffic); their computations are independent, so there is no serial chain as in a column loop.
-    i_c = tl.program_id(0) // (64 // R)
-    r0 = (tl.program_id(0) % (64 // R)) * R
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
-    if r0 < n:
-        a0 = (r0 // 16) * 16
-        o_s = tl.arange(0, 16)
-        o_k = tl.arange(0, KP)
-        m_k = o_k < K
-        m_jk = ((a0 + o_s) < tl.minimum(r0 + R, n))[:, None] & m_k[None, :]
-        b_kj = tl.load(k + ((t0 + a0 + o_s[:, None]) * H + i_h) * K + o_k[None, :], mask=m_jk, other=0).to(tl.float32)
-        b_gj = tl.load(G + ((t0 + a0 + o_s[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_jk, other=0)
-        for rr in tl.static_range(R):
-            r = r0 + rr
-            m_rk = m_k & (r < n)
-            p_r = ((t0 + r) * H + i_h) * K + o_k
-            b_qr = tl.load(q + p_r, mask=m_rk, other=0).to(tl.float32)
-            b_kr = tl.load(k + p_r, mask=m_rk, other=0).to(tl.float32)
-            b_gr = tl.load(G + ((t0 + r) * HV + i_hv) * K + o_k, mask=m_rk, other=0)
-            b_e = tl.exp(tl.where(((a0 + o_s) <= r)[:, None] & m_jk, b_gr[None, :] - b_gj, float("-inf"))) * b_kj
-            b_aq = tl.sum(b_e * b_qr[None, :], axis=1)
-            b_ak = tl.where(a0 + o_s < r, tl.sum(b_e * b_kr[None, :], axis=1), 0.0)
-            p_out = ((t0 + r) * HV + i_hv) * 64 + a0 + o_s
-            tl.store(Aqk + p_out, b_aq, mask=r < n)
-            tl.store(Araw + p_out, b_ak, mask=r < n)
-
-
-@triton.jit
-def _gram_diag_tri_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
-    # The same diagonal blocks as _gram_diag_kernel, evaluating only the needed columns: one program
-    # per (chunk row r, BH value heads) loops over j = start of r's sub-chunk .. r on [BH, K] tiles, so
-    # no exponential is spent on a masked entry (the [16, K] tile form wastes ~half of them).
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+    # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
+    # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
+    # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
+    # needed columns are evaluated (a [16, K] tile per row spent half its exponentials on masked
+    # entries: 1.56 ms against 1.105 at 1M tokens x heads on an H100, sweep_v10_gram_diag_h100.txt), and
+    # BH heads per program share the loop's addressing. No serial chain across rows.
     i_c = tl.program_id(0) // 64
     r = tl.program_id(0) % 64
     o_hv = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
@@ -478,21 +405,12 @@ def chunk_kda_fwd(
     if NC > 0:
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
-        in_gram = bool(LAUNCH["gram"].get("diag"))  # the diagonal blocks in the gram kernel (halving levels)
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                  DIAG=in_gram, **launch("gram"))
-        diag = LAUNCH["gram_diag"]
-        if in_gram:
-            pass  # done above
-        elif diag.get("triangular"):  # only the needed columns, BH value heads per program
-            BH = min(int(diag.get("BH") or 1), HV)
-            _gram_diag_tri_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                                 BH=BH, **launch("gram_diag"))
-        else:
-            R = int(diag.get("R") or 1)  # chunk rows per program (a power of two <= 16)
-            _gram_diag_kernel[(NC * (64 // R), HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, R=R,
-                                                    **launch("gram_diag"))
+                                  **launch("gram"))
+        BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
+        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
+                                                         BH=BH, **launch("gram_diag"))
         BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
         _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
                                 BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
