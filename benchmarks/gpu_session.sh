@@ -23,9 +23,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 
 case "$STAGE" in
 kernels)
-  # 1. a launch sweep of $SWEEP (default: the session-5 kernels, diagonal gram and decay products) at
+  # 1. a launch sweep of $SWEEP (default: the solve with the off-diagonal gram inside, prepared) at
   #    B=1 T=64K H=16; PROFILES="--fla-profile --fused-profile" adds per-kernel profiles
-  timeout 300 python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-gram_diag decay_grad} \
+  timeout 300 python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-solve} \
     ${PROFILES:-} --budget 240 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
   # 2. chunked KDA side by side: the Figure-2 end and a training shape
   timeout 220 python3 -m kimi_linear.cli bench kda --shapes ${BENCH_SHAPES:-1x65536x16,8x4096x32} \
