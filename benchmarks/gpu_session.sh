@@ -4,6 +4,7 @@
 #   run(command="bash benchmarks/gpu_session.sh tests", timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
+# (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
 # Order for the next session (30 device minutes; the H100 counts half its held time): tests (the
 # prepared fused_gram solve has a GPU test), kernels (sweeps it, then the 64K / B8 T4K side by side),
 # grid with GRID_SHAPES=1x65536x16 (the one Figure-2 column still missing), train, decode (prefill is now
@@ -22,6 +23,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then   # fla-core + einops wheels for the side
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 FLA_DISABLE_BACKEND_DISPATCH=1
+# FLA caches its autotuning results in Triton's cache dir (FLA_CACHE_RESULTS, on by default), but each
+# call starts on a fresh machine, so every call re-tuned for minutes (session 5: most of a 560 s grid
+# call). The tuning results (*.autotune.json, small) go back in $OUT/triton-autotune.tar.gz; copy it to
+# the repo root as .triton-autotune.tar.gz (git-ignored) and add it to `carry` to reuse them.
+export TRITON_CACHE_DIR=/tmp/triton-cache TRITON_CACHE_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f .triton-autotune.tar.gz ]; then
+  tar -xzf .triton-autotune.tar.gz -C "$TRITON_CACHE_DIR" && \
+    echo "reusing $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results"
+fi
+save_autotune() {
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$OUT/triton-autotune.tar.gz" -T -) 2>/dev/null
+}
+trap save_autotune EXIT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
 case "$STAGE" in
