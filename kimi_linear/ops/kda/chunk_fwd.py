@@ -244,23 +244,24 @@ def _solve_kernel(q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, chunk_start, ch
     m22 = _load_block(M, t0, n, i_hv, HV, 2, 2)
     m33 = _load_block(M, t0, n, i_hv, HV, 3, 3)
     if FUSED_GRAM:
+        # each block pair stored as soon as it is made (fewer live registers); the Araw blocks stay for M
         a10, q10 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 1, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q10, t0, n, i_hv, HV, 1, 0)  # stored at once: fewer live registers
+        _store_block(Aqk, q10, t0, n, i_hv, HV, 1, 0)
         _store_block(Araw, a10, t0, n, i_hv, HV, 1, 0)
         a20, q20 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 2, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q20, t0, n, i_hv, HV, 2, 0)  # stored at once: fewer live registers
+        _store_block(Aqk, q20, t0, n, i_hv, HV, 2, 0)
         _store_block(Araw, a20, t0, n, i_hv, HV, 2, 0)
         a21, q21 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 2, 1, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q21, t0, n, i_hv, HV, 2, 1)  # stored at once: fewer live registers
+        _store_block(Aqk, q21, t0, n, i_hv, HV, 2, 1)
         _store_block(Araw, a21, t0, n, i_hv, HV, 2, 1)
         a30, q30 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q30, t0, n, i_hv, HV, 3, 0)  # stored at once: fewer live registers
+        _store_block(Aqk, q30, t0, n, i_hv, HV, 3, 0)
         _store_block(Araw, a30, t0, n, i_hv, HV, 3, 0)
         a31, q31 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 1, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q31, t0, n, i_hv, HV, 3, 1)  # stored at once: fewer live registers
+        _store_block(Aqk, q31, t0, n, i_hv, HV, 3, 1)
         _store_block(Araw, a31, t0, n, i_hv, HV, 3, 1)
         a32, q32 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 2, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q32, t0, n, i_hv, HV, 3, 2)  # stored at once: fewer live registers
+        _store_block(Aqk, q32, t0, n, i_hv, HV, 3, 2)
         _store_block(Araw, a32, t0, n, i_hv, HV, 3, 2)
         b_zq = tl.zeros([16, 16], dtype=tl.float32)  # above the diagonal blocks, as _gram_kernel leaves them
         _store_block(Araw, b_zq, t0, n, i_hv, HV, 0, 1)
