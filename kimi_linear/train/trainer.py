@@ -379,14 +379,23 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train",
                     mininterval=interval)
 
-    def close(self) -> None:
+    def close(self, synchronise: bool = False) -> None:
+        """Leave the process group. ``synchronise`` (after a run that ended normally): a barrier first, so
+        no rank tears Gloo down while another still finishes its last collective (a 2-process CPU run
+        once aborted at exit with "terminate called without an active exception"). Not after an error:
+        the other ranks may never reach the barrier."""
+        if synchronise:
+            dd.barrier(self.info)
         dd.teardown(self.info)
 
 
 def train(cfg: TrainConfig, **kwargs) -> TrainResult:
     """Build a :class:`Trainer` and run it to the end."""
     trainer = Trainer(cfg, **kwargs)
+    ended = False
     try:
-        return trainer.run()
+        result = trainer.run()
+        ended = True
+        return result
     finally:
-        trainer.close()
+        trainer.close(synchronise=ended)
