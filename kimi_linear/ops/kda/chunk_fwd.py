@@ -160,6 +160,18 @@ def _store_block(base, x, t0, n, i_hv, HV: tl.constexpr, a: tl.constexpr, b: tl.
 
 
 @triton.jit
+def _zero_upper_blocks(base, t0, n, i_hv, HV: tl.constexpr):
+    """Zeros in the six 16x16 blocks above the diagonal of a per-chunk [64, 64] matrix."""
+    b_z = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block(base, b_z, t0, n, i_hv, HV, 0, 1)
+    _store_block(base, b_z, t0, n, i_hv, HV, 0, 2)
+    _store_block(base, b_z, t0, n, i_hv, HV, 0, 3)
+    _store_block(base, b_z, t0, n, i_hv, HV, 1, 2)
+    _store_block(base, b_z, t0, n, i_hv, HV, 1, 3)
+    _store_block(base, b_z, t0, n, i_hv, HV, 2, 3)
+
+
+@triton.jit
 def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr):
     """beta of the given chunk rows (0 beyond the chunk), sigmoid applied to logits when fused."""
     m = rows < n
@@ -170,11 +182,12 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, a: tl.constexpr, b: tl.constexpr,
+def _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, a: tl.constexpr, b: tl.constexpr,
                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                         BK: tl.constexpr, PREC: tl.constexpr):
     """Araw and Aqk [16, 16] for the rows of sub-chunk a and the columns of sub-chunk b < a (step 3),
-    through the reference token 16a as in _gram_kernel (both exponents <= 0). Rows past the chunk's
+    through the reference token 16a as in _gram_kernel (both exponents <= 0). Both blocks are stored
+    at once (fewer live registers); the Araw block is returned for the solve. Rows past the chunk's
     end come out 0."""
     o_s = tl.arange(0, 16)
     rows = a * 16 + o_s
@@ -199,7 +212,9 @@ def _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, a: tl.constexpr, b: tl.conste
         b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
         b_aq += tl.dot(b_q * b_dec, tl.trans(b_kc), input_precision=PREC)
         b_ak += tl.dot(b_k * b_dec, tl.trans(b_kc), input_precision=PREC)
-    return b_ak, b_aq
+    _store_block(Aqk, b_aq, t0, n, i_hv, HV, a, b)
+    _store_block(Araw, b_ak, t0, n, i_hv, HV, a, b)
+    return b_ak
 
 
 @triton.jit
@@ -244,38 +259,14 @@ def _solve_kernel(q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, chunk_start, ch
     m22 = _load_block(M, t0, n, i_hv, HV, 2, 2)
     m33 = _load_block(M, t0, n, i_hv, HV, 3, 3)
     if FUSED_GRAM:
-        # each block pair stored as soon as it is made (fewer live registers); the Araw blocks stay for M
-        a10, q10 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 1, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q10, t0, n, i_hv, HV, 1, 0)
-        _store_block(Araw, a10, t0, n, i_hv, HV, 1, 0)
-        a20, q20 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 2, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q20, t0, n, i_hv, HV, 2, 0)
-        _store_block(Araw, a20, t0, n, i_hv, HV, 2, 0)
-        a21, q21 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 2, 1, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q21, t0, n, i_hv, HV, 2, 1)
-        _store_block(Araw, a21, t0, n, i_hv, HV, 2, 1)
-        a30, q30 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 0, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q30, t0, n, i_hv, HV, 3, 0)
-        _store_block(Araw, a30, t0, n, i_hv, HV, 3, 0)
-        a31, q31 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 1, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q31, t0, n, i_hv, HV, 3, 1)
-        _store_block(Araw, a31, t0, n, i_hv, HV, 3, 1)
-        a32, q32 = _gram_offdiag_block(q, k, G, t0, n, i_hv, i_h, 3, 2, H, HV, K, KP, BK, PREC)
-        _store_block(Aqk, q32, t0, n, i_hv, HV, 3, 2)
-        _store_block(Araw, a32, t0, n, i_hv, HV, 3, 2)
-        b_zq = tl.zeros([16, 16], dtype=tl.float32)  # above the diagonal blocks, as _gram_kernel leaves them
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 0, 1)
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 0, 2)
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 0, 3)
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 1, 2)
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 1, 3)
-        _store_block(Araw, b_zq, t0, n, i_hv, HV, 2, 3)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 0, 1)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 0, 2)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 0, 3)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 1, 2)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 1, 3)
-        _store_block(Aqk, b_zq, t0, n, i_hv, HV, 2, 3)
+        a10 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 1, 0, H, HV, K, KP, BK, PREC)
+        a20 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 2, 0, H, HV, K, KP, BK, PREC)
+        a21 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 2, 1, H, HV, K, KP, BK, PREC)
+        a30 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 0, H, HV, K, KP, BK, PREC)
+        a31 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 1, H, HV, K, KP, BK, PREC)
+        a32 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 2, H, HV, K, KP, BK, PREC)
+        _zero_upper_blocks(Araw, t0, n, i_hv, HV)  # as _gram_kernel leaves them
+        _zero_upper_blocks(Aqk, t0, n, i_hv, HV)
         l10 = a10 * b1
         l20 = a20 * b2
         l21 = a21 * b2
@@ -304,13 +295,7 @@ def _solve_kernel(q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, chunk_start, ch
     _store_block(M, m30, t0, n, i_hv, HV, 3, 0)
     _store_block(M, m31, t0, n, i_hv, HV, 3, 1)
     _store_block(M, m32, t0, n, i_hv, HV, 3, 2)
-    b_z = tl.zeros([16, 16], dtype=tl.float32)
-    _store_block(M, b_z, t0, n, i_hv, HV, 0, 1)
-    _store_block(M, b_z, t0, n, i_hv, HV, 0, 2)
-    _store_block(M, b_z, t0, n, i_hv, HV, 0, 3)
-    _store_block(M, b_z, t0, n, i_hv, HV, 1, 2)
-    _store_block(M, b_z, t0, n, i_hv, HV, 1, 3)
-    _store_block(M, b_z, t0, n, i_hv, HV, 2, 3)
+    _zero_upper_blocks(M, t0, n, i_hv, HV)
     tl.debug_barrier()
     # (3) U and Wk with the whole [64, 64] M.
     m_t = o_t < n
