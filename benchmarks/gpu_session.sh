@@ -12,10 +12,11 @@
 # in FLA's autotuning, so keep each call's shape list short.
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", BENCH_SHAPES.
+# Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.
 # Writes logs and results under $OUT (at most 8 files come back: keep the list short).
 # Each step has its own time cap so a slow one (FLA autotuning) cannot starve the rest.
 set -u
-STAGE=${1:-kernels}
+STAGES=${*:-kernels}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then   # fla-core + einops wheels for the side-by-side benchmarks
@@ -39,6 +40,7 @@ save_autotune() {
 trap save_autotune EXIT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
+for STAGE in $STAGES; do
 case "$STAGE" in
 kernels)
   # 1. a launch sweep of $SWEEP (default: the solve with the off-diagonal gram inside, prepared) at
@@ -51,7 +53,7 @@ kernels)
   ;;
 tests)
   # every GPU test, one process per file (a fault poisons its process's CUDA context)
-  timeout 560 make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
+  timeout ${TESTS_CAP:-560} make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
   cat /tmp/gpu-logs/*.log > "$OUT/gpu_tests_full.log" 2>/dev/null
   ;;
 grid|train)
@@ -61,10 +63,15 @@ grid|train)
   timeout 560 python3 -m kimi_linear.cli bench kda --shapes $shapes \
     --providers ${PROVIDERS:-ours,fla_kda,ours_fused,fla_kda_fused,flash} --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -50
   ;;
+profile)
+  # per-kernel GPU time of one eager decode step (hybrid, 4K, batch 1) and the graph-replayed step
+  timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 2>&1 | tail -45 | tee "$OUT/decode_profile.txt"
+  ;;
 decode)
   # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, profile or decode, got $STAGE" >&2; exit 2 ;;
 esac
+done
