@@ -5,11 +5,12 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): tests (the
-# prepared fused_gram solve has a GPU test), kernels (sweeps it, then the 64K / B8 T4K side by side),
-# grid with GRID_SHAPES=1x65536x16 (the one Figure-2 column still missing), train, decode (prefill is now
-# timed after an untimed first call). In session 5 a first call on a fresh machine spent most of 560 s
-# in FLA's autotuning, so keep each call's shape list short.
+# Order for the next session (30 device minutes; the H100 counts half its held time): tests, kernels
+# (the 64K / B8 T4K side by side; the fused_gram solve it swept was measured in session 6, 2.1x slower
+# than gram + solve, and removed: see docs/kernels.md), grid with GRID_SHAPES=1x65536x16 (the one
+# Figure-2 column still missing), train, decode (prefill is now timed after an untimed first call). In
+# session 5 a first call on a fresh machine spent most of 560 s in FLA's autotuning, so keep each call's
+# shape list short.
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", BENCH_SHAPES.
 # Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.
@@ -43,7 +44,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 for STAGE in $STAGES; do
 case "$STAGE" in
 kernels)
-  # 1. a launch sweep of $SWEEP (default: the solve with the off-diagonal gram inside, prepared) at
+  # 1. a launch sweep of $SWEEP (default: the solve's warps / stages) at
   #    B=1 T=64K H=16; PROFILES="--fla-profile --fused-profile" adds per-kernel profiles
   timeout 300 python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-solve} \
     ${PROFILES:-} --budget 240 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
@@ -63,6 +64,11 @@ grid|train)
   timeout 560 python3 -m kimi_linear.cli bench kda --shapes $shapes \
     --providers ${PROVIDERS:-ours,fla_kda,ours_fused,fla_kda_fused,flash} --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -50
   ;;
+gemv)
+  # batch-1 decode products: fused_linear and the single-token MoE kernels against cuBLAS / the
+  # tensor-core kernels, tile sweeps
+  timeout 300 python3 benchmarks/decode_gemv_sweep.py 2>&1 | tee "$OUT/gemv_sweep.log" | grep -v "^{"
+  ;;
 profile)
   # per-kernel GPU time of one eager decode step (hybrid, 4K, batch 1) and the graph-replayed step
   timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 2>&1 | tail -45 | tee "$OUT/decode_profile.txt"
@@ -72,6 +78,6 @@ decode)
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train, profile or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

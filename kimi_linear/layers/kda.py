@@ -30,6 +30,7 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update_
+from kimi_linear.ops.gemv import fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
@@ -215,9 +216,11 @@ class KimiDeltaAttention(KeepFP32):
         g, beta = self._masked_gates(x, mask)
         return chunk_kda(q, k, v, g, beta.to(v.dtype), fusion=KDAFusion(qk_l2norm=True), backend="triton", **kw)
 
-    def project_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``."""
-        gate = self.g_b_proj(self.g_a_proj(x)).unflatten(-1, (self.num_heads, self.head_v_dim))
+    def project_output(self, o: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor | None = None) -> torch.Tensor:
+        """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``; ``gate_a`` is
+        ``g_a_proj(x)`` when the caller already has it."""
+        gate_a = self.g_a_proj(x) if gate_a is None else gate_a
+        gate = self.g_b_proj(gate_a).unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
         return self.o_proj(y.flatten(-2).to(x.dtype))
 
@@ -259,23 +262,24 @@ class KimiDeltaAttention(KeepFP32):
         mask = step.token_mask
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
         if step.decode and self.variant == "kda":
-            outs = []
-            for proj, conv, window in ((self.q_proj, self.q_conv1d, lc.conv_q), (self.k_proj, self.k_conv1d, lc.conv_k),
-                                       (self.v_proj, self.v_conv1d, lc.conv_v)):
-                # one fused step that shifts the cached window in place (Triton on CUDA)
-                outs.append(causal_conv1d_update_(proj(x), window, conv.weight, None, activation="silu",
-                                                  backend=self.backend))
             H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+            # every projection of x in one launch (six matrix-vector products, five of them small)
+            projs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
+            y_q, y_k, y_v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs], backend=self.backend)
+            outs = [causal_conv1d_update_(y_in, window, conv.weight, None, activation="silu", backend=self.backend)
+                    for y_in, conv, window in ((y_q, self.q_conv1d, lc.conv_q), (y_k, self.k_conv1d, lc.conv_k),
+                                               (y_v, self.v_conv1d, lc.conv_v))]  # windows shift in place
             q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            o, _ = recurrent_kda(q, k, v, self.gate_raw(x), self.beta_logits(x), initial_state=lc.state,
-                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
-        else:
-            q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
-            for dst, w in zip(lc.convs, windows):
-                dst.copy_(w)
-            o, state = self._attend(q, k, v, x, mask, initial_state=lc.state, output_final_state=True)
-            lc.state.copy_(state)
+            o, _ = recurrent_kda(q, k, v, self.f_b_proj(f_a).view(B, 1, H, K), b.view(B, 1, H),
+                                 initial_state=lc.state, state_indices=cache.slot_index, fusion=fusion,
+                                 backend=self.backend)
+            return self.project_output(o, x, gate_a=g_a.view(B, 1, -1))
+        q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
+        for dst, w in zip(lc.convs, windows):
+            dst.copy_(w)
+        o, state = self._attend(q, k, v, x, mask, initial_state=lc.state, output_final_state=True)
+        lc.state.copy_(state)
         return self.project_output(o, x)
 
 

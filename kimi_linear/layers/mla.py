@@ -21,6 +21,7 @@ from torch import nn
 
 from kimi_linear.layers.common import RMSNorm, bool_mask
 from kimi_linear.ops.attention import causal_attention
+from kimi_linear.ops.gemv import fused_linear
 from kimi_linear.ops.latent_attention import latent_attention, masked_attention
 
 __all__ = ["MultiHeadLatentAttention"]
@@ -117,8 +118,15 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = hidden_states.shape
         cache.check_batch(B, "hidden_states")
         lc = cache.layers[self.layer_idx]
-        q = self.project_q(hidden_states)
-        latent, k_rope = self.compress_kv(hidden_states)
+        if step.decode:  # both projections of the token in one launch
+            q, kv = fused_linear(hidden_states.reshape(B, -1), [self.q_proj.weight, self.kv_a_proj_with_mqa.weight],
+                                 backend=self.backend)
+            q = q.view(B, T, self.num_heads, self.qk_dim)
+            latent, k_rope = kv.view(B, T, -1).split([self.kv_lora_rank, self.rope_dim], -1)
+            latent = self.kv_a_layernorm(latent)
+        else:
+            q = self.project_q(hidden_states)
+            latent, k_rope = self.compress_kv(hidden_states)
         lc.write(latent, k_rope, step)
         if step.decode:
             q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)

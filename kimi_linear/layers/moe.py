@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.layers.common import KeepFP32
-from kimi_linear.ops.moe import expert_load, grouped_swiglu, route
+from kimi_linear.ops.moe import expert_load, grouped_swiglu, route_tokens
 
 __all__ = ["SwiGLUMLP", "Expert", "MoEGate", "SparseMoeBlock"]
 
@@ -94,9 +94,10 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
-        return route(self.gate(x), self.gate.e_score_correction_bias, self.top_k, num_groups=self.num_groups,
-                     topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
-                     backend=backend)
+        # the logits are self.gate(x); on Triton at inference the routing kernel computes them itself
+        return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
+                            num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
+                            scaling=self.scaling, backend=backend)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:

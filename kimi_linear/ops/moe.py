@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["route", "expert_load", "grouped_swiglu"]
+__all__ = ["route", "route_tokens", "expert_load", "grouped_swiglu"]
 
 
 def route(
@@ -80,6 +80,37 @@ def route(
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights * scaling, indices
+
+
+def route_tokens(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    correction_bias: torch.Tensor | None,
+    top_k: int,
+    *,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`route` of the router logits ``x.float() @ gate_weight.float().T`` (``x [N, D]``,
+    ``gate_weight [E, D]``). At inference on Triton (no groups, no gradient) one launch computes the
+    logits and the choice; otherwise the logits come from ``F.linear`` in fp32, then :func:`route`."""
+    if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
+        raise ValueError(f"need x [N, D] and gate_weight [E, D], got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
+    fused = (
+        resolve_backend(backend, x.device) == "triton" and not (num_groups > 1 and topk_groups < num_groups)
+        and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))
+        and x.dtype != torch.float64 and gate_weight.device == x.device and 1 <= top_k <= gate_weight.shape[0]
+        and (correction_bias is None or (correction_bias.shape == gate_weight.shape[:1] and correction_bias.device == x.device))
+    )
+    if fused:
+        from kimi_linear.ops.moe_route_kernel import route_triton
+
+        return route_triton(None, correction_bias, top_k, renormalize, scaling, hidden=(x, gate_weight))
+    return route(F.linear(x.float(), gate_weight.float()), correction_bias, top_k, num_groups=num_groups,
+                 topk_groups=topk_groups, renormalize=renormalize, scaling=scaling, backend=backend)
 
 
 def expert_load(indices: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

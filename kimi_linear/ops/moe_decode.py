@@ -118,7 +118,65 @@ def _kernels():
     return gate_up_kernel, down_kernel
 
 
+def _single_token_kernels():
+    """One token (batch-1 decoding): programs walk the token's chosen experts (its k slots, then the
+    shared ones) instead of all experts, and multiply row blocks with the token as a vector: no tensor
+    cores (a 16-row tile would be 15/16 padding), no programs that exit at once, and more row blocks
+    in flight to stream the weights."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, D, I, K, ER,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+        j = tl.program_id(0)
+        # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
+        e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
+        w1 = tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w3 = tl.load(w3_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_r = o_r < I
+        acc1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m = m_r[:, None] & ((o_d[None, :] < D) | EVEN_D)
+            b_x = tl.load(x_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
+            p_w = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+            acc1 += tl.sum(tl.load(w1 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
+            acc3 += tl.sum(tl.load(w3 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
+        h = acc1 * tl.sigmoid(acc1) * acc3
+        tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
+
+    @triton.jit
+    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, D, I, K, ER, J,
+                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr):
+        # y[rows] = sum over slots j (every SPLIT-th from program_id(1)) of c_j * w2_e(j)[rows, :] . h_j
+        o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_r = o_r < D
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for j in range(tl.program_id(1), J, SPLIT):
+            e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
+            c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)), 1.0)  # shared experts: weight 1
+            w2 = tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+            part = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for i0 in range(0, I, BLOCK_I):
+                o_i = i0 + tl.arange(0, BLOCK_I)
+                m_i = o_i < I
+                b_h = tl.load(h_ptr + j * I + o_i, mask=m_i, other=0.0).to(tl.float32)
+                b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
+                part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
+            acc += c * part
+        if SPLIT == 1:
+            tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
+        else:
+            tl.atomic_add(y_ptr + o_r, acc, mask=m_r)
+
+    return gate_up_one_kernel, down_one_kernel
+
+
 _KERNELS = None
+_ONE_KERNELS = None
 # Tile sizes and launch settings (benchmarks/moe_decode_sweep.py tries others on a GPU). At batch 1
 # the grid is (experts, I / BLOCK_I): narrow tiles give more programs to stream the chosen experts'
 # weights; BLOCK_N is 16 (tl.dot's minimum) or 32.
@@ -128,7 +186,12 @@ _KERNELS = None
 TILES: dict[str, dict[str, int | None]] = {
     "gate_up": dict(BLOCK_I=32, BLOCK_D=128, num_warps=4, num_stages=4),
     "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
+    # one token: row blocks of the chosen experts only (SPLIT > 1 spreads the slots of the down
+    # projection over programs that add into an fp32 buffer)
+    "gate_up_one": dict(BLOCK_R=8, BLOCK_D=256, num_warps=4),
+    "down_one": dict(BLOCK_R=8, BLOCK_I=256, SPLIT=1, num_warps=4),
 }
+SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 
 
 def _launch_kw(cfg: dict) -> dict:
@@ -167,6 +230,8 @@ def moe_decode(
         return grouped_swiglu(x, indices, weights, w1, w3, w2)
     import triton
 
+    if x.shape[0] == 1 and SINGLE_TOKEN_KERNELS:
+        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER)
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _kernels()
@@ -189,4 +254,31 @@ def moe_decode(
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
         h, idx, cw, _pointer_table(w2, x), y, N, D, I, k, N * k, ER,
         BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(dn))
+    return y.to(x.dtype)
+
+
+def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
+    """:func:`moe_decode` for one token ``x [1, D]``: slots are its ``k`` choices, then the shared experts
+    (``w1[ER:]``...), each with its weights read once by row blocks."""
+    import triton
+
+    global _ONE_KERNELS
+    if _ONE_KERNELS is None:
+        _ONE_KERNELS = _single_token_kernels()
+    gate_up, down = _ONE_KERNELS
+    D, I, K = x.shape[1], w1[0].shape[0], indices.shape[1]
+    J = K + len(w1) - ER
+    x = x.contiguous()
+    idx = indices.to(torch.int32).contiguous()
+    cw = weights.float().contiguous()
+    h = torch.empty(J, I, device=x.device, dtype=x.dtype)
+    gu, dn = TILES["gate_up_one"], TILES["down_one"]
+    gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
+        x, idx, _pointer_table(w1, x), _pointer_table(w3, x), h, D, I, K, ER,
+        BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, num_warps=gu["num_warps"])
+    split = min(dn["SPLIT"], J)
+    y = (torch.empty if split == 1 else torch.zeros)(1, D, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    down[(triton.cdiv(D, dn["BLOCK_R"]), split)](
+        h, idx, cw, _pointer_table(w2, x), y, D, I, K, ER, J,
+        BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], SPLIT=split, num_warps=dn["num_warps"])
     return y.to(x.dtype)

@@ -1,6 +1,7 @@
 """Triton inference kernel for :func:`kimi_linear.ops.moe.route` without expert groups (imported lazily).
 
-One launch per MoE layer turns router logits into the chosen experts and their weights: sigmoid,
+One launch per MoE layer turns router logits (or the hidden states and the router weight, computing the
+logits in the same program) into the chosen experts and their weights: sigmoid,
 score-correction bias, top-k (k rounds of argmax with the winner masked out), gather of the
 uncorrected scores, renormalisation and scaling. PyTorch needs ~7 launches for the same (sigmoid, add,
 topk, gather, sum, divide, multiply), which a batch-1 decode step pays in every MoE layer.
@@ -16,14 +17,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits, bias, weights, indices, E, scaling,
+def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
                   EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORM: tl.constexpr):
+                  RENORM: tl.constexpr, FROM_HIDDEN: tl.constexpr, BLOCK_D: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, EP)
     o_k = tl.arange(0, KP)
     m_e = o_e < E
-    b_s = tl.sigmoid(tl.load(logits + i_n * E + o_e, mask=m_e, other=0).to(tl.float32))
+    if FROM_HIDDEN:  # the router's matrix-vector product too: logits = x . w_gate^T in fp32
+        b_l = tl.zeros([EP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+            b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
+            b_l += tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+    else:
+        b_l = tl.load(logits + i_n * E + o_e, mask=m_e, other=0).to(tl.float32)
+    b_s = tl.sigmoid(b_l)
     b_c = b_s
     if HAS_BIAS:
         b_c = b_s + tl.load(bias + o_e, mask=m_e, other=0).to(tl.float32)
@@ -42,16 +53,29 @@ def _route_kernel(logits, bias, weights, indices, E, scaling,
     tl.store(indices + i_n * TOPK + o_k, b_i, mask=m_k)
 
 
-def route_triton(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
-                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits [N, E]`` -> ``(weights [N, k] fp32, indices [N, k] int64)``, unsorted slots."""
-    N, E = logits.shape
-    logits = logits.contiguous()
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
-    indices = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
+def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
+                 scaling: float, *, hidden: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits [N, E]`` -> ``(weights [N, k] fp32, indices [N, k] int64)``, unsorted slots.
+
+    ``hidden = (x [N, D], w_gate [E, D])`` instead of logits: the kernel computes the logits too
+    (fp32 sums), which saves the router's matrix-vector product and its casts at decode time."""
+    if hidden is not None:
+        x, w_gate = (t.contiguous() for t in hidden)
+        (N, D), E = x.shape, w_gate.shape[0]
+        dev = x.device
+    else:
+        logits = logits.contiguous()
+        (N, E), D = logits.shape, 0
+        dev = logits.device
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=dev)
+    indices = torch.empty(N, top_k, dtype=torch.int64, device=dev)
     if N > 0:
-        bias = correction_bias.contiguous() if correction_bias is not None else logits
-        _route_kernel[(N,)](logits, bias, weights, indices, E, float(scaling), EP=triton.next_power_of_2(E),
+        bias = correction_bias.contiguous() if correction_bias is not None else weights
+        any_t = weights  # stands in for the pointers the chosen form does not read
+        _route_kernel[(N,)](any_t if hidden else logits, x if hidden else any_t, w_gate if hidden else any_t,
+                            bias, weights, indices, E, D, float(scaling), EP=triton.next_power_of_2(E),
                             TOPK=top_k, KP=triton.next_power_of_2(top_k), HAS_BIAS=correction_bias is not None,
-                            RENORM=renormalize, num_warps=1 if E <= 256 else 4)
+                            RENORM=renormalize, FROM_HIDDEN=hidden is not None, BLOCK_D=128,
+                            num_warps=4 if hidden is not None or E > 256 else 1)
     return weights, indices

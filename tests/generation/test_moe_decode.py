@@ -76,3 +76,41 @@ def test_expert_weights_of_another_dtype_are_rejected():
     with pytest.raises(ValueError, match=r"expert weight 0 must be a contiguous torch.float32 tensor"):
         moe_decode(x, torch.zeros(2, 1, dtype=torch.long, device=device), torch.ones(2, 1, device=device), *ws,
                    backend="triton")
+
+
+def _needs_triton() -> str:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_single_token_kernels_match_the_reference(split, shared, monkeypatch):
+    # batch-1 decoding walks the token's chosen experts (then the shared ones) by row blocks; the
+    # row counts are not multiples of the tiles, and unchosen experts hold NaN, which must stay unread
+    device = _needs_triton()
+    import kimi_linear.ops.moe_decode as md
+
+    monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=4))
+    monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=8, BLOCK_I=16, SPLIT=split, num_warps=4))
+    E, D, I, k = 7, 72, 40, 3
+    mk = lambda *s: torch.randn(*s, device=device) / s[-1] ** 0.5  # noqa: E731
+    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
+    sh = tuple([mk(*s) for _ in range(shared)] for s in ((I, D), (I, D), (D, I))) if shared else None
+    x = torch.randn(1, D, device=device)
+    idx = torch.tensor([[5, 1, 3]], device=device)
+    w = torch.rand(1, k, device=device)
+    want = moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="reference")
+    for e in (0, 2, 4, 6):
+        for t in (w1[e], w3[e], w2[e]):
+            t.fill_(float("nan"))
+    monkeypatch.setattr(md, "SINGLE_TOKEN_KERNELS", True)
+    got = moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="triton")
+    tol = tolerance("layer" if torch.cuda.is_available() else "kernel_interp", torch.float32)
+    assert got.shape == (1, D) and got.dtype == x.dtype
+    assert rel_rms(got, want) < tol
+    # the general (per-expert, tensor-core) kernels agree on the same token
+    monkeypatch.setattr(md, "SINGLE_TOKEN_KERNELS", False)
+    assert rel_rms(moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="triton"), want) < tol

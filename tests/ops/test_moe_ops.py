@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_linear.ops.moe import expert_load, grouped_swiglu, route
+from kimi_linear.ops.moe import expert_load, grouped_swiglu, route, route_tokens
 
 
 def route_brute_force(logits, bias, k, scaling, groups=1, topk_groups=1):
@@ -146,10 +146,43 @@ def test_route_kernel_not_used_with_grad_or_groups():
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+def check_route_tokens(device, N, D, E, k, dtype):
+    """The router with its logits computed in the routing kernel == F.linear in fp32, then route."""
+    x = torch.randn(N, D, device=device).to(dtype)
+    w_gate = (torch.randn(E, D, device=device) * D**-0.5).to(dtype)
+    b = torch.randn(E, device=device) * 0.1
+    with torch.no_grad():
+        w, i = route_tokens(x, w_gate, b, k, scaling=2.5, backend="triton")
+        w_ref, i_ref = route(F.linear(x.float(), w_gate.float()), b, k, scaling=2.5, backend="reference")
+    i_sorted, order = i.sort(dim=-1)
+    i_ref_sorted, order_ref = i_ref.sort(dim=-1)
+    assert torch.equal(i_sorted, i_ref_sorted)
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_route_tokens_kernel_interpreter():
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    check_route_tokens("cpu", 3, 200, 16, 4, torch.float32)  # D not a multiple of the kernel's 128
+    check_route_tokens("cpu", 1, 64, 6, 6, torch.float32)
+
+
+def test_route_tokens_reference_and_bad_input():
+    x, w_gate = torch.randn(4, 8), torch.randn(5, 8)
+    got = route_tokens(x, w_gate, None, 2)
+    want = route(F.linear(x, w_gate), None, 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match=r"gate_weight \[E, D\]"):
+        route_tokens(x, torch.randn(5, 7), None, 2)
+
+
 @pytest.mark.gpu
 def test_route_kernel_gpu(cuda_device):
     check_route_kernel(cuda_device, 64, 16, 8, True, True, 2.446)
     check_route_kernel(cuda_device, 3, 256, 8, True, True, 2.5)
+    check_route_tokens(cuda_device, 1, 2304, 16, 8, torch.bfloat16)
+    check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
 
 def test_route_unknown_backend_is_rejected():

@@ -1,0 +1,159 @@
+"""Batch-1 decode matrix-vector products on a GPU: our one-launch kernels against cuBLAS, tile sweeps.
+
+At the decode benchmark's geometry (hidden 2304, bf16, one token):
+* ``fused_linear`` (:mod:`kimi_linear.ops.gemv`) over a KDA layer's six input projections
+  (q, k, v 4096 rows each; f_a, g_a 128; b 32), an MLA layer's two (q 6144, kv_a 576) and the
+  4096 -> 2304 output projection, against one ``F.linear`` (cuBLAS) per weight;
+* the MoE's single-token kernels (:mod:`kimi_linear.ops.moe_decode`, 16 experts top-8 + 1 shared
+  expert of 2304 -> 1024 -> 2304) against the tensor-core kernels used for larger batches.
+Every setting must match its reference (relative error < 1e-2) before it is timed with
+``triton.testing.do_bench_cudagraph`` (decode steps are graph-replayed). Times are printed against
+the floor: weight bytes over the measured copy bandwidth.
+
+    PYTHONPATH=. python benchmarks/decode_gemv_sweep.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
+    import triton.testing
+
+    buf = torch.empty(1 << 28, device=dev)
+    ms = triton.testing.do_bench(buf.clone, rep=50)
+    return 2 * buf.numel() * 4 / (ms * 1e-3)
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def timed(fn) -> float:
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=30) * 1e3  # us
+
+
+def sweep_fused_linear(dev, bw, quick: bool, report: dict) -> None:
+    from kimi_linear.ops import gemv
+
+    dt, D = torch.bfloat16, 2304
+    shapes = {"kda_in": (D, [4096, 4096, 4096, 128, 128, 32]), "mla_in": (D, [6144, 576]), "o_proj": (4096, [2304])}
+    cands = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in
+             itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))]
+    if quick:
+        cands = cands[:4]
+    base = dict(gemv.TILES)
+    best_per_shape = {}
+    for name, (d_in, rows) in shapes.items():
+        ws = [torch.randn(r, d_in, device=dev, dtype=dt) * d_in**-0.5 for r in rows]
+        floor = sum(w.numel() * 2 for w in ws) / bw * 1e6
+        for N in (1, 2, 4) if name == "kda_in" else (1,):
+            x = torch.randn(N, d_in, device=dev, dtype=dt)
+            ref = [F.linear(x.float(), w.float()) for w in ws]
+            cublas = timed(functools.partial(lambda x, ws: [F.linear(x, w) for w in ws], x, ws))
+            best = None
+            for cand in (cands if N == 1 else [best_per_shape[name][1]]):
+                gemv.TILES.update(cand)
+                try:
+                    fn = functools.partial(gemv.fused_linear, x, ws, backend="triton")
+                    err = max(_rel(a, b) for a, b in zip(fn(), ref))
+                    us = timed(fn)
+                except Exception as e:  # noqa: BLE001 (a setting that does not compile is skipped)
+                    print(f"{name} N={N} {cand}: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                finally:
+                    gemv.TILES.update(base)
+                report["rows"].append(dict(op="fused_linear", shape=name, N=N, **cand, us=us, err=err))
+                if err < 1e-2 and (best is None or us < best[0]):
+                    best = (us, cand)
+            if best is None:
+                print(f"fused_linear {name} N={N}: no setting ran", flush=True)
+                return
+            if N == 1:
+                best_per_shape[name] = best
+            print(f"fused_linear {name} N={N}: cuBLAS ({len(ws)} launches) {cublas:.1f} us, ours "
+                  f"{best[0]:.1f} us with {best[1]} (floor {floor:.1f} us; ours at {floor / best[0]:.0%} of copy "
+                  f"bandwidth)", flush=True)
+            report["rows"].append(dict(op="cublas", shape=name, N=N, us=cublas))
+
+
+def sweep_moe(dev, bw, quick: bool, report: dict) -> None:
+    from kimi_linear.ops import moe_decode as md
+    from kimi_linear.ops.moe import grouped_swiglu
+
+    dt, E, D, I, k = torch.bfloat16, 16, 2304, 1024, 8
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=dt) * s[-1] ** -0.5  # noqa: E731
+    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
+    sh = ([mk(I, D)], [mk(I, D)], [mk(D, I)])
+    x = torch.randn(1, D, device=dev, dtype=dt)
+    idx = torch.randperm(E, device=dev)[:k][None]
+    wts = torch.rand(1, k, device=dev)
+    ref = grouped_swiglu(x.float(), torch.cat([idx, torch.full_like(idx[:, :1], E)], 1),
+                         torch.cat([wts, torch.ones_like(wts[:, :1])], 1),
+                         [w.float() for w in w1 + sh[0]], [w.float() for w in w3 + sh[1]], [w.float() for w in w2 + sh[2]])
+    floor = (k + 1) * 3 * I * D * 2 / bw * 1e6
+    step = functools.partial(md.moe_decode, x, idx, wts, w1, w3, w2, shared=sh, backend="triton")
+    base = {n: dict(c) for n, c in md.TILES.items()}
+    md.SINGLE_TOKEN_KERNELS = False
+    dot_us, dot_err = timed(step), _rel(step(), ref)
+    md.SINGLE_TOKEN_KERNELS = True
+    print(f"moe N=1: tensor-core kernels {dot_us:.1f} us (err {dot_err:.1e}), floor {floor:.1f} us", flush=True)
+    report["rows"].append(dict(op="moe_dot", us=dot_us, err=dot_err))
+    gate_up = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in itertools.product((4, 8, 16), (128, 256, 512), (2, 4, 8))]
+    down = [dict(BLOCK_R=r, BLOCK_I=i, SPLIT=s, num_warps=w)
+            for r, i, s, w in itertools.product((4, 8, 16), (256, 512, 1024), (1, 3, 9), (4,))]
+    if quick:
+        gate_up, down = gate_up[:3], down[:3]
+    for name, cands in (("gate_up_one", gate_up), ("down_one", down)):
+        best = None
+        for cand in cands:
+            md.TILES[name] = cand
+            try:
+                err, us = _rel(step(), ref), timed(step)
+            except Exception as e:  # noqa: BLE001
+                print(f"moe {name} {cand}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            report["rows"].append(dict(op="moe_one", kernel=name, **cand, us=us, err=err))
+            if err < 1e-2 and (best is None or us < best[0]):
+                best = (us, cand)
+        if best is None:
+            print(f"moe {name}: no setting ran", flush=True)
+            return
+        md.TILES[name] = best[1]  # keep the best for the next kernel's sweep
+        print(f"moe N=1 {name}: best {best[1]} -> whole MoE {best[0]:.1f} us", flush=True)
+    us = timed(step)
+    print(f"moe N=1 single-token kernels, best tiles: {us:.1f} us = {floor / us:.0%} of copy bandwidth "
+          f"(tensor-core kernels {dot_us:.1f} us)", flush=True)
+    md.TILES.update(base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few settings only (a smoke run)")
+    ap.add_argument("--only", choices=["gemv", "moe"], default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    report = {"device": torch.cuda.get_device_name(), "copy_tbps": bw / 1e12, "rows": []}
+    print(f"{report['device']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if args.only in (None, "gemv"):
+        sweep_fused_linear(dev, bw, args.quick, report)
+    if args.only in (None, "moe"):
+        sweep_moe(dev, bw, args.quick, report)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

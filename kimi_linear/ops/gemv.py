@@ -1,0 +1,128 @@
+"""Several linear layers that share one input, for a few tokens, in one launch (decoding).
+
+At batch 1 a decode step is a chain of matrix-vector products, each bound by reading its weight
+once. cuBLAS reaches ~2.7 TB/s on an H100 for the large ones, but a KDA layer also has small ones
+(the gate's and output gate's low-rank ``a`` projections, ``b_proj``: 0.6 MB or less) that cost a
+launch and ~5 us each whatever their size. :func:`fused_linear` reads every weight of a list once in
+a single launch and writes the outputs side by side in one buffer, as if the weights had been concatenated, without
+copying them (the checkpoint keeps separate tensors; a concatenated copy would double their memory).
+
+| tensor  | shape                | notes                                                    |
+|---------|----------------------|----------------------------------------------------------|
+| x       | ``[N, D]``           | the shared input, N <= :data:`MAX_TOKENS` on the kernel  |
+| weights | list of ``[R_i, D]`` | ``nn.Linear`` layout, x's dtype and device, contiguous   |
+| return  | list of ``[N, R_i]`` | x's dtype; on the kernel, column slices of one buffer    |
+
+The kernel: the rows of all weights are cut into blocks of ``BLOCK_R`` rows (a block never spans
+two weights); program ``p`` reads its block's ``[BLOCK_R, D]`` rows in ``BLOCK_D`` slices and
+accumulates their dot products with the ``N`` token rows in fp32. A host-built table, made once per
+weight set, gives each program its weight's address, first row, row count and output column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kimi_linear.backends import resolve_backend
+
+__all__ = ["MAX_TOKENS", "TILES", "fused_linear", "fused_linear_ref"]
+
+MAX_TOKENS = 4  # more tokens: one GEMM per weight (cuBLAS) is the better tool
+# Launch settings; benchmarks/gemv_sweep.py times others on a GPU.
+TILES: dict[str, int] = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
+
+_TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+
+def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[F.linear(x, w_0), F.linear(x, w_1), ...]``: the definition the kernel is tested against.
+    (Separate contiguous outputs: CPU GEMMs round a row differently depending on its alignment, so
+    slices of one buffer would make results depend on a row's position in the batch.)"""
+    return [F.linear(x, w) for w in weights]
+
+
+def _check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+    if len(weights) == 0:
+        raise ValueError("need at least one weight")
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != x.shape[1]:
+            raise ValueError(f"weight {i} must be [R, D={x.shape[1]}], got shape {tuple(w.shape)}")
+        if w.device != x.device or w.dtype != x.dtype:
+            raise ValueError(f"weight {i} must be {x.dtype} on {x.device} (x's), got {w.dtype} on {w.device}")
+
+
+def _block_table(weights: Sequence[torch.Tensor], block_r: int) -> tuple[torch.Tensor, int]:
+    """int64 ``[P, 4]`` = (weight address, first row, rows of that weight, first output column) per
+    program, and the total width. Cached per weight set (addresses + shapes) and block size."""
+    key = (block_r, *((w.data_ptr(), *w.shape) for w in weights))
+    hit = _TABLES.get(key)
+    if hit is None:
+        rows, col = [], 0
+        for w in weights:
+            for r0 in range(0, w.shape[0], block_r):
+                rows.append((w.data_ptr(), r0, w.shape[0], col))
+            col += w.shape[0]
+        hit = (torch.tensor(rows, dtype=torch.int64, device=weights[0].device), col)
+        _TABLES[key] = hit
+    return hit
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fused_linear_kernel(x_ptr, tab_ptr, y_ptr, N, D, OUT,
+                            NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+        p = tl.program_id(0)
+        w = tl.load(tab_ptr + p * 4).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        r0 = tl.load(tab_ptr + p * 4 + 1)
+        rows = tl.load(tab_ptr + p * 4 + 2)
+        col0 = tl.load(tab_ptr + p * 4 + 3)
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < rows
+        o_n = tl.arange(0, NT)
+        m_n = o_n < N
+        acc = tl.zeros([NT, BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = (o_d < D) | EVEN_D
+            b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+            b_x = tl.load(x_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :].to(tl.float32), axis=2)
+        p_y = y_ptr + o_n[:, None] * OUT + col0 + o_r[None, :]
+        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_n[:, None] & m_r[None, :])
+
+    return fused_linear_kernel
+
+
+_KERNEL = None
+
+
+def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: str = "auto") -> list[torch.Tensor]:
+    """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs.
+
+    One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
+    and on CPU, one ``F.linear`` per weight. No host sync: the step can be graph-captured."""
+    _check(x, weights)
+    N, D = x.shape
+    if (resolve_backend(backend, x.device) == "reference" or N > MAX_TOKENS or N == 0
+            or not all(w.is_contiguous() for w in weights)):
+        return fused_linear_ref(x, weights)
+    import triton
+
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _kernel()
+    tab, out = _block_table(weights, TILES["BLOCK_R"])
+    x = x.contiguous()
+    y = torch.empty(N, out, device=x.device, dtype=x.dtype)
+    _KERNEL[(tab.shape[0],)](x, tab, y, N, D, out, NT=max(1, triton.next_power_of_2(N)),
+                             BLOCK_R=TILES["BLOCK_R"], BLOCK_D=TILES["BLOCK_D"],
+                             EVEN_D=D % TILES["BLOCK_D"] == 0, num_warps=TILES["num_warps"])
+    return list(y.split([w.shape[0] for w in weights], dim=1))

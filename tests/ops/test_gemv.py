@@ -1,0 +1,53 @@
+"""``fused_linear``: several weights sharing one input in one launch == one ``F.linear`` per weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_linear.backends import triton_interpret
+from kimi_linear.ops.gemv import fused_linear, fused_linear_ref
+from tests.numerics import rel_rms, tolerance
+
+
+def _device() -> str:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("N", [1, 3, 4])
+@pytest.mark.parametrize("D", [64, 72])  # a multiple of BLOCK_D and not
+def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch):
+    device = _device()
+    import kimi_linear.ops.gemv as gemv
+
+    monkeypatch.setitem(gemv.TILES, "BLOCK_D", 32)
+    monkeypatch.setitem(gemv.TILES, "BLOCK_R", 8)
+    ws = [torch.randn(r, D, device=device) for r in (24, 5, 1, 17)]  # blocks never span two weights
+    x = torch.randn(N, D, device=device)
+    got = fused_linear(x, ws, backend="triton")
+    assert [tuple(y.shape) for y in got] == [(N, w.shape[0]) for w in ws]
+    for y, w in zip(got, ws):
+        assert y.dtype == x.dtype
+        assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_interp", torch.float32)
+
+
+def test_fused_linear_falls_back_beyond_max_tokens_and_on_cpu():
+    ws = [torch.randn(6, 8), torch.randn(3, 8)]
+    x = torch.randn(9, 8)
+    for got in (fused_linear(x, ws, backend="reference"), fused_linear(x, ws)):  # auto on CPU: reference
+        assert all(torch.equal(a, b) for a, b in zip(got, fused_linear_ref(x, ws), strict=True))
+
+
+def test_fused_linear_rejects_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"weight 1 must be \[R, D=8\]"):
+        fused_linear(x, [torch.randn(4, 8), torch.randn(4, 7)])
+    with pytest.raises(ValueError, match="weight 0 must be torch.float32"):
+        fused_linear(x, [torch.randn(4, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
+        fused_linear(x[None], [torch.randn(4, 8)])
+    with pytest.raises(ValueError, match="at least one weight"):
+        fused_linear(x, [])
