@@ -28,7 +28,7 @@ from chunk_kda_timing import make  # noqa: E402
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
-    "gram_diag": ("_gram_diag_kernel",), "solve": ("_solve_kernel", "_gram_kernel"),
+    "gram_diag": ("_gram_diag_kernel",), "solve": ("_solve_kernel",),
     "state_fwd": ("_state_fwd_kernel",), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
@@ -40,8 +40,7 @@ SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) f
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in ((4, 32), (2, 32), (4, 16), (2, 16), (8, 32))]
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
-# the solve with and without the off-diagonal gram inside (its time includes _gram_kernel's when that runs)
-SOLVE = [dict(num_warps=w, num_stages=s, BV=32, fused_gram=f) for f in (1, 0) for w, s in ((4, 1), (8, 1))]
+SOLVE = [dict(num_warps=w, num_stages=s, BV=32) for w, s in ((4, 1), (8, 1))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": [dict(num_warps=w, BH=bh) for bh in (2, 4, 8) for w in (1, 2)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}

@@ -57,10 +57,8 @@ def cases():
     dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
     yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
-    for f in (0, 1):
-        yield f"solve fused_gram={f}", cf._solve_kernel, dict(hk, V=128, KP=128, BV=sol["BV"], BETA_SIGMOID=False,
-                                                               PREC="tf32", FUSED_GRAM=f, BK=32), \
-            sol["num_warps"], sol["num_stages"]
+    yield "solve", cf._solve_kernel, dict(hk, V=128, KP=128, BV=sol["BV"], BETA_SIGMOID=False, PREC="tf32"), \
+        sol["num_warps"], sol["num_stages"]
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):
         for d in (0, 1):
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,

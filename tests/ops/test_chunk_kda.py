@@ -127,14 +127,6 @@ def test_chunk_kda_interpreter_state_bwd_in_scan(case, monkeypatch):
     check_case(case)
 
 
-@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_solve_with_fused_gram(case, monkeypatch):
-    # the off-diagonal gram blocks computed inside the solve kernel (fused_gram=1, prepared, off by
-    # default): the stored Araw / Aqk feed the output and the backward, so gradients check them too
-    use_variant(monkeypatch, "solve", fused_gram=1)
-    check_case(case)
-
-
 @pytest.mark.parametrize("heads", [1, 2])
 def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, monkeypatch):
     # the diagonal gram kernel with BH value heads per program (the other cases run the default BH = 4),
@@ -252,13 +244,6 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
     use_variant(monkeypatch, "state_bwd", dw_local=0)
-    check_fused_varlen(cuda_device, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_solve_with_fused_gram(cuda_device, dtype, monkeypatch):
-    use_variant(monkeypatch, "solve", fused_gram=1)
     check_fused_varlen(cuda_device, dtype)
 
 

@@ -105,11 +105,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
     "gram_diag": dict(num_warps=1, num_stages=None, BH=4),
-    # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads.
-    # fused_gram=1: the off-diagonal gram blocks computed inside the solve (no _gram_kernel launch; q, k,
-    # G read by one kernel for both, as FLA 0.6.0's inter/solve kernel does: 0.86 ms against our gram
-    # 0.95 + solve 1.70). Interpreter-tested, not yet timed on a GPU: off until the sweep says so.
-    "solve": dict(num_warps=4, num_stages=1, BV=32, fused_gram=0),
+    # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
+    # (the off-diagonal gram blocks inside the solve measured 5.48 ms against 2.63 for gram + solve:
+    # session6/sweep_fused_gram_h100.txt, removed)
+    "solve": dict(num_warps=4, num_stages=1, BV=32),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk

@@ -182,49 +182,10 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, a: tl.constexpr, b: tl.constexpr,
-                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                        BK: tl.constexpr, PREC: tl.constexpr):
-    """Araw and Aqk [16, 16] for the rows of sub-chunk a and the columns of sub-chunk b < a (step 3),
-    through the reference token 16a as in _gram_kernel (both exponents <= 0). Both blocks are stored
-    at once (fewer live registers); the Araw block is returned for the solve. Rows past the chunk's
-    end come out 0."""
-    o_s = tl.arange(0, 16)
-    rows = a * 16 + o_s
-    cols = b * 16 + o_s
-    m_r = rows < n
-    b_aq = tl.zeros([16, 16], dtype=tl.float32)
-    b_ak = tl.zeros([16, 16], dtype=tl.float32)
-    p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
-    for kb in range(0, KP // BK):
-        o_k = kb * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_rk = m_r[:, None] & m_k[None, :]
-        m_ck = (cols < n)[:, None] & m_k[None, :]
-        p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
-        b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
-        b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-        b_gr = tl.load(p_gr + o_k, mask=m_k & (a * 16 < n), other=0)
-        b_kc = tl.load(k + ((t0 + cols[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ck, other=0).to(tl.float32)
-        b_gc = tl.load(G + ((t0 + cols[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_ck, other=0)
-        b_kc = b_kc * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.0))
-        b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
-        b_aq += tl.dot(b_q * b_dec, tl.trans(b_kc), input_precision=PREC)
-        b_ak += tl.dot(b_k * b_dec, tl.trans(b_kc), input_precision=PREC)
-    _store_block(Aqk, b_aq, t0, n, i_hv, HV, a, b)
-    _store_block(Araw, b_ak, t0, n, i_hv, HV, a, b)
-    return b_ak
-
-
-@triton.jit
-def _solve_kernel(q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
+def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
                   H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-                  FUSED_GRAM: tl.constexpr, BK: tl.constexpr):
+                  KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
     # Step 4: M = (I + Diag(beta) Araw)^-1 blockwise, then U = M Diag(beta) V, Wk = M Diag(beta) (e^G k).
-    # FUSED_GRAM: the off-diagonal 16x16 blocks of Araw and Aqk are computed here (and stored for the
-    # output and the backward) instead of by _gram_kernel, so this kernel's q/k/G reads serve both.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
@@ -258,28 +219,12 @@ def _solve_kernel(q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, chunk_start, ch
     m11 = _load_block(M, t0, n, i_hv, HV, 1, 1)
     m22 = _load_block(M, t0, n, i_hv, HV, 2, 2)
     m33 = _load_block(M, t0, n, i_hv, HV, 3, 3)
-    if FUSED_GRAM:
-        a10 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 1, 0, H, HV, K, KP, BK, PREC)
-        a20 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 2, 0, H, HV, K, KP, BK, PREC)
-        a21 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 2, 1, H, HV, K, KP, BK, PREC)
-        a30 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 0, H, HV, K, KP, BK, PREC)
-        a31 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 1, H, HV, K, KP, BK, PREC)
-        a32 = _gram_offdiag_block(q, k, G, Araw, Aqk, t0, n, i_hv, i_h, 3, 2, H, HV, K, KP, BK, PREC)
-        _zero_upper_blocks(Araw, t0, n, i_hv, HV)  # as _gram_kernel leaves them
-        _zero_upper_blocks(Aqk, t0, n, i_hv, HV)
-        l10 = a10 * b1
-        l20 = a20 * b2
-        l21 = a21 * b2
-        l30 = a30 * b3
-        l31 = a31 * b3
-        l32 = a32 * b3
-    else:
-        l10 = _load_block(Araw, t0, n, i_hv, HV, 1, 0) * b1
-        l20 = _load_block(Araw, t0, n, i_hv, HV, 2, 0) * b2
-        l21 = _load_block(Araw, t0, n, i_hv, HV, 2, 1) * b2
-        l30 = _load_block(Araw, t0, n, i_hv, HV, 3, 0) * b3
-        l31 = _load_block(Araw, t0, n, i_hv, HV, 3, 1) * b3
-        l32 = _load_block(Araw, t0, n, i_hv, HV, 3, 2) * b3
+    l10 = _load_block(Araw, t0, n, i_hv, HV, 1, 0) * b1
+    l20 = _load_block(Araw, t0, n, i_hv, HV, 2, 0) * b2
+    l21 = _load_block(Araw, t0, n, i_hv, HV, 2, 1) * b2
+    l30 = _load_block(Araw, t0, n, i_hv, HV, 3, 0) * b3
+    l31 = _load_block(Araw, t0, n, i_hv, HV, 3, 1) * b3
+    l32 = _load_block(Araw, t0, n, i_hv, HV, 3, 2) * b3
     m10 = -tl.dot(m11, tl.dot(l10, m00, input_precision=PREC), input_precision=PREC)
     m21 = -tl.dot(m22, tl.dot(l21, m11, input_precision=PREC), input_precision=PREC)
     m32 = -tl.dot(m33, tl.dot(l32, m22, input_precision=PREC), input_precision=PREC)
@@ -467,17 +412,14 @@ def chunk_kda_fwd(
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        fused_gram = bool(LAUNCH["solve"].get("fused_gram"))  # off-diagonal blocks inside the solve
-        if not fused_gram:
-            _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                      **launch("gram"))
+        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
+                                  **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                          BH=BH, **launch("gram_diag"))
         BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
-        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, Aqk, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP,
-                                BV=BVV, BETA_SIGMOID=beta_sigmoid, PREC=prec, FUSED_GRAM=fused_gram, BK=BKG,
-                                **launch("solve"))
+        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
+                                BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
