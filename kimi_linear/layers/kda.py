@@ -30,7 +30,7 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
 from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update_
-from kimi_linear.ops.gemv import fused_linear
+from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
@@ -222,7 +222,7 @@ class KimiDeltaAttention(KeepFP32):
         gate_a = self.g_a_proj(x) if gate_a is None else gate_a
         gate = self.g_b_proj(gate_a).unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
-        return self.o_proj(y.flatten(-2).to(x.dtype))
+        return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, backend=self.backend)
 
     # ------------------------------------------------------------------ forward
     def forward(

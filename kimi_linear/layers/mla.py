@@ -21,7 +21,7 @@ from torch import nn
 
 from kimi_linear.layers.common import RMSNorm, bool_mask
 from kimi_linear.ops.attention import causal_attention
-from kimi_linear.ops.gemv import fused_linear
+from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.latent_attention import latent_attention, masked_attention
 
 __all__ = ["MultiHeadLatentAttention"]
@@ -133,7 +133,7 @@ class MultiHeadLatentAttention(nn.Module):
             c, kr = lc.view(step)
             o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.start + 1, scale=self.scale,
                                  backend=self.backend)
-            return self.o_proj(o.flatten(-2))
+            return few_rows_linear(o.flatten(-2), self.o_proj.weight, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)
             return self.o_proj(self._attend(q, k, v, step.token_mask))

@@ -28,11 +28,16 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["MAX_TOKENS", "TILES", "fused_linear", "fused_linear_ref"]
+__all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
-MAX_TOKENS = 4  # more tokens: one GEMM per weight (cuBLAS) is the better tool
-# Launch settings; benchmarks/gemv_sweep.py times others on a GPU.
-TILES: dict[str, int] = dict(BLOCK_R=16, BLOCK_D=256, num_warps=4)
+# Measured on an H100 (bf16, hidden 2304; benchmarks/decode_gemv_sweep.py, results/decode/session6/
+# gemv_sweep_h100.log), one-launch kernel against one cuBLAS call per weight, CUDA-graphed:
+#   KDA layer's six input projections, N=1: 25.6 us vs 45.2 (floor 19.3); N=2: 32.0 vs 44.7; N=4: 55.1 vs 44.5
+#   MLA layer's two, N=1: 11.9 vs 14.9 (floor 10.3); output projection 4096 -> 2304: 7.3 vs 8.5 (floor 6.3)
+MAX_TOKENS = 2  # more tokens: one GEMM per weight (cuBLAS) is the better tool
+# Launch settings: the best of 36 for the three shapes together (4-row blocks: ~3,000 programs
+# for a KDA layer, so enough loads are in flight to stream at 77-87% of copy bandwidth)
+TILES: dict[str, int] = dict(BLOCK_R=4, BLOCK_D=512, num_warps=2)
 
 _TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
 
@@ -108,10 +113,12 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: s
     """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs.
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
-    and on CPU, one ``F.linear`` per weight. No host sync: the step can be graph-captured."""
+    on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight.
+    No host sync: the step can be graph-captured."""
     _check(x, weights)
     N, D = x.shape
-    if (resolve_backend(backend, x.device) == "reference" or N > MAX_TOKENS or N == 0
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    if (resolve_backend(backend, x.device) == "reference" or N > MAX_TOKENS or N == 0 or needs_grad
             or not all(w.is_contiguous() for w in weights)):
         return fused_linear_ref(x, weights)
     import triton
@@ -126,3 +133,13 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: s
                              BLOCK_R=TILES["BLOCK_R"], BLOCK_D=TILES["BLOCK_D"],
                              EVEN_D=D % TILES["BLOCK_D"] == 0, num_warps=TILES["num_warps"])
     return list(y.split([w.shape[0] for w in weights], dim=1))
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight)`` for ``x [..., D]``; through :func:`fused_linear`'s kernel when x has at
+    most ``MAX_TOKENS`` rows (a decode step's output projection: 7.3 us against cuBLAS's 8.5 on an H100)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > MAX_TOKENS or rows == 0:
+        return F.linear(x, weight)
+    (y,) = fused_linear(x.reshape(rows, x.shape[-1]), [weight], backend=backend)
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -187,9 +187,11 @@ TILES: dict[str, dict[str, int | None]] = {
     "gate_up": dict(BLOCK_I=32, BLOCK_D=128, num_warps=4, num_stages=4),
     "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
     # one token: row blocks of the chosen experts only (SPLIT > 1 spreads the slots of the down
-    # projection over programs that add into an fp32 buffer)
-    "gate_up_one": dict(BLOCK_R=8, BLOCK_D=256, num_warps=4),
-    "down_one": dict(BLOCK_R=8, BLOCK_I=256, SPLIT=1, num_warps=4),
+    # projection over programs that add into an fp32 buffer). H100 sweep (results/decode/session6/
+    # gemv_sweep_h100.log; 8 routed + 1 shared expert, bf16): whole MoE 60.3 us against 105.0 for the
+    # tensor-core kernels above; floor 42.5 us (the 9 experts' 127 MB at the measured 3.0 TB/s copy rate)
+    "gate_up_one": dict(BLOCK_R=8, BLOCK_D=512, num_warps=2),
+    "down_one": dict(BLOCK_R=4, BLOCK_I=1024, SPLIT=1, num_warps=4),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 
@@ -222,7 +224,9 @@ def moe_decode(
                 w.shape != w1[0].shape for w in (*shared[0], *shared[1])) or any(w.shape != w2[0].shape for w in shared[2]):
             raise ValueError("shared experts must have the routed experts' weight shapes")
         w1, w3, w2 = [*w1, *shared[0]], [*w3, *shared[1]], [*w2, *shared[2]]
-    if resolve_backend(backend, x.device) == "reference":
+    # the kernels have no backward: a forward that must carry a gradient takes the grouped path
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2))
+    if resolve_backend(backend, x.device) == "reference" or needs_grad:
         if shared is not None:  # the shared experts as extra slots of weight 1
             extra = torch.arange(ER, len(w1), device=x.device).expand(x.shape[0], -1)
             indices = torch.cat([indices, extra.to(indices.dtype)], dim=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kimi_linear.backends import triton_interpret
-from kimi_linear.ops.gemv import fused_linear, fused_linear_ref
+from kimi_linear.ops.gemv import few_rows_linear, fused_linear, fused_linear_ref
 from tests.numerics import rel_rms, tolerance
 
 
@@ -17,7 +17,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("N", [1, 3, 4])
+@pytest.mark.parametrize("N", [1, 2])
 @pytest.mark.parametrize("D", [64, 72])  # a multiple of BLOCK_D and not
 def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch):
     device = _device()
@@ -39,6 +39,27 @@ def test_fused_linear_falls_back_beyond_max_tokens_and_on_cpu():
     x = torch.randn(9, 8)
     for got in (fused_linear(x, ws, backend="reference"), fused_linear(x, ws)):  # auto on CPU: reference
         assert all(torch.equal(a, b) for a, b in zip(got, fused_linear_ref(x, ws), strict=True))
+    if triton_interpret():  # the kernel forced, but too many rows: one F.linear per weight, bit for bit
+        got = fused_linear(x, ws, backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(got, fused_linear_ref(x, ws), strict=True))
+
+
+def test_gradients_flow_through_the_fallback():
+    # the kernel has no backward: with a gradient to carry, the autograd-aware path is taken
+    _device()
+    ws = [torch.randn(6, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
+    x = torch.randn(1, 8, requires_grad=True)
+    a, b = fused_linear(x, ws, backend="triton")
+    (a.sum() + b.sum()).backward()
+    assert x.grad is not None and all(w.grad is not None for w in ws)
+    torch.testing.assert_close(x.grad[0], ws[0].sum(0) + ws[1].sum(0))
+
+
+def test_few_rows_linear_is_f_linear():
+    x, w = torch.randn(2, 1, 8), torch.randn(5, 8)
+    torch.testing.assert_close(few_rows_linear(x, w), torch.nn.functional.linear(x, w))
+    x = torch.randn(7, 8)  # more rows than the kernel takes
+    assert torch.equal(few_rows_linear(x, w), torch.nn.functional.linear(x, w))
 
 
 def test_fused_linear_rejects_bad_input():
@@ -51,3 +72,15 @@ def test_fused_linear_rejects_bad_input():
         fused_linear(x[None], [torch.randn(4, 8)])
     with pytest.raises(ValueError, match="at least one weight"):
         fused_linear(x, [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 2])
+def test_fused_linear_gpu_at_the_kda_layer_geometry(cuda_device, N):
+    # a KDA layer's six input projections (hidden 2304) in bf16, against fp64 products of the same values
+    ws = [torch.randn(r, 2304, device=cuda_device, dtype=torch.bfloat16) * 2304**-0.5
+          for r in (4096, 4096, 4096, 128, 128, 32)]
+    x = torch.randn(N, 2304, device=cuda_device, dtype=torch.bfloat16)
+    for y, w in zip(fused_linear(x, ws), ws, strict=True):
+        assert y.shape == (N, w.shape[0]) and torch.isfinite(y).all()
+        assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
