@@ -220,7 +220,7 @@ class KimiDeltaAttention(KeepFP32):
         """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``; ``gate_a`` is
         ``g_a_proj(x)`` when the caller already has it."""
         gate_a = self.g_a_proj(x) if gate_a is None else gate_a
-        gate = self.g_b_proj(gate_a).unflatten(-1, (self.num_heads, self.head_v_dim))
+        gate = few_rows_linear(gate_a, self.g_b_proj.weight, backend=self.backend).unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
         return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, backend=self.backend)
 
@@ -270,10 +270,10 @@ class KimiDeltaAttention(KeepFP32):
                     for y_in, conv, window in ((y_q, self.q_conv1d, lc.conv_q), (y_k, self.k_conv1d, lc.conv_k),
                                                (y_v, self.v_conv1d, lc.conv_v))]  # windows shift in place
             q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
+            g_raw = few_rows_linear(f_a, self.f_b_proj.weight, backend=self.backend).view(B, 1, H, K)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            o, _ = recurrent_kda(q, k, v, self.f_b_proj(f_a).view(B, 1, H, K), b.view(B, 1, H),
-                                 initial_state=lc.state, state_indices=cache.slot_index, fusion=fusion,
-                                 backend=self.backend)
+            o, _ = recurrent_kda(q, k, v, g_raw, b.view(B, 1, H), initial_state=lc.state,
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
             return self.project_output(o, x, gate_a=g_a.view(B, 1, -1))
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
         for dst, w in zip(lc.convs, windows):
