@@ -28,6 +28,7 @@ from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
 from kimi_linear.ops.moe_decode import moe_decode
+from kimi_linear.ops.norm import add_rms_norm
 
 __all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
 
@@ -78,10 +79,12 @@ class KimiLinearDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, **kwargs: Any) -> torch.Tensor:
         """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged."""
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        attn_out = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        post = self.post_attention_layernorm
+        h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)  # one launch
         if self.is_moe and cache is not None and getattr(cache.step, "decode", False):
-            return h + self._moe_decode(self.post_attention_layernorm(h))
-        return h + self.ffn(self.post_attention_layernorm(h), attention_mask=attention_mask, **kwargs)
+            return h + self._moe_decode(x)
+        return h + self.ffn(x, attention_mask=attention_mask, **kwargs)
 
     def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can

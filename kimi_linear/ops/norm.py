@@ -7,6 +7,9 @@
 | gate   | ``[..., D]`` | same shape as x (gated form only)         |
 | return | ``[..., D]`` | dtype of x                                |
 
+:func:`add_rms_norm` also adds a residual first (``s = x + delta``, returned with its norm): the pre-norm
+block's second residual add and norm in one launch at decode time.
+
 ``backend="auto"`` takes a one-launch Triton kernel on CUDA when no gradient is needed (inference,
 decode); otherwise, and on CPU, the PyTorch form below (differentiable).
 """
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["rms_norm", "gated_rms_norm"]
+__all__ = ["rms_norm", "add_rms_norm", "gated_rms_norm"]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -58,6 +61,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     # runs ~80 of these norms, where kernel count, not bytes, sets the time
     normed = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
     return (weight * normed.to(x.dtype)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + delta`` (in x's dtype) and ``rms_norm(s, weight)``: returns ``(s, normed)``, the same
+    values as the two steps apart (the kernel rounds the sum to x's dtype before normalising it)."""
+    _check(x, weight)
+    if delta.shape != x.shape or delta.device != x.device or delta.dtype != x.dtype:
+        raise ValueError(f"delta must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+                         f"got {tuple(delta.shape)}, {delta.dtype}, {delta.device}")
+    if _use_kernel(backend, x, delta, weight):
+        from kimi_linear.ops.norm_kernel import rms_norm_fwd_triton
+
+        return rms_norm_fwd_triton(x, weight, eps, residual=delta)
+    s = x + delta
+    return s, rms_norm(s, weight, eps, backend="reference")
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,

@@ -17,13 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x, gate, weight, y, R, eps, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
-                         GATED: tl.constexpr):
+def _rms_norm_fwd_kernel(x, gate, weight, y, res, s, R, eps, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
+                         GATED: tl.constexpr, RESIDUAL: tl.constexpr):
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     p = o_r[:, None] * D + o_d[None, :]
     b_x = tl.load(x + p, mask=m, other=0).to(tl.float32)
+    if RESIDUAL:  # s = x + res, rounded to x's dtype as a separate add would be, then normalised
+        b_s = (b_x + tl.load(res + p, mask=m, other=0).to(tl.float32)).to(s.dtype.element_ty)
+        tl.store(s + p, b_s, mask=m)
+        b_x = b_s.to(tl.float32)
     b_w = tl.load(weight + o_d, mask=o_d < D, other=0).to(tl.float32)
     b_n = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)[:, None]
     if GATED:
@@ -34,17 +38,21 @@ def _rms_norm_fwd_kernel(x, gate, weight, y, R, eps, D: tl.constexpr, DP: tl.con
     tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
 
 
-def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., D]`` (and ``gate`` of the same shape) -> ``[..., D]`` in x's dtype."""
+def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None):
+    """``x [..., D]`` (and ``gate`` of the same shape) -> ``[..., D]`` in x's dtype. With ``residual``
+    (x's shape and dtype): returns ``(x + residual, rms_norm(x + residual))``."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
     g2 = gate.reshape(-1, D).contiguous() if gate is not None else x2
+    r2 = residual.reshape(-1, D).contiguous() if residual is not None else x2
     y = torch.empty_like(x2)
+    s = torch.empty_like(x2) if residual is not None else y
     R = x2.shape[0]
-    if R == 0:
-        return y.view(x.shape)
-    DP = triton.next_power_of_2(D)
-    BR = max(1, min(16, 4096 // DP))  # rows per program: a few KB of fp32 per program
-    _rms_norm_fwd_kernel[(triton.cdiv(R, BR),)](x2, g2, weight.contiguous(), y, R, eps, D=D, DP=DP, BR=BR,
-                                              GATED=gate is not None, num_warps=4 if DP * BR <= 4096 else 8)
-    return y.view(x.shape)
+    if R > 0:
+        DP = triton.next_power_of_2(D)
+        BR = max(1, min(16, 4096 // DP))  # rows per program: a few KB of fp32 per program
+        _rms_norm_fwd_kernel[(triton.cdiv(R, BR),)](x2, g2, weight.contiguous(), y, r2, s, R, eps, D=D, DP=DP, BR=BR,
+                                                  GATED=gate is not None, RESIDUAL=residual is not None,
+                                                  num_warps=4 if DP * BR <= 4096 else 8)
+    return (s.view(x.shape), y.view(x.shape)) if residual is not None else y.view(x.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimi_linear.ops.norm import gated_rms_norm, rms_norm
+from kimi_linear.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
 
 
 def test_rms_norm_formula_fp64():
@@ -66,6 +66,37 @@ def check_norm_kernel(device, dtype, shape, gated):
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+def check_add_norm_kernel(device, dtype, shape):
+    """Residual add + norm in one launch == the add, then the norm (the sum bit for bit)."""
+    x, d = (torch.randn(*shape, device=device).to(dtype) * 3 for _ in range(2))
+    w = (torch.rand(shape[-1], device=device) + 0.5).to(dtype)
+    with torch.no_grad():
+        s, y = add_rms_norm(x, d, w, 1e-6, backend="triton")
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    assert torch.equal(s, x + d)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), rms_norm(x + d, w, 1e-6, backend="reference").float(), **tol)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 128), (1, 1, 100), (0, 64)])
+def test_add_norm_kernel_interpreter(shape):
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    check_add_norm_kernel("cpu", torch.float32, shape)
+    check_add_norm_kernel("cpu", torch.float16, shape)
+
+
+def test_add_rms_norm_reference_and_bad_input():
+    x, d, w = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.rand(8) + 0.5
+    s, y = add_rms_norm(x, d, w, 1e-6)
+    assert torch.equal(s, x + d) and torch.equal(y, rms_norm(x + d, w, 1e-6))
+    with pytest.raises(ValueError, match="delta must match x"):
+        add_rms_norm(x, d[:, :2], w)
+    with pytest.raises(ValueError, match="delta must match x"):
+        add_rms_norm(x, d.double(), w)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 128), (7, 2304), (1, 1, 100), (0, 64)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_norm_kernel_interpreter(shape, gated):
@@ -92,6 +123,7 @@ def test_norm_kernel_not_used_when_grad_needed():
 def test_norm_kernel_gpu(cuda_device, dtype):
     check_norm_kernel(cuda_device, dtype, (64, 2304), False)
     check_norm_kernel(cuda_device, dtype, (64, 32, 128), True)
+    check_add_norm_kernel(cuda_device, dtype, (3, 1, 2304))
 
 
 def test_unknown_backend_is_rejected_for_any_input():
