@@ -11,7 +11,7 @@ from kimi_linear.ops.latent_attention import (
     latent_attention_ref,
     mask_from_lengths,
 )
-from tests.numerics import rel_rms, tolerance
+from tests.numerics import poison_, rel_rms, tolerance
 
 
 def inputs(B=3, T=1, H=4, Dn=8, Dr=4, Dv=6, R=16, L=11, dtype=torch.float32):
@@ -99,6 +99,79 @@ def test_triton_kernel_matches_reference(T, splits):
     ref = expanded_attention_ref(*args, lengths=lengths)
     # tf32 dots on GPU; under the CPU interpreter the dots are true fp32 (measured ~2e-7)
     tol = 2e-3 if torch.cuda.is_available() else tolerance("kernel_interp", torch.float32)
+    assert rel_rms(out, ref) < tol
+
+
+def _triton_device() -> str:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("T,splits", [(1, 5), (2, 3), (2, 5)])
+def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits):
+    """Several splits (S = 5 or 3 at L=80, block_n=16: not powers of two), rows whose keys end early
+    so that later splits are empty, a row of length 0 (no query sees a key) and, for T=2, a row of
+    length 1 (its first query sees no key, its second one key): fp32 against the expanded reference,
+    zeros for keyless queries."""
+    device = _triton_device()
+    from kimi_linear.ops.latent_attention_triton import latent_attention_triton
+
+    args = [a.to(device) for a in inputs(B=4, T=T, H=2, Dn=16, Dr=16, Dv=16, R=32, L=80)]
+    lengths = torch.tensor([80, 21, 0, 1], device=device)
+    out = latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=splits)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    assert torch.isfinite(out).all()
+    assert out[2].abs().max() == 0
+    if T == 2:
+        assert out[3, 0].abs().max() == 0 and out[3, 1].abs().max() > 0
+    tol = 2e-3 if torch.cuda.is_available() else 1e-5
+    assert rel_rms(out, ref) < tol
+    for b in range(4):  # per row, so that a wrong short row is not hidden by the long one
+        if ref[b].abs().max() > 0:
+            assert rel_rms(out[b], ref[b]) < tol, b
+
+
+@pytest.mark.parametrize("S", [1, 3, 70, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_merge_kernel_against_full_softmax(S, dtype):
+    """The merge alone on synthetic partials: each split's ``(o_s, lse_s)`` is a softmax over its own
+    keys, and the merge must give the softmax over all keys. Splits without keys (lse = -inf) hold NaN
+    in ``o``: they must be ignored, not multiplied by 0. The lse values are large (~100, and +250 in the
+    last split of row 0) so that exp overflows unless the true max over all splits is subtracted;
+    S=600 takes that max in two chunks of 512."""
+    device = _triton_device()
+    from kimi_linear.ops.latent_attention_triton import _merge_splits
+
+    B, M, R, n = 3, 2, 128, 4   # R=128: two programs along R when S >= 64
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(B, S, n, M, generator=g, dtype=torch.float64) * 4
+    scores[:, :, :, 0] += 100.0
+    scores[:, :, :, 1] += 60 * torch.rand(B, S, 1, generator=g, dtype=torch.float64)  # lse spread >> 1
+    scores[0, -1, :, 1] += 250.0
+    values = torch.randn(B, S, n, R, generator=g, dtype=torch.float64)
+    keyless = torch.rand(B, S, generator=g) < 0.4                                      # empty splits
+    keyless[1] = True                                                                   # a row with no key
+    keyless[2, :-1] = True                                                              # only the last split
+    keyless[0, 0] = keyless[0, -1] = False
+    scores[keyless] = float("-inf")
+    lse = torch.logsumexp(scores, dim=2)                                                # [B, S, M]
+    # shift each split's scores so that its lse is exactly the fp32 value the kernel gets (o unchanged)
+    shift = torch.where(torch.isfinite(lse), lse.float().double() - lse, 0.0)
+    scores = scores + shift.unsqueeze(2)
+    lse = torch.logsumexp(scores, dim=2)
+    o = torch.einsum("bsnm,bsnr->bsmr", torch.softmax(scores, dim=2).nan_to_num(0.0), values)
+    o[keyless] = float("nan")
+    probs = torch.softmax(scores.permute(0, 3, 1, 2).reshape(B, M, S * n), dim=-1).nan_to_num(0.0)
+    ref = torch.einsum("bmk,bkr->bmr", probs, values.reshape(B, S * n, R))
+
+    out = poison_(torch.empty(B, M, R, device=device, dtype=dtype))
+    _merge_splits(o.float().to(device), lse.float().to(device), out)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert out[1].abs().max() == 0
+    # GPU: exp is ex2.approx (relative error ~|x| * 2^-22 for weights exp(x))
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5 if torch.cuda.is_available() else 1e-6
     assert rel_rms(out, ref) < tol
 
 
