@@ -4,6 +4,7 @@ At the decode benchmark's geometry (hidden 2304, bf16, one token):
 * ``fused_linear`` (:mod:`kimi_linear.ops.gemv`) over a KDA layer's six input projections
   (q, k, v 4096 rows each; f_a, g_a 128; b 32), an MLA layer's two (q 6144, kv_a 576) and the
   4096 -> 2304 output projection, against one ``F.linear`` (cuBLAS) per weight;
+* the router's product inside the routing kernel against cuBLAS + the routing kernel;
 * the MoE's single-token kernels (:mod:`kimi_linear.ops.moe_decode`, 16 experts top-8 + 1 shared
   expert of 2304 -> 1024 -> 2304) against the tensor-core kernels used for larger batches.
 Every setting must match its reference (relative error < 1e-2) before it is timed with
@@ -44,18 +45,22 @@ def timed(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=30) * 1e3  # us
 
 
-def sweep_fused_linear(dev, bw, quick: bool, report: dict) -> None:
+def sweep_fused_linear(dev, bw, quick: bool, report: dict, only_shapes: set[str] | None = None) -> None:
     from kimi_linear.ops import gemv
 
     dt, D = torch.bfloat16, 2304
-    shapes = {"kda_in": (D, [4096, 4096, 4096, 128, 128, 32]), "mla_in": (D, [6144, 576]), "o_proj": (4096, [2304])}
-    cands = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in
-             itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))]
+    shapes = {"kda_in": (D, [4096, 4096, 4096, 128, 128, 32]), "mla_in": (D, [6144, 576]), "o_proj": (4096, [2304]),
+              "lowrank_up": (128, [4096])}
+    wide = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in
+            itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))]
+    narrow = [dict(BLOCK_R=r, BLOCK_D=128, num_warps=w) for r, w in itertools.product((4, 8, 16, 32, 64), (1, 2, 4))]
     if quick:
-        cands = cands[:4]
-    base = dict(gemv.TILES)
+        wide, narrow = wide[:4], narrow[:4]
+    base = {n: dict(c) for n, c in gemv.TILES.items()}
     best_per_shape = {}
     for name, (d_in, rows) in shapes.items():
+        if only_shapes and name not in only_shapes:
+            continue
         ws = [torch.randn(r, d_in, device=dev, dtype=dt) * d_in**-0.5 for r in rows]
         floor = sum(w.numel() * 2 for w in ws) / bw * 1e6
         for N in (1, 2, 4) if name == "kda_in" else (1,):
@@ -63,8 +68,9 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict) -> None:
             ref = [F.linear(x.float(), w.float()) for w in ws]
             cublas = timed(functools.partial(lambda x, ws: [F.linear(x, w) for w in ws], x, ws))
             best = None
-            for cand in (cands if N == 1 else [best_per_shape[name][1]]):
-                gemv.TILES.update(cand)
+            kind = "narrow" if d_in <= 256 else "wide"
+            for cand in ((narrow if kind == "narrow" else wide) if N == 1 else [best_per_shape[name][1]]):
+                gemv.TILES[kind] = cand
                 try:
                     fn = functools.partial(gemv.fused_linear, x, ws, backend="triton")
                     err = max(_rel(a, b) for a, b in zip(fn(), ref))
@@ -73,7 +79,7 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict) -> None:
                     print(f"{name} N={N} {cand}: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 finally:
-                    gemv.TILES.update(base)
+                    gemv.TILES.update({n: dict(c) for n, c in base.items()})
                 report["rows"].append(dict(op="fused_linear", shape=name, N=N, **cand, us=us, err=err))
                 if err < 1e-2 and (best is None or us < best[0]):
                     best = (us, cand)
@@ -110,12 +116,13 @@ def sweep_moe(dev, bw, quick: bool, report: dict) -> None:
     md.SINGLE_TOKEN_KERNELS = True
     print(f"moe N=1: tensor-core kernels {dot_us:.1f} us (err {dot_err:.1e}), floor {floor:.1f} us", flush=True)
     report["rows"].append(dict(op="moe_dot", us=dot_us, err=dot_err))
-    gate_up = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in itertools.product((4, 8, 16), (128, 256, 512), (2, 4, 8))]
+    gate_up = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in itertools.product((4, 8, 16), (256, 512, 1024), (1, 2, 4))]
     down = [dict(BLOCK_R=r, BLOCK_I=i, SPLIT=s, num_warps=w)
             for r, i, s, w in itertools.product((4, 8, 16), (256, 512, 1024), (1, 3, 9), (4,))]
     if quick:
         gate_up, down = gate_up[:3], down[:3]
-    for name, cands in (("gate_up_one", gate_up), ("down_one", down)):
+    # gate_up again once down has its best tile (the first pass timed it beside the old down tile)
+    for name, cands in (("gate_up_one", gate_up), ("down_one", down), ("gate_up_one", gate_up)):
         best = None
         for cand in cands:
             md.TILES[name] = cand
@@ -138,19 +145,57 @@ def sweep_moe(dev, bw, quick: bool, report: dict) -> None:
     md.TILES.update(base)
 
 
+def sweep_route(dev, quick: bool, report: dict) -> None:
+    """The router with its logits computed in the routing kernel (one program per token) against
+    cuBLAS in fp32 + the routing kernel on logits, E=16, top-8, D=2304, bf16, one token."""
+    from kimi_linear.ops import moe_route_kernel as rk
+    from kimi_linear.ops.moe import route, route_tokens
+
+    E, D, k = 16, 2304, 8
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    w_gate = torch.randn(E, D, device=dev, dtype=torch.bfloat16) * D**-0.5
+    bias = torch.randn(E, device=dev) * 0.1
+
+    def two_step():
+        return route(F.linear(x.float(), w_gate.float()), bias, k, scaling=2.5, backend="triton")
+
+    want = two_step()
+    base = dict(rk.HIDDEN_TILE)
+    print(f"route N=1: cuBLAS fp32 logits + routing kernel {timed(two_step):.1f} us", flush=True)
+    cands = [dict(BLOCK_D=d, num_warps=w) for d, w in itertools.product((256, 512, 1024, 2048), (4, 8, 16))]
+    for cand in cands[:3] if quick else cands:
+        rk.HIDDEN_TILE.update(cand)
+        fn = functools.partial(route_tokens, x, w_gate, bias, k, scaling=2.5, backend="triton")
+        try:
+            got = fn()
+            same = torch.equal(got[1].sort(-1).values, want[1].sort(-1).values)
+            us = timed(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"route {cand}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        finally:
+            rk.HIDDEN_TILE.update(base)
+        report["rows"].append(dict(op="route_tokens", **cand, us=us, same_experts=same))
+        print(f"route N=1 logits in the kernel {cand}: {us:.1f} us (same experts: {same})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few settings only (a smoke run)")
-    ap.add_argument("--only", choices=["gemv", "moe"], default=None)
+    ap.add_argument("--only", default="gemv,route,moe",
+                    help="comma list of gemv, lowrank (the gates' 128 -> 4096 up-projection only), route, moe")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     report = {"device": torch.cuda.get_device_name(), "copy_tbps": bw / 1e12, "rows": []}
     print(f"{report['device']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    if args.only in (None, "gemv"):
-        sweep_fused_linear(dev, bw, args.quick, report)
-    if args.only in (None, "moe"):
+    parts = set(args.only.split(","))
+    if "gemv" in parts or "lowrank" in parts:
+        sweep_fused_linear(dev, bw, args.quick, report, None if "gemv" in parts else {"lowrank_up"})
+    if "route" in parts:
+        sweep_route(dev, args.quick, report)
+    if "moe" in parts:
         sweep_moe(dev, bw, args.quick, report)
     print(json.dumps(report))
 

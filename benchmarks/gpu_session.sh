@@ -67,7 +67,7 @@ grid|train)
 gemv)
   # batch-1 decode products: fused_linear and the single-token MoE kernels against cuBLAS / the
   # tensor-core kernels, tile sweeps
-  timeout 300 python3 benchmarks/decode_gemv_sweep.py 2>&1 | tee "$OUT/gemv_sweep.log" | grep -v "^{"
+  timeout 300 python3 benchmarks/decode_gemv_sweep.py --only ${GEMV_ONLY:-gemv,route,moe} 2>&1 | tee "$OUT/gemv_sweep.log" | grep -v "^{"
   ;;
 profile)
   # per-kernel GPU time of one eager decode step (hybrid, 4K, batch 1) and the graph-replayed step

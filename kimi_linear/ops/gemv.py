@@ -35,9 +35,18 @@ __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_line
 #   KDA layer's six input projections, N=1: 25.6 us vs 45.2 (floor 19.3); N=2: 32.0 vs 44.7; N=4: 55.1 vs 44.5
 #   MLA layer's two, N=1: 11.9 vs 14.9 (floor 10.3); output projection 4096 -> 2304: 7.3 vs 8.5 (floor 6.3)
 MAX_TOKENS = 2  # more tokens: one GEMM per weight (cuBLAS) is the better tool
-# Launch settings: the best of 36 for the three shapes together (4-row blocks: ~3,000 programs
-# for a KDA layer, so enough loads are in flight to stream at 77-87% of copy bandwidth)
-TILES: dict[str, int] = dict(BLOCK_R=4, BLOCK_D=512, num_warps=2)
+# Launch settings by input width. "wide" (D > 256): the best of 36 for the three shapes above
+# together (4-row blocks: ~3,000 programs for a KDA layer, so enough loads are in flight to stream
+# at 77-87% of copy bandwidth). "narrow" (D <= 256: the gates' low-rank up-projections, 128 -> 4096):
+# a 512-wide slice would be mostly masked, so taller blocks of one D-wide slice.
+TILES: dict[str, dict[str, int]] = {
+    "wide": dict(BLOCK_R=4, BLOCK_D=512, num_warps=2),
+    "narrow": dict(BLOCK_R=16, BLOCK_D=128, num_warps=2),
+}
+
+
+def _tiles(D: int) -> dict[str, int]:
+    return TILES["narrow" if D <= 256 else "wide"]
 
 _TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
 
@@ -126,12 +135,14 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: s
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
-    tab, out = _block_table(weights, TILES["BLOCK_R"])
+    tile = _tiles(D)
+    block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
+    tab, out = _block_table(weights, tile["BLOCK_R"])
     x = x.contiguous()
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     _KERNEL[(tab.shape[0],)](x, tab, y, N, D, out, NT=max(1, triton.next_power_of_2(N)),
-                             BLOCK_R=TILES["BLOCK_R"], BLOCK_D=TILES["BLOCK_D"],
-                             EVEN_D=D % TILES["BLOCK_D"] == 0, num_warps=TILES["num_warps"])
+                             BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
+                             num_warps=tile["num_warps"])
     return list(y.split([w.shape[0] for w in weights], dim=1))
 
 

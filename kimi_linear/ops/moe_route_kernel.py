@@ -53,6 +53,12 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
     tl.store(indices + i_n * TOPK + o_k, b_i, mask=m_k)
 
 
+# The router's product from the hidden state is one program per token: wide slices keep more of
+# the router weight's loads in flight (128-wide slices, 4 warps: 17 us per call on an H100 at E=16,
+# D=2304, slower than cuBLAS + casts; benchmarks/decode_gemv_sweep.py --only route times others).
+HIDDEN_TILE = dict(BLOCK_D=1024, num_warps=8)
+
+
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
                  scaling: float, *, hidden: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +82,7 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
         _route_kernel[(N,)](any_t if hidden else logits, x if hidden else any_t, w_gate if hidden else any_t,
                             bias, weights, indices, E, D, float(scaling), EP=triton.next_power_of_2(E),
                             TOPK=top_k, KP=triton.next_power_of_2(top_k), HAS_BIAS=correction_bias is not None,
-                            RENORM=renormalize, FROM_HIDDEN=hidden is not None, BLOCK_D=128,
-                            num_warps=4 if hidden is not None or E > 256 else 1)
+                            RENORM=renormalize, FROM_HIDDEN=hidden is not None,
+                            BLOCK_D=min(HIDDEN_TILE["BLOCK_D"], triton.next_power_of_2(max(D, 1))),
+                            num_warps=HIDDEN_TILE["num_warps"] if hidden is not None else (4 if E > 256 else 1))
     return weights, indices

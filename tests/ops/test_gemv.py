@@ -23,8 +23,8 @@ def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch):
     device = _device()
     import kimi_linear.ops.gemv as gemv
 
-    monkeypatch.setitem(gemv.TILES, "BLOCK_D", 32)
-    monkeypatch.setitem(gemv.TILES, "BLOCK_R", 8)
+    monkeypatch.setitem(gemv.TILES, "wide", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
+    monkeypatch.setitem(gemv.TILES, "narrow", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
     ws = [torch.randn(r, D, device=device) for r in (24, 5, 1, 17)]  # blocks never span two weights
     x = torch.randn(N, D, device=device)
     got = fused_linear(x, ws, backend="triton")
@@ -84,3 +84,12 @@ def test_fused_linear_gpu_at_the_kda_layer_geometry(cuda_device, N):
     for y, w in zip(fused_linear(x, ws), ws, strict=True):
         assert y.shape == (N, w.shape[0]) and torch.isfinite(y).all()
         assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
+
+
+@pytest.mark.parametrize("D", [40, 300])  # the default narrow / wide tiles, widths below their slices
+def test_fused_linear_default_tiles_on_odd_widths(D):
+    device = _device()
+    ws = [torch.randn(r, D, device=device) for r in (9, 20)]
+    x = torch.randn(1, D, device=device)
+    for y, w in zip(fused_linear(x, ws, backend="triton"), ws, strict=True):
+        assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_interp", torch.float32)
