@@ -188,9 +188,10 @@ TILES: dict[str, dict[str, int | None]] = {
     "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
     # one token: row blocks of the chosen experts only (SPLIT > 1 spreads the slots of the down
     # projection over programs that add into an fp32 buffer). H100 sweep (results/decode/session6/
-    # gemv_sweep_h100.log; 8 routed + 1 shared expert, bf16): whole MoE 60.3 us against 105.0 for the
-    # tensor-core kernels above; floor 42.5 us (the 9 experts' 127 MB at the measured 3.0 TB/s copy rate)
-    "gate_up_one": dict(BLOCK_R=8, BLOCK_D=512, num_warps=2),
+    # gemv_sweep_h100.log, gemv_sweep2_h100.log; 8 routed + 1 shared expert, bf16): whole MoE 58.1 us
+    # against 105.5 for the tensor-core kernels above; floor 42.5 us (the 9 experts' 127 MB at the
+    # measured 3.0 TB/s copy rate)
+    "gate_up_one": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
     "down_one": dict(BLOCK_R=4, BLOCK_I=1024, SPLIT=1, num_warps=4),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)

@@ -54,9 +54,10 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 
 
 # The router's product from the hidden state is one program per token: wide slices keep more of
-# the router weight's loads in flight (128-wide slices, 4 warps: 17 us per call on an H100 at E=16,
-# D=2304, slower than cuBLAS + casts; benchmarks/decode_gemv_sweep.py --only route times others).
-HIDDEN_TILE = dict(BLOCK_D=1024, num_warps=8)
+# the router weight's loads in flight. H100, E=16, D=2304, one token (benchmarks/decode_gemv_sweep.py
+# --only route, results/decode/session6/gemv_sweep2_h100.log): 2048-wide slices on 8 warps 6.6 us,
+# 128-wide on 4 warps ~17 us in the model, cuBLAS fp32 logits + the routing kernel 10.8 us.
+HIDDEN_TILE = dict(BLOCK_D=2048, num_warps=8)
 
 
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
