@@ -168,6 +168,14 @@ def test_route_tokens_kernel_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     check_route_tokens("cpu", 3, 200, 16, 4, torch.float32)  # D not a multiple of the kernel's 128
     check_route_tokens("cpu", 1, 64, 6, 6, torch.float32)
+    # a prefill's many tokens: logits from one GEMM, then the routing kernel (bit for bit that path)
+    from kimi_linear.ops.moe import ROUTE_IN_KERNEL_MAX_TOKENS
+
+    x, w_gate = torch.randn(ROUTE_IN_KERNEL_MAX_TOKENS + 1, 32), torch.randn(6, 32)
+    with torch.no_grad():
+        got = route_tokens(x, w_gate, None, 2, backend="triton")
+        want = route(F.linear(x, w_gate), None, 2, backend="triton")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_route_tokens_reference_and_bad_input():
