@@ -197,6 +197,14 @@ TILES: dict[str, dict[str, int | None]] = {
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 
 
+def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
+    """The kernels read int32 or int64 expert indices as they come (the router gives int64): a cast
+    would be one more launch per MoE layer in every decode step."""
+    if indices.dtype in (torch.int32, torch.int64):
+        return indices.contiguous()
+    return indices.to(torch.int32).contiguous()
+
+
 def _launch_kw(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
@@ -245,7 +253,7 @@ def moe_decode(
     E, I = len(w1), w1[0].shape[0]
     k = indices.shape[1]
     x = x.contiguous()
-    idx = indices.to(torch.int32).contiguous()
+    idx = _index_tensor(indices)
     cw = weights.float().contiguous()
     block_n = 16 if N <= 16 else 32
     block_nk = triton.next_power_of_2(N * k)
@@ -274,7 +282,7 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     D, I, K = x.shape[1], w1[0].shape[0], indices.shape[1]
     J = K + len(w1) - ER
     x = x.contiguous()
-    idx = indices.to(torch.int32).contiguous()
+    idx = _index_tensor(indices)
     cw = weights.float().contiguous()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]

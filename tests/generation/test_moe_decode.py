@@ -111,6 +111,7 @@ def test_single_token_kernels_match_the_reference(split, shared, monkeypatch):
     tol = tolerance("layer" if torch.cuda.is_available() else "kernel_interp", torch.float32)
     assert got.shape == (1, D) and got.dtype == x.dtype
     assert rel_rms(got, want) < tol
+    assert torch.equal(moe_decode(x, idx.int(), w, w1, w3, w2, shared=sh, backend="triton"), got)  # int32 indices
     # the general (per-expert, tensor-core) kernels agree on the same token
     monkeypatch.setattr(md, "SINGLE_TOKEN_KERNELS", False)
     assert rel_rms(moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="triton"), want) < tol
