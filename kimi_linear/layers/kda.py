@@ -29,7 +29,7 @@ from torch import nn
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, bool_mask
-from kimi_linear.ops.conv import causal_conv1d, causal_conv1d_update_
+from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
@@ -263,13 +263,14 @@ class KimiDeltaAttention(KeepFP32):
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
         if step.decode and self.variant == "kda":
             H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
-            # every projection of x in one launch (six matrix-vector products, five of them small)
+            # every projection of x in one launch (six matrix-vector products, five of them small), q, k
+            # and v through their short-conv step + SiLU in the same programs (windows shift in place)
             projs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
-            y_q, y_k, y_v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs], backend=self.backend)
-            outs = [causal_conv1d_update_(y_in, window, conv.weight, None, activation="silu", backend=self.backend)
-                    for y_in, conv, window in ((y_q, self.q_conv1d, lc.conv_q), (y_k, self.k_conv1d, lc.conv_k),
-                                               (y_v, self.v_conv1d, lc.conv_v))]  # windows shift in place
-            q, k, v = outs[0].view(B, 1, H, K), outs[1].view(B, 1, H, K), outs[2].view(B, 1, H, V)
+            convs = [(window, conv.weight.view(conv.weight.shape[0], -1)) for conv, window in
+                     ((self.q_conv1d, lc.conv_q), (self.k_conv1d, lc.conv_k), (self.v_conv1d, lc.conv_v))]
+            q, k, v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs],
+                                                conv_steps=[*convs, None, None, None], backend=self.backend)
+            q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
             g_raw = few_rows_linear(f_a, self.f_b_proj.weight, backend=self.backend).view(B, 1, H, K)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
             o, _ = recurrent_kda(q, k, v, g_raw, b.view(B, 1, H), initial_state=lc.state,

@@ -16,17 +16,25 @@ copying them (the checkpoint keeps separate tensors; a concatenated copy would d
 The kernel: the rows of all weights are cut into blocks of ``BLOCK_R`` rows (a block never spans
 two weights); program ``p`` reads its block's ``[BLOCK_R, D]`` rows in ``BLOCK_D`` slices and
 accumulates their dot products with the ``N`` token rows in fp32. A host-built table, made once per
-weight set, gives each program its weight's address, first row, row count and output column.
+weight set, gives each program its weight's address, first row, row count, output column and weight
+index.
+
+``conv_steps[i] = (window [N, R_i, W-1], conv_weight [R_i, W])`` runs output ``i`` through one step of
+the causal depthwise short conv + SiLU in the same program (KDA's q, k, v): the projection is rounded
+to x's dtype as a separate ``F.linear`` would be, then convolved in fp32 with the cached window, which
+is shifted in place -- the arithmetic of :func:`kimi_linear.ops.conv.causal_conv1d_update_`'s kernel.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
+from kimi_linear.ops.conv import causal_conv1d_update_
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
@@ -50,13 +58,58 @@ def _tiles(D: int) -> dict[str, int]:
     return TILES["narrow" if D <= 256 else "wide"]
 
 _TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
+_CONV_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per cache: bounded (LRU)
+_CONV_TABLES_MAX = 1024
 
 
-def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[F.linear(x, w_0), F.linear(x, w_1), ...]``: the definition the kernel is tested against.
-    (Separate contiguous outputs: CPU GEMMs round a row differently depending on its alignment, so
-    slices of one buffer would make results depend on a row's position in the batch.)"""
-    return [F.linear(x, w) for w in weights]
+def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], conv_steps=None, *,
+                     conv_backend: str = "reference") -> list[torch.Tensor]:
+    """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (then the conv steps): the definition the kernel is
+    tested against. (Separate contiguous outputs: CPU GEMMs round a row differently depending on its
+    alignment, so slices of one buffer would make results depend on a row's position in the batch.)"""
+    outs = [F.linear(x, w) for w in weights]
+    for i, step in enumerate(conv_steps or ()):
+        if step is not None:
+            window, conv_weight = step
+            outs[i] = causal_conv1d_update_(outs[i], window, conv_weight.reshape(conv_weight.shape[0], 1, -1),
+                                            activation="silu", backend=conv_backend)
+    return outs
+
+
+def _check_conv_steps(x: torch.Tensor, weights: Sequence[torch.Tensor], conv_steps) -> int:
+    """Validate ``conv_steps`` (see the module docstring); returns the common kernel width W (0: none)."""
+    if len(conv_steps) != len(weights):
+        raise ValueError(f"conv_steps must have one entry (or None) per weight: {len(weights)}, got {len(conv_steps)}")
+    widths = set()
+    for i, step in enumerate(conv_steps):
+        if step is None:
+            continue
+        window, cw = step
+        R = weights[i].shape[0]
+        W = cw.shape[-1]
+        if cw.numel() != R * W or tuple(window.shape) != (x.shape[0], R, W - 1):
+            raise ValueError(f"conv step {i}: need window [N={x.shape[0]}, {R}, W-1] and conv weight [{R}, W], "
+                             f"got {tuple(window.shape)} and {tuple(cw.shape)}")
+        if window.device != x.device or cw.device != x.device:
+            raise ValueError(f"conv step {i}: window and conv weight must be on {x.device}")
+        widths.add(W)
+    if len(widths) > 1:
+        raise ValueError(f"conv steps must share one kernel width, got {sorted(widths)}")
+    return widths.pop() if widths else 0
+
+
+def _conv_table(conv_steps, device) -> torch.Tensor:
+    """int64 ``[S, 2]`` = (window address, conv weight address) per weight, 0 where no conv; cached."""
+    key = tuple((0, 0) if st is None else (st[0].data_ptr(), st[1].data_ptr()) for st in conv_steps)
+    table = _CONV_TABLES.get(key)
+    if table is None:
+        table = torch.tensor(key, dtype=torch.int64, device=device)
+        _CONV_TABLES[key] = table
+        if len(_CONV_TABLES) > _CONV_TABLES_MAX:
+            _CONV_TABLES.popitem(last=False)
+    else:
+        _CONV_TABLES.move_to_end(key)
+    return table
 
 
 def _check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
@@ -72,15 +125,15 @@ def _check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
 
 
 def _block_table(weights: Sequence[torch.Tensor], block_r: int) -> tuple[torch.Tensor, int]:
-    """int64 ``[P, 4]`` = (weight address, first row, rows of that weight, first output column) per
-    program, and the total width. Cached per weight set (addresses + shapes) and block size."""
+    """int64 ``[P, 5]`` = (weight address, first row, rows of that weight, first output column, weight
+    index) per program, and the total width. Cached per weight set (addresses + shapes) and block size."""
     key = (block_r, *((w.data_ptr(), *w.shape) for w in weights))
     hit = _TABLES.get(key)
     if hit is None:
         rows, col = [], 0
-        for w in weights:
+        for i, w in enumerate(weights):
             for r0 in range(0, w.shape[0], block_r):
-                rows.append((w.data_ptr(), r0, w.shape[0], col))
+                rows.append((w.data_ptr(), r0, w.shape[0], col, i))
             col += w.shape[0]
         hit = (torch.tensor(rows, dtype=torch.int64, device=weights[0].device), col)
         _TABLES[key] = hit
@@ -92,13 +145,14 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, y_ptr, N, D, OUT,
-                            NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D, OUT,
+                            NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                            CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
         p = tl.program_id(0)
-        w = tl.load(tab_ptr + p * 4).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        r0 = tl.load(tab_ptr + p * 4 + 1)
-        rows = tl.load(tab_ptr + p * 4 + 2)
-        col0 = tl.load(tab_ptr + p * 4 + 3)
+        w = tl.load(tab_ptr + p * 5).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        r0 = tl.load(tab_ptr + p * 5 + 1)
+        rows = tl.load(tab_ptr + p * 5 + 2)
+        col0 = tl.load(tab_ptr + p * 5 + 3)
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < rows
         o_n = tl.arange(0, NT)
@@ -110,6 +164,26 @@ def _kernel():
             b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
             b_x = tl.load(x_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :].to(tl.float32), axis=2)
+        if CONV:
+            seg = tl.load(tab_ptr + p * 5 + 4)
+            win_addr = tl.load(conv_tab + seg * 2)
+            if win_addr != 0:  # this weight's outputs go through a short-conv step (+ SiLU)
+                win = win_addr.to(tl.pointer_type(x_ptr.dtype.element_ty))
+                cw = tl.load(conv_tab + seg * 2 + 1).to(tl.pointer_type(x_ptr.dtype.element_ty))
+                b_y = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # the projection as F.linear rounds it
+                o_w = tl.arange(0, WP)
+                p_win = win + ((o_n[:, None, None] * rows + o_r[None, :, None]) * (W - 1) + o_w[None, None, :])
+                m_win = m_n[:, None, None] & m_r[None, :, None] & (o_w < W - 1)[None, None, :]
+                b_win = tl.load(p_win, mask=m_win, other=0).to(tl.float32)
+                b_full = tl.where((o_w == W - 1)[None, None, :], b_y[:, :, None], b_win)  # oldest .. newest
+                b_cw = tl.load(cw + o_r[:, None] * W + o_w[None, :], mask=m_r[:, None] & (o_w < W)[None, :], other=0)
+                b_c = tl.sum(b_full * b_cw[None, :, :].to(tl.float32), axis=2)
+                # the window shifted by one with the new projection appended
+                b_next = tl.load(p_win + 1, mask=m_win & (o_w < W - 2)[None, None, :], other=0)
+                b_next = tl.where((o_w == W - 2)[None, None, :], b_y[:, :, None].to(b_next.dtype), b_next)
+                tl.debug_barrier()  # every thread has read its window before any thread overwrites it
+                tl.store(p_win, b_next, mask=m_win)
+                acc = b_c * tl.sigmoid(b_c)
         p_y = y_ptr + o_n[:, None] * OUT + col0 + o_r[None, :]
         tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_n[:, None] & m_r[None, :])
 
@@ -119,18 +193,26 @@ def _kernel():
 _KERNEL = None
 
 
-def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: str = "auto") -> list[torch.Tensor]:
-    """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs.
+def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, conv_steps=None,
+                 backend: str = "auto") -> list[torch.Tensor]:
+    """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs;
+    ``conv_steps`` (one entry or None per weight) adds a short-conv step to chosen outputs, updating
+    their windows in place (module docstring).
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
-    on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight.
-    No host sync: the step can be graph-captured."""
+    on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight
+    and the conv steps apart. No host sync: the step can be graph-captured."""
     _check(x, weights)
     N, D = x.shape
+    W = _check_conv_steps(x, weights, conv_steps) if conv_steps is not None else 0
+    chosen = resolve_backend(backend, x.device)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    if (resolve_backend(backend, x.device) == "reference" or N > MAX_TOKENS or N == 0 or needs_grad
+    conv_ok = W == 0 or (W >= 2 and all(st is None or (st[0].is_contiguous() and st[1].is_contiguous()
+                                                        and st[0].dtype == st[1].dtype == x.dtype)
+                                        for st in conv_steps))
+    if (chosen == "reference" or N > MAX_TOKENS or N == 0 or needs_grad or not conv_ok
             or not all(w.is_contiguous() for w in weights)):
-        return fused_linear_ref(x, weights)
+        return fused_linear_ref(x, weights, conv_steps, conv_backend=chosen)
     import triton
 
     global _KERNEL
@@ -141,8 +223,10 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, backend: s
     tab, out = _block_table(weights, tile["BLOCK_R"])
     x = x.contiguous()
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
-    _KERNEL[(tab.shape[0],)](x, tab, y, N, D, out, NT=max(1, triton.next_power_of_2(N)),
+    conv_tab = _conv_table(conv_steps, x.device) if W else tab
+    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, N, D, out, NT=max(1, triton.next_power_of_2(N)),
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
+                             CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              num_warps=tile["num_warps"])
     return list(y.split([w.shape[0] for w in weights], dim=1))
 

@@ -93,3 +93,44 @@ def test_fused_linear_default_tiles_on_odd_widths(D):
     x = torch.randn(1, D, device=device)
     for y, w in zip(fused_linear(x, ws, backend="triton"), ws, strict=True):
         assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_interp", torch.float32)
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_fused_linear_conv_steps_match_linear_then_conv(N, monkeypatch):
+    # outputs 0 and 2 go through a short-conv step (+ SiLU) with their windows shifted in place; row
+    # counts not multiples of the block, so blocks end inside a weight
+    device = _device()
+    import kimi_linear.ops.gemv as gemv
+    from kimi_linear.ops.conv import causal_conv1d_update
+
+    monkeypatch.setitem(gemv.TILES, "wide", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
+    monkeypatch.setitem(gemv.TILES, "narrow", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
+    D, W = 40, 4
+    ws = [torch.randn(r, D, device=device) for r in (20, 5, 12)]
+    x = torch.randn(N, D, device=device)
+    windows = {i: torch.randn(N, ws[i].shape[0], W - 1, device=device) for i in (0, 2)}
+    cws = {i: torch.randn(ws[i].shape[0], W, device=device) for i in (0, 2)}
+    want, want_windows = [x @ w.T for w in ws], {}
+    for i in (0, 2):
+        want[i], want_windows[i] = causal_conv1d_update(want[i], windows[i], cws[i][:, None, :], activation="silu")
+    steps = [(windows[0], cws[0]), None, (windows[2], cws[2])]
+    got = fused_linear(x, ws, conv_steps=steps, backend="triton")
+    for i in range(3):
+        assert rel_rms(got[i], want[i]) < tolerance("kernel_interp", torch.float32), i
+    for i in (0, 2):
+        assert rel_rms(windows[i], want_windows[i]) < tolerance("kernel_interp", torch.float32), i
+
+
+def test_fused_linear_conv_steps_reference_path_and_bad_input():
+    from kimi_linear.ops.conv import causal_conv1d_update
+
+    x, w = torch.randn(3, 8), torch.randn(6, 8)  # 3 rows > MAX_TOKENS: the reference path
+    window, cw = torch.randn(3, 6, 3), torch.randn(6, 4)
+    want, want_window = causal_conv1d_update(x @ w.T, window.clone(), cw[:, None, :], activation="silu")
+    (got,) = fused_linear(x, [w], conv_steps=[(window, cw)])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(window, want_window)
+    with pytest.raises(ValueError, match="one entry"):
+        fused_linear(x, [w], conv_steps=[])
+    with pytest.raises(ValueError, match=r"conv step 0: need window"):
+        fused_linear(x, [w], conv_steps=[(torch.randn(3, 5, 3), cw)])
