@@ -134,3 +134,26 @@ def test_fused_linear_conv_steps_reference_path_and_bad_input():
         fused_linear(x, [w], conv_steps=[])
     with pytest.raises(ValueError, match=r"conv step 0: need window"):
         fused_linear(x, [w], conv_steps=[(torch.randn(3, 5, 3), cw)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 2])
+def test_fused_linear_conv_steps_gpu_at_the_kda_layer_geometry(cuda_device, N):
+    # q, k, v with their conv steps in bf16 against cuBLAS + the separate conv-step kernel
+    from kimi_linear.ops.conv import causal_conv1d_update_
+
+    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16)  # noqa: E731
+    ws = [mk(r, 2304) * 2304**-0.5 for r in (4096, 4096, 4096, 128, 128, 32)]
+    x = mk(N, 2304)
+    windows = [mk(N, 4096, 3) for _ in range(3)]
+    cws = [mk(4096, 4) * 0.5 for _ in range(3)]
+    want_windows = [w.clone() for w in windows]
+    want = [torch.nn.functional.linear(x, w) for w in ws]
+    for i in range(3):
+        want[i] = causal_conv1d_update_(want[i], want_windows[i], cws[i][:, None, :], activation="silu")
+    got = fused_linear(x, ws, conv_steps=[*zip(windows, cws), None, None, None])
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert torch.isfinite(g).all() and rel_rms(g, w) < tolerance("kernel_fwd", torch.bfloat16), i
+    for a, b in zip(windows, want_windows, strict=True):
+        # the appended column is the bf16 projection, which cuBLAS and the kernel may round differently
+        assert torch.equal(a[..., :2], b[..., :2]) and rel_rms(a[..., 2], b[..., 2]) < 1e-2
