@@ -79,12 +79,26 @@ class KimiLinearDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, **kwargs: Any) -> torch.Tensor:
         """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged."""
-        attn_out = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache, **kwargs)
+        h, ffn_out = self.forward_unsummed(hidden_states, None, attention_mask, cache, **kwargs)
+        return h + ffn_out
+
+    def forward_unsummed(self, hidden_states: torch.Tensor, pending: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None = None, cache: Any = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``hidden_states + pending`` (``pending``: the previous block's MLP output, not yet
+        added, or None), returning its own output unsummed as ``(h, mlp_out)``: each residual add then
+        shares a launch with the norm that follows it (:func:`add_rms_norm`), same values."""
+        ln = self.input_layernorm
+        if pending is None:
+            x = ln(hidden_states)
+        else:
+            hidden_states, x = add_rms_norm(hidden_states, pending, ln.weight, ln.eps, backend=ln.backend)
+        attn_out = self.self_attn(x, attention_mask, cache, **kwargs)
         post = self.post_attention_layernorm
-        h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)  # one launch
+        h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
         if self.is_moe and cache is not None and getattr(cache.step, "decode", False):
-            return h + self._moe_decode(x)
-        return h + self.ffn(x, attention_mask=attention_mask, **kwargs)
+            return h, self._moe_decode(x)
+        return h, self.ffn(x, attention_mask=attention_mask, **kwargs)
 
     def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can
@@ -138,22 +152,29 @@ class KimiLinearModel(nn.Module):
             # writes) and committed once every layer has stored this call's tokens.
             cache.begin_step(h.shape[1], attention_mask)
             try:
-                h = self._run_layers(h, attention_mask, cache, kwargs)
+                h = self._run_layers_and_norm(h, attention_mask, cache, kwargs)
             except BaseException:
                 cache.abort_step()
                 raise
             cache.commit_step()
-            return self.norm(h)
-        return self.norm(self._run_layers(h, attention_mask, cache, kwargs))
+            return h
+        return self._run_layers_and_norm(h, attention_mask, cache, kwargs)
 
-    def _run_layers(self, h: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any,
-                    kwargs: dict[str, Any]) -> torch.Tensor:
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def _run_layers_and_norm(self, h: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any,
+                             kwargs: dict[str, Any]) -> torch.Tensor:
+        """Every block, then the final norm."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for layer in self.layers:
                 h = _checkpointed(layer, h, attention_mask, cache, kwargs)
-            else:
-                h = layer(h, attention_mask, cache, **kwargs)
-        return h
+            return self.norm(h)
+        # each block's last residual add is left to the next block's first norm (and the final norm),
+        # one launch each instead of two
+        pending = None
+        for layer in self.layers:
+            h, pending = layer.forward_unsummed(h, pending, attention_mask, cache, **kwargs)
+        if pending is None:  # no layers
+            return self.norm(h)
+        return add_rms_norm(h, pending, self.norm.weight, self.norm.eps, backend=self.norm.backend)[1]
 
 
 def _checkpointed(layer: nn.Module, h: torch.Tensor, mask: torch.Tensor | None, cache: Any,
