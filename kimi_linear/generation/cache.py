@@ -148,7 +148,7 @@ class MLALayerCache:
                 f"[B, T, {self.k_rope.shape[-1]}], got {tuple(latent.shape)} and {tuple(k_rope.shape)}"
             )
         if step.decode:  # one token per row, no padding: a scatter with no host sync (graph-capturable)
-            rows = torch.arange(B, device=latent.device)
+            rows = step.decode_rows_lengths[0]
             self.latent[rows, step.start] = latent[:, 0].to(self.latent.dtype)
             self.k_rope[rows, step.start] = k_rope[:, 0].to(self.k_rope.dtype)
             return
@@ -189,6 +189,15 @@ class CacheStep:
     fresh: bool = False
     _valid_index: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _key_mask: torch.Tensor | None = field(default=None, repr=False)
+    _decode_rows_lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def decode_rows_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode only: ``(arange(B), start + 1)``, the rows a token is written to and the cached lengths
+        after it; made once per step and shared by every MLA layer (two launches each otherwise)."""
+        if self._decode_rows_lengths is None:
+            self._decode_rows_lengths = (torch.arange(self.batch_size, device=self.start.device), self.start + 1)
+        return self._decode_rows_lengths
 
     @property
     def batch_size(self) -> int:

@@ -131,8 +131,8 @@ class MultiHeadLatentAttention(nn.Module):
         if step.decode:
             q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
             c, kr = lc.view(step)
-            o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.start + 1, scale=self.scale,
-                                 backend=self.backend)
+            o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.decode_rows_lengths[1],
+                                 scale=self.scale, backend=self.backend)
             return few_rows_linear(o.flatten(-2), self.o_proj.weight, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)
