@@ -117,8 +117,8 @@ def sweep_moe(dev, bw, quick: bool, report: dict) -> None:
     print(f"moe N=1: tensor-core kernels {dot_us:.1f} us (err {dot_err:.1e}), floor {floor:.1f} us", flush=True)
     report["rows"].append(dict(op="moe_dot", us=dot_us, err=dot_err))
     gate_up = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=w) for r, d, w in itertools.product((4, 8, 16), (256, 512, 1024), (1, 2, 4))]
-    down = [dict(BLOCK_R=r, BLOCK_I=i, SPLIT=s, num_warps=w)
-            for r, i, s, w in itertools.product((4, 8, 16), (256, 512, 1024), (1, 3, 9), (4,))]
+    down = [dict(BLOCK_R=r, BLOCK_I=i, num_warps=w)
+            for r, i, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (1, 2, 4))]
     if quick:
         gate_up, down = gate_up[:3], down[:3]
     # gate_up again once down has its best tile (the first pass timed it beside the old down tile)

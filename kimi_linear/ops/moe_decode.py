@@ -149,13 +149,14 @@ def _single_token_kernels():
         tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
 
     @triton.jit
-    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, D, I, K, ER, J,
-                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, SPLIT: tl.constexpr):
-        # y[rows] = sum over slots j (every SPLIT-th from program_id(1)) of c_j * w2_e(j)[rows, :] . h_j
+    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, D, I, K, ER,
+                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
+        # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < D
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for j in range(tl.program_id(1), J, SPLIT):
+        for j in tl.static_range(J):
             e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
             c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)), 1.0)  # shared experts: weight 1
             w2 = tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty))
@@ -167,10 +168,7 @@ def _single_token_kernels():
                 b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
                 part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
             acc += c * part
-        if SPLIT == 1:
-            tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
-        else:
-            tl.atomic_add(y_ptr + o_r, acc, mask=m_r)
+        tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
 
     return gate_up_one_kernel, down_one_kernel
 
@@ -186,13 +184,14 @@ _ONE_KERNELS = None
 TILES: dict[str, dict[str, int | None]] = {
     "gate_up": dict(BLOCK_I=32, BLOCK_D=128, num_warps=4, num_stages=4),
     "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
-    # one token: row blocks of the chosen experts only (SPLIT > 1 spreads the slots of the down
-    # projection over programs that add into an fp32 buffer). H100 sweep (results/decode/session6/
+    # one token: row blocks of the chosen experts only (spreading the down projection's slots over
+    # programs that add into an fp32 buffer measured slower: 62.1-62.3 vs 59.9 us). H100 sweep (results/decode/session6/
     # gemv_sweep_h100.log, gemv_sweep2_h100.log; 8 routed + 1 shared expert, bf16): whole MoE 58.1 us
     # against 105.5 for the tensor-core kernels above; floor 42.5 us (the 9 experts' 127 MB at the
     # measured 3.0 TB/s copy rate)
     "gate_up_one": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
-    "down_one": dict(BLOCK_R=4, BLOCK_I=1024, SPLIT=1, num_warps=4),
+    # down with its slot loop unrolled (gemv_sweep3_moe_unrolled_h100.log): whole MoE 55.6 us (was 58.1)
+    "down_one": dict(BLOCK_R=2, BLOCK_I=1024, num_warps=2),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 
@@ -289,9 +288,8 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, _pointer_table(w1, x), _pointer_table(w3, x), h, D, I, K, ER,
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, num_warps=gu["num_warps"])
-    split = min(dn["SPLIT"], J)
-    y = (torch.empty if split == 1 else torch.zeros)(1, D, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
-    down[(triton.cdiv(D, dn["BLOCK_R"]), split)](
-        h, idx, cw, _pointer_table(w2, x), y, D, I, K, ER, J,
-        BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], SPLIT=split, num_warps=dn["num_warps"])
-    return y.to(x.dtype)
+    y = torch.empty(1, D, device=x.device, dtype=x.dtype)
+    down[(triton.cdiv(D, dn["BLOCK_R"]),)](
+        h, idx, cw, _pointer_table(w2, x), y, D, I, K, ER,
+        J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], num_warps=dn["num_warps"])
+    return y
