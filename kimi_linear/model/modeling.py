@@ -77,17 +77,15 @@ class KimiLinearDecoderLayer(nn.Module):
         return self.block_sparse_moe if self.is_moe else self.mlp
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: Any = None, **kwargs: Any) -> torch.Tensor:
-        """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged."""
-        h, ffn_out = self.forward_unsummed(hidden_states, None, attention_mask, cache, **kwargs)
-        return h + ffn_out
+                cache: Any = None, *, pending: torch.Tensor | None = None, unsummed: bool = False,
+                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged.
 
-    def forward_unsummed(self, hidden_states: torch.Tensor, pending: torch.Tensor | None,
-                         attention_mask: torch.Tensor | None = None, cache: Any = None,
-                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block on ``hidden_states + pending`` (``pending``: the previous block's MLP output, not yet
-        added, or None), returning its own output unsummed as ``(h, mlp_out)``: each residual add then
-        shares a launch with the norm that follows it (:func:`add_rms_norm`), same values."""
+        ``pending``: the previous block's MLP output, not yet added to ``hidden_states``; ``unsummed``:
+        return ``(h, mlp_out)`` instead of their sum. The model chains blocks this way so that each
+        residual add shares a launch with the norm that follows it (:func:`add_rms_norm`), same values.
+        (A keyword of ``forward`` rather than a method of its own, so that wrappers such as FSDP2,
+        which gather parameters around ``forward``, see every call.)"""
         ln = self.input_layernorm
         if pending is None:
             x = ln(hidden_states)
@@ -97,8 +95,10 @@ class KimiLinearDecoderLayer(nn.Module):
         post = self.post_attention_layernorm
         h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
         if self.is_moe and cache is not None and getattr(cache.step, "decode", False):
-            return h, self._moe_decode(x)
-        return h, self.ffn(x, attention_mask=attention_mask, **kwargs)
+            out = self._moe_decode(x)
+        else:
+            out = self.ffn(x, attention_mask=attention_mask, **kwargs)
+        return (h, out) if unsummed else h + out
 
     def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
         """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can
@@ -171,7 +171,7 @@ class KimiLinearModel(nn.Module):
         # one launch each instead of two
         pending = None
         for layer in self.layers:
-            h, pending = layer.forward_unsummed(h, pending, attention_mask, cache, **kwargs)
+            h, pending = layer(h, attention_mask, cache, pending=pending, unsummed=True, **kwargs)
         if pending is None:  # no layers
             return self.norm(h)
         return add_rms_norm(h, pending, self.norm.weight, self.norm.eps, backend=self.norm.backend)[1]
