@@ -4,8 +4,9 @@ At batch 1 a decode step is a chain of matrix-vector products, each bound by rea
 once. cuBLAS reaches ~2.7 TB/s on an H100 for the large ones, but a KDA layer also has small ones
 (the gate's and output gate's low-rank ``a`` projections, ``b_proj``: 0.6 MB or less) that cost a
 launch and ~5 us each whatever their size. :func:`fused_linear` reads every weight of a list once in
-a single launch and writes the outputs side by side in one buffer, as if the weights had been concatenated, without
-copying them (the checkpoint keeps separate tensors; a concatenated copy would double their memory).
+a single launch and writes the outputs side by side in one buffer, as if the weights had been
+concatenated, without copying them (the checkpoint keeps separate tensors; a concatenated copy would
+double their memory).
 
 | tensor  | shape                | notes                                                    |
 |---------|----------------------|----------------------------------------------------------|
