@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 
+CURRENT_ONLY = False  # --current: time the settings in use only (no sweep)
+
+
 def copy_bandwidth(dev: torch.device) -> float:
     """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
     import triton.testing
@@ -56,6 +59,8 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict, only_shapes: set[str]
     narrow = [dict(BLOCK_R=r, BLOCK_D=128, num_warps=w) for r, w in itertools.product((4, 8, 16, 32, 64), (1, 2, 4))]
     if quick:
         wide, narrow = wide[:4], narrow[:4]
+    if CURRENT_ONLY:
+        wide, narrow = [dict(gemv.TILES["wide"])], [dict(gemv.TILES["narrow"])]
     base = {n: dict(c) for n, c in gemv.TILES.items()}
     best_per_shape = {}
     for name, (d_in, rows) in shapes.items():
@@ -121,6 +126,8 @@ def sweep_moe(dev, bw, quick: bool, report: dict) -> None:
             for r, i, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (1, 2, 4))]
     if quick:
         gate_up, down = gate_up[:3], down[:3]
+    if CURRENT_ONLY:
+        gate_up, down = [dict(md.TILES["gate_up_one"])], [dict(md.TILES["down_one"])]
     # gate_up again once down has its best tile (the first pass timed it beside the old down tile)
     for name, cands in (("gate_up_one", gate_up), ("down_one", down), ("gate_up_one", gate_up)):
         best = None
@@ -184,7 +191,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few settings only (a smoke run)")
     ap.add_argument("--only", default="gemv,route,moe",
                     help="comma list of gemv, lowrank (the gates' 128 -> 4096 up-projection only), route, moe")
+    ap.add_argument("--current", action="store_true", help="time the settings in use only, no sweep")
     args = ap.parse_args()
+    global CURRENT_ONLY
+    CURRENT_ONLY = args.current
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
