@@ -40,10 +40,13 @@ from kimi_linear.ops.conv import causal_conv1d_update_
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
 # Measured on an H100 (bf16, hidden 2304; benchmarks/decode_gemv_sweep.py, results/decode/session6/
-# gemv_unrolled_d_h100.txt, with the D loop unrolled; the tile sweep: gemv_sweep_h100.log), one-launch
-# kernel against one cuBLAS call per weight, CUDA-graphed (weights that fit L2 stay warm there):
-#   KDA layer's six input projections, N=1: 24.5 us vs 44.8 (floor 19.3); N=2: 26.2 vs 44.6; N=4: 44.3 vs 44.7
-#   MLA layer's two, N=1: 9.3 vs 14.2; output projection 4096 -> 2304: 6.9 vs 8.5 (floor 6.3)
+# gemv_sweep_h100.log), one-launch kernel against one cuBLAS call per weight, CUDA-graphed:
+#   KDA layer's six input projections, N=1: 25.6 us vs 45.2 (floor 19.3); N=2: 32.0 vs 44.7; N=4: 55.1 vs 44.5
+#   MLA layer's two, N=1: 11.9 vs 14.9 (floor 10.3); output projection 4096 -> 2304: 7.3 vs 8.5 (floor 6.3)
+# Unrolling the D loop at compile time was faster in that sweep (gemv_unrolled_d_h100.txt: 24.5 / 26.2
+# / 9.3 / 6.9 us, no conv steps there) but made the whole KDA layer step 61 -> 136 us in the model
+# (session6/regressed/; cause not found: both forms compile to 40-64 registers without spills): kept
+# as a runtime loop.
 MAX_TOKENS = 2  # more tokens: one GEMM per weight (cuBLAS) is the better tool
 # Launch settings by input width. "wide" (D > 256): the best of 36 for the three shapes above
 # together (4-row blocks: ~3,000 programs for a KDA layer, so enough loads are in flight to stream
@@ -147,7 +150,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D: tl.constexpr, OUT,
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D, OUT,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
         p = tl.program_id(0)
@@ -160,7 +163,7 @@ def _kernel():
         o_n = tl.arange(0, NT)
         m_n = o_n < N
         acc = tl.zeros([NT, BLOCK_R], dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):  # unrolled (D is fixed per weight set): all slices' loads in flight
+        for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = (o_d < D) | EVEN_D
             b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
