@@ -18,6 +18,10 @@ and otherwise multiplies its weight tile with every token of the step, the token
 
 Experts stay separate tensors (the checkpoint's layout); the kernels find them through a table of
 their addresses, built once per weight set and cached.
+
+One token (batch-1 decoding) takes two other kernels: programs walk the token's ``k`` chosen experts
+and the shared ones ("slots") by row blocks, multiplying with the token as a vector -- no tensor-core
+tile that would be 15/16 padding, no programs that exit at once. ``h [slots, I]`` sits between them.
 """
 
 from __future__ import annotations
@@ -184,11 +188,11 @@ _ONE_KERNELS = None
 TILES: dict[str, dict[str, int | None]] = {
     "gate_up": dict(BLOCK_I=32, BLOCK_D=128, num_warps=4, num_stages=4),
     "down": dict(BLOCK_D=64, BLOCK_I=64, num_warps=4, num_stages=None),
-    # one token: row blocks of the chosen experts only (spreading the down projection's slots over
-    # programs that add into an fp32 buffer measured slower: 62.1-62.3 vs 59.9 us). H100 sweep (results/decode/session6/
+    # one token: row blocks of the chosen experts only. H100 sweeps (results/decode/session6/
     # gemv_sweep_h100.log, gemv_sweep2_h100.log; 8 routed + 1 shared expert, bf16): whole MoE 58.1 us
     # against 105.5 for the tensor-core kernels above; floor 42.5 us (the 9 experts' 127 MB at the
-    # measured 3.0 TB/s copy rate)
+    # measured 3.0 TB/s copy rate). Spreading the down projection's slots over programs that add into
+    # an fp32 buffer measured slower (62.1-62.3 vs 59.9 us) and was removed.
     "gate_up_one": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
     # down with its slot loop unrolled (gemv_sweep3_moe_unrolled_h100.log): whole MoE 55.6 us (was 58.1)
     "down_one": dict(BLOCK_R=2, BLOCK_I=1024, num_warps=2),
