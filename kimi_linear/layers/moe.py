@@ -48,7 +48,8 @@ class Expert(nn.Module):
 
 
 class MoEGate(KeepFP32):
-    """Router weight ``[E, D]`` (logits in fp32) and the fp32 balancing bias ``e_score_correction_bias [E]``."""
+    """Router weight ``[E, D]`` and the fp32 balancing bias ``e_score_correction_bias [E]`` (weights only:
+    :func:`kimi_linear.ops.moe.route_tokens` computes the fp32 logits, inside its kernel at decode time)."""
 
     _keep_fp32 = ("e_score_correction_bias",)
 
@@ -57,10 +58,6 @@ class MoEGate(KeepFP32):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [N, D]`` -> router logits ``[N, E]`` fp32."""
-        return F.linear(x.float(), self.weight.float())
 
 
 class SparseMoeBlock(nn.Module):
@@ -94,7 +91,7 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
-        # the logits are self.gate(x); on Triton at inference the routing kernel computes them itself
+        # logits x . W^T in fp32; on Triton at inference the routing kernel computes them itself
         return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
                             num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
                             scaling=self.scaling, backend=backend)
