@@ -28,7 +28,8 @@ from chunk_kda_timing import make  # noqa: E402
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
-    "gram_diag": ("_gram_diag_kernel",), "solve": ("_solve_kernel",),
+    "gram_diag": ("_gram_diag_kernel", "_gram_diag_pair_kernel"),
+    "solve": ("_solve_kernel", "_inverse_kernel", "_wu_kernel"),
     "state_fwd": ("_state_fwd_kernel",), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
@@ -40,10 +41,18 @@ SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) f
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in ((4, 32), (2, 32), (4, 16), (2, 16), (8, 32))]
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
-SOLVE = [dict(num_warps=w, num_stages=s, BV=32) for w, s in ((4, 1), (8, 1))]
+# the solve in one kernel (row i of each diagonal block extracted from registers, or re-read from L1),
+# or split in two: the inverse (inverse_warps) and the products over (chunk, head, column block) programs
+SOLVE = ([dict(num_warps=4, num_stages=1, BV=32, split=0, row_loads=r) for r in (0, 1)]
+         + [dict(num_warps=w, num_stages=1, BV=bv, split=1, inverse_warps=iw)
+            for bv, w, iw in ((32, 4, 2), (32, 4, 1), (32, 4, 4), (64, 8, 2), (32, 2, 2), (16, 2, 2))])
+# the diagonal gram: one row per program (pair 0), or paired rows per sub-chunk (pair 1)
+GRAM_DIAG = ([dict(pair=0, BH=4, num_warps=1)]
+             + [dict(pair=1, BH=bh, num_warps=w, reload=r)
+                for bh, w, r in ((1, 4, 0), (1, 4, 1), (1, 8, 0), (1, 2, 1), (2, 4, 1), (2, 8, 1), (4, 8, 1))])
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": [dict(num_warps=w, BH=bh) for bh in (2, 4, 8) for w in (1, 2)], "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+              "gram_diag": GRAM_DIAG, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1
@@ -129,6 +138,58 @@ def timed_fns(xs, do):
     return o_fn, fb_fn
 
 
+def fla_timed_fns(xs, do):
+    """FLA 0.6.0's exact chunk_kda as fwd and fwd+bwd closures on the same inputs, or None."""
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+    except ImportError:
+        return None
+
+    def o_fn():
+        return fla_chunk_kda(*xs)[0]
+
+    def fb_fn():
+        o_fn().backward(do)
+
+    return o_fn, fb_fn
+
+
+def compare_shapes(shapes: list[str], base_launch: dict, best_launch: dict) -> dict:
+    """fwd / fwd+bwd ms of ours with the baseline and the best settings, and FLA's exact path, per
+    shape, all in this run (ours must match the baseline's outputs and gradients first)."""
+    import triton
+
+    from kimi_linear.ops.kda import chunk_common
+
+    out = {}
+    for shape in shapes:
+        B, T, H = (int(x) for x in shape.split("x"))
+        xs, do = inputs(B, T, H)
+        row = {}
+        for label, cfg in (("base", base_launch), ("best", best_launch)):
+            chunk_common.LAUNCH.clear()
+            chunk_common.LAUNCH.update(copy.deepcopy(cfg))
+            got = run_once(xs, do)
+            if label == "base":
+                ref = got
+            err = max(rel(a, b) for a, b in zip(got, ref))
+            o_fn, fb_fn = timed_fns(xs, do)
+            row[label] = dict(fwd=triton.testing.do_bench(o_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
+                              fwdbwd=triton.testing.do_bench(fb_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
+                              err=err)
+        fla = fla_timed_fns(xs, do)
+        if fla is not None:
+            fla_err = rel(fla[0]().float(), ref[0])
+            row["fla"] = dict(fwd=triton.testing.do_bench(fla[0], warmup=5, rep=40),
+                              fwdbwd=triton.testing.do_bench(fla[1], warmup=5, rep=40), err=fla_err)
+        chunk_common.LAUNCH.clear()
+        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
+        print(f"== compare {shape}: " + ", ".join(f"{k} fwd {v['fwd']:.3f} fwd+bwd {v['fwdbwd']:.3f} (diff {v['err']:.1e})"
+                                                  for k, v in row.items()), flush=True)
+        out[shape] = row
+    return out
+
+
 def show_profile(rows: dict, key: str, title: str, shape: str, times: dict[str, float], top: int) -> None:
     """Print a per-kernel profile (slowest first; plot_stage_times.py parses these blocks) into rows[key]."""
     ordered = sorted(times.items(), key=lambda x: -x[1])
@@ -153,6 +214,8 @@ def main() -> None:
     ap.add_argument("--fla-profile", action="store_true", help="also print FLA's per-kernel times (if installed)")
     ap.add_argument("--fused-profile", action="store_true", help="also print the fused path's per-kernel times")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep (shared equally by shapes)")
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="shapes at which to time ours (baseline and the last shape's best settings) and FLA's exact path")
     args = ap.parse_args()
     t_start = time.time()
     base_launch = copy.deepcopy(chunk_common.LAUNCH)
@@ -212,6 +275,9 @@ def main() -> None:
         print(f"== {shape}: fwd {fwd_base:.3f} -> {fwd_best:.3f} ms, fwd+bwd {fb_base:.3f} -> {fb_best:.3f} ms "
               f"with {best}", flush=True)
         report["shapes"][shape] = rows
+        best_launch = {k: {**base_launch[k], **best.get(k, {})} for k in base_launch}
+    if args.compare:
+        report["compare"] = compare_shapes(args.compare, base_launch, best_launch)
     print(json.dumps(report))
 
 

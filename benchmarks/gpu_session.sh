@@ -46,10 +46,11 @@ case "$STAGE" in
 kernels)
   # 1. a launch sweep of $SWEEP (default: the solve's warps / stages) at
   #    B=1 T=64K H=16; PROFILES="--fla-profile --fused-profile" adds per-kernel profiles
-  timeout 300 python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-solve} \
-    ${PROFILES:-} --budget 240 2>&1 | grep -v '^{' | tee "$OUT/sweep.txt"
-  # 2. chunked KDA side by side: the Figure-2 end and a training shape
-  timeout 220 python3 -m kimi_linear.cli bench kda --shapes ${BENCH_SHAPES:-1x65536x16,8x4096x32} \
+  #    COMPARE="1x8192x16 ..." then times ours (baseline and best settings) and FLA's exact path there
+  timeout ${SWEEP_CAP:-300} python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-solve} \
+    ${PROFILES:-} ${COMPARE:+--compare $COMPARE} --budget ${SWEEP_BUDGET:-240} 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
+  # 2. chunked KDA side by side: the Figure-2 end and a training shape (BENCH_SHAPES=none skips it)
+  [ "${BENCH_SHAPES:-}" = none ] || timeout 220 python3 -m kimi_linear.cli bench kda --shapes ${BENCH_SHAPES:-1x65536x16,8x4096x32} \
     --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
   ;;
 tests)

@@ -144,6 +144,75 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 
 @triton.jit
+def _gram_diag_pair_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
+                           RELOAD: tl.constexpr):
+    # Step 3's diagonal 16x16 blocks, one program per (16-token sub-chunk, BH value heads). Row p of
+    # the block needs columns 0..p only, so rows p and 15 - p share a slot: together they need 17
+    # columns, and 8 slots x 17 steps evaluate exactly the block's needed (row, column) pairs on one
+    # [8 * BH, K] tile per step (no exponential on a masked entry). Against the row-per-program form
+    # the sub-chunk's k and G rows are fetched by one program (L1 hits) instead of by 16 (L2 traffic).
+    i_c = tl.program_id(0) // 4
+    a0 = (tl.program_id(0) % 4) * 16
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    if a0 < n:
+        o_r = tl.arange(0, 8 * BH)
+        slot = o_r // BH
+        o_hv = tl.program_id(1).to(tl.int64) * BH + o_r % BH
+        o_h = o_hv // (HV // H)
+        o_k = tl.arange(0, KP)
+        m_k = (o_k < K)[None, :]
+        r_a = a0 + slot  # rows 0..7 of the sub-chunk
+        r_b = a0 + 15 - slot  # rows 15..8
+        m_a = (o_hv < HV) & (r_a < n)
+        m_b = (o_hv < HV) & (r_b < n)
+        p_qk = o_h[:, None] * K + o_k[None, :]
+        p_g = o_hv[:, None] * K + o_k[None, :]
+        if not RELOAD:  # both rows of each slot held in registers (RELOAD: re-read per step, L1 hits)
+            p_qa = (t0 + r_a)[:, None] * (H * K) + p_qk
+            p_qb = (t0 + r_b)[:, None] * (H * K) + p_qk
+            b_qa = tl.load(q + p_qa, mask=m_a[:, None] & m_k, other=0).to(tl.float32)
+            b_ka = tl.load(k + p_qa, mask=m_a[:, None] & m_k, other=0).to(tl.float32)
+            b_ga = tl.load(G + (t0 + r_a)[:, None] * (HV * K) + p_g, mask=m_a[:, None] & m_k, other=0)
+            b_qb = tl.load(q + p_qb, mask=m_b[:, None] & m_k, other=0).to(tl.float32)
+            b_kb = tl.load(k + p_qb, mask=m_b[:, None] & m_k, other=0).to(tl.float32)
+            b_gb = tl.load(G + (t0 + r_b)[:, None] * (HV * K) + p_g, mask=m_b[:, None] & m_k, other=0)
+        for s in range(0, 17):
+            first = s <= slot  # step s serves row p = slot (column s), then row 15 - p (column s - p - 1)
+            row = tl.where(first, r_a, r_b)
+            col = a0 + tl.where(first, s, s - slot - 1)
+            m_row = tl.where(first, m_a, m_b)
+            if RELOAD:
+                m_rk = m_row[:, None] & m_k
+                b_q = tl.load(q + (t0 + row)[:, None] * (H * K) + p_qk, mask=m_rk, other=0).to(tl.float32)
+                b_k = tl.load(k + (t0 + row)[:, None] * (H * K) + p_qk, mask=m_rk, other=0).to(tl.float32)
+                b_g = tl.load(G + (t0 + row)[:, None] * (HV * K) + p_g, mask=m_rk, other=0)
+            else:
+                b_q = tl.where(first[:, None], b_qa, b_qb)
+                b_k = tl.where(first[:, None], b_ka, b_kb)
+                b_g = tl.where(first[:, None], b_ga, b_gb)
+            b_kj = tl.load(k + (t0 + col)[:, None] * (H * K) + p_qk, mask=m_row[:, None] & m_k, other=0).to(tl.float32)
+            b_gj = tl.load(G + (t0 + col)[:, None] * (HV * K) + p_g, mask=m_row[:, None] & m_k, other=0)
+            # G is a prefix sum of gates <= 0 and col <= row, so the exponent is <= 0 (the min only guards it)
+            b_e = tl.exp(tl.minimum(b_g - b_gj, 0.0)) * b_kj
+            p_out = ((t0 + row) * HV + o_hv) * 64 + col
+            tl.store(Aqk + p_out, tl.sum(b_e * b_q, axis=1), mask=m_row)
+            tl.store(Araw + p_out, tl.where(col < row, tl.sum(b_e * b_k, axis=1), 0.0), mask=m_row)
+        # the block's entries above the diagonal (no step above wrote them)
+        o_s = tl.arange(0, 16)
+        b_z = tl.zeros([8 * BH, 16], dtype=tl.float32)
+        p_za = ((t0 + r_a) * HV + o_hv)[:, None] * 64 + a0 + o_s[None, :]
+        m_za = m_a[:, None] & (o_s[None, :] > slot[:, None])
+        tl.store(Aqk + p_za, b_z, mask=m_za)
+        tl.store(Araw + p_za, b_z, mask=m_za)
+        p_zb = ((t0 + r_b) * HV + o_hv)[:, None] * 64 + a0 + o_s[None, :]
+        m_zb = m_b[:, None] & (o_s[None, :] > 15 - slot[:, None])
+        tl.store(Aqk + p_zb, b_z, mask=m_zb)
+        tl.store(Araw + p_zb, b_z, mask=m_zb)
+
+
+@triton.jit
 def _load_block(base, t0, n, i_hv, HV: tl.constexpr, a: tl.constexpr, b: tl.constexpr):
     """The 16x16 block (row sub-chunk a, column sub-chunk b) of a per-chunk [64, 64] matrix."""
     o_s = tl.arange(0, 16)
@@ -182,32 +251,36 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
-                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  KP: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    # Step 4: M = (I + Diag(beta) Araw)^-1 blockwise, then U = M Diag(beta) V, Wk = M Diag(beta) (e^G k).
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                  ROW_LOADS: tl.constexpr, PREC: tl.constexpr):
+    """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
     o_s = tl.arange(0, 16)
     o_a = tl.arange(0, 4)
-    o_t = tl.arange(0, 64)
     # (1) the four diagonal 16x16 blocks at once, by forward substitution: row i of (I+L)^-1 is
     #     e_i - sum_{j<i} L[i,j] row_j.
     rows3 = o_a[:, None] * 16 + o_s[None, :]  # [4, 16] chunk rows
-    b_beta3 = load_beta(beta, t0, rows3, n, i_hv, HV, BETA_SIGMOID)
-    p_diag = Araw + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :]
-    b_L = tl.load(p_diag, mask=(rows3 < n)[:, :, None], other=0)
-    b_L = tl.where((o_s[:, None] > o_s[None, :])[None, :, :], b_L * b_beta3[:, :, None], 0.0)
     b_eye = (o_s[:, None] == o_s[None, :]).to(tl.float32)
     b_Mi = tl.zeros([4, 16, 16], dtype=tl.float32) + b_eye[None, :, :]
-    for i in range(1, 16):
-        sel = (o_s == i)[None, :, None]
-        b_li = tl.sum(tl.where(sel, b_L, 0.0), axis=1)  # [4, 16]: L[i, j]
-        b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
-        b_Mi = tl.where(sel, b_Mi - b_upd[:, None, :], b_Mi)
+    if ROW_LOADS:
+        # row i of each block read from memory (an L1 hit) instead of extracted from registers: the
+        # extraction is a cross-thread reduction per step, on the loop's critical path
+        for i in range(1, 16):
+            r_i = o_a * 16 + i  # [4]
+            b_bi = load_beta(beta, t0, r_i, n, i_hv, HV, BETA_SIGMOID)
+            p_li = Araw + ((t0 + r_i[:, None]) * HV + i_hv) * 64 + o_a[:, None] * 16 + o_s[None, :]
+            b_li = tl.load(p_li, mask=(r_i < n)[:, None] & (o_s < i)[None, :], other=0) * b_bi[:, None]
+            b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
+            b_Mi = tl.where((o_s == i)[None, :, None], b_Mi - b_upd[:, None, :], b_Mi)
+    else:
+        b_beta3 = load_beta(beta, t0, rows3, n, i_hv, HV, BETA_SIGMOID)
+        p_diag = Araw + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :]
+        b_L = tl.load(p_diag, mask=(rows3 < n)[:, :, None], other=0)
+        b_L = tl.where((o_s[:, None] > o_s[None, :])[None, :, :], b_L * b_beta3[:, :, None], 0.0)
+        for i in range(1, 16):
+            sel = (o_s == i)[None, :, None]
+            b_li = tl.sum(tl.where(sel, b_L, 0.0), axis=1)  # [4, 16]: L[i, j]
+            b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
+            b_Mi = tl.where(sel, b_Mi - b_upd[:, None, :], b_Mi)
     tl.store(M + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :],
              b_Mi, mask=(rows3 < n)[:, :, None])
     tl.debug_barrier()
@@ -241,36 +314,102 @@ def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_l
     _store_block(M, m31, t0, n, i_hv, HV, 3, 1)
     _store_block(M, m32, t0, n, i_hv, HV, 3, 2)
     _zero_upper_blocks(M, t0, n, i_hv, HV)
-    tl.debug_barrier()
-    # (3) U and Wk with the whole [64, 64] M.
+
+
+@triton.jit
+def _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, vb, HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                     PREC: tl.constexpr):
+    """U[:, vb:vb+BV] = M Diag(beta) V of one chunk (step 4)."""
+    o_t = tl.arange(0, 64)
+    o_v = vb + tl.arange(0, BV)
+    m_tv = (o_t < n)[:, None] & (o_v < V)[None, :]
+    p_v = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+    b_v = tl.load(v + p_v, mask=m_tv, other=0).to(tl.float32)
+    b_u = tl.dot(b_M, b_v * b_beta[:, None], input_precision=PREC)
+    tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, kb, H: tl.constexpr, HV: tl.constexpr,
+                     K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Columns kb:kb+BK of Wk = M Diag(beta) (e^G k) and of the decayed q and k the scans and the
+    output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k (step 7)."""
+    o_t = tl.arange(0, 64)
+    o_k = kb + tl.arange(0, BK)
     m_t = o_t < n
-    b_M = tl.load(M + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
-    b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
+    b_g = tl.load(G + p_g, mask=m_tk, other=0)
+    b_eg = tl.exp(b_g)
+    b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
+    tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
+    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
+    tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
+    tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def _load_chunk_inverse(M, beta, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr):
+    o_t = tl.arange(0, 64)
+    b_M = tl.load(M + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=(o_t < n)[:, None], other=0)
+    return b_M, load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
+
+
+@triton.jit
+def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, ROW_LOADS: tl.constexpr, PREC: tl.constexpr):
+    # Step 4 for one (chunk, value head): M = (I + Diag(beta) Araw)^-1, then U = M Diag(beta) V,
+    # Wk = M Diag(beta) (e^G k), Qg, Kd; the products in column blocks of BV so that no [64, K] fp32
+    # tile set has to live at once (at K = 128 the whole-K form needed 255 registers and spilled ~3 KB).
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, ROW_LOADS, PREC)
+    tl.debug_barrier()
+    b_M, b_beta = _load_chunk_inverse(M, beta, t0, n, i_hv, HV, BETA_SIGMOID)
     for vb in range(0, V, BV):
-        o_v = vb + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_v = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=m_tv, other=0).to(tl.float32)
-        b_u = tl.dot(b_M, b_v * b_beta[:, None], input_precision=PREC)
-        tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
-    # Wk and the decayed q and k the scans and the output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k
-    # (step 7); in key blocks of BV so that no [64, K] fp32 tile set has to live at once (at K = 128
-    # the whole-K form needed 255 registers and spilled ~3 KB)
+        _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, vb, HV, V, BV, PREC)
     for kb in range(0, K, BV):
-        o_k = kb + tl.arange(0, BV)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
-        b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
-        b_g = tl.load(G + p_g, mask=m_tk, other=0)
-        b_eg = tl.exp(b_g)
-        b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
-        tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
-        b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
-        b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
-        tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
+        _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, kb, H, HV, K, BV, PREC)
+
+
+@triton.jit
+def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                    PREC: tl.constexpr):
+    # Step 4's inverse alone (the split solve): one program per (chunk, value head), small tiles, so
+    # that many programs share an SM while each walks its serial forward substitution.
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, True, PREC)
+
+
+@triton.jit
+def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
+               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+    # Step 4's products of the split solve: one program per (chunk, value head, column block of BV),
+    # each doing the block of U and the block of Wk / Qg / Kd: the memory-bound part gets
+    # (V / BV) x the programs, so more loads are in flight.
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    cb = tl.program_id(2) * BV
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    b_M, b_beta = _load_chunk_inverse(M, beta, t0, n, i_hv, HV, BETA_SIGMOID)
+    if cb < V:
+        _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, cb, HV, V, BV, PREC)
+    if cb < K:
+        _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, cb, H, HV, K, BV, PREC)
 
 
 @triton.jit
@@ -415,11 +554,25 @@ def chunk_kda_fwd(
         _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                         BH=BH, **launch("gram_diag"))
-        BVV = min(int(LAUNCH["solve"].get("BV") or BV), pow2(V))  # value/key block of the solve's products
-        _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, KP=KP, BV=BVV,
-                                BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
+        if LAUNCH["gram_diag"].get("pair"):
+            _gram_diag_pair_kernel[(NC * 4, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K,
+                                                                 KP=KP, BH=BH, RELOAD=bool(LAUNCH["gram_diag"].get("reload")),
+                                                                 **launch("gram_diag"))
+        else:
+            _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
+                                                             BH=BH, **launch("gram_diag"))
+        solve = LAUNCH["solve"]
+        BVV = min(int(solve.get("BV") or BV), pow2(V))  # value/key block of the solve's products
+        if solve.get("split"):
+            _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+                                      num_warps=int(solve.get("inverse_warps") or 2))
+            _wu_kernel[(NC, HV, triton.cdiv(max(K, V), BVV))](
+                q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV,
+                BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
+        else:
+            _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV,
+                                    BETA_SIGMOID=beta_sigmoid, ROW_LOADS=bool(solve.get("row_loads")), PREC=prec,
+                                    **launch("solve"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
