@@ -78,7 +78,14 @@ decode)
   # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
   ;;
+ncu)
+  # Nsight Compute on one forward of ours and of FLA's exact path (NCU_ARGS: the shape, default T=64K)
+  S="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
+  timeout ${NCU_CAP:-280} ncu --clock-control none --profile-from-start off $S --section MemoryWorkloadAnalysis \
+    python3 benchmarks/ncu_kda_fwd.py ${NCU_ARGS:---T 65536 --fla} > "$OUT/ncu_fwd.txt" 2>&1
+  grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
+  ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, ncu or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

@@ -104,15 +104,15 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
-    # pair=1: one program per sub-chunk, rows p and 15 - p sharing a slot (reload=1: the rows re-read
-    # per step instead of held in registers)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=4, pair=0, reload=0),
+    # levels=1: one program per sub-chunk by halving levels (4 exponentials per row and channel, the
+    # sums as tensor-core dots)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=4, levels=0, BK=None),
     # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
     # (the off-diagonal gram blocks inside the solve measured 5.48 ms against 2.63 for gram + solve:
     # session6/sweep_fused_gram_h100.txt, removed)
     # row_loads=1: the forward substitution re-reads row i of each diagonal block instead of extracting
     # it from registers; split=1: the inverse (inverse_warps) and the products as two kernels
-    "solve": dict(num_warps=4, num_stages=1, BV=32, row_loads=0, split=0, inverse_warps=2),
+    "solve": dict(num_warps=8, num_stages=1, BV=64, row_loads=0, split=1, inverse_warps=2),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk

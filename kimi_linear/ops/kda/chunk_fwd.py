@@ -63,9 +63,12 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
                  BK: tl.constexpr, PREC: tl.constexpr):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
-    i_c = tl.program_id(0)
+    # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
+    # each reads are L2 hits (with the sub-chunk as the slowest grid axis they came from DRAM: 18% L2
+    # hit rate, 75% of DRAM bandwidth in Nsight Compute)
+    i_c = tl.program_id(0) // 4
+    a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
-    a = tl.program_id(2)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
@@ -144,72 +147,52 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 
 @triton.jit
-def _gram_diag_pair_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                           H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                           RELOAD: tl.constexpr):
-    # Step 3's diagonal 16x16 blocks, one program per (16-token sub-chunk, BH value heads). Row p of
-    # the block needs columns 0..p only, so rows p and 15 - p share a slot: together they need 17
-    # columns, and 8 slots x 17 steps evaluate exactly the block's needed (row, column) pairs on one
-    # [8 * BH, K] tile per step (no exponential on a masked entry). Against the row-per-program form
-    # the sub-chunk's k and G rows are fetched by one program (L1 hits) instead of by 16 (L2 traffic).
+def _gram_diag_levels_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                             BK: tl.constexpr, PREC: tl.constexpr):
+    # Step 3's diagonal 16x16 blocks by halving levels (the backward's decay products do the same,
+    # docs/kernels.md v9): one program per (16-token sub-chunk, value head). At level s = 8, 4, 2, 1
+    # the pairs j < r of one 2s-aligned group, r in its upper half and j in its lower half, factor
+    # through the group's midpoint p: e^{G_r - G_j} = e^{G_r - G_p} e^{G_p - G_j}, both factors <= 1
+    # (exact for any gate). Each row takes one exponential per level and channel (4 against 8.5 on
+    # average for the pairwise form) and the sums over channels run as [16, BK] x [BK, 16] dots,
+    # accumulated over key blocks of BK (whole-K tiles needed 255 registers at 4 warps).
     i_c = tl.program_id(0) // 4
     a0 = (tl.program_id(0) % 4) * 16
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     if a0 < n:
-        o_r = tl.arange(0, 8 * BH)
-        slot = o_r // BH
-        o_hv = tl.program_id(1).to(tl.int64) * BH + o_r % BH
-        o_h = o_hv // (HV // H)
-        o_k = tl.arange(0, KP)
-        m_k = (o_k < K)[None, :]
-        r_a = a0 + slot  # rows 0..7 of the sub-chunk
-        r_b = a0 + 15 - slot  # rows 15..8
-        m_a = (o_hv < HV) & (r_a < n)
-        m_b = (o_hv < HV) & (r_b < n)
-        p_qk = o_h[:, None] * K + o_k[None, :]
-        p_g = o_hv[:, None] * K + o_k[None, :]
-        if not RELOAD:  # both rows of each slot held in registers (RELOAD: re-read per step, L1 hits)
-            p_qa = (t0 + r_a)[:, None] * (H * K) + p_qk
-            p_qb = (t0 + r_b)[:, None] * (H * K) + p_qk
-            b_qa = tl.load(q + p_qa, mask=m_a[:, None] & m_k, other=0).to(tl.float32)
-            b_ka = tl.load(k + p_qa, mask=m_a[:, None] & m_k, other=0).to(tl.float32)
-            b_ga = tl.load(G + (t0 + r_a)[:, None] * (HV * K) + p_g, mask=m_a[:, None] & m_k, other=0)
-            b_qb = tl.load(q + p_qb, mask=m_b[:, None] & m_k, other=0).to(tl.float32)
-            b_kb = tl.load(k + p_qb, mask=m_b[:, None] & m_k, other=0).to(tl.float32)
-            b_gb = tl.load(G + (t0 + r_b)[:, None] * (HV * K) + p_g, mask=m_b[:, None] & m_k, other=0)
-        for s in range(0, 17):
-            first = s <= slot  # step s serves row p = slot (column s), then row 15 - p (column s - p - 1)
-            row = tl.where(first, r_a, r_b)
-            col = a0 + tl.where(first, s, s - slot - 1)
-            m_row = tl.where(first, m_a, m_b)
-            if RELOAD:
-                m_rk = m_row[:, None] & m_k
-                b_q = tl.load(q + (t0 + row)[:, None] * (H * K) + p_qk, mask=m_rk, other=0).to(tl.float32)
-                b_k = tl.load(k + (t0 + row)[:, None] * (H * K) + p_qk, mask=m_rk, other=0).to(tl.float32)
-                b_g = tl.load(G + (t0 + row)[:, None] * (HV * K) + p_g, mask=m_rk, other=0)
-            else:
-                b_q = tl.where(first[:, None], b_qa, b_qb)
-                b_k = tl.where(first[:, None], b_ka, b_kb)
-                b_g = tl.where(first[:, None], b_ga, b_gb)
-            b_kj = tl.load(k + (t0 + col)[:, None] * (H * K) + p_qk, mask=m_row[:, None] & m_k, other=0).to(tl.float32)
-            b_gj = tl.load(G + (t0 + col)[:, None] * (HV * K) + p_g, mask=m_row[:, None] & m_k, other=0)
-            # G is a prefix sum of gates <= 0 and col <= row, so the exponent is <= 0 (the min only guards it)
-            b_e = tl.exp(tl.minimum(b_g - b_gj, 0.0)) * b_kj
-            p_out = ((t0 + row) * HV + o_hv) * 64 + col
-            tl.store(Aqk + p_out, tl.sum(b_e * b_q, axis=1), mask=m_row)
-            tl.store(Araw + p_out, tl.where(col < row, tl.sum(b_e * b_k, axis=1), 0.0), mask=m_row)
-        # the block's entries above the diagonal (no step above wrote them)
         o_s = tl.arange(0, 16)
-        b_z = tl.zeros([8 * BH, 16], dtype=tl.float32)
-        p_za = ((t0 + r_a) * HV + o_hv)[:, None] * 64 + a0 + o_s[None, :]
-        m_za = m_a[:, None] & (o_s[None, :] > slot[:, None])
-        tl.store(Aqk + p_za, b_z, mask=m_za)
-        tl.store(Araw + p_za, b_z, mask=m_za)
-        p_zb = ((t0 + r_b) * HV + o_hv)[:, None] * 64 + a0 + o_s[None, :]
-        m_zb = m_b[:, None] & (o_s[None, :] > 15 - slot[:, None])
-        tl.store(Aqk + p_zb, b_z, mask=m_zb)
-        tl.store(Araw + p_zb, b_z, mask=m_zb)
+        rows = a0 + o_s
+        eye = o_s[:, None] == o_s[None, :]
+        b_aq = tl.zeros([16, 16], dtype=tl.float32)
+        b_ak = tl.zeros([16, 16], dtype=tl.float32)
+        for kb in range(0, KP, BK):
+            o_k = kb + tl.arange(0, BK)
+            m_rk = (rows < n)[:, None] & (o_k < K)[None, :]
+            p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
+            b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
+            b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
+            b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+            b_aq += tl.where(eye, tl.sum(b_q * b_k, axis=1)[:, None], 0.0)  # the j = r terms (decay e^0)
+            for lvl in tl.static_range(4):
+                s = 8 >> lvl  # constexpr: 8, 4, 2, 1
+                mid = (o_s // (2 * s)) * (2 * s) + s
+                upper = (o_s & s) != 0
+                # a midpoint past the chunk's end reads 0: its factors only meet rows >= n (not stored)
+                b_gm = tl.load(G + ((t0 + a0 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                               mask=((a0 + mid) < n)[:, None] & (o_k < K)[None, :], other=0)
+                b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+                f_up = tl.where(upper[:, None], b_f, 0.0)  # factors of the rows r
+                b_kl = b_k * (b_f - f_up)  # k of the rows j, times their factors
+                pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
+                b_aq += tl.where(pair, tl.dot(b_q * f_up, tl.trans(b_kl), input_precision=PREC), 0.0)
+                b_ak += tl.where(pair, tl.dot(b_k * f_up, tl.trans(b_kl), input_precision=PREC), 0.0)
+        p_out = ((t0 + rows[:, None]) * HV + i_hv) * 64 + a0 + o_s[None, :]
+        tl.store(Aqk + p_out, b_aq, mask=(rows < n)[:, None])
+        tl.store(Araw + p_out, b_ak, mask=(rows < n)[:, None])
 
 
 @triton.jit
@@ -395,13 +378,14 @@ def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BET
 @triton.jit
 def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+               BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
     # Step 4's products of the split solve: one program per (chunk, value head, column block of BV),
     # each doing the block of U and the block of Wk / Qg / Kd: the memory-bound part gets
-    # (V / BV) x the programs, so more loads are in flight.
-    i_c = tl.program_id(0)
+    # (V / BV) x the programs, so more loads are in flight. A chunk's column blocks are adjacent
+    # programs (M read by the second one is an L2 hit).
+    i_c = tl.program_id(0) // NB
+    cb = (tl.program_id(0) % NB) * BV
     i_hv = tl.program_id(1).to(tl.int64)
-    cb = tl.program_id(2) * BV
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
@@ -464,10 +448,12 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
 def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # Step 5: O = scale * ((e^G q) S_0 + Aqk W).
-    i_c = tl.program_id(0)
+    # Step 5: O = scale * ((e^G q) S_0 + Aqk W). The V-tiles of a chunk are adjacent programs, so the
+    # second one's Qg and Aqk reads are L2 hits (with the V-tile as the slowest grid axis: 14% L2 hits).
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c = tl.program_id(0) // NV
+    i_v = tl.program_id(0) % NV
     i_hv = tl.program_id(1).to(tl.int64)
-    i_v = tl.program_id(2)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
@@ -551,13 +537,13 @@ def chunk_kda_fwd(
         _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
                                       HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        _gram_kernel[(NC, HV, 4)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
+        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-        if LAUNCH["gram_diag"].get("pair"):
-            _gram_diag_pair_kernel[(NC * 4, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K,
-                                                                 KP=KP, BH=BH, RELOAD=bool(LAUNCH["gram_diag"].get("reload")),
-                                                                 **launch("gram_diag"))
+        if LAUNCH["gram_diag"].get("levels"):
+            BKD = min(int(LAUNCH["gram_diag"].get("BK") or KP), KP)
+            _gram_diag_levels_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKD, PREC=prec,
+                                                   **launch("gram_diag"))
         else:
             _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                              BH=BH, **launch("gram_diag"))
@@ -566,8 +552,9 @@ def chunk_kda_fwd(
         if solve.get("split"):
             _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                       num_warps=int(solve.get("inverse_warps") or 2))
-            _wu_kernel[(NC, HV, triton.cdiv(max(K, V), BVV))](
-                q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV,
+            NB = triton.cdiv(max(K, V), BVV)
+            _wu_kernel[(NC * NB, HV)](
+                q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
                 BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
         else:
             _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV,
@@ -581,7 +568,7 @@ def chunk_kda_fwd(
             HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
             STORE_FINAL=ht is not None, PREC=prec, **scan_kw)
     if NC > 0:
-        _output_kernel[(NC, HV, triton.cdiv(V, BV))](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
+        _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd)
     return o, ht, saved
