@@ -28,8 +28,8 @@ from chunk_kda_timing import make  # noqa: E402
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
-    "gram_diag": ("_gram_diag_kernel", "_gram_diag_levels_kernel"),
-    "solve": ("_solve_kernel", "_inverse_kernel", "_wu_kernel"),
+    "gram_diag": ("_gram_diag_kernel",),
+    "solve": ("_inverse_kernel", "_wu_kernel"),
     "state_fwd": ("_state_fwd_kernel",), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
@@ -41,15 +41,11 @@ SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) f
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in ((4, 32), (2, 32), (4, 16), (2, 16), (8, 32))]
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
-# the solve in one kernel (row i of each diagonal block extracted from registers, or re-read from L1),
-# or split in two: the inverse (inverse_warps) and the products over (chunk, head, column block) programs
-SOLVE = ([dict(num_warps=8, num_stages=1, BV=64, split=1, inverse_warps=iw) for iw in (2, 1, 4)]
-         + [dict(num_warps=4, num_stages=1, BV=32, split=1, inverse_warps=2),
-            dict(num_warps=4, num_stages=1, BV=32, split=0, row_loads=1)])
-# the diagonal gram: one row per program, or one sub-chunk per program by halving levels
-GRAM_DIAG = ([dict(levels=0, BH=4, num_warps=1)]
-             + [dict(levels=1, num_warps=w, BK=bk, num_stages=st)
-                for w, bk, st in ((4, 32, 3), (4, 64, 3), (2, 32, 3), (8, 128, 1), (4, 32, 1), (8, 64, 3))])
+# the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
+SOLVE = [dict(num_warps=w, num_stages=1, BV=bv, inverse_warps=iw)
+         for bv, w, iw in ((32, 4, 1), (32, 4, 2), (64, 8, 1), (32, 2, 1), (64, 4, 1))]
+# the diagonal gram: columns accumulated in registers (each 0) or stored as made (each 1)
+GRAM_DIAG = [dict(each=e, BH=bh, num_warps=w) for e, bh, w in ((0, 4, 1), (1, 4, 1), (1, 2, 1), (1, 1, 1), (1, 2, 2), (1, 4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}

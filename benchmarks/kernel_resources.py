@@ -56,16 +56,12 @@ def cases():
     hk = dict(H=16, HV=16, K=128)
     dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
-    yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
-    for w, bk in ((4, 32), (4, 64), (2, 32), (8, 128)):
-        yield f"gram diagonal by levels BK={bk}", cf._gram_diag_levels_kernel, dict(hk, KP=128, BK=bk, PREC="tf32"), w, 3
-    for rl in (0, 1):
-        yield f"solve row_loads={rl}", cf._solve_kernel, dict(hk, V=128, BV=sol["BV"], BETA_SIGMOID=False,
-                                                             ROW_LOADS=rl, PREC="tf32"), sol["num_warps"], sol["num_stages"]
+    for bh, each in ((gd["BH"], 0), (2, 1), (4, 1)):
+        yield f"gram diagonal BH={bh} each={each}", cf._gram_diag_kernel, dict(hk, KP=128, BH=bh, EACH=each), 1, 3
     for w in (1, 2, 4):
-        yield "split solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
+        yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):
-        yield f"split solve: products BV={bv}", cf._wu_kernel, dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False,
+        yield f"solve: products BV={bv}", cf._wu_kernel, dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False,
                                                                                    PREC="tf32"), w, 1
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):
         for d in (0, 1):

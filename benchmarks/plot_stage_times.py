@@ -20,6 +20,7 @@ import re
 STAGES = [
     ("gate / cumsum", ("_gate_cumsum_kernel", "_gate_grad_kernel", "chunk_local_cumsum")),
     ("fwd: intra-chunk (gram, solve, WY)", ("_gram_kernel", "_gram_diag_kernel", "_solve_kernel",
+                                            "_inverse_kernel", "_wu_kernel",
                                             "intra_token_parallel", "inter_solve_fused", "recompute_w_u")),
     ("fwd: state scan", ("_state_fwd_kernel", "fwd_kernel_h")),
     ("fwd: output", ("_output_kernel", "chunk_gla_fwd_kernel_o")),

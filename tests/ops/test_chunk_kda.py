@@ -127,11 +127,21 @@ def test_chunk_kda_interpreter_state_bwd_in_scan(case, monkeypatch):
     check_case(case)
 
 
+@pytest.mark.parametrize("each", [0, 1])
 @pytest.mark.parametrize("heads", [1, 2])
-def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, monkeypatch):
+def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, each, monkeypatch):
     # the diagonal gram kernel with BH value heads per program (the other cases run the default BH = 4),
-    # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk
-    use_variant(monkeypatch, "gram_diag", BH=heads)
+    # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk;
+    # each=1 stores every column as it is made (the upper zeros separately)
+    use_variant(monkeypatch, "gram_diag", BH=heads, each=each)
+    check_case(CPU_CASES[-2])
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_chunk_kda_interpreter_solve_column_blocks(block, monkeypatch):
+    # the solve's products in column blocks of 16 (more blocks than K / V here) or 64 (one block
+    # wider than K = 32 / V = 16: masked columns), against the default 32
+    use_variant(monkeypatch, "solve", BV=block)
     check_case(CPU_CASES[-2])
 
 

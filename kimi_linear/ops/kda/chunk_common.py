@@ -97,22 +97,24 @@ def pow2(x: int, floor: int = 16) -> int:
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
     "gate": dict(num_warps=4, num_stages=None),
-    # the off-diagonal blocks; 0.95 ms at 1M tokens x heads (the diagonal blocks inside this kernel by
-    # halving levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
+    # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
+    # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
+    # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
     # sweep_v10_gram_diag_h100.txt, removed)
     "gram": dict(num_warps=4, num_stages=3, BK=32),
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
-    # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt)
-    # levels=1: one program per sub-chunk by halving levels (4 exponentials per row and channel, the
-    # sums as tensor-core dots)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=4, levels=0, BK=None),
-    # solve: 1.70 ms with 4 warps, 1 stage, 32-wide blocks (8 warps: 3.6-3.9 ms) at 1M tokens x heads
-    # (the off-diagonal gram blocks inside the solve measured 5.48 ms against 2.63 for gram + solve:
-    # session6/sweep_fused_gram_h100.txt, removed)
-    # row_loads=1: the forward substitution re-reads row i of each diagonal block instead of extracting
-    # it from registers; split=1: the inverse (inverse_warps) and the products as two kernels
-    "solve": dict(num_warps=8, num_stages=1, BV=64, row_loads=0, split=1, inverse_warps=2),
+    # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:
+    # one program per sub-chunk with rows p and 15 - p paired (1.13-1.53 ms) and by halving levels
+    # (1.5-4.2 ms) both lost to it and were removed. each=1: every column stored as it is made
+    # instead of accumulated in registers
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=4, each=0),
+    # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
+    # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
+    # num_warps. At 1M tokens x heads on an H100: 1.36 ms for both (BV 32, 4 warps, inverse on 2)
+    # against 1.66-1.70 for the earlier one-kernel solve (session 7, sweep_v11_*; the off-diagonal
+    # gram blocks inside the one-kernel solve measured 5.48 ms: session6/sweep_fused_gram_h100.txt)
+    "solve": dict(num_warps=4, num_stages=1, BV=32, inverse_warps=1),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk

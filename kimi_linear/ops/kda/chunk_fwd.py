@@ -108,7 +108,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
+                      EACH: tl.constexpr):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -131,68 +132,33 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         b_qr = tl.load(q + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
         b_kr = tl.load(k + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
         b_gr = tl.load(G + (t0 + r) * HV * K + p_g, mask=m_hk, other=0)
-        b_aq = tl.zeros([BH, 16], dtype=tl.float32)
-        b_ak = tl.zeros([BH, 16], dtype=tl.float32)
-        for j in range(a0, r + 1):
-            b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
-            b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
-            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
-            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
-            sel = (o_s == j - a0)[None, :]
-            b_aq = tl.where(sel, tl.sum(b_e * b_qr, axis=1)[:, None], b_aq)
-            b_ak = tl.where(sel & (j < r), tl.sum(b_e * b_kr, axis=1)[:, None], b_ak)
         p_out = ((t0 + r) * HV + o_hv[:, None]) * 64 + a0 + o_s[None, :]
-        tl.store(Aqk + p_out, b_aq, mask=(o_hv < HV)[:, None])
-        tl.store(Araw + p_out, b_ak, mask=(o_hv < HV)[:, None])
-
-
-@triton.jit
-def _gram_diag_levels_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                             BK: tl.constexpr, PREC: tl.constexpr):
-    # Step 3's diagonal 16x16 blocks by halving levels (the backward's decay products do the same,
-    # docs/kernels.md v9): one program per (16-token sub-chunk, value head). At level s = 8, 4, 2, 1
-    # the pairs j < r of one 2s-aligned group, r in its upper half and j in its lower half, factor
-    # through the group's midpoint p: e^{G_r - G_j} = e^{G_r - G_p} e^{G_p - G_j}, both factors <= 1
-    # (exact for any gate). Each row takes one exponential per level and channel (4 against 8.5 on
-    # average for the pairwise form) and the sums over channels run as [16, BK] x [BK, 16] dots,
-    # accumulated over key blocks of BK (whole-K tiles needed 255 registers at 4 warps).
-    i_c = tl.program_id(0) // 4
-    a0 = (tl.program_id(0) % 4) * 16
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
-    if a0 < n:
-        o_s = tl.arange(0, 16)
-        rows = a0 + o_s
-        eye = o_s[:, None] == o_s[None, :]
-        b_aq = tl.zeros([16, 16], dtype=tl.float32)
-        b_ak = tl.zeros([16, 16], dtype=tl.float32)
-        for kb in range(0, KP, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_rk = (rows < n)[:, None] & (o_k < K)[None, :]
-            p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
-            b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            b_aq += tl.where(eye, tl.sum(b_q * b_k, axis=1)[:, None], 0.0)  # the j = r terms (decay e^0)
-            for lvl in tl.static_range(4):
-                s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-                mid = (o_s // (2 * s)) * (2 * s) + s
-                upper = (o_s & s) != 0
-                # a midpoint past the chunk's end reads 0: its factors only meet rows >= n (not stored)
-                b_gm = tl.load(G + ((t0 + a0 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                               mask=((a0 + mid) < n)[:, None] & (o_k < K)[None, :], other=0)
-                b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-                f_up = tl.where(upper[:, None], b_f, 0.0)  # factors of the rows r
-                b_kl = b_k * (b_f - f_up)  # k of the rows j, times their factors
-                pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
-                b_aq += tl.where(pair, tl.dot(b_q * f_up, tl.trans(b_kl), input_precision=PREC), 0.0)
-                b_ak += tl.where(pair, tl.dot(b_k * f_up, tl.trans(b_kl), input_precision=PREC), 0.0)
-        p_out = ((t0 + rows[:, None]) * HV + i_hv) * 64 + a0 + o_s[None, :]
-        tl.store(Aqk + p_out, b_aq, mask=(rows < n)[:, None])
-        tl.store(Araw + p_out, b_ak, mask=(rows < n)[:, None])
+        if EACH:
+            # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
+            # registers, so more programs per SM); the zeros above the diagonal first (other addresses)
+            m_up = (o_hv < HV)[:, None] & (o_s[None, :] > r - a0)
+            tl.store(Aqk + p_out, tl.zeros([BH, 16], dtype=tl.float32), mask=m_up)
+            tl.store(Araw + p_out, tl.zeros([BH, 16], dtype=tl.float32), mask=m_up)
+            for j in range(a0, r + 1):
+                b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+                b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
+                b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+                p_j = ((t0 + r) * HV + o_hv) * 64 + j
+                tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
+                tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
+        else:
+            b_aq = tl.zeros([BH, 16], dtype=tl.float32)
+            b_ak = tl.zeros([BH, 16], dtype=tl.float32)
+            for j in range(a0, r + 1):
+                b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+                b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
+                # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
+                b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+                sel = (o_s == j - a0)[None, :]
+                b_aq = tl.where(sel, tl.sum(b_e * b_qr, axis=1)[:, None], b_aq)
+                b_ak = tl.where(sel & (j < r), tl.sum(b_e * b_kr, axis=1)[:, None], b_ak)
+            tl.store(Aqk + p_out, b_aq, mask=(o_hv < HV)[:, None])
+            tl.store(Araw + p_out, b_ak, mask=(o_hv < HV)[:, None])
 
 
 @triton.jit
@@ -234,8 +200,7 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                  ROW_LOADS: tl.constexpr, PREC: tl.constexpr):
+def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
     """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
     o_s = tl.arange(0, 16)
     o_a = tl.arange(0, 4)
@@ -244,26 +209,15 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
     rows3 = o_a[:, None] * 16 + o_s[None, :]  # [4, 16] chunk rows
     b_eye = (o_s[:, None] == o_s[None, :]).to(tl.float32)
     b_Mi = tl.zeros([4, 16, 16], dtype=tl.float32) + b_eye[None, :, :]
-    if ROW_LOADS:
-        # row i of each block read from memory (an L1 hit) instead of extracted from registers: the
-        # extraction is a cross-thread reduction per step, on the loop's critical path
-        for i in range(1, 16):
-            r_i = o_a * 16 + i  # [4]
-            b_bi = load_beta(beta, t0, r_i, n, i_hv, HV, BETA_SIGMOID)
-            p_li = Araw + ((t0 + r_i[:, None]) * HV + i_hv) * 64 + o_a[:, None] * 16 + o_s[None, :]
-            b_li = tl.load(p_li, mask=(r_i < n)[:, None] & (o_s < i)[None, :], other=0) * b_bi[:, None]
-            b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
-            b_Mi = tl.where((o_s == i)[None, :, None], b_Mi - b_upd[:, None, :], b_Mi)
-    else:
-        b_beta3 = load_beta(beta, t0, rows3, n, i_hv, HV, BETA_SIGMOID)
-        p_diag = Araw + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :]
-        b_L = tl.load(p_diag, mask=(rows3 < n)[:, :, None], other=0)
-        b_L = tl.where((o_s[:, None] > o_s[None, :])[None, :, :], b_L * b_beta3[:, :, None], 0.0)
-        for i in range(1, 16):
-            sel = (o_s == i)[None, :, None]
-            b_li = tl.sum(tl.where(sel, b_L, 0.0), axis=1)  # [4, 16]: L[i, j]
-            b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
-            b_Mi = tl.where(sel, b_Mi - b_upd[:, None, :], b_Mi)
+    # row i of each block read from memory (an L1 hit) instead of extracted from registers: the
+    # extraction is a cross-thread reduction per step, on the loop's critical path
+    for i in range(1, 16):
+        r_i = o_a * 16 + i  # [4]
+        b_bi = load_beta(beta, t0, r_i, n, i_hv, HV, BETA_SIGMOID)
+        p_li = Araw + ((t0 + r_i[:, None]) * HV + i_hv) * 64 + o_a[:, None] * 16 + o_s[None, :]
+        b_li = tl.load(p_li, mask=(r_i < n)[:, None] & (o_s < i)[None, :], other=0) * b_bi[:, None]
+        b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
+        b_Mi = tl.where((o_s == i)[None, :, None], b_Mi - b_upd[:, None, :], b_Mi)
     tl.store(M + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :],
              b_Mi, mask=(rows3 < n)[:, :, None])
     tl.debug_barrier()
@@ -300,70 +254,6 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
 
 
 @triton.jit
-def _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, vb, HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr):
-    """U[:, vb:vb+BV] = M Diag(beta) V of one chunk (step 4)."""
-    o_t = tl.arange(0, 64)
-    o_v = vb + tl.arange(0, BV)
-    m_tv = (o_t < n)[:, None] & (o_v < V)[None, :]
-    p_v = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    b_v = tl.load(v + p_v, mask=m_tv, other=0).to(tl.float32)
-    b_u = tl.dot(b_M, b_v * b_beta[:, None], input_precision=PREC)
-    tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, kb, H: tl.constexpr, HV: tl.constexpr,
-                     K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Columns kb:kb+BK of Wk = M Diag(beta) (e^G k) and of the decayed q and k the scans and the
-    output use: Qg = e^G q (step 5), Kd = e^{G_last - G} k (step 7)."""
-    o_t = tl.arange(0, 64)
-    o_k = kb + tl.arange(0, BK)
-    m_t = o_t < n
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-    p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
-    b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
-    b_g = tl.load(G + p_g, mask=m_tk, other=0)
-    b_eg = tl.exp(b_g)
-    b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
-    tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
-    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-    tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
-    b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
-    tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
-
-
-@triton.jit
-def _load_chunk_inverse(M, beta, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr):
-    o_t = tl.arange(0, 64)
-    b_M = tl.load(M + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=(o_t < n)[:, None], other=0)
-    return b_M, load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
-
-
-@triton.jit
-def _solve_kernel(q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
-                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, ROW_LOADS: tl.constexpr, PREC: tl.constexpr):
-    # Step 4 for one (chunk, value head): M = (I + Diag(beta) Araw)^-1, then U = M Diag(beta) V,
-    # Wk = M Diag(beta) (e^G k), Qg, Kd; the products in column blocks of BV so that no [64, K] fp32
-    # tile set has to live at once (at K = 128 the whole-K form needed 255 registers and spilled ~3 KB).
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
-    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, ROW_LOADS, PREC)
-    tl.debug_barrier()
-    b_M, b_beta = _load_chunk_inverse(M, beta, t0, n, i_hv, HV, BETA_SIGMOID)
-    for vb in range(0, V, BV):
-        _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, vb, HV, V, BV, PREC)
-    for kb in range(0, K, BV):
-        _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, kb, H, HV, K, BV, PREC)
-
-
-@triton.jit
 def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
                     PREC: tl.constexpr):
     # Step 4's inverse alone (the split solve): one program per (chunk, value head), small tiles, so
@@ -372,28 +262,49 @@ def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BET
     i_hv = tl.program_id(1).to(tl.int64)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, True, PREC)
+    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, PREC)
 
 
 @triton.jit
 def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    # Step 4's products of the split solve: one program per (chunk, value head, column block of BV),
-    # each doing the block of U and the block of Wk / Qg / Kd: the memory-bound part gets
-    # (V / BV) x the programs, so more loads are in flight. A chunk's column blocks are adjacent
-    # programs (M read by the second one is an L2 hit).
+    # Step 4's products, one program per (chunk, value head, column block of BV): U = M Diag(beta) V,
+    # Wk = M Diag(beta) (e^G k), and the decayed q and k the scans and the output use: Qg = e^G q
+    # (step 5), Kd = e^{G_last - G} k (step 7). Memory-bound: every load is issued before the first
+    # product, so they are in flight together. A chunk's column blocks are adjacent programs (the
+    # second read of M is an L2 hit).
     i_c = tl.program_id(0) // NB
     cb = (tl.program_id(0) % NB) * BV
     i_hv = tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    b_M, b_beta = _load_chunk_inverse(M, beta, t0, n, i_hv, HV, BETA_SIGMOID)
+    o_t = tl.arange(0, 64)
+    o_c = cb + tl.arange(0, BV)
+    m_t = o_t < n
+    m_tv = m_t[:, None] & (o_c < V)[None, :]
+    m_k = o_c < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_v = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_c[None, :]
+    p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_c[None, :]
+    p_g = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_c[None, :]
+    b_M = tl.load(M + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+    b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
+    b_v = tl.load(v + p_v, mask=m_tv, other=0)
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
+    b_g = tl.load(G + p_g, mask=m_tk, other=0)
+    b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_c, mask=m_k, other=0)
     if cb < V:
-        _apply_inverse_v(v, b_M, b_beta, U, t0, n, i_hv, cb, HV, V, BV, PREC)
+        b_u = tl.dot(b_M, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
+        tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
     if cb < K:
-        _apply_inverse_k(q, k, G, b_M, b_beta, Wk, Qg, Kd, t0, n, i_h, i_hv, cb, H, HV, K, BV, PREC)
+        b_eg = tl.exp(b_g)
+        tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
+        tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+        b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
+        tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -540,26 +451,16 @@ def chunk_kda_fwd(
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-        if LAUNCH["gram_diag"].get("levels"):
-            BKD = min(int(LAUNCH["gram_diag"].get("BK") or KP), KP)
-            _gram_diag_levels_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKD, PREC=prec,
-                                                   **launch("gram_diag"))
-        else:
-            _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                             BH=BH, **launch("gram_diag"))
+        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
+                                                         BH=BH, EACH=bool(LAUNCH["gram_diag"].get("each")),
+                                                         **launch("gram_diag"))
         solve = LAUNCH["solve"]
-        BVV = min(int(solve.get("BV") or BV), pow2(V))  # value/key block of the solve's products
-        if solve.get("split"):
-            _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
-                                      num_warps=int(solve.get("inverse_warps") or 2))
-            NB = triton.cdiv(max(K, V), BVV)
-            _wu_kernel[(NC * NB, HV)](
-                q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
-                BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
-        else:
-            _solve_kernel[(NC, HV)](q, k, v, beta, G, Araw, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV,
-                                    BETA_SIGMOID=beta_sigmoid, ROW_LOADS=bool(solve.get("row_loads")), PREC=prec,
-                                    **launch("solve"))
+        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+                                  num_warps=int(solve.get("inverse_warps") or 1))
+        BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
+        NB = triton.cdiv(max(K, V), BVV)
+        _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
+                                  BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
