@@ -107,14 +107,16 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:
     # one program per sub-chunk with rows p and 15 - p paired (1.13-1.53 ms) and by halving levels
     # (1.5-4.2 ms) both lost to it and were removed. each=1: every column stored as it is made
-    # instead of accumulated in registers
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=4, each=0),
+    # instead of accumulated in registers: 0.887 ms with BH 2 on 1 warp against 1.07 for the accumulating
+    # form at BH 4 (fewer registers, more programs per SM; session 7, sweep_v11c)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, each=1),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
-    # num_warps. At 1M tokens x heads on an H100: 1.36 ms for both (BV 32, 4 warps, inverse on 2)
-    # against 1.66-1.70 for the earlier one-kernel solve (session 7, sweep_v11_*; the off-diagonal
-    # gram blocks inside the one-kernel solve measured 5.48 ms: session6/sweep_fused_gram_h100.txt)
-    "solve": dict(num_warps=4, num_stages=1, BV=32, inverse_warps=1),
+    # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),
+    # inverse on 1 warp; 2 warps: 1.40) against 1.66-1.70 for the earlier one-kernel solve (session 7,
+    # sweep_v11c; the off-diagonal gram blocks inside the one-kernel solve measured 5.48 ms:
+    # session6/sweep_fused_gram_h100.txt)
+    "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
