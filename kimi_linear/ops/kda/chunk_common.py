@@ -102,7 +102,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
     # sweep_v10_gram_diag_h100.txt, removed)
     # cumsum=1: the gate and its chunk cumsum inside the gram kernel (no _gate_cumsum_kernel)
-    "gram": dict(num_warps=4, num_stages=3, BK=32, cumsum=1),
+    "gram": dict(num_warps=4, num_stages=3, BK=32, cumsum=0),
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:
