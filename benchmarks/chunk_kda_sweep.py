@@ -27,7 +27,7 @@ from chunk_kda_timing import make  # noqa: E402
 
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
-    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel", "_gate_cumsum_kernel"),
+    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
     "gram_diag": ("_gram_diag_kernel",),
     "solve": ("_inverse_kernel", "_wu_kernel"),
     "state_fwd": ("_state_fwd_kernel",), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
@@ -47,9 +47,7 @@ SOLVE = [dict(num_warps=w, num_stages=1, BV=bv, inverse_warps=iw)
 # the diagonal gram: columns accumulated in registers (each 0) or stored as made (each 1)
 GRAM_DIAG = [dict(each=e, BH=bh, num_warps=w) for e, bh, w in ((0, 4, 1), (1, 4, 1), (1, 2, 1), (1, 1, 1), (1, 2, 2), (1, 4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
-# the gram with the gate cumsum in its own kernel (cumsum 0) or inside (cumsum 1; timed together)
-GRAM = [dict(cumsum=c, num_warps=w, num_stages=s) for c, w, s in ((0, 4, 3), (1, 4, 3), (1, 4, 2), (1, 8, 3), (1, 2, 3))]
-CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": GRAM,
+CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 

@@ -137,13 +137,6 @@ def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, each, monkeypa
     check_case(CPU_CASES[-2])
 
 
-@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2], CPU_CASES[-1]], ids=["odd-T", "varlen-gva-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_gate_cumsum_in_gram(case, monkeypatch):
-    # the gate and its chunk cumsum inside the gram kernel (no separate gate kernel)
-    use_variant(monkeypatch, "gram", cumsum=1)
-    check_case(case)
-
-
 @pytest.mark.parametrize("block", [16, 64])
 def test_chunk_kda_interpreter_solve_column_blocks(block, monkeypatch):
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 64 (one block

@@ -101,8 +101,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
     # sweep_v10_gram_diag_h100.txt, removed)
-    # cumsum=1: the gate and its chunk cumsum inside the gram kernel (no _gate_cumsum_kernel)
-    "gram": dict(num_warps=4, num_stages=3, BK=32, cumsum=0),
+    # (session 7: the gate and its chunk cumsum inside this kernel measured 1.38-2.26 ms against 1.07
+    # for the two kernels; removed)
+    "gram": dict(num_warps=4, num_stages=3, BK=32),
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:

@@ -58,33 +58,14 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
 
 
 @triton.jit
-def _gate_chunk_cumsum(g, G, A_log, dt_bias, t0, n, i_hv, o_t, o_k, end, HV: tl.constexpr, K: tl.constexpr,
-                       GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
-    """Steps 0 + 2 on key columns o_k of one chunk's rows < end, stored to G."""
-    m_k = o_k < K
-    m_c = ((o_t < n) & (o_t < end))[:, None] & m_k[None, :]
-    p_tile = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
-    b_x = tl.load(g + p_tile, mask=m_c, other=0).to(tl.float32)
-    if GATE_FROM_RAW:
-        b_a = tl.load(A_log + i_hv).to(tl.float32)
-        b_b = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0).to(tl.float32)
-        b_x = -tl.exp(b_a) * softplus_f32(b_x + b_b[None, :])
-    tl.store(G + p_tile, tl.cumsum(tl.where(m_c, tl.maximum(b_x, FLOOR), 0.0), axis=0), mask=m_c)
-
-
-@triton.jit
-def _gram_kernel(q, k, g, G, A_log, dt_bias, Araw, Aqk, chunk_start, chunk_len,
-                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
-                 CUMSUM: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, PREC: tl.constexpr):
-    # Steps 3-5 for the 16 rows of sub-chunk a:
+def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                 BK: tl.constexpr, PREC: tl.constexpr):
+    # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
-    # CUMSUM: step 0 (fused gate) and step 2 happen here, replacing _gate_cumsum_kernel: the program
-    # sums the chunk's gates up to its last row ([64, BK] tile, later rows 0), keeps the earlier rows'
-    # G from the tile and stores its own 16 rows (every program runs the same scan on the same rows,
-    # so the rows it shares with an earlier sub-chunk's program are the same bits).
-    # The four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' rows each reads
-    # are L2 hits (with the sub-chunk as the slowest grid axis they came from DRAM: 18% L2 hit rate,
-    # 75% of DRAM bandwidth in Nsight Compute).
+    # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
+    # each reads are L2 hits (with the sub-chunk as the slowest grid axis they came from DRAM: 18% L2
+    # hit rate, 75% of DRAM bandwidth in Nsight Compute)
     i_c = tl.program_id(0) // 4
     a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
@@ -102,25 +83,15 @@ def _gram_kernel(q, k, g, G, A_log, dt_bias, Araw, Aqk, chunk_start, chunk_len,
         b_ak = tl.zeros([16, 64], dtype=tl.float32)
         m_prev = o_t < a * 16
         p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
-        if CUMSUM:
-            # steps 0 + 2 first, for every row up to this sub-chunk's last, all of them stored (rows of
-            # an earlier sub-chunk are also stored by its own program, with the same bits: the same
-            # scan over the same rows); then the barrier makes them readable by this program's loop
-            # below. (Taking the rows out of the scanned tile inside that loop stopped its loads from
-            # being pipelined; so did a read-back of a row stored in the same iteration.)
-            for kb in range(0, KP // BK):
-                _gate_chunk_cumsum(g, G, A_log, dt_bias, t0, n, i_hv, o_t, kb * BK + tl.arange(0, BK), a * 16 + 16,
-                                   HV, K, GATE_FROM_RAW, FLOOR)
-            tl.debug_barrier()
         for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
             o_k = kb * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_rk = m_r[:, None] & m_k[None, :]
-            m_p = m_prev[:, None] & m_k[None, :]
             b_q = tl.load(q + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
             b_k = tl.load(k + ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(tl.float32)
             b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
             b_gr = tl.load(p_gr + o_k, mask=m_k, other=0)
+            m_p = m_prev[:, None] & m_k[None, :]
             b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
             b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
             b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
@@ -474,15 +445,11 @@ def chunk_kda_fwd(
     gate_raw = A_log is not None
     cs, cl, cf = table.chunk_start, table.chunk_len, table.chunk_first
     if NC > 0:
-        cumsum = bool(LAUNCH["gram"].get("cumsum"))
-        if not cumsum:
-            _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
-                                          HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR,
-                                          **launch("gate"))
+        _gate_cumsum_kernel[(NC, HV)](g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl,
+                                      HV=HV, K=K, KP=KP, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        _gram_kernel[(NC * 4, HV)](q, k, g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, Araw, Aqk,
-                                   cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, CUMSUM=cumsum, GATE_FROM_RAW=gate_raw,
-                                   FLOOR=GATE_FLOOR, PREC=prec, **launch("gram"))
+        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
+                                  **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                          BH=BH, EACH=bool(LAUNCH["gram_diag"].get("each")),
