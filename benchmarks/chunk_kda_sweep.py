@@ -44,11 +44,11 @@ GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(num_warps=w, num_stages=1, BV=bv, inverse_warps=iw)
          for bv, w, iw in ((32, 4, 1), (32, 4, 2), (64, 8, 1), (32, 2, 1), (64, 4, 1))]
-# the diagonal gram: columns accumulated in registers (each 0) or stored as made (each 1)
-GRAM_DIAG = [dict(each=e, BH=bh, num_warps=w) for e, bh, w in ((0, 4, 1), (1, 4, 1), (1, 2, 1), (1, 1, 1), (1, 2, 2), (1, 4, 2))]
+GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]
+GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": GRAM_DIAG, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

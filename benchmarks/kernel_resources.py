@@ -56,8 +56,7 @@ def cases():
     hk = dict(H=16, HV=16, K=128)
     dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
-    for bh, each in ((gd["BH"], 0), (2, 1), (4, 1)):
-        yield f"gram diagonal BH={bh} each={each}", cf._gram_diag_kernel, dict(hk, KP=128, BH=bh, EACH=each), 1, 3
+    yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
-from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, softplus_f32
+from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, lower_triangle, softplus_f32
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
         if DW_LOCAL:
             b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
         else:
-            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
+                          other=0)
             b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
         b_dw += tl.dot(b_kd, b_dS.to(DT), input_precision=PREC)
         tl.store(dW + p_tv, b_dw, mask=m_tv)
@@ -100,7 +101,7 @@ def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
     m_t = o_t < n
     m_tv = m_t[:, None] & (o_v < V)[None, :]
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=m_t[:, None], other=0)
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n), other=0)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0)
     tl.store(dW + p_tv, scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC), mask=m_tv)
 
@@ -125,7 +126,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     m_tk = m_t[:, None] & m_k[None, :]
     first = i_kb == 0
     p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
-    b_M = tl.load(M + p_cc, mask=m_t[:, None], other=0)
+    b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
     b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
     b_dqg = tl.zeros([64, BK], dtype=tl.float32)  # d(e^G q) / scale
     b_dkd = tl.zeros([64, BK], dtype=tl.float32)  # d(Kd)
@@ -210,7 +211,7 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
         b_da += tl.load(dA_part + kb * TOT * 64 + p_cc, mask=m_t[:, None], other=0)
         b_db += tl.load(db_part + kb * TOT + p_b, mask=m_t, other=0)
     b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
-    b_ar = tl.load(Araw + p_cc, mask=m_t[:, None], other=0)
+    b_ar = tl.load(Araw + p_cc, mask=lower_triangle(o_t, n), other=0)
     b_da = tl.where((o_t[:, None] > o_t[None, :]) & m_t[:, None], b_da, 0.0)
     b_db += tl.sum(b_da * b_ar, axis=1)
     if BETA_SIGMOID:

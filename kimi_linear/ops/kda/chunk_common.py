@@ -96,7 +96,7 @@ def pow2(x: int, floor: int = 16) -> int:
 # None means "choose by shape" (the scans, see scan_launch). One table, so that a sweep can try
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
-    "gate": dict(num_warps=4, num_stages=None),
+    "gate": dict(num_warps=4, num_stages=None, BK=32),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
@@ -108,10 +108,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:
     # one program per sub-chunk with rows p and 15 - p paired (1.13-1.53 ms) and by halving levels
-    # (1.5-4.2 ms) both lost to it and were removed. each=1: every column stored as it is made
-    # instead of accumulated in registers: 0.887 ms with BH 2 on 1 warp against 1.07 for the accumulating
-    # form at BH 4 (fewer registers, more programs per SM; session 7, sweep_v11c)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, each=1),
+    # (1.5-4.2 ms) both lost to it and were removed; every column stored as it is made instead of
+    # accumulated in registers: 0.887 ms with BH 2 on 1 warp against 1.07 for the accumulating form at
+    # BH 4 (fewer registers, more programs per SM; session 7, sweep_v11c)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),
