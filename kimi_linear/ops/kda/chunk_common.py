@@ -96,7 +96,8 @@ def pow2(x: int, floor: int = 16) -> int:
 # None means "choose by shape" (the scans, see scan_launch). One table, so that a sweep can try
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
-    "gate": dict(num_warps=4, num_stages=None, BK=32),
+    # key blocks of 64: 0.297 ms at 1M tokens x heads (whole K: 0.31-0.32, 32: 0.35; session 7, sweep_v11e)
+    "gate": dict(num_warps=4, num_stages=None, BK=64),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
