@@ -62,6 +62,10 @@ def cases():
     for bv, w in ((32, 4), (64, 4), (64, 8)):
         yield f"solve: products BV={bv}", cf._wu_kernel, dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False,
                                                                                    PREC="tf32"), w, 1
+    for bv, w, s in ((16, 8, 3), (64, 4, 2)):
+        for out in (0, 1):
+            yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,
+                   dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_INIT=False, STORE_FINAL=False, OUTPUT=out, PREC="tf32"), w, s)
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):
         for d in (0, 1):
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,

@@ -135,6 +135,13 @@ def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, monkeypatch):
     check_case(CPU_CASES[-2])
 
 
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2], CPU_CASES[-1]], ids=["odd-T-h0", "varlen-gva-fused", "varlen-fused"])
+def test_chunk_kda_interpreter_output_in_scan(case, monkeypatch):
+    # the output (step 5) computed inside the forward scan instead of its own kernel
+    use_variant(monkeypatch, "state_fwd", output=1)
+    check_case(case)
+
+
 @pytest.mark.parametrize("block", [16, 64])
 def test_chunk_kda_interpreter_solve_column_blocks(block, monkeypatch):
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 64 (one block

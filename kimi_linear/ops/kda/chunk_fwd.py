@@ -286,12 +286,14 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
 
 
 @triton.jit
-def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
+def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_first, scale,
                       HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                      STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+                      STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, PREC: tl.constexpr):
     # Steps 6-7 for one [K, BV] column tile of one (sequence, value head): a scan over chunks.
     # Matrix operands in the input dtype (fp32 accumulation), the state itself in fp32.
+    # OUTPUT: step 5 inside the scan (o = scale (Qg S_0 + Aqk W) per chunk, off the state's serial
+    # path), so _output_kernel and its read of h go away (h is still stored for the backward).
     DT: tl.constexpr = Wk.dtype.element_ty
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -326,8 +328,15 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, seq_start, chunk_first,
         b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_kd = tl.load(Kd + p_tk, mask=m_tk, other=0)
         b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_w = b_u - tl.dot(b_wk, b_S.to(DT), input_precision=PREC)  # step 6
+        b_sh = b_S.to(DT)
+        b_w = b_u - tl.dot(b_wk, b_sh, input_precision=PREC)  # step 6
         tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
+        if OUTPUT:
+            b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
+            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
+                          other=0)
+            b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
+            tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
         b_S = b_S * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
         tl.store(ht + p_state, b_S, mask=m_kv)
@@ -440,14 +449,15 @@ def chunk_kda_fwd(
         NB = triton.cdiv(max(K, V), BVV)
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
                                   BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
+    fused_output = bool(LAUNCH["state_fwd"].get("output"))
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
-            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, table.seq_start, cf,
+            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start, cf, scale,
             HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, PREC=prec, **scan_kw)
-    if NC > 0:
+            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, **scan_kw)
+    if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd)
