@@ -263,6 +263,21 @@ def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
+    # the output inside the forward scan, forced (by default it runs where the scan has many programs),
+    # against the fp64 reference and against the separate output kernel (same bits up to dot order)
+    inp = make_inputs(2, 1000, 2, 4, 128, 128, h0=True, device=cuda_device)
+    cast = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
+    outs = []
+    for fused in (0, 1):
+        use_variant(monkeypatch, "state_fwd", output=fused)
+        outs.append(chunk_kda(*cast, initial_state=inp["h0"], backend="triton")[0].float())
+    assert rel_rms(outs[1], outs[0]) <= 1e-6
+    check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads", [1, 4])
 def test_chunk_kda_gpu_gram_diag_heads_per_program(cuda_device, heads, monkeypatch):
     use_variant(monkeypatch, "gram_diag", BH=heads, num_warps=1)

@@ -120,8 +120,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # sweep_v11c; the off-diagonal gram blocks inside the one-kernel solve measured 5.48 ms:
     # session6/sweep_fused_gram_h100.txt)
     "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
-    # output=1: the output (step 5) inside the forward scan, no _output_kernel
-    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=0),
+    # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
+    # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
+    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None),
     "output": dict(num_warps=8, num_stages=3),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
     # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it. H100 sweep at 1M tokens x

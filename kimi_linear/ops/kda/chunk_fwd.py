@@ -335,7 +335,9 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
             b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
                           other=0)
-            b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
+            # W rounded as stored, so that o has the bits of the separate output kernel's (a sequence
+            # gives the same o alone and inside a pack that takes the other path)
+            b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(tl.float32), input_precision=PREC)
             tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
         b_S = b_S * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
@@ -449,10 +451,15 @@ def chunk_kda_fwd(
         NB = triton.cdiv(max(K, V), BVV)
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
                                   BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
-    fused_output = bool(LAUNCH["state_fwd"].get("output"))
+    fused_output = False
     if N > 0:
         h0 = initial_state if initial_state is not None else G
         BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
+        # the output inside the scan pays where the scan has many programs (64-wide tiles: B8 T4K H32
+        # fwd scan + output 1.28 -> 1.06 ms) and costs where it has few (B1 T64K H16: 1.94 -> 2.85 ms,
+        # the serial path per program grows); H100, session 7, sweep_v11f
+        cfg_out = LAUNCH["state_fwd"].get("output")
+        fused_output = bool(cfg_out) if cfg_out is not None else (BVS == 64 and KP == 128 and v.dtype != torch.float32)
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start, cf, scale,
             HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
