@@ -46,8 +46,7 @@ PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4
 DECAY = [dict(num_warps=w, num_stages=3, BK=bk) for w, bk in ((4, 32), (2, 32), (4, 16), (2, 16), (8, 32))]
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
-SOLVE = [dict(num_warps=w, num_stages=1, BV=bv, inverse_warps=iw)
-         for bv, w, iw in ((32, 4, 1), (32, 4, 2), (64, 8, 1), (32, 2, 1), (64, 4, 1))]
+SOLVE = [dict(unroll=u, inverse_warps=iw) for u, iw in ((0, 1), (1, 1), (1, 2), (1, 4))]
 GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]

@@ -179,7 +179,21 @@ def load_beta(beta, t0, rows, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.conste
 
 
 @triton.jit
-def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+def _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr):
+    """Row i of the four diagonal blocks' inverses: e_i - sum_{j<i} L[i, j] M[j, :] ([4, 16, 16] tiles)."""
+    o_s = tl.arange(0, 16)
+    o_a = tl.arange(0, 4)
+    r_i = o_a * 16 + i  # [4]
+    b_bi = load_beta(beta, t0, r_i, n, i_hv, HV, BETA_SIGMOID)
+    p_li = Araw + ((t0 + r_i[:, None]) * HV + i_hv) * 64 + o_a[:, None] * 16 + o_s[None, :]
+    b_li = tl.load(p_li, mask=(r_i < n)[:, None] & (o_s < i)[None, :], other=0) * b_bi[:, None]
+    b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
+    return tl.where((o_s == i)[None, :, None], b_Mi - b_upd[:, None, :], b_Mi)
+
+
+@triton.jit
+def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, UNROLL: tl.constexpr,
+                  PREC: tl.constexpr):
     """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
     o_s = tl.arange(0, 16)
     o_a = tl.arange(0, 4)
@@ -190,13 +204,12 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
     b_Mi = tl.zeros([4, 16, 16], dtype=tl.float32) + b_eye[None, :, :]
     # row i of each block read from memory (an L1 hit) instead of extracted from registers: the
     # extraction is a cross-thread reduction per step, on the loop's critical path
-    for i in range(1, 16):
-        r_i = o_a * 16 + i  # [4]
-        b_bi = load_beta(beta, t0, r_i, n, i_hv, HV, BETA_SIGMOID)
-        p_li = Araw + ((t0 + r_i[:, None]) * HV + i_hv) * 64 + o_a[:, None] * 16 + o_s[None, :]
-        b_li = tl.load(p_li, mask=(r_i < n)[:, None] & (o_s < i)[None, :], other=0) * b_bi[:, None]
-        b_upd = tl.sum(b_li[:, :, None] * b_Mi, axis=1)  # [4, 16]: sum_j L[i, j] M[j, :]
-        b_Mi = tl.where((o_s == i)[None, :, None], b_Mi - b_upd[:, None, :], b_Mi)
+    if UNROLL:  # unrolled, the 15 row loads do not wait on the serial updates: they can issue early
+        for i in tl.static_range(1, 16):
+            b_Mi = _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV, BETA_SIGMOID)
+    else:
+        for i in range(1, 16):
+            b_Mi = _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV, BETA_SIGMOID)
     tl.store(M + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :],
              b_Mi, mask=(rows3 < n)[:, :, None])
     tl.debug_barrier()
@@ -233,14 +246,14 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
 
 @triton.jit
 def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                    PREC: tl.constexpr):
+                    UNROLL: tl.constexpr, PREC: tl.constexpr):
     # Step 4's inverse alone (the split solve): one program per (chunk, value head), small tiles, so
     # that many programs share an SM while each walks its serial forward substitution.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, PREC)
+    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, UNROLL, PREC)
 
 
 @triton.jit
@@ -445,7 +458,8 @@ def chunk_kda_fwd(
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                          BH=BH, **launch("gram_diag"))
         solve = LAUNCH["solve"]
-        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid,
+                                  UNROLL=bool(solve.get("unroll")), PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
