@@ -119,11 +119,13 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # inverse on 1 warp; 2 warps: 1.40) against 1.66-1.70 for the earlier one-kernel solve (session 7,
     # sweep_v11c; the off-diagonal gram blocks inside the one-kernel solve measured 5.48 ms:
     # session6/sweep_fused_gram_h100.txt)
-    "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1, unroll=0),
+    # unroll=1: the inverse's 15 substitution steps unrolled (1.134 -> 1.122 ms for both kernels)
+    "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1, unroll=1),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None),
-    "output": dict(num_warps=8, num_stages=3),
+    # 0.645 ms on 2 warps against 0.69 on 8 at 1M tokens x heads (session 7, sweep_v11g)
+    "output": dict(num_warps=2, num_stages=2),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
     # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it. H100 sweep at 1M tokens x
     # heads (sweep_v8_variants_h100.txt): scan 3.05 -> 2.24 ms (BV 16), 5.52 -> 3.90 (BV 64); fwd+bwd
