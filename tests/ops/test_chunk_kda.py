@@ -267,14 +267,16 @@ def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
     # the output inside the forward scan, forced (by default it runs where the scan has many programs),
-    # against the fp64 reference and against the separate output kernel (same bits up to dot order)
+    # against the fp64 reference and against the separate output kernel: the same operands, so they differ
+    # only where another fp32 summation order moves a half-precision rounding (measured on an H100:
+    # 9.9e-6 bf16, 4.4e-6 fp16; with W not rounded as stored it was 2.5e-3)
     inp = make_inputs(2, 1000, 2, 4, 128, 128, h0=True, device=cuda_device)
     cast = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
     outs = []
     for fused in (0, 1):
         use_variant(monkeypatch, "state_fwd", output=fused)
         outs.append(chunk_kda(*cast, initial_state=inp["h0"], backend="triton")[0].float())
-    assert rel_rms(outs[1], outs[0]) <= 1e-6
+    assert rel_rms(outs[1], outs[0]) <= 1e-4
     check_fused_varlen(cuda_device, dtype)
 
 
