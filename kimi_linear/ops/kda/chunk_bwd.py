@@ -476,12 +476,14 @@ def chunk_kda_bwd(
         _chunk_grad_kernel[(NC, HV, NKG)](
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
-            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid,
+            PREC="tf32x3" if LAUNCH["chunk_grad"].get("precise") else prec,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
-            q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK, PREC=prec,
+            q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
+            PREC="tf32x3" if LAUNCH["decay_grad"].get("precise") else prec,
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
