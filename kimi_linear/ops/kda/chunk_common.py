@@ -133,13 +133,18 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=1),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
-    # precise=1: 3-pass tf32 dots for half inputs too (a precision probe for the gate gradients)
+    # precise=1: 3-pass tf32 dots for half inputs too (did not change the gate gradients' error: off)
     "chunk_grad": dict(num_warps=8, num_stages=3, precise=0),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
     # at 1M tokens x heads (sweep_v9_levels_h100.txt)
-    "decay_grad": dict(num_warps=4, num_stages=3, BK=32, precise=0),
+    # precise=1: 3-pass tf32 dots for half inputs too. The single-pass form left the gate gradients far
+    # from the fp64 reference in bf16 (dA_log 6.2-8.7e-2 relative RMS, ddt_bias 3.2-4.5e-2, dg 8-9e-3;
+    # FLA 0.6.0: 6.2e-3, 7.4e-3, 4.1e-3): the products' rounding does not cancel in dG. 3-pass: dA_log
+    # 0.35-0.94e-2, ddt_bias 4.5e-3, dg 5.0e-3, at 8.43 ms instead of 5.24 for this kernel at 1M tokens
+    # x heads (H100, session 7: grad_precision_h100.txt, sweep_v11h). precise=0 is the faster option.
+    "decay_grad": dict(num_warps=4, num_stages=3, BK=32, precise=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
