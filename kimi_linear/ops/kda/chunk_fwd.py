@@ -4,12 +4,17 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 
 | stage            | grid              | reads                      | writes                               |
 |------------------|-------------------|----------------------------|--------------------------------------|
-| gate + cumsum    | (NC, HV)          | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
-| gram (off-diag.) | (NC, HV, 4)       | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
+| gate + cumsum    | (NC, HV, K/BK)    | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
+| gram (off-diag.) | (NC*4, HV)        | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
 | gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
-| solve (UT)       | (NC, HV)          | Araw, beta, q, k, v, G     | M=(I+A)^-1, U, Wk, Qg, Kd (step 4)   |
-| state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last          | h [NC, HV, K, V], W, final state (6-7)|
-| output           | (NC, HV, V/64)    | Qg, h, Aqk, W              | o (step 5)                           |
+| solve: inverse   | (NC, HV)          | Araw, beta                 | M = (I + Diag(beta) Araw)^-1 (step 4)|
+| solve: products  | (NC*K/BV, HV)     | M, beta, q, k, v, G        | U, Wk, Qg, Kd (steps 4, 5, 7)        |
+| state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last (+Qg, Aqk)| h [NC, HV, K, V], W, final state (6-7); o where the scan is wide |
+| output           | (NC*V/64, HV)     | Qg, h, Aqk, W              | o (step 5), unless the scan wrote it |
+
+Only the lower triangle (diagonal included) of the per-chunk [64, 64] matrices Araw, Aqk and M is
+stored; every reader masks with ``lower_triangle``. Programs that share a chunk's tiles are adjacent
+in launch order (the fastest grid axis), so their shared reads hit L2.
 
 Exactness (step 3): every ``exp`` argument is <= 0. Off-diagonal 16x16 sub-blocks factor the decay
 through a reference token between the two sub-chunks (two factors <= 1, so a tl.dot); diagonal
