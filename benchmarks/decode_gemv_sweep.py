@@ -24,7 +24,6 @@ import json
 import torch
 import torch.nn.functional as F
 
-
 CURRENT_ONLY = False  # --current: time the settings in use only (no sweep)
 
 

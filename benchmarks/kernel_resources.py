@@ -54,15 +54,16 @@ def cases():
     from kimi_linear.ops.kda.chunk_common import LAUNCH
 
     hk = dict(H=16, HV=16, K=128)
-    dg, sol, gd = LAUNCH["decay_grad"], LAUNCH["solve"], LAUNCH["gram_diag"]
+    dg, gd = LAUNCH["decay_grad"], LAUNCH["gram_diag"]
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
     yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
     for w in (1, 2, 4):
         for u in (0, 1):
-            yield f"solve: inverse unroll={u}", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, UNROLL=u, PREC="tf32"), w, 1
+            yield (f"solve: inverse unroll={u}", cf._inverse_kernel,
+                   dict(HV=16, BETA_SIGMOID=False, UNROLL=u, PREC="tf32"), w, 1)
     for bv, w in ((32, 4), (64, 4), (64, 8)):
-        yield f"solve: products BV={bv}", cf._wu_kernel, dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False,
-                                                                                   PREC="tf32"), w, 1
+        yield (f"solve: products BV={bv}", cf._wu_kernel,
+               dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32"), w, 1)
     for bv, w, s in ((16, 8, 3), (64, 4, 2)):
         for out in (0, 1):
             yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,
