@@ -5,12 +5,12 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): tests, kernels
-# (the 64K / B8 T4K side by side; the fused_gram solve it swept was measured in session 6, 2.1x slower
-# than gram + solve, and removed: see docs/kernels.md), grid with GRID_SHAPES=1x65536x16 (the one
-# Figure-2 column still missing), train, decode (prefill is now timed after an untimed first call). In
-# session 5 a first call on a fresh machine spent most of 560 s in FLA's autotuning, so keep each call's
-# shape list short.
+# Order for the next session (30 device minutes; the H100 counts half its held time): tests (the last
+# session-7 commit, 3-pass decay products, was not GPU-suite tested), then the Figure-2 redraw with
+# FLA's other kernels, the one issue-3 deliverable still missing (FLA autotunes chunk_dplr_delta_rule
+# for minutes per shape; carry the autotune cache and keep the provider list to these):
+#   PROVIDERS=ours,fla_gdn,fla_dplr,fla_kda_safe GRID_SHAPES=fig2 bash benchmarks/gpu_session.sh grid
+# then train (B8 T4K H32 with the precise decay products), decode.
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", BENCH_SHAPES.
 # Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.
