@@ -7,7 +7,7 @@ setting at a time (e.g. 3-pass tf32 dots in a backward kernel). Needs a GPU for 
 interpreter computes bf16 dots wrongly); fp16 / fp32 also run on the CPU interpreter.
 
     PYTHONPATH=. python benchmarks/kda_grad_precision.py --T 512 --H 16 \\
-        --variant base '{}' --variant precise_bwd '{"chunk_grad": {"precise": 1}, "decay_grad": {"precise": 1}}'
+        --variant single_pass '{"decay_grad": {"precise": 0}}' --variant default '{}'
 """
 
 from __future__ import annotations

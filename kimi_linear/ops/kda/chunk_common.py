@@ -133,8 +133,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=1),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
-    # precise=1: 3-pass tf32 dots for half inputs too (did not change the gate gradients' error: off)
-    "chunk_grad": dict(num_warps=8, num_stages=3, precise=0),
+    # (3-pass tf32 dots here did not change the gate gradients' error: session7/grad_precision_h100.txt)
+    "chunk_grad": dict(num_warps=8, num_stages=3),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
