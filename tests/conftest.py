@@ -19,6 +19,18 @@ def cuda_device() -> torch.device:
     return torch.device("cuda")
 
 
+@pytest.fixture
+def triton_device() -> str:
+    """Where a test can run Triton kernels: "cuda" on a GPU, "cpu" under Triton's interpreter
+    (``TRITON_INTERPRET=1``); skips the test where neither is available."""
+    pytest.importorskip("triton")
+    from kimi_linear.backends import triton_interpret
+
+    if not torch.cuda.is_available() and not triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -31,6 +31,19 @@ from kimi_linear.backends import resolve_backend
 __all__ = ["route", "route_tokens", "expert_load", "grouped_swiglu"]
 
 
+def _check_route_args(E: int, device: torch.device, correction_bias: torch.Tensor | None, top_k: int,
+                      num_groups: int, topk_groups: int) -> None:
+    """The checks :func:`route` and :func:`route_tokens` share, for ``E`` experts on ``device``."""
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
+    if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
+                         f"num_groups={num_groups}, topk_groups={topk_groups}")
+    if correction_bias is not None and (correction_bias.shape != (E,) or correction_bias.device != device):
+        raise ValueError(f"correction_bias must be [E={E}] on {device}, "
+                         f"got {tuple(correction_bias.shape)} on {correction_bias.device}")
+
+
 def route(
     logits: torch.Tensor,
     correction_bias: torch.Tensor | None,
@@ -49,14 +62,7 @@ def route(
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, E], got shape {tuple(logits.shape)}")
     N, E = logits.shape
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
-    if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
-        raise ValueError(f"need E % num_groups == 0 and 1 <= topk_groups <= num_groups; got E={E}, "
-                         f"num_groups={num_groups}, topk_groups={topk_groups}")
-    if correction_bias is not None and (correction_bias.shape != (E,) or correction_bias.device != logits.device):
-        raise ValueError(f"correction_bias must be [E={E}] on {logits.device}, "
-                         f"got {tuple(correction_bias.shape)} on {correction_bias.device}")
+    _check_route_args(E, logits.device, correction_bias, top_k, num_groups, topk_groups)
     chosen = resolve_backend(backend, logits.device)
     grouped = num_groups > 1 and topk_groups < num_groups
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -103,15 +109,16 @@ def route_tokens(
     the logits come from ``F.linear`` in fp32, then :func:`route`."""
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"need x [N, D] and gate_weight [E, D], got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
+    if gate_weight.device != x.device:
+        raise ValueError(f"gate_weight must be on x's device {x.device}, got {gate_weight.device}")
+    _check_route_args(gate_weight.shape[0], x.device, correction_bias, top_k, num_groups, topk_groups)
     fused = (
         # one program per token reads the whole router weight: right for a decode step's few tokens; a
         # prefill's thousands are better served by one GEMM (measured on an H100: 2.9 ms per 4K-token prefill)
         x.shape[0] <= ROUTE_IN_KERNEL_MAX_TOKENS
         and resolve_backend(backend, x.device) == "triton" and not (num_groups > 1 and topk_groups < num_groups)
         and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))
-        and x.dtype != torch.float64 and gate_weight.device == x.device and 1 <= top_k <= gate_weight.shape[0]
-        and (correction_bias is None
-             or (correction_bias.shape == gate_weight.shape[:1] and correction_bias.device == x.device))
+        and x.dtype != torch.float64
     )
     if fused:
         from kimi_linear.ops.moe_route_kernel import route_triton

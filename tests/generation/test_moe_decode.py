@@ -12,11 +12,8 @@ from tests.numerics import rel_rms, tolerance
 
 
 @pytest.mark.parametrize("N", [1, 5, 20])
-def test_moe_decode_kernel_matches_grouped_reference(N):
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_interpret():
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_moe_decode_kernel_matches_grouped_reference(N, triton_device):
+    device = triton_device
     E, D, I, k = 6, 48, 80, 2  # sizes that are not multiples of the tiles
     x = torch.randn(N, D, device=device)
     w1 = [torch.randn(I, D, device=device) / D**0.5 for _ in range(E)]
@@ -65,11 +62,8 @@ def test_shared_experts_fold_into_the_same_launches(backend):
         moe_decode(x, idx, w, w1, w3, w2, shared=([mk(I + 1, D)], s3[:1], s2[:1]), backend=backend)
 
 
-def test_expert_weights_of_another_dtype_are_rejected():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_interpret():
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_expert_weights_of_another_dtype_are_rejected(triton_device):
+    device = triton_device
     x = torch.randn(2, 16, device=device)
     ws = [[torch.randn(8, 16, device=device, dtype=torch.float64)], [torch.randn(8, 16, device=device)],
           [torch.randn(16, 8, device=device)]]
@@ -78,18 +72,11 @@ def test_expert_weights_of_another_dtype_are_rejected():
                    backend="triton")
 
 
-def _needs_triton() -> str:
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_interpret():
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("shared", [0, 2])
-def test_single_token_kernels_match_the_reference(shared, monkeypatch):
+def test_single_token_kernels_match_the_reference(shared, monkeypatch, triton_device):
     # batch-1 decoding walks the token's chosen experts (then the shared ones) by row blocks; the
     # row counts are not multiples of the tiles, and unchosen experts hold NaN, which must stay unread
-    device = _needs_triton()
+    device = triton_device
     import kimi_linear.ops.moe_decode as md
 
     monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=4))
@@ -133,9 +120,8 @@ def test_single_token_moe_gpu_at_the_benchmark_geometry(cuda_device):
     assert rel_rms(got, want) < tolerance("layer", torch.bfloat16)
 
 
-def test_a_forward_that_needs_gradients_takes_the_grouped_path():
+def test_a_forward_that_needs_gradients_takes_the_grouped_path(triton_device):
     # the decode kernels have no backward; with grad enabled the autograd-aware grouped path runs
-    _needs_triton()
     E, D, I = 3, 16, 8
     w1 = [torch.randn(I, D, requires_grad=True) for _ in range(E)]
     w3 = [torch.randn(I, D) for _ in range(E)]

@@ -10,17 +10,10 @@ from kimi_linear.ops.gemv import few_rows_linear, fused_linear, fused_linear_ref
 from tests.numerics import rel_rms, tolerance
 
 
-def _device() -> str:
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not triton_interpret():
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("N", [1, 2])
 @pytest.mark.parametrize("D", [64, 72])  # a multiple of BLOCK_D and not
-def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch):
-    device = _device()
+def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch, triton_device):
+    device = triton_device
     import kimi_linear.ops.gemv as gemv
 
     monkeypatch.setitem(gemv.TILES, "wide", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
@@ -44,9 +37,8 @@ def test_fused_linear_falls_back_beyond_max_tokens_and_on_cpu():
         assert all(torch.equal(a, b) for a, b in zip(got, fused_linear_ref(x, ws), strict=True))
 
 
-def test_gradients_flow_through_the_fallback():
+def test_gradients_flow_through_the_fallback(triton_device):
     # the kernel has no backward: with a gradient to carry, the autograd-aware path is taken
-    _device()
     ws = [torch.randn(6, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
     x = torch.randn(1, 8, requires_grad=True)
     a, b = fused_linear(x, ws, backend="triton")
@@ -87,8 +79,8 @@ def test_fused_linear_gpu_at_the_kda_layer_geometry(cuda_device, N):
 
 
 @pytest.mark.parametrize("D", [40, 300])  # the default narrow / wide tiles, widths below their slices
-def test_fused_linear_default_tiles_on_odd_widths(D):
-    device = _device()
+def test_fused_linear_default_tiles_on_odd_widths(D, triton_device):
+    device = triton_device
     ws = [torch.randn(r, D, device=device) for r in (9, 20)]
     x = torch.randn(1, D, device=device)
     for y, w in zip(fused_linear(x, ws, backend="triton"), ws, strict=True):
@@ -96,10 +88,10 @@ def test_fused_linear_default_tiles_on_odd_widths(D):
 
 
 @pytest.mark.parametrize("N", [1, 2])
-def test_fused_linear_conv_steps_match_linear_then_conv(N, monkeypatch):
+def test_fused_linear_conv_steps_match_linear_then_conv(N, monkeypatch, triton_device):
     # outputs 0 and 2 go through a short-conv step (+ SiLU) with their windows shifted in place; row
     # counts not multiples of the block, so blocks end inside a weight
-    device = _device()
+    device = triton_device
     import kimi_linear.ops.gemv as gemv
     from kimi_linear.ops.conv import causal_conv1d_update
 

@@ -185,6 +185,12 @@ def test_route_tokens_reference_and_bad_input():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     with pytest.raises(ValueError, match=r"gate_weight \[E, D\]"):
         route_tokens(x, torch.randn(5, 7), None, 2)
+    # route's own checks, before any path is chosen (the in-kernel path included)
+    for backend in ("reference", "triton" if __import__("kimi_linear.backends").backends.triton_interpret() else "reference"):
+        with pytest.raises(ValueError, match=r"top_k must be in \[1, E=5\]"):
+            route_tokens(x, w_gate, None, 6, backend=backend)
+        with pytest.raises(ValueError, match=r"correction_bias must be \[E=5\]"):
+            route_tokens(x, w_gate, torch.zeros(4), 2, backend=backend)
 
 
 @pytest.mark.gpu
