@@ -47,7 +47,7 @@ DECAY = ([dict(num_warps=w, num_stages=3, BK=bk, precise=p) for p in (0, 1) for 
          + [dict(num_warps=8, num_stages=3, BK=32, precise=1)])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
-SOLVE = [dict(unroll=u, inverse_warps=iw) for u, iw in ((0, 1), (1, 1), (1, 2), (1, 4))]
+SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]
 GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]

@@ -58,9 +58,7 @@ def cases():
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
     yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
     for w in (1, 2, 4):
-        for u in (0, 1):
-            yield (f"solve: inverse unroll={u}", cf._inverse_kernel,
-                   dict(HV=16, BETA_SIGMOID=False, UNROLL=u, PREC="tf32"), w, 1)
+        yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):
         yield (f"solve: products BV={bv}", cf._wu_kernel,
                dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32"), w, 1)

@@ -145,9 +145,8 @@ def test_chunk_kda_interpreter_output_in_scan(case, monkeypatch):
 @pytest.mark.parametrize("block", [16, 32])
 def test_chunk_kda_interpreter_solve_column_blocks(block, monkeypatch):
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
-    # default 64 (one block wider than K = 32 / V = 16: masked columns); the inverse's forward
-    # substitution unrolled at compile time
-    use_variant(monkeypatch, "solve", BV=block, unroll=1)
+    # default 64 (one block wider than K = 32 / V = 16: masked columns)
+    use_variant(monkeypatch, "solve", BV=block)
     check_case(CPU_CASES[-2])
 
 

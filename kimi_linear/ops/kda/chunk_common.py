@@ -119,8 +119,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # inverse on 1 warp; 2 warps: 1.40) against 1.66-1.70 for the earlier one-kernel solve (session 7,
     # sweep_v11c; the off-diagonal gram blocks inside the one-kernel solve measured 5.48 ms:
     # session6/sweep_fused_gram_h100.txt)
-    # unroll=1: the inverse's 15 substitution steps unrolled (1.134 -> 1.122 ms for both kernels)
-    "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1, unroll=1),
+    "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None),

@@ -197,8 +197,7 @@ def _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV: tl.constexpr, BETA_SIG
 
 
 @triton.jit
-def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, UNROLL: tl.constexpr,
-                  PREC: tl.constexpr):
+def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
     """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
     o_s = tl.arange(0, 16)
     o_a = tl.arange(0, 4)
@@ -209,12 +208,10 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
     b_Mi = tl.zeros([4, 16, 16], dtype=tl.float32) + b_eye[None, :, :]
     # row i of each block read from memory (an L1 hit) instead of extracted from registers: the
     # extraction is a cross-thread reduction per step, on the loop's critical path
-    if UNROLL:  # unrolled, the 15 row loads do not wait on the serial updates: they can issue early
-        for i in tl.static_range(1, 16):
-            b_Mi = _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV, BETA_SIGMOID)
-    else:
-        for i in range(1, 16):
-            b_Mi = _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV, BETA_SIGMOID)
+    # unrolled, so the 15 row loads need not wait on the serial updates (1.134 -> 1.122 ms with the
+    # products at 1M tokens x heads on an H100, session 7)
+    for i in tl.static_range(1, 16):
+        b_Mi = _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV, BETA_SIGMOID)
     tl.store(M + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :],
              b_Mi, mask=(rows3 < n)[:, :, None])
     tl.debug_barrier()
@@ -251,14 +248,14 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
 
 @triton.jit
 def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                    UNROLL: tl.constexpr, PREC: tl.constexpr):
+                    PREC: tl.constexpr):
     # Step 4's inverse alone (the split solve): one program per (chunk, value head), small tiles, so
     # that many programs share an SM while each walks its serial forward substitution.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, UNROLL, PREC)
+    _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, PREC)
 
 
 @triton.jit
@@ -463,8 +460,7 @@ def chunk_kda_fwd(
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                          BH=BH, **launch("gram_diag"))
         solve = LAUNCH["solve"]
-        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid,
-                                  UNROLL=bool(solve.get("unroll")), PREC=prec,
+        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
