@@ -134,10 +134,17 @@ def _float_leaves(x: Leaves) -> list[str]:
     return [n for n, t in x.items() if t.is_floating_point()]
 
 
-def gate_forward(p: Provider, leaves: Leaves) -> dict[str, float]:
+def gate_forward(p: Provider, leaves: Leaves, refs: dict | None = None) -> dict[str, float]:
+    """Relative error of the provider's output against its fp32 reference. ``refs`` keeps references
+    already computed for these leaves (keyed by the reference function): the providers of one
+    setting share the same leaves, and the fp32 reference at T = 64K costs seconds per call."""
     with torch.no_grad():
         out = p.run(p.prepare(leaves))
-        ref = p.reference({n: t.float() for n, t in leaves.items()})
+        ref = None if refs is None else refs.get(p.reference)
+        if ref is None:
+            ref = p.reference({n: t.float() for n, t in leaves.items()})
+            if refs is not None:
+                refs[p.reference] = ref
     return gate_errors({"o": out}, {"o": ref})
 
 
@@ -185,7 +192,9 @@ def _timed_fn(p: Provider, leaves: Leaves, mode: str):
 
 
 def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: torch.dtype,
-              env: dict[str, object], warmup: int, rep: int) -> Record:
+              env: dict[str, object], warmup: int, rep: int, refs: dict | None = None) -> Record:
+    """Gate, then time, one (provider, shape, mode). ``refs``: forward references of this shape's
+    leaves computed by earlier rows (see :func:`gate_forward`; one dict per shape and setting)."""
     rec = Record(bench="kda", provider=p.name, mode=mode, shape=s.as_dict(), extra={"setting": p.setting})
     why = p.available(device)
     if why is not None:
@@ -195,7 +204,7 @@ def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: 
         leaves = make_leaves(p.setting, s, dtype=dtype, device=device)
         rec.flop, rec.bytes = counts(p.setting, s, leaves, mode)
         rec.floor_ms = floor_ms(rec.flop, rec.bytes, env)
-        rec.gate = gate_forward(p, leaves)
+        rec.gate = gate_forward(p, leaves, refs)
         verdict = gate_verdict(rec.gate, "fwd")
         if verdict is None and mode == "fwdbwd":
             small = Shape(s.B, min(s.T, BWD_GATE_T), s.H, s.K, s.V)
@@ -256,9 +265,12 @@ def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str],
         raise ValueError(f"unknown modes {bad_modes}; known: {list(MODES)}")
     records = []
     for s in shapes:
+        refs: dict[str, dict] = {}  # per setting: this shape's forward references (the leaves are seeded)
         for mode in modes:
             for name in providers:
-                rec = bench_one(registry[name], s, mode, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep)
+                p = registry[name]
+                rec = bench_one(p, s, mode, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep,
+                                refs=refs.setdefault(p.setting, {}))
                 records.append(rec)
                 log(f"  {s.key:18s} {mode:6s} {name:14s} {fmt(rec.ms):>8s} ms  {rec.status}")
                 if on_record is not None:

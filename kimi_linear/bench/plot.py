@@ -17,6 +17,21 @@ def _pyplot():
     return plt
 
 
+# One look per provider across every plot (ours solid, peers dashed or dotted), so that figures from
+# different runs can be compared at a glance; a provider not listed here gets matplotlib's next colour.
+PROVIDER_STYLE: dict[str, dict[str, str]] = {
+    "ours": dict(color="tab:blue", linestyle="-", marker="o"),
+    "ours_fused": dict(color="tab:cyan", linestyle="-", marker="s"),
+    "fla_kda": dict(color="tab:red", linestyle="--", marker="^"),
+    "fla_kda_fused": dict(color="tab:pink", linestyle="--", marker="v"),
+    "fla_kda_safe": dict(color="tab:orange", linestyle="--", marker="D"),
+    "fla_gdn": dict(color="tab:green", linestyle=":", marker="x"),
+    "fla_dplr": dict(color="tab:purple", linestyle=":", marker="P"),
+    "flash": dict(color="black", linestyle="-.", marker="*"),
+    "reference": dict(color="gray", linestyle=":", marker="."),
+}
+
+
 def plot_kda(records: Sequence[Record], path: str | Path, title: str = "") -> str | None:
     """The paper's Figure 2 with every provider: ms against T (B=1, H=16), one panel per mode.
 
@@ -39,7 +54,7 @@ def plot_kda(records: Sequence[Record], path: str | Path, title: str = "") -> st
                 xs = [r.shape["T"] for r in rows]
             else:
                 xs = [keys.index((r.shape["B"], r.shape["T"], r.shape["H"])) for r in rows]
-            ax.plot(xs, [r.ms for r in rows], marker="o", label=provider)
+            ax.plot(xs, [r.ms for r in rows], label=provider, **PROVIDER_STYLE.get(provider, {"marker": "o"}))
         ax.set_yscale("log")
         if fig2:
             ax.set_xscale("log", base=2)

@@ -70,6 +70,30 @@ def test_gate_catches_wrong_gradient_only():
     assert recs[1].status.startswith("gate failed") and "dv" in recs[1].status
 
 
+def test_forward_reference_computed_once_per_shape_and_reference():
+    """The run reuses a shape's forward reference across providers and modes (same seeded leaves),
+    but never across shapes or across providers whose reference differs."""
+    ref = KDA_PROVIDERS["reference"]
+    calls = []
+
+    def counted(x):
+        if not torch.is_grad_enabled():  # the forward gate (the backward gate differentiates its own)
+            calls.append(x["q"].shape[1])
+        return ref.reference(x)
+
+    counted_ref = Provider("a", ref.setting, "test", ref.available, ref.prepare, ref.run, counted)
+    other = Provider("b", ref.setting, "test", ref.available, ref.prepare, ref.run, lambda x: 1.1 * counted(x))
+    same = Provider("c", ref.setting, "test", ref.available, ref.prepare, ref.run, counted)
+    shapes = [kda.Shape(1, 20, 1, 8, 8), kda.Shape(1, 24, 1, 8, 8)]
+    recs = kda.run(shapes, ["a", "b", "c"], ["fwd", "fwdbwd"], device=CPU, dtype=torch.float32, env=_env(),
+                   extra_providers={"a": counted_ref, "b": other, "c": same}, log=lambda s: None)
+    # per shape: one forward reference for a and c (one function), one for b (b's calls counted() too)
+    assert calls == [20, 20, 24, 24], calls
+    by = {(r.provider, r.mode, r.shape["T"]): r for r in recs}
+    assert by[("a", "fwd", 20)].ok and by[("c", "fwdbwd", 24)].ok
+    assert by[("b", "fwd", 24)].status.startswith("gate failed"), "b's own (different) reference was used"
+
+
 def test_decode_gate_rejects_provider_that_skips_the_state_update():
     ref = DECODE_PROVIDERS["reference"]
 
