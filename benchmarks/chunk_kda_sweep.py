@@ -43,8 +43,9 @@ SCAN_OUT = [dict(output=o, BV=bv, num_warps=w, num_stages=s)
 SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) for bv, s in ((16, 3), (64, 2), (32, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-DECAY = ([dict(num_warps=w, num_stages=3, BK=bk, precise=p) for p in (0, 1) for w, bk in ((4, 32), (2, 32), (4, 16))]
-         + [dict(num_warps=8, num_stages=3, BK=32, precise=1)])
+# precise: 1 = 3-pass tf32 (default), 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
+DECAY = ([dict(num_warps=4, num_stages=3, BK=32, precise=p) for p in (1, 2, 0)]
+         + [dict(num_warps=w, num_stages=s, BK=bk, precise=2) for w, s, bk in ((2, 3, 32), (4, 3, 16), (8, 3, 32), (4, 2, 32))])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]

@@ -19,7 +19,16 @@ from kimi_linear.ops.kda.gate import l2norm
 from kimi_linear.ops.kda.reference import chunk_kda_ref
 from tests.numerics import rel_rms, tolerance
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from kimi_linear.ops.kda.chunk_bwd import tf32_nearest  # noqa: E402
+
+
+@triton.jit
+def _tf32_nearest_kernel(x, y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y + o, tf32_nearest(tl.load(x + o)))
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +173,33 @@ def test_chunk_kda_interpreter_half_inputs():
     check_case(HALF_CASE, torch.float16)
 
 
+@pytest.mark.parametrize("precise", [0, 2])
+def test_chunk_kda_interpreter_half_inputs_decay_precision(precise, monkeypatch):
+    # the decay products' other dot precisions for half inputs (the default, 1, is the case above):
+    # 0 = one truncating tf32 pass, 2 = one pass on operands rounded to nearest (tf32_nearest)
+    use_variant(monkeypatch, "decay_grad", precise=precise)
+    check_case(HALF_CASE, torch.float16)
+
+
+def test_tf32_nearest_rounds_to_nearest_tf32(triton_device):
+    # against an independent definition: of the two tf32 values around x (11 significant bits, from
+    # frexp in fp64), the nearer one; +-Inf stay, NaN stays NaN
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, generator=gen) * torch.exp(8 * torch.randn(1024, generator=gen))
+    x[:7] = torch.tensor([0.0, -0.0, 1.0, -2.5, float("inf"), -float("inf"), float("nan")])
+    y = torch.full_like(x, 7.0, device=triton_device)
+    _tf32_nearest_kernel[(1,)](x.to(triton_device), y, N=1024)
+    got = y.cpu().double()
+    xd = x.double()
+    mant, exp = torch.frexp(xd)  # x = mant * 2^exp, 0.5 <= |mant| < 1
+    lo = torch.trunc(mant * 2048) / 2048 * torch.pow(2.0, exp.double())  # toward zero
+    hi = lo + torch.sign(xd) * torch.pow(2.0, exp.double() - 11)  # one tf32 step away from zero
+    want = torch.where((xd - lo).abs() < (hi - xd).abs(), lo, hi)
+    want[:6] = xd[:6]
+    assert torch.equal(got[:6], want[:6]) and torch.isnan(got[6]), got[:7]
+    assert torch.equal(got[7:], want[7:]), (got[7:] - want[7:]).abs().max()
+
+
 def check_extreme(device, dtype):
     """Gates down to -1e4 per token (mixed with ordinary ones), beta exactly 0 and 1: all finite and
     equal to the reference. dg itself is ~0 where gates are huge, so its relative error is measured
@@ -277,6 +313,15 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
         outs.append(chunk_kda(*cast, initial_state=inp["h0"], backend="triton")[0].float())
     assert rel_rms(outs[1], outs[0]) <= 1e-4
     check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precise", [0, 2])
+def test_chunk_kda_gpu_decay_precision(cuda_device, precise, monkeypatch):
+    # the decay products' other dot precisions in bf16 (default 1 = 3-pass): truncating and rounded
+    # single-pass tf32 must both stay inside the GPU tolerances
+    use_variant(monkeypatch, "decay_grad", precise=precise)
+    check_fused_varlen(cuda_device, torch.bfloat16)
 
 
 @pytest.mark.gpu

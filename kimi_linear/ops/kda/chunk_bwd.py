@@ -221,6 +221,28 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 
 
 @triton.jit
+def tf32_nearest(x):
+    """fp32 ``x`` rounded to the nearest tf32 value (10 mantissa bits; ties away from zero), kept in
+    fp32. A tensor-core tf32 dot reads only the top 19 bits of each fp32 operand, i.e. truncates:
+    every product is then biased toward zero by ~2^-11 on average, and biased errors add up instead of
+    cancelling in long sums such as dA_log. Rounded operands leave an unbiased error of <= 2^-11.
+    (Integer add then mask on the bits: a carry into the exponent is the correct round-up; canonical
+    NaN and +-Inf map to themselves.)"""
+    b = x.to(tl.int32, bitcast=True)
+    return ((b + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pdot(a, b, PREC: tl.constexpr):
+    """``tl.dot(a, b)`` at ``PREC``: Triton's "tf32" / "tf32x3" / "ieee", or "tf32rn" (one tf32 pass on
+    operands rounded to nearest by :func:`tf32_nearest` instead of truncated)."""
+    if PREC == "tf32rn":
+        return tl.dot(tf32_nearest(a), tf32_nearest(b), input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
@@ -252,8 +274,8 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         m_pc = m_r[:, None]
         b_paq = tl.load(dAqk + p_rows_cc + cols[None, :], mask=m_pc, other=0)
         b_pa = tl.load(dA + p_rows_cc + cols[None, :], mask=m_pc, other=0)
-        b_dq2 += tl.dot(b_paq, b_x, input_precision=PREC)
-        b_dk3 += tl.dot(b_pa, b_x, input_precision=PREC)
+        b_dq2 += _pdot(b_paq, b_x, PREC)
+        b_dk3 += _pdot(b_pa, b_x, PREC)
     b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
     b_dq2 = b_dq2 * b_dec
     b_dk3 = b_dk3 * b_dec
@@ -272,8 +294,8 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         p_cols = ((t0 + trow[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :]
         b_pa = tl.load(dA + p_cols, mask=m_l[:, None], other=0)  # [t, i]
         b_paq = tl.load(dAqk + p_cols, mask=m_l[:, None], other=0)
-        b_dk4 += tl.dot(tl.trans(b_pa), b_xk, input_precision=PREC)
-        b_dk5 += tl.dot(tl.trans(b_paq), b_xq, input_precision=PREC)
+        b_dk4 += _pdot(tl.trans(b_pa), b_xk, PREC)
+        b_dk5 += _pdot(tl.trans(b_paq), b_xq, PREC)
     b_dec = tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
     b_dk4 = b_dk4 * b_dec
     b_dk5 = b_dk5 * b_dec
@@ -309,10 +331,10 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         l_aq = tl.where(pair, b_daq, 0.0)
         l_a = tl.where(pair, b_da, 0.0)
         b_kl = b_k * f_lo
-        b_dq2 += f_up * tl.dot(l_aq, b_kl, input_precision=PREC)
-        b_dk3 += f_up * tl.dot(l_a, b_kl, input_precision=PREC)
-        b_dk4 += f_lo * tl.dot(tl.trans(l_a), b_k * f_up, input_precision=PREC)
-        b_dk5 += f_lo * tl.dot(tl.trans(l_aq), b_q * f_up, input_precision=PREC)
+        b_dq2 += f_up * _pdot(l_aq, b_kl, PREC)
+        b_dk3 += f_up * _pdot(l_a, b_kl, PREC)
+        b_dk4 += f_lo * _pdot(tl.trans(l_a), b_k * f_up, PREC)
+        b_dk5 += f_lo * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
@@ -411,6 +433,18 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, out_dtype:
     return dx
 
 
+def decay_precision(prec: str) -> str:
+    """Dot precision of the decay products: ``LAUNCH["decay_grad"]["precise"]`` 0 = ``prec`` (the
+    inputs' default), 1 = 3-pass tf32, 2 = one tf32 pass on operands rounded to nearest ("tf32rn";
+    fp32 inputs keep their 3-pass ``prec``)."""
+    mode = int(LAUNCH["decay_grad"].get("precise") or 0)
+    if mode == 1:
+        return "tf32x3"
+    if mode == 2 and prec == "tf32":
+        return "tf32rn"
+    return prec
+
+
 def chunk_kda_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     saved: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None, *, scale: float,
@@ -482,7 +516,7 @@ def chunk_kda_bwd(
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
-            PREC="tf32x3" if LAUNCH["decay_grad"].get("precise") else prec,
+            PREC=decay_precision(prec),
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
