@@ -35,8 +35,10 @@ if [ -f .triton-autotune.tar.gz ]; then
   tar -xzf .triton-autotune.tar.gz -C "$TRITON_CACHE_DIR" && \
     echo "reusing $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotuning results"
 fi
-save_autotune() {
-  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$OUT/triton-autotune.tar.gz" -T -) 2>/dev/null
+save_autotune() {  # only when there is something to save (an empty archive copied back would erase the cache)
+  if [ -n "$(find "$TRITON_CACHE_DIR" -name '*.autotune.json' -print -quit)" ]; then
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$OUT/triton-autotune.tar.gz" -T -) 2>/dev/null
+  fi
 }
 trap save_autotune EXIT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
