@@ -173,10 +173,11 @@ def test_chunk_kda_interpreter_half_inputs():
     check_case(HALF_CASE, torch.float16)
 
 
-@pytest.mark.parametrize("precise", [0, 2])
+@pytest.mark.parametrize("precise", [0, 2, 3, 4])
 def test_chunk_kda_interpreter_half_inputs_decay_precision(precise, monkeypatch):
     # the decay products' other dot precisions for half inputs (the default, 1, is the case above):
-    # 0 = one truncating tf32 pass, 2 = one pass on operands rounded to nearest (tf32_nearest)
+    # 0 = one truncating tf32 pass, 2 = one pass on operands rounded to nearest (tf32_nearest), 3 / 4 =
+    # two passes with one operand split exactly
     use_variant(monkeypatch, "decay_grad", precise=precise)
     check_case(HALF_CASE, torch.float16)
 
@@ -316,7 +317,7 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precise", [0, 2])
+@pytest.mark.parametrize("precise", [0, 2, 3, 4])
 def test_chunk_kda_gpu_decay_precision(cuda_device, precise, monkeypatch):
     # the decay products' other dot precisions in bf16 (default 1 = 3-pass): truncating and rounded
     # single-pass tf32 must both stay inside the GPU tolerances

@@ -238,6 +238,14 @@ def _pdot(a, b, PREC: tl.constexpr):
     operands rounded to nearest by :func:`tf32_nearest` instead of truncated)."""
     if PREC == "tf32rn":
         return tl.dot(tf32_nearest(a), tf32_nearest(b), input_precision="tf32")
+    elif PREC == "tf32split_a":  # a = hi + lo exactly (hi truncated to tf32), b rounded: 2 passes
+        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        b_r = tf32_nearest(b)
+        return tl.dot(hi, b_r, input_precision="tf32") + tl.dot(a - hi, b_r, input_precision="tf32")
+    elif PREC == "tf32split_b":  # a rounded, b = hi + lo exactly: 2 passes
+        hi = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        a_r = tf32_nearest(a)
+        return tl.dot(a_r, hi, input_precision="tf32") + tl.dot(a_r, b - hi, input_precision="tf32")
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -435,13 +443,14 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, out_dtype:
 
 def decay_precision(prec: str) -> str:
     """Dot precision of the decay products: ``LAUNCH["decay_grad"]["precise"]`` 0 = ``prec`` (the
-    inputs' default), 1 = 3-pass tf32, 2 = one tf32 pass on operands rounded to nearest ("tf32rn";
-    fp32 inputs keep their 3-pass ``prec``)."""
+    inputs' default), 1 = 3-pass tf32, 2 = one tf32 pass on operands rounded to nearest ("tf32rn"),
+    3 / 4 = two passes with the first / second operand split exactly and the other rounded (fp32 inputs
+    keep their 3-pass ``prec``)."""
     mode = int(LAUNCH["decay_grad"].get("precise") or 0)
     if mode == 1:
         return "tf32x3"
-    if mode == 2 and prec == "tf32":
-        return "tf32rn"
+    if prec == "tf32" and mode in (2, 3, 4):
+        return {2: "tf32rn", 3: "tf32split_a", 4: "tf32split_b"}[mode]
     return prec
 
 
