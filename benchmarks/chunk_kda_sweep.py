@@ -43,9 +43,9 @@ SCAN_OUT = [dict(output=o, BV=bv, num_warps=w, num_stages=s)
 SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) for bv, s in ((16, 3), (64, 2), (32, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
-# precise: 1 = 3-pass tf32 (default), 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
-# 3 / 4 = two passes, the first / second operand split exactly (session 8: v12a, v12b)
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 3, 4, 0) for w in (4, 2)])
+# precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
+# 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (4, 1, 2, 0) for w in (2, 4)])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]

@@ -234,15 +234,14 @@ def tf32_nearest(x):
 
 @triton.jit
 def _pdot(a, b, PREC: tl.constexpr):
-    """``tl.dot(a, b)`` at ``PREC``: Triton's "tf32" / "tf32x3" / "ieee", or "tf32rn" (one tf32 pass on
-    operands rounded to nearest by :func:`tf32_nearest` instead of truncated)."""
+    """``tl.dot(a, b)`` at ``PREC``: Triton's "tf32" / "tf32x3" / "ieee", "tf32rn" (one tf32 pass on
+    operands rounded to nearest by :func:`tf32_nearest` instead of truncated) or "tf32split" (below)."""
     if PREC == "tf32rn":
         return tl.dot(tf32_nearest(a), tf32_nearest(b), input_precision="tf32")
-    elif PREC == "tf32split_a":  # a = hi + lo exactly (hi truncated to tf32), b rounded: 2 passes
-        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        b_r = tf32_nearest(b)
-        return tl.dot(hi, b_r, input_precision="tf32") + tl.dot(a - hi, b_r, input_precision="tf32")
-    elif PREC == "tf32split_b":  # a rounded, b = hi + lo exactly: 2 passes
+    elif PREC == "tf32split":
+        # two passes: b = hi + lo exactly (hi = b truncated to tf32; lo's own truncation is ~2^-21 of
+        # b), a rounded to nearest. In the decay products b is the decayed q / k operand, whose
+        # rounding is what moved the gate gradients (session 8, v12b: splitting a instead changed nothing)
         hi = (b.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         a_r = tf32_nearest(a)
         return tl.dot(a_r, hi, input_precision="tf32") + tl.dot(a_r, b - hi, input_precision="tf32")
@@ -442,15 +441,15 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, out_dtype:
 
 
 def decay_precision(prec: str) -> str:
-    """Dot precision of the decay products: ``LAUNCH["decay_grad"]["precise"]`` 0 = ``prec`` (the
-    inputs' default), 1 = 3-pass tf32, 2 = one tf32 pass on operands rounded to nearest ("tf32rn"),
-    3 / 4 = two passes with the first / second operand split exactly and the other rounded (fp32 inputs
-    keep their 3-pass ``prec``)."""
+    """Dot precision of the decay products for half inputs (fp32 inputs keep their 3-pass ``prec``):
+    ``LAUNCH["decay_grad"]["precise"]`` 0 = one truncating tf32 pass, 1 = 3-pass tf32, 2 = one pass on
+    operands rounded to nearest ("tf32rn"), 4 = two passes with the decayed operand split exactly
+    ("tf32split", the default). (3, the other operand split, measured no better than 2: removed.)"""
     mode = int(LAUNCH["decay_grad"].get("precise") or 0)
     if mode == 1:
         return "tf32x3"
-    if prec == "tf32" and mode in (2, 3, 4):
-        return {2: "tf32rn", 3: "tf32split_a", 4: "tf32split_b"}[mode]
+    if prec == "tf32" and mode in (2, 4):
+        return {2: "tf32rn", 4: "tf32split"}[mode]
     return prec
 
 

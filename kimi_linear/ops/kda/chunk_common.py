@@ -138,12 +138,15 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
     # at 1M tokens x heads (sweep_v9_levels_h100.txt)
-    # precise=1: 3-pass tf32 dots for half inputs too. The single-pass form left the gate gradients far
+    # precise (chunk_bwd.decay_precision): the single-pass tf32 form (0) left the gate gradients far
     # from the fp64 reference in bf16 (dA_log 6.2-8.7e-2 relative RMS, ddt_bias 3.2-4.5e-2, dg 8-9e-3;
-    # FLA 0.6.0: 6.2e-3, 7.4e-3, 4.1e-3): the products' rounding does not cancel in dG. 3-pass: dA_log
-    # 0.35-0.94e-2, ddt_bias 4.5e-3, dg 5.0e-3, at 8.43 ms instead of 5.24 for this kernel at 1M tokens
-    # x heads (H100, session 7: grad_precision_h100.txt, sweep_v11h). precise=0 is the faster option.
-    "decay_grad": dict(num_warps=4, num_stages=3, BK=32, precise=1),
+    # FLA 0.6.0: 6.2e-3, 7.4e-3, 4.1e-3): the decayed operands' rounding does not cancel in dG. 3-pass
+    # (1): dA_log 0.35-0.94e-2, ddt_bias 4.5e-3, dg 5.0e-3, at 8.3-8.4 ms instead of 5.24 at 1M tokens x
+    # heads (session 7). Two passes with only the decayed operand split (4, on 2 warps): the same errors
+    # as 3-pass to 3 digits (dA_log 1.3e-3 / 3.3e-3 / 3.4e-3) at 6.67 ms; operands rounded instead of
+    # truncated in one pass (2): errors halved only, 5.59 ms (H100, session 8: grad_precision_split_h100
+    # .txt, sweep_v12b_split_decay_h100.txt). precise=0 is the fastest option.
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
