@@ -69,13 +69,20 @@ def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0):
     return xs, do
 
 
-def run_once(xs, do):
+def step_once(xs, do):
+    """One fwd+bwd with fresh gradients (no accumulation kernels): what the per-kernel profiles time."""
     from kimi_linear.ops.kda.chunk import chunk_kda
 
     for x in xs:
         x.grad = None
     o, _ = chunk_kda(*xs, backend="triton")
     o.backward(do)
+    return o
+
+
+def run_once(xs, do):
+    """Output and gradients in fp32, for comparing a candidate with the baseline (casts not profiled)."""
+    o = step_once(xs, do)
     return [o.detach().float()] + [x.grad.float() for x in xs]
 
 
@@ -91,6 +98,8 @@ def fused_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     do = torch.randn(B, T, H, K, device=DEVICE).to(DTYPE)
 
     def step():
+        for x in xs:
+            x.grad = None
         chunk_kda(*xs[:5], fusion=fusion, backend="triton")[0].backward(do)
 
     return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
@@ -107,6 +116,8 @@ def fla_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     xs, do = inputs(B, T, H, K)
 
     def step():
+        for x in xs:
+            x.grad = None
         fla_chunk_kda(*xs)[0].backward(do)
 
     return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
@@ -122,7 +133,7 @@ def kernel_sum(times: dict[str, float], names: tuple[str, ...]) -> float:
 def per_kernel_ms(xs, do, reps: int = 3) -> dict[str, float]:
     from kimi_linear.bench.common import kernel_times
 
-    times = kernel_times(lambda: run_once(xs, do), torch.device(DEVICE), reps=reps)
+    times = kernel_times(lambda: step_once(xs, do), torch.device(DEVICE), reps=reps)
     return {name: ms for name, (ms, _) in times.items()}
 
 
