@@ -223,11 +223,11 @@ def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_sta
 @triton.jit
 def tf32_nearest(x):
     """fp32 ``x`` rounded to the nearest tf32 value (10 mantissa bits; ties away from zero), kept in
-    fp32. A tensor-core tf32 dot reads only the top 19 bits of each fp32 operand, i.e. truncates:
-    every product is then biased toward zero by ~2^-11 on average, and biased errors add up instead of
-    cancelling in long sums such as dA_log. Rounded operands leave an unbiased error of <= 2^-11.
-    (Integer add then mask on the bits: a carry into the exponent is the correct round-up; canonical
-    NaN and +-Inf map to themselves.)"""
+    fp32. A tensor-core tf32 dot reads only the top 19 bits of each fp32 operand, i.e. truncates, so
+    every product is biased toward zero by ~2^-11 on average; rounded operands leave an unbiased error
+    of <= 2^-11. (In the decay products this halved the gate gradients' error; the rest was the
+    decayed operand's rounding itself, see ``tf32split``.) Integer add then mask on the bits: a carry
+    into the exponent is the correct round-up; canonical NaN and +-Inf map to themselves."""
     b = x.to(tl.int32, bitcast=True)
     return ((b + 0x1000) & -8192).to(tl.float32, bitcast=True)
 
