@@ -224,8 +224,21 @@ def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: 
     return rec
 
 
+# The KDA input settings do different work (the layer-fused one adds the norms, the gate and the
+# sigmoid), so a speed-up is only quoted between rows of the same KDA setting; other ops (flash
+# attention, the gated delta rule) are compared with either, as the yardsticks they are.
+KDA_SETTINGS = ("kda", "kda_layer")
+
+
+def comparable(ours: Record, peer: Record) -> bool:
+    """Whether ``peer_ms / ours_ms`` is a like-for-like speed-up (see :data:`KDA_SETTINGS`)."""
+    o, p = ours.extra.get("setting"), peer.extra.get("setting")
+    return o == p or o not in KDA_SETTINGS or p not in KDA_SETTINGS
+
+
 def add_ratios(records: Sequence[Record]) -> None:
-    """For each of our rows: ``peer_ms / our_ms`` for every timed peer at the same shape and mode."""
+    """For each of our rows: ``peer_ms / our_ms`` for every comparable timed peer at the same shape and
+    mode (:func:`comparable`)."""
     by_key: dict[tuple[str, str], list[Record]] = {}
     for r in records:
         by_key.setdefault((str(sorted(r.shape.items())), r.mode), []).append(r)
@@ -233,7 +246,8 @@ def add_ratios(records: Sequence[Record]) -> None:
         for r in rows:
             if not r.ok or not KDA_PROVIDERS.get(r.provider, None) or not KDA_PROVIDERS[r.provider].ours:
                 continue
-            r.extra["speedup_vs"] = {o.provider: round(o.ms / r.ms, 3) for o in rows if o.ok and o is not r}
+            r.extra["speedup_vs"] = {o.provider: round(o.ms / r.ms, 3) for o in rows
+                                     if o.ok and o is not r and comparable(r, o)}
         for r in rows:
             if r.ok and r.floor_ms:
                 r.extra["x_floor"] = round(r.ms / r.floor_ms, 2)
@@ -288,7 +302,9 @@ def markdown(env: dict[str, object], records: Sequence[Record]) -> str:
              markdown_table(records, COLUMNS), ""]
     ratios = [r for r in records if r.extra.get("speedup_vs")]
     if ratios:
-        lines += ["## Our speed-up over each peer (peer ms / our ms)", ""]
+        lines += ["## Our speed-up over each peer (peer ms / our ms)", "",
+                  "Between rows of the same KDA input setting (log-decay input, or layer-fused); flash "
+                  "attention and the gated delta rule against both.", ""]
         for r in ratios:
             pairs = ", ".join(f"{k} {v:.2f}x" for k, v in r.extra["speedup_vs"].items())
             lines.append(f"- B{r.shape['B']} T{r.shape['T']} H{r.shape['H']} {r.mode} {r.provider}: {pairs}")

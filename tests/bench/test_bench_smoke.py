@@ -140,3 +140,21 @@ def test_kernel_times_counts_launches_per_call():
     times = kernel_times(lambda: (a @ a) @ a, torch.device("cpu"), reps=2)
     ms, launches = times["aten::mm"]
     assert launches == 2 and ms >= 0.0
+
+
+def test_speedups_only_between_comparable_settings():
+    """ours (log-decay input) is not quoted against a layer-fused peer, nor ours_fused against the
+    log-decay one; flash attention and the gated delta rule are yardsticks for both."""
+    from kimi_linear.bench.common import Record
+
+    shape = {"B": 1, "T": 64, "H": 1, "K": 8, "V": 8}
+
+    def row(provider, setting, ms):
+        return Record(bench="kda", provider=provider, mode="fwd", shape=shape, ms=ms, extra={"setting": setting})
+
+    rows = [row("ours", "kda", 1.0), row("ours_fused", "kda_layer", 2.0), row("fla_kda", "kda", 3.0),
+            row("fla_kda_safe", "kda_layer", 4.0), row("fla_gdn", "gdn", 5.0), row("flash", "attention", 6.0)]
+    kda.add_ratios(rows)
+    assert rows[0].extra["speedup_vs"] == {"fla_kda": 3.0, "fla_gdn": 5.0, "flash": 6.0}
+    assert rows[1].extra["speedup_vs"] == {"fla_kda_safe": 2.0, "fla_gdn": 2.5, "flash": 3.0}
+    assert "speedup_vs" not in rows[2].extra, "peers get no ratios of their own"
