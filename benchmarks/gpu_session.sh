@@ -5,12 +5,12 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): tests (the last
-# session-7 commit, 3-pass decay products, was not GPU-suite tested), then the Figure-2 redraw with
-# FLA's other kernels, the one issue-3 deliverable still missing (FLA autotunes chunk_dplr_delta_rule
-# for minutes per shape; carry the autotune cache and keep the provider list to these):
-#   PROVIDERS=ours,fla_gdn,fla_dplr,fla_kda_safe GRID_SHAPES=fig2 bash benchmarks/gpu_session.sh grid
-# then train (B8 T4K H32 with the precise decay products), decode.
+# Order for the next session (30 device minutes; the H100 counts half its held time): tests (session 8's
+# last kernel commit only renamed the GPU-tested split-precision branch and dropped a dominated one), then
+# train (B32 T2048 H16 with the v12b decay products was not run; the autotune cache holds FLA's H=32 and
+# H=16 tunings), then the issue-7 step written up in docs/kernels.md (factored diagonal per sub-chunk),
+# decode for issue 5. Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run
+# no FLA kernel now write none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", BENCH_SHAPES.
 # Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.
