@@ -173,6 +173,21 @@ def test_chunk_kda_interpreter_half_inputs():
     check_case(HALF_CASE, torch.float16)
 
 
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2], CPU_CASES[-1]], ids=["odd-T-h0", "varlen-gva-fused", "varlen-fused"])
+def test_chunk_kda_interpreter_factored_diagonal(case, monkeypatch):
+    # the decay products' diagonal through one reference per sub-chunk where the gate span allows:
+    # the odd-T case takes it in every sub-chunk, the fused cases' larger gates take both forms (a
+    # mutation that drops either form fails these tests)
+    use_variant(monkeypatch, "decay_grad", factored=1)
+    check_case(case)
+
+
+def test_chunk_kda_interpreter_factored_diagonal_extreme_gates(monkeypatch):
+    # gates at -1e4 mixed with ordinary ones: sub-chunks on both sides of the span test in one run
+    use_variant(monkeypatch, "decay_grad", factored=1)
+    check_extreme("cpu", torch.float32)
+
+
 @pytest.mark.parametrize("precise", [0, 1, 2])
 def test_chunk_kda_interpreter_half_inputs_decay_precision(precise, monkeypatch):
     # the decay products' other dot precisions for half inputs (the default, 4 = two passes with the
@@ -314,6 +329,14 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
         outs.append(chunk_kda(*cast, initial_state=inp["h0"], backend="triton")[0].float())
     assert rel_rms(outs[1], outs[0]) <= 1e-4
     check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_factored_diagonal(cuda_device, dtype, monkeypatch):
+    use_variant(monkeypatch, "decay_grad", factored=1)
+    check_fused_varlen(cuda_device, dtype)
+    check_extreme(cuda_device, dtype)
 
 
 @pytest.mark.gpu

@@ -249,9 +249,76 @@ def _pdot(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+# A sub-chunk whose chunk-relative gate sum G spans at most this much on every channel can take one
+# reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
+# numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
+# carry rounding error only, like the halving levels (which any gate may take).
+FACTOR_SPAN: tl.constexpr = 60.0
+
+
+@triton.jit
+def _sub_chunk_span(b_g, m_r, m_k):
+    """max over the program's channels of (max - min) of G over the sub-chunk's valid rows."""
+    g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
+    g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
+    return tl.max(tl.where(m_k, g_hi - g_lo, 0.0), axis=0)
+
+
+@triton.jit
+def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr):
+    """The diagonal sub-block's pairs j < t through the sub-chunk's top value of G, p (the first row:
+    G does not increase): e^{G_t - G_j} = f_up[t] f_dn[j], f_up = e^{G - G_p} <= 1, f_dn = e^{G_p - G} >= 1.
+    Only taken when the span is <= FACTOR_SPAN, so the clamps below change no valid row; rows past the
+    sequence's end (G loaded as 0) get finite factors and meet zero operands or masked stores."""
+    g_p = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
+    d = tl.minimum(tl.maximum(b_g - g_p[None, :], -FACTOR_SPAN), 0.0)
+    f_up = tl.exp(d)
+    f_dn = tl.exp(-d)
+    low = o_s[:, None] > o_s[None, :]
+    l_aq = tl.where(low, b_daq, 0.0)
+    l_a = tl.where(low, b_da, 0.0)
+    b_kd = b_k * f_dn
+    b_dq2 += f_up * _pdot(l_aq, b_kd, PREC)
+    b_dk3 += f_up * _pdot(l_a, b_kd, PREC)
+    b_dk4 += f_dn * _pdot(tl.trans(l_a), b_k * f_up, PREC)
+    b_dk5 += f_dn * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
+    return b_dq2, b_dk3, b_dk4, b_dk5
+
+
+@triton.jit
+def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
+                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
+    """The diagonal sub-block's pairs j < t by halving levels, exact for any gate."""
+    # Diagonal sub-block by halving levels: at level s = 8, 4, 2, 1 the pairs j < r of one 2s-aligned
+    # group with r in its upper half and j in its lower half factor through the group's midpoint p
+    # (j < p <= r): e^{G_r - G_j} = F_r F_j with F_r = e^{G_r - G_p} and F_j = e^{G_p - G_j}, both <= 1,
+    # so nothing overflows for any gate, and a factor that underflows bounds a product below it (exact).
+    # Every pair j < r has exactly one such level; a row takes one exponential per level and channel
+    # (to its own group's midpoint), and the sums run as [16,16] x [16,BK] dots.
+    for lvl in tl.static_range(4):
+        s = 8 >> lvl  # constexpr: 8, 4, 2, 1
+        mid = (o_s // (2 * s)) * (2 * s) + s
+        upper = (o_s & s) != 0
+        b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                       mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
+        b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+        f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
+        f_lo = b_f - f_up  # F of the lower rows j
+        pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
+        l_aq = tl.where(pair, b_daq, 0.0)
+        l_a = tl.where(pair, b_da, 0.0)
+        b_kl = b_k * f_lo
+        b_dq2 += f_up * _pdot(l_aq, b_kl, PREC)
+        b_dk3 += f_up * _pdot(l_a, b_kl, PREC)
+        b_dk4 += f_lo * _pdot(tl.trans(l_a), b_k * f_up, PREC)
+        b_dk5 += f_lo * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
+    return b_dq2, b_dk3, b_dk4, b_dk5
+
+
 @triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                    FACTORED: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}:
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
@@ -309,12 +376,6 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_rk, mask=m_rk, other=0).to(tl.float32)
     b_k = tl.load(k + p_rk, mask=m_rk, other=0).to(tl.float32)
-    # Diagonal sub-block by halving levels: at level s = 8, 4, 2, 1 the pairs j < r of one 2s-aligned
-    # group with r in its upper half and j in its lower half factor through the group's midpoint p
-    # (j < p <= r): e^{G_r - G_j} = F_r F_j with F_r = e^{G_r - G_p} and F_j = e^{G_p - G_j}, both <= 1,
-    # so nothing overflows for any gate, and a factor that underflows bounds a product below it (exact).
-    # Every pair j < r has exactly one such level; a row takes one exponential per level and channel
-    # (to its own group's midpoint), and the sums run as [16,16] x [16,BK] dots.
     b_daq = tl.load(dAqk + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)  # [t, j]
     b_da = tl.load(dA + p_rows_cc + a * 16 + o_s[None, :], mask=m_r[:, None], other=0)
     eye = o_s[:, None] == o_s[None, :]
@@ -325,29 +386,26 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     b_dk5 += c_q * b_q
     b_dk3 += c_a * b_k
     b_dk4 += c_a * b_k
-    for lvl in tl.static_range(4):
-        s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-        mid = (o_s // (2 * s)) * (2 * s) + s
-        upper = (o_s & s) != 0
-        b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                       mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-        b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-        f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
-        f_lo = b_f - f_up  # F of the lower rows j
-        pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
-        l_aq = tl.where(pair, b_daq, 0.0)
-        l_a = tl.where(pair, b_da, 0.0)
-        b_kl = b_k * f_lo
-        b_dq2 += f_up * _pdot(l_aq, b_kl, PREC)
-        b_dk3 += f_up * _pdot(l_a, b_kl, PREC)
-        b_dk4 += f_lo * _pdot(tl.trans(l_a), b_k * f_up, PREC)
-        b_dk5 += f_lo * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
+    if FACTORED:
+        # the whole sub-chunk through one reference where its gate span allows (exact there, see
+        # _diag_factored); the halving levels otherwise. The span is the same for every row of the
+        # program, so the branch is uniform.
+        if _sub_chunk_span(b_g, m_r, m_k) <= FACTOR_SPAN:
+            b_dq2, b_dk3, b_dk4, b_dk5 = _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s,
+                                                        b_dq2, b_dk3, b_dk4, b_dk5, PREC)
+        else:
+            b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
+                                                      b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+    else:
+        b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
+                                                  b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
 @triton.jit
 def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                       FACTORED: tl.constexpr):
     # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
     # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
     # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
@@ -369,7 +427,7 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
         m_rk = m_r[:, None] & m_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                                                               H, HV, K, BK, PREC)
+                                                               H, HV, K, BK, PREC, FACTORED)
         b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
@@ -524,7 +582,7 @@ def chunk_kda_bwd(
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
-            PREC=decay_precision(prec),
+            PREC=decay_precision(prec), FACTORED=bool(LAUNCH["decay_grad"].get("factored")),
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,

@@ -146,7 +146,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # as 3-pass to 3 digits (dA_log 1.3e-3 / 3.3e-3 / 3.4e-3) at 6.67 ms; operands rounded instead of
     # truncated in one pass (2): errors halved only, 5.59 ms (H100, session 8: grad_precision_split_h100
     # .txt, sweep_v12b_split_decay_h100.txt). precise=0 is the fastest option.
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4),
+    # factored=1: a sub-chunk whose gate span is <= 60 takes its diagonal pairs through one reference
+    # (one exponential pair per element, four dots) instead of the halving levels; other sub-chunks keep
+    # the levels, so it stays exact for any gate (chunk_bwd._diag_factored). Prepared in session 8, not
+    # yet measured on a GPU: off until it is.
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=0),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
