@@ -253,7 +253,7 @@ def _pdot(a, b, PREC: tl.constexpr):
 # reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
 # numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
 # carry rounding error only, like the halving levels (which any gate may take).
-FACTOR_SPAN: tl.constexpr = 60.0
+FACTOR_SPAN = tl.constexpr(60.0)
 
 
 @triton.jit
