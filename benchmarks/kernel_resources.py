@@ -26,7 +26,7 @@ TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start")})
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
-TYPES.update(indices="*i64", logits="*fp32", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
+TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 
 
@@ -86,7 +86,13 @@ def cases():
         tu["num_warps"], tu["num_stages"] or 3
     yield "moe decode down", down, dict(BLOCK_N=16, BLOCK_D=td["BLOCK_D"], BLOCK_I=td["BLOCK_I"], BLOCK_NK=16), \
         td["num_warps"], td["num_stages"] or 3
-    yield "moe route (E=256, k=8)", moe_route_kernel._route_kernel, dict(EP=256, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True), 1, 3
+    # routing from given logits (the released model's 256 experts), or with the router's logits computed
+    # inside (decode, <= 64 tokens and <= 32 experts: the decode benchmark's 16 and the limit), D = 2304
+    for e, hidden in ((256, False), (16, True), (32, True)):
+        yield (f"moe route (E={e}, k=8) from_hidden={int(hidden)}", moe_route_kernel._route_kernel,
+               dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, FROM_HIDDEN=hidden,
+                    BLOCK_D=moe_route_kernel.hidden_block_d(e, 2304)),
+               moe_route_kernel.HIDDEN_TILE["num_warps"] if hidden else 1, 3)
 
 
 def main() -> None:

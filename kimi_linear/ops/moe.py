@@ -89,6 +89,11 @@ def route(
 
 
 ROUTE_IN_KERNEL_MAX_TOKENS = 64
+# ... and at most this many experts: one program per token reads the whole [E, D] router weight, which
+# was measured to win at E = 16 (6.6 us against 10.8 for cuBLAS + routing, H100); at the released
+# model's 256 experts one SM would read 1.2 MB per token while a GEMV spreads it over the GPU. Up to 32
+# the kernel compiles without spills for sm_90a (benchmarks/kernel_resources.py; 64 spills).
+ROUTE_IN_KERNEL_MAX_EXPERTS = 32
 
 
 def route_tokens(
@@ -105,7 +110,8 @@ def route_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`route` of the router logits ``x.float() @ gate_weight.float().T`` (``x [N, D]``,
     ``gate_weight [E, D]``). At inference on Triton (no groups, no gradient, at most
-    ``ROUTE_IN_KERNEL_MAX_TOKENS`` tokens) one launch computes the logits and the choice; otherwise
+    ``ROUTE_IN_KERNEL_MAX_TOKENS`` tokens and ``ROUTE_IN_KERNEL_MAX_EXPERTS`` experts) one launch
+    computes the logits and the choice; otherwise
     the logits come from ``F.linear`` in fp32, then :func:`route`."""
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"need x [N, D] and gate_weight [E, D], got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
@@ -115,7 +121,7 @@ def route_tokens(
     fused = (
         # one program per token reads the whole router weight: right for a decode step's few tokens; a
         # prefill's thousands are better served by one GEMM (measured on an H100: 2.9 ms per 4K-token prefill)
-        x.shape[0] <= ROUTE_IN_KERNEL_MAX_TOKENS
+        x.shape[0] <= ROUTE_IN_KERNEL_MAX_TOKENS and gate_weight.shape[0] <= ROUTE_IN_KERNEL_MAX_EXPERTS
         and resolve_backend(backend, x.device) == "triton" and not (num_groups > 1 and topk_groups < num_groups)
         and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))
         and x.dtype != torch.float64

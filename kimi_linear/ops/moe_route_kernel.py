@@ -58,6 +58,16 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 # --only route, results/decode/session6/gemv_sweep2_h100.log): 2048-wide slices on 8 warps 6.6 us,
 # 128-wide on 4 warps ~17 us in the model, cuBLAS fp32 logits + the routing kernel 10.8 us.
 HIDDEN_TILE = dict(BLOCK_D=2048, num_warps=8)
+# A program holds an [EP, BLOCK_D] slice of the router weight: 16 x 2048 compiles to 221 registers
+# without spills on sm_90a, 256 x 2048 to 30 KB of spills (benchmarks/kernel_resources.py), so the
+# slice narrows as the experts grow.
+HIDDEN_TILE_ELEMS = 16 * 2048
+
+
+def hidden_block_d(E: int, D: int) -> int:
+    """Width of the router-weight slice per step of the in-kernel logits for E experts, D features."""
+    EP = triton.next_power_of_2(E)
+    return max(16, min(HIDDEN_TILE["BLOCK_D"], HIDDEN_TILE_ELEMS // EP, triton.next_power_of_2(max(D, 1))))
 
 
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -84,6 +94,6 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
                             bias, weights, indices, E, D, float(scaling), EP=triton.next_power_of_2(E),
                             TOPK=top_k, KP=triton.next_power_of_2(top_k), HAS_BIAS=correction_bias is not None,
                             RENORM=renormalize, FROM_HIDDEN=hidden is not None,
-                            BLOCK_D=min(HIDDEN_TILE["BLOCK_D"], triton.next_power_of_2(max(D, 1))),
+                            BLOCK_D=hidden_block_d(E, D),
                             num_warps=HIDDEN_TILE["num_warps"] if hidden is not None else (4 if E > 256 else 1))
     return weights, indices

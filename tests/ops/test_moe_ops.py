@@ -168,6 +168,7 @@ def test_route_tokens_kernel_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     check_route_tokens("cpu", 3, 200, 16, 4, torch.float32)  # D not a multiple of the kernel's 128
     check_route_tokens("cpu", 1, 64, 6, 6, torch.float32)
+    check_route_tokens("cpu", 2, 2304, 32, 8, torch.float32)  # the most experts in-kernel: 1024-wide slices
     # a prefill's many tokens: logits from one GEMM, then the routing kernel (bit for bit that path)
     from kimi_linear.ops.moe import ROUTE_IN_KERNEL_MAX_TOKENS
 
@@ -176,6 +177,37 @@ def test_route_tokens_kernel_interpreter():
         got = route_tokens(x, w_gate, None, 2, backend="triton")
         want = route(F.linear(x, w_gate), None, 2, backend="triton")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
+    # above ROUTE_IN_KERNEL_MAX_EXPERTS the logits come from one GEMM, whatever the token count
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from kimi_linear.ops import moe_route_kernel
+    from kimi_linear.ops.moe import ROUTE_IN_KERNEL_MAX_EXPERTS
+
+    seen = []
+    real = moe_route_kernel.route_triton
+    monkeypatch.setattr(moe_route_kernel, "route_triton",
+                        lambda *a, **kw: seen.append(kw.get("hidden") is not None) or real(*a, **kw))
+    with torch.no_grad():
+        for E in (ROUTE_IN_KERNEL_MAX_EXPERTS, ROUTE_IN_KERNEL_MAX_EXPERTS + 1):
+            x, w_gate = torch.randn(2, 32), torch.randn(E, 32)
+            got = route_tokens(x, w_gate, None, 4, backend="triton")
+            want = route(F.linear(x, w_gate), None, 4, backend="reference")
+            assert torch.equal(got[1].sort(-1).values, want[1].sort(-1).values)
+    assert seen[0] is True and seen[-1] is False, seen
+
+
+def test_router_slice_narrows_with_experts():
+    pytest.importorskip("triton")
+    from kimi_linear.ops.moe_route_kernel import HIDDEN_TILE_ELEMS, hidden_block_d
+
+    assert hidden_block_d(16, 2304) == 2048 and hidden_block_d(32, 2304) == 1024 and hidden_block_d(6, 32) == 32
+    for E in (1, 6, 16, 33, 64, 256, 1000):
+        bd = hidden_block_d(E, 7168)
+        assert bd >= 16 and (bd & (bd - 1)) == 0 and (E <= 16 or bd * (1 << (E - 1).bit_length()) <= HIDDEN_TILE_ELEMS)
 
 
 def test_route_tokens_reference_and_bad_input():
