@@ -265,6 +265,20 @@ def _sub_chunk_span(b_g, m_r, m_k):
 
 
 @triton.jit
+def _pair_products(pair, b_daq, b_da, b_q, b_k, f_t, f_j, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr):
+    """Add the diagonal sub-block's pairs (t, j) selected by ``pair [16, 16]`` whose decay factors as
+    e^{G_t - G_j} = f_t[t] f_j[j] (``[16, BK]`` each): dq2, dk3 on rows t; dk4, dk5 on rows j."""
+    l_aq = tl.where(pair, b_daq, 0.0)
+    l_a = tl.where(pair, b_da, 0.0)
+    b_kj = b_k * f_j
+    b_dq2 += f_t * _pdot(l_aq, b_kj, PREC)
+    b_dk3 += f_t * _pdot(l_a, b_kj, PREC)
+    b_dk4 += f_j * _pdot(tl.trans(l_a), b_k * f_t, PREC)
+    b_dk5 += f_j * _pdot(tl.trans(l_aq), b_q * f_t, PREC)
+    return b_dq2, b_dk3, b_dk4, b_dk5
+
+
+@triton.jit
 def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr):
     """The diagonal sub-block's pairs j < t through the sub-chunk's top value of G, p (the first row:
     G does not increase): e^{G_t - G_j} = f_up[t] f_dn[j], f_up = e^{G - G_p} <= 1, f_dn = e^{G_p - G} >= 1.
@@ -274,15 +288,8 @@ def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_
     d = tl.minimum(tl.maximum(b_g - g_p[None, :], -FACTOR_SPAN), 0.0)
     f_up = tl.exp(d)
     f_dn = tl.exp(-d)
-    low = o_s[:, None] > o_s[None, :]
-    l_aq = tl.where(low, b_daq, 0.0)
-    l_a = tl.where(low, b_da, 0.0)
-    b_kd = b_k * f_dn
-    b_dq2 += f_up * _pdot(l_aq, b_kd, PREC)
-    b_dk3 += f_up * _pdot(l_a, b_kd, PREC)
-    b_dk4 += f_dn * _pdot(tl.trans(l_a), b_k * f_up, PREC)
-    b_dk5 += f_dn * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
-    return b_dq2, b_dk3, b_dk4, b_dk5
+    return _pair_products(o_s[:, None] > o_s[None, :], b_daq, b_da, b_q, b_k, f_up, f_dn,
+                          b_dq2, b_dk3, b_dk4, b_dk5, PREC)
 
 
 @triton.jit
@@ -305,13 +312,8 @@ def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b
         f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
         f_lo = b_f - f_up  # F of the lower rows j
         pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
-        l_aq = tl.where(pair, b_daq, 0.0)
-        l_a = tl.where(pair, b_da, 0.0)
-        b_kl = b_k * f_lo
-        b_dq2 += f_up * _pdot(l_aq, b_kl, PREC)
-        b_dk3 += f_up * _pdot(l_a, b_kl, PREC)
-        b_dk4 += f_lo * _pdot(tl.trans(l_a), b_k * f_up, PREC)
-        b_dk5 += f_lo * _pdot(tl.trans(l_aq), b_q * f_up, PREC)
+        b_dq2, b_dk3, b_dk4, b_dk5 = _pair_products(pair, b_daq, b_da, b_q, b_k, f_up, f_lo,
+                                                    b_dq2, b_dk3, b_dk4, b_dk5, PREC)
     return b_dq2, b_dk3, b_dk4, b_dk5
 
 
