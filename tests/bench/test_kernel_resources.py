@@ -12,14 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_kernel_resources_reports_registers():
+def compile_env() -> dict[str, str]:
+    """Environment for a fresh process that compiles for sm_90a (skips without Triton's ptxas): no
+    TRITON_INTERPRET (the kernel tests' conftest sets it in this one, and interpreted kernels cannot
+    be compiled), the repository on the path."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this Triton has no ptxas")
-    # a fresh process without TRITON_INTERPRET (the kernel tests' conftest sets it in this one, and
-    # interpreted kernels cannot be compiled)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_kernel_resources_reports_registers():
+    env = compile_env()
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "conv decode"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -33,11 +39,7 @@ def test_every_listed_kernel_compiles_for_sm90():
     # inside a kernel must be a `tl.constexpr(...)` instance: an annotated global passed the interpreter
     # and failed here). Every kernel and launch variant kernel_resources lists, compiled for sm_90a
     # (~30 s from a cold cache).
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton has no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = compile_env()
     script = ("import sys; sys.path.insert(0, 'benchmarks'); import kernel_resources as kr; "
               "print(sum(1 for _ in kr.cases()))")
     n_cases = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,

@@ -128,35 +128,35 @@ def test_chunk_kda_interpreter_matches_reference(case):
     check_case(case)
 
 
-@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["varlen-gva-h0-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_state_bwd_in_scan(case, monkeypatch):
-    # the state-gradient scan with its dO-only term inside the scan (dw_local=0; the default computes
-    # it in a parallel kernel first)
-    use_variant(monkeypatch, "state_bwd", dw_local=0)
-    check_case(case)
-
-
-@pytest.mark.parametrize("heads", [1, 4])
-def test_chunk_kda_interpreter_gram_diag_heads_per_program(heads, monkeypatch):
-    # the diagonal gram kernel with BH value heads per program (the other cases run the default BH = 2),
-    # on a GVA case (heads of one program may read different q/k heads) with sequences ending mid-sub-chunk
-    use_variant(monkeypatch, "gram_diag", BH=heads)
-    check_case(CPU_CASES[-2])
-
-
-@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2], CPU_CASES[-1]], ids=["odd-T-h0", "varlen-gva-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_output_in_scan(case, monkeypatch):
+# Launch-table variants (the other cases run the defaults), each on the cases that reach its edges:
+# (id, kernel, switches, CPU_CASES indices)
+VARIANTS = [
+    # the state-gradient scan with its dO-only term inside the scan (the default computes it first in a
+    # parallel kernel)
+    ("state_bwd-dw_in_scan", "state_bwd", dict(dw_local=0), (-2, -1)),
+    # the diagonal gram with BH value heads per program (default 2), on a GVA case (heads of one program
+    # may read different q/k heads) with sequences ending mid-sub-chunk
+    ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
+    ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
-    use_variant(monkeypatch, "state_fwd", output=1)
-    check_case(case)
-
-
-@pytest.mark.parametrize("block", [16, 32])
-def test_chunk_kda_interpreter_solve_column_blocks(block, monkeypatch):
+    ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
     # default 64 (one block wider than K = 32 / V = 16: masked columns)
-    use_variant(monkeypatch, "solve", BV=block)
-    check_case(CPU_CASES[-2])
+    ("solve-BV16", "solve", dict(BV=16), (-2,)),
+    ("solve-BV32", "solve", dict(BV=32), (-2,)),
+    # the decay products' diagonal through one reference per sub-chunk where the gate span allows: the
+    # odd-T case takes it in every sub-chunk, the fused cases' larger gates take both forms (a mutation
+    # that drops either form fails these)
+    ("decay_grad-factored", "decay_grad", dict(factored=1), (1, -2, -1)),
+]
+
+
+@pytest.mark.parametrize("name,kernel,switches,case", [
+    pytest.param(name, kernel, switches, CPU_CASES[i], id=f"{name}-case{i % len(CPU_CASES)}")
+    for name, kernel, switches, cases in VARIANTS for i in cases])
+def test_chunk_kda_interpreter_launch_variant(name, kernel, switches, case, monkeypatch):
+    use_variant(monkeypatch, kernel, **switches)
+    check_case(case)
 
 
 def test_chunk_kda_interpreter_value_heads_not_a_power_of_two():
@@ -171,15 +171,6 @@ def test_chunk_kda_interpreter_half_inputs():
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
     # interpreter computes bf16 dots wrongly).
     check_case(HALF_CASE, torch.float16)
-
-
-@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2], CPU_CASES[-1]], ids=["odd-T-h0", "varlen-gva-fused", "varlen-fused"])
-def test_chunk_kda_interpreter_factored_diagonal(case, monkeypatch):
-    # the decay products' diagonal through one reference per sub-chunk where the gate span allows:
-    # the odd-T case takes it in every sub-chunk, the fused cases' larger gates take both forms (a
-    # mutation that drops either form fails these tests)
-    use_variant(monkeypatch, "decay_grad", factored=1)
-    check_case(case)
 
 
 def test_chunk_kda_interpreter_factored_diagonal_extreme_gates(monkeypatch):
