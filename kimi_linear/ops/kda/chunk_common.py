@@ -104,7 +104,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # sweep_v10_gram_diag_h100.txt, removed)
     # (session 7: the gate and its chunk cumsum inside this kernel measured 1.38-2.26 ms against 1.07
     # for the two kernels; removed)
-    "gram": dict(num_warps=4, num_stages=3, BK=32),
+    # factored=1: the diagonal blocks here too, through the off-diagonal part's reference token, for
+    # every sub-chunk whose gate span allows it (FACTOR_SPAN); _gram_diag_kernel then runs per sub-chunk
+    # and only on the flagged rest (chunk_fwd._gram_kernel); diag_prec: the factored dots' precision
+    "gram": dict(num_warps=4, num_stages=3, BK=32, factored=1, diag_prec="ieee"),
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:
@@ -148,9 +151,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # .txt, sweep_v12b_split_decay_h100.txt). precise=0 is the fastest option.
     # factored=1: a sub-chunk whose gate span is <= 60 takes its diagonal pairs through one reference
     # (one exponential pair per element, four dots) instead of the halving levels; other sub-chunks keep
-    # the levels, so it stays exact for any gate (chunk_bwd._diag_factored). Prepared in session 8, not
-    # yet measured on a GPU: off until it is.
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=0),
+    # the levels, so it stays exact for any gate (chunk_bwd._diag_factored). H100, session 9, 1M tokens x
+    # heads (Figure-2 gates): 6.71 -> 4.96 ms on 2 warps (5.51 on 4), 3.5e-5 from the levels' output;
+    # fwd+bwd 21.95 -> 20.27 ms (session9/sweep_decay_grad_factored.txt)
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
 
