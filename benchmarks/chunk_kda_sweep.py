@@ -27,7 +27,7 @@ from chunk_kda_timing import make  # noqa: E402
 
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
-    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel", "_gram_diag_kernel"),
+    "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
     "gram_diag": ("_gram_diag_kernel",),
     "solve": ("_inverse_kernel", "_wu_kernel"),
     "state_fwd": ("_state_fwd_kernel", "_output_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
@@ -49,16 +49,12 @@ PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4
 DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (4, 1, 2, 0) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=1) for w in (2, 4)])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
-# the gram with its diagonal blocks factored where the span allows (1) or all left to the diagonal kernel
-GRAM = ([dict(num_warps=w, num_stages=s, BK=bk, factored=1, diag_prec=p)
-         for p in ("ieee", "tf32x3") for w, s, bk in ((4, 3, 32), (8, 3, 32), (4, 3, 16))]
-        + [dict(num_warps=4, num_stages=3, BK=32, factored=0)])
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]
 GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
-CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": GRAM,
+CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 

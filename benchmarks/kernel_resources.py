@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 # not a constexpr is an fp32 pointer, except the scalars listed here
 TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
-TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "factored")})
+TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start")})
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
 TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
@@ -55,11 +55,8 @@ def cases():
 
     hk = dict(H=16, HV=16, K=128)
     dg, gd = LAUNCH["decay_grad"], LAUNCH["gram_diag"]
-    for diag in (1, 0):
-        yield f"gram diag={diag}", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32", DIAG=diag, DIAG_PREC="ieee"), 4, 3
-    for rows in (16, 1):
-        yield (f"gram diagonal BH={gd['BH']} rows={rows}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"], ROWS=rows),
-               gd["num_warps"], 3)
+    yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
+    yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):

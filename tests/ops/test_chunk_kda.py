@@ -129,37 +129,33 @@ def test_chunk_kda_interpreter_matches_reference(case):
 
 
 # Launch-table variants (the other cases run the defaults), each on the cases that reach its edges:
-# (id, {kernel: switches}, CPU_CASES indices)
+# (id, kernel, switches, CPU_CASES indices)
 VARIANTS = [
     # the state-gradient scan with its dO-only term inside the scan (the default computes it first in a
     # parallel kernel)
-    ("state_bwd-dw_in_scan", dict(state_bwd=dict(dw_local=0)), (-2, -1)),
-    # the diagonal gram blocks all by the pairwise kernel, token-parallel (by default the gram kernel
-    # factors them where the gate span allows and leaves only the rest to it), with BH value heads per
-    # program (default 2), on a GVA case (heads of one program may read different q/k heads) with
-    # sequences ending mid-sub-chunk
-    ("gram-pairwise_diagonal", dict(gram=dict(factored=0)), (1, -2)),
-    ("gram_diag-BH1", dict(gram=dict(factored=0), gram_diag=dict(BH=1)), (-2,)),
-    ("gram_diag-BH4", dict(gram=dict(factored=0), gram_diag=dict(BH=4)), (-2,)),
+    ("state_bwd-dw_in_scan", "state_bwd", dict(dw_local=0), (-2, -1)),
+    # the diagonal gram with BH value heads per program (default 2), on a GVA case (heads of one program
+    # may read different q/k heads) with sequences ending mid-sub-chunk
+    ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
+    ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
-    ("state_fwd-output_in_scan", dict(state_fwd=dict(output=1)), (1, -2, -1)),
+    ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
     # default 64 (one block wider than K = 32 / V = 16: masked columns)
-    ("solve-BV16", dict(solve=dict(BV=16)), (-2,)),
-    ("solve-BV32", dict(solve=dict(BV=32)), (-2,)),
+    ("solve-BV16", "solve", dict(BV=16), (-2,)),
+    ("solve-BV32", "solve", dict(BV=32), (-2,)),
     # the decay products' diagonal by the halving levels in every sub-chunk (the default factors a
     # sub-chunk through one reference where its gate span allows: the odd-T case takes that in every
     # sub-chunk, the fused cases' larger gates take both forms; a mutation that drops either fails them)
-    ("decay_grad-levels", dict(decay_grad=dict(factored=0)), (1, -2, -1)),
+    ("decay_grad-levels", "decay_grad", dict(factored=0), (1, -2, -1)),
 ]
 
 
-@pytest.mark.parametrize("name,kernels,case", [
-    pytest.param(name, kernels, CPU_CASES[i], id=f"{name}-case{i % len(CPU_CASES)}")
-    for name, kernels, cases in VARIANTS for i in cases])
-def test_chunk_kda_interpreter_launch_variant(name, kernels, case, monkeypatch):
-    for kernel, switches in kernels.items():
-        use_variant(monkeypatch, kernel, **switches)
+@pytest.mark.parametrize("name,kernel,switches,case", [
+    pytest.param(name, kernel, switches, CPU_CASES[i], id=f"{name}-case{i % len(CPU_CASES)}")
+    for name, kernel, switches, cases in VARIANTS for i in cases])
+def test_chunk_kda_interpreter_launch_variant(name, kernel, switches, case, monkeypatch):
+    use_variant(monkeypatch, kernel, **switches)
     check_case(case)
 
 
@@ -337,16 +333,6 @@ def test_chunk_kda_gpu_levels_diagonal(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gram", [dict(factored=0), dict(diag_prec="tf32x3")], ids=["pairwise", "tf32x3"])
-def test_chunk_kda_gpu_gram_diagonal_forms(cuda_device, gram, monkeypatch):
-    # the forward's diagonal gram blocks all by the pairwise kernel, or factored with 3-pass tf32 dots
-    # (the default factors them with fp32 FMA dots where the span allows, pairwise for the rest)
-    use_variant(monkeypatch, "gram", **gram)
-    check_fused_varlen(cuda_device, torch.bfloat16)
-    check_extreme(cuda_device, torch.float32)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("precise", [0, 1, 2])
 def test_chunk_kda_gpu_decay_precision(cuda_device, precise, monkeypatch):
     # the decay products' other dot precisions in bf16 (default 4 = split two-pass): truncating and
@@ -358,7 +344,6 @@ def test_chunk_kda_gpu_decay_precision(cuda_device, precise, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [1, 4])
 def test_chunk_kda_gpu_gram_diag_heads_per_program(cuda_device, heads, monkeypatch):
-    use_variant(monkeypatch, "gram", factored=0)  # every diagonal block through the pairwise kernel
     use_variant(monkeypatch, "gram_diag", BH=heads, num_warps=1)
     check_fused_varlen(cuda_device, torch.bfloat16)
 

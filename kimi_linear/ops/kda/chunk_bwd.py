@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
-from kimi_linear.ops.kda.chunk_fwd import FACTOR_SPAN, dot_precision, load_beta, lower_triangle, softplus_f32
+from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, lower_triangle, softplus_f32
 
 
 @triton.jit
@@ -249,9 +249,16 @@ def _pdot(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+# A sub-chunk whose chunk-relative gate sum G spans at most this much on every channel can take one
+# reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
+# numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
+# carry rounding error only, like the halving levels (which any gate may take).
+FACTOR_SPAN = tl.constexpr(60.0)
+
+
 @triton.jit
 def _sub_chunk_span(b_g, m_r, m_k):
-    """max over the tile's channels of (max - min) of G over the sub-chunk's valid rows."""
+    """max over the program's channels of (max - min) of G over the sub-chunk's valid rows."""
     g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
     g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
     return tl.max(tl.where(m_k, g_hi - g_lo, 0.0), axis=0)

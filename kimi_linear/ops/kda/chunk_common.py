@@ -104,10 +104,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # sweep_v10_gram_diag_h100.txt, removed)
     # (session 7: the gate and its chunk cumsum inside this kernel measured 1.38-2.26 ms against 1.07
     # for the two kernels; removed)
-    # factored=1: the diagonal blocks here too, through the off-diagonal part's reference token, for
-    # every sub-chunk whose gate span allows it (FACTOR_SPAN); _gram_diag_kernel then runs per sub-chunk
-    # and only on the flagged rest (chunk_fwd._gram_kernel); diag_prec: the factored dots' precision
-    "gram": dict(num_warps=4, num_stages=3, BK=32, factored=1, diag_prec="ieee"),
+    # (session 9: the diagonal blocks factored here too where the gate span allows, row by row, with the
+    # pairwise kernel for the rest: 2.21-2.92 ms with fp32 FMA dots, 3.4-4.8 with tf32x3, against 1.75
+    # for both kernels as below: session9/sweep_gram_factored_diag.txt; removed)
+    "gram": dict(num_warps=4, num_stages=3, BK=32),
     # diagonal gram blocks, token-parallel, only the needed columns, BH value heads per program: 1.105
     # ms with BH 4 on 1 warp (BH 1: 1.35; 2 or 4 warps slower) against 1.56 for the earlier [16, K]-tile
     # form with 8 rows per program (H100, 1M tokens x heads, sweep_v10_gram_diag_h100.txt). Session 7:

@@ -64,17 +64,10 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
     tl.store(G + off, tl.cumsum(b_g, axis=0), mask=m)
 
 
-# A sub-chunk whose chunk-relative gate sum G spans at most this much on every channel can take one
-# reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
-# numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
-# carry rounding error only, like the pairwise / halving-level forms (which any gate may take).
-FACTOR_SPAN = tl.constexpr(60.0)
-
-
 @triton.jit
-def _gram_kernel(q, k, G, Araw, Aqk, factored, chunk_start, chunk_len,
+def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr, DIAG: tl.constexpr, DIAG_PREC: tl.constexpr):
+                 BK: tl.constexpr, PREC: tl.constexpr):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
     # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
@@ -95,22 +88,9 @@ def _gram_kernel(q, k, G, Araw, Aqk, factored, chunk_start, chunk_len,
         # first of sub-chunk a): i < r <= t, so both exponents are <= 0 (docs/kda.md, step 3).
         b_aq = tl.zeros([16, 64], dtype=tl.float32)
         b_ak = tl.zeros([16, 64], dtype=tl.float32)
-        # DIAG: the diagonal block through the same reference r, the sub-chunk's largest G (G does not
-        # increase): e^{G_t - G_j} = e^{G_t - G_r} e^{G_r - G_j}, the second factor >= 1, so row t is
-        # kept only where G_r - G_t <= FACTOR_SPAN on every channel (then so is every j <= t). That
-        # decision reads rows <= t only, so outputs stay bit-for-bit independent of later tokens; the
-        # rows past it (a suffix, G does not increase) are left to _gram_diag_kernel through `factored`
-        # (the sub-chunk's first such row, 16 if none). The factors are clamped, so any gate leaves
-        # them finite. The dots ([16, BK] x [BK, 16]) run at
-        # DIAG_PREC: "ieee" (fp32 FMAs, the pairwise form's accuracy) compiles to 186 registers on 4
-        # warps for sm_90a; tensor-core tf32 or tf32x3 dots took 255 and spilled (layout conversions).
-        b_dq = tl.zeros([16, 16], dtype=tl.float32)
-        b_dk = tl.zeros([16, 16], dtype=tl.float32)
-        row_span = tl.zeros([16], dtype=tl.float32)  # max over channels of G_r - G_t
         m_prev = o_t < a * 16
         p_gr = G + ((t0 + a * 16) * HV + i_hv) * K
-        n_kb = KP // BK if DIAG else (a > 0).to(tl.int32) * (KP // BK)  # off-diagonal alone: none for a == 0
-        for kb in range(0, n_kb):
+        for kb in range(0, (a > 0).to(tl.int32) * (KP // BK)):  # zero trips for a == 0
             o_k = kb * BK + tl.arange(0, BK)
             m_k = o_k < K
             m_rk = m_r[:, None] & m_k[None, :]
@@ -125,76 +105,49 @@ def _gram_kernel(q, k, G, Araw, Aqk, factored, chunk_start, chunk_len,
             b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
-            if DIAG:
-                row_span = tl.maximum(row_span, tl.max(tl.where(m_k[None, :], b_gr[None, :] - b_g, 0.0), axis=1))
-                # rows past the end load G = 0: their d clamps to 0 and they meet zero operands
-                d = tl.minimum(tl.maximum(b_g - b_gr[None, :], -FACTOR_SPAN), 0.0)
-                b_kj = tl.trans(b_k * tl.exp(-d))
-                f_up = tl.exp(d)
-                b_dq += tl.dot(b_q * f_up, b_kj, input_precision=DIAG_PREC)
-                b_dk += tl.dot(b_k * f_up, b_kj, input_precision=DIAG_PREC)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         # (nothing above the diagonal is stored: every reader masks to the lower triangle)
         tl.store(Aqk + p_row + o_t[None, :], b_aq, mask=m_off)
         tl.store(Araw + p_row + o_t[None, :], b_ak, mask=m_off)
-        if DIAG:
-            ok = m_r & (row_span <= FACTOR_SPAN)
-            m_d = ok[:, None] & (o_s[None, :] <= o_s[:, None])
-            p_d = p_row + a * 16 + o_s[None, :]
-            tl.store(Aqk + p_d, b_dq, mask=m_d)
-            tl.store(Araw + p_d, tl.where(o_s[None, :] < o_s[:, None], b_dk, 0.0), mask=m_d)
-            tl.store(factored + tl.program_id(0) * HV + i_hv, tl.min(tl.where(ok, 16, o_s), axis=0))
-        # The rest of the diagonal 16x16 block is _gram_diag_kernel's (exact pairwise decays).
-    elif DIAG:
-        tl.store(factored + tl.program_id(0) * HV + i_hv, 16)  # a sub-chunk past the chunk's end: no rows
+        # The diagonal 16x16 block is _gram_diag_kernel's (token-parallel, only the needed columns).
 
 
 @triton.jit
-def _gram_diag_kernel(q, k, G, Araw, Aqk, factored, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                      ROWS: tl.constexpr):
-    # Step 3's diagonal 16x16 blocks with exact pairwise decays, on [BH, K] tiles (BH value heads per
-    # program): row r loops over j = start of r's sub-chunk .. r, Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j}
-    # (j <= r), Araw[r, j] the same with k_r (j < r). Only the needed columns are evaluated (a [16, K]
-    # tile per row spent half its exponentials on masked entries: 1.56 ms against 1.105 at 1M tokens x
-    # heads on an H100, sweep_v10_gram_diag_h100.txt). No serial chain across rows.
-    # ROWS = 1: token-parallel, one program per chunk row, every sub-chunk. ROWS = 16: one program per
-    # sub-chunk, only the rows _gram_kernel did not factor (from `factored[sub-chunk, head]` on; 16 =
-    # none): rare large gate spans, so the launch is mostly programs that read a flag and stop.
-    i_c = tl.program_id(0) // (64 // ROWS)
-    r0 = (tl.program_id(0) % (64 // ROWS)) * ROWS
+def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+    # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
+    # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
+    # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
+    # needed columns are evaluated (a [16, K] tile per row spent half its exponentials on masked
+    # entries: 1.56 ms against 1.105 at 1M tokens x heads on an H100, sweep_v10_gram_diag_h100.txt), and
+    # BH heads per program share the loop's addressing. No serial chain across rows.
+    i_c = tl.program_id(0) // 64
+    r = tl.program_id(0) % 64
     o_hv = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
     o_h = o_hv // (HV // H)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
-    m_hv = o_hv < HV
-    first = tl.zeros([BH], dtype=tl.int32)  # per head: the first row of the program to compute
-    if ROWS == 16:
-        first = tl.load(factored + (i_c * 4 + r0 // 16) * HV + o_hv, mask=m_hv, other=16)
-    lo = tl.min(first, axis=0)
-    if lo < ROWS:
+    if r < n:
+        a0 = (r // 16) * 16
         o_k = tl.arange(0, KP)
+        m_hk = (o_hv < HV)[:, None] & (o_k < K)[None, :]
         p_qk = o_h[:, None] * K + o_k[None, :]
         p_g = o_hv[:, None] * K + o_k[None, :]
-        for r in range(r0 + lo, tl.minimum(r0 + ROWS, n)):
-            m_h = m_hv & (r - r0 >= first)
-            m_hk = m_h[:, None] & (o_k < K)[None, :]
-            a0 = (r // 16) * 16
-            b_qr = tl.load(q + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
-            b_kr = tl.load(k + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
-            b_gr = tl.load(G + (t0 + r) * HV * K + p_g, mask=m_hk, other=0)
-            # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
-            # registers, more programs per SM: 0.89 ms against 1.07-1.11 on an H100 at 1M tokens x heads);
-            # nothing above the diagonal is stored (every reader masks to the lower triangle)
-            for j in range(a0, r + 1):
-                b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
-                b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
-                # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
-                b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
-                p_j = ((t0 + r) * HV + o_hv) * 64 + j
-                tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
-                tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
+        b_qr = tl.load(q + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+        b_kr = tl.load(k + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+        b_gr = tl.load(G + (t0 + r) * HV * K + p_g, mask=m_hk, other=0)
+        # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
+        # registers, more programs per SM: 0.89 ms against 1.07-1.11 on an H100 at 1M tokens x heads);
+        # nothing above the diagonal is stored (every reader masks to the lower triangle)
+        for j in range(a0, r + 1):
+            b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+            b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
+            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
+            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+            p_j = ((t0 + r) * HV + o_hv) * 64 + j
+            tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
+            tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
 
 
 @triton.jit
@@ -501,15 +454,11 @@ def chunk_kda_fwd(
             g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl, HV=HV, K=K, BK=BKC,
             GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        diag = bool(LAUNCH["gram"].get("factored"))  # the diagonal blocks factored where the span allows
-        factored = torch.empty((NC * 4, HV), dtype=torch.int32, device=dev) if diag else cl
-        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, factored, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG,
-                                  PREC=prec, DIAG=diag, DIAG_PREC=LAUNCH["gram"].get("diag_prec") or "ieee",
+        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-        rows = 16 if diag else 1  # per sub-chunk for the rest, else token-parallel
-        _gram_diag_kernel[(NC * 64 // rows, triton.cdiv(HV, BH))](
-            q, k, G, Araw, Aqk, factored, cs, cl, H=H, HV=HV, K=K, KP=KP, BH=BH, ROWS=rows, **launch("gram_diag"))
+        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
+                                                         BH=BH, **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
