@@ -45,9 +45,10 @@ SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) f
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
 # 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
-# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (4, 1, 2, 0) for w in (2, 4)]
-         + [dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=1) for w in (2, 4)])
+# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows;
+# 2: also 8- or 4-row groups factored below one or two halving levels where those spans allow
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 2, 0) for w in (2, 4)]
+         + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]
@@ -60,24 +61,35 @@ CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY,
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1
 DTYPE = torch.bfloat16
+FUSED = False  # --fused: the layer-fused setting (raw gate with A_log / dt_bias, q/k l2norm, beta sigmoid)
 
 
 def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0):
-    """The Figure-2 log-decay setting (``chunk_kda_timing.make``) as grad leaves, plus an upstream grad."""
-    inp, _ = make(T, H, K, fused=False, dtype=DTYPE, device=DEVICE, seed=seed, B=B)
-    xs = [x.requires_grad_(True) for x in inp.values()]
+    """The Figure-2 log-decay setting (``chunk_kda_timing.make``; the layer-fused one with FUSED) as
+    grad leaves ``[q, k, v, g, beta(, A_log, dt_bias)]``, plus an upstream grad."""
+    inp, extra = make(T, H, K, fused=FUSED, dtype=DTYPE, device=DEVICE, seed=seed, B=B)
+    xs = [x.requires_grad_(True) for x in list(inp.values()) + list(extra.values())]
     gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     do = torch.randn(B, T, H, K, generator=gen, device=DEVICE).to(DTYPE)
     return xs, do
 
 
+def forward(xs):
+    """Our chunk_kda output on the leaves of :func:`inputs` (fused when they carry A_log / dt_bias)."""
+    from kimi_linear.ops.kda.chunk import chunk_kda
+    from kimi_linear.ops.kda.fusion import KDAFusion
+
+    fusion = None
+    if len(xs) == 7:
+        fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=xs[5], dt_bias=xs[6])
+    return chunk_kda(*xs[:5], fusion=fusion, backend="triton")[0]
+
+
 def step_once(xs, do):
     """One fwd+bwd with fresh gradients (no accumulation kernels): what the per-kernel profiles time."""
-    from kimi_linear.ops.kda.chunk import chunk_kda
-
     for x in xs:
         x.grad = None
-    o, _ = chunk_kda(*xs, backend="triton")
+    o = forward(xs)
     o.backward(do)
     return o
 
@@ -107,10 +119,21 @@ def fused_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
 
 
+def fla_forward(xs):
+    """FLA 0.6.0's exact chunk_kda output on the leaves of :func:`inputs` (its fused options when they
+    carry A_log / dt_bias); ImportError without FLA."""
+    from fla.ops.kda import chunk_kda as fla_chunk_kda
+
+    if len(xs) == 7:
+        return fla_chunk_kda(*xs[:5], use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                             use_beta_sigmoid_in_kernel=True, A_log=xs[5], dt_bias=xs[6])[0]
+    return fla_chunk_kda(*xs)[0]
+
+
 def fla_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     """Per-kernel ms of one fwd+bwd of FLA's exact chunk_kda (the peer's budget per stage), or {}."""
     try:
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
+        import fla.ops.kda  # noqa: F401
     except ImportError:
         return {}
     from kimi_linear.bench.common import kernel_times
@@ -120,7 +143,7 @@ def fla_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     def step():
         for x in xs:
             x.grad = None
-        fla_chunk_kda(*xs)[0].backward(do)
+        fla_forward(xs).backward(do)
 
     return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
 
@@ -141,10 +164,9 @@ def per_kernel_ms(xs, do, reps: int = 3) -> dict[str, float]:
 
 def timed_fns(xs, do):
     """fwd and fwd+bwd closures (gradients accumulate across calls; the time is the same)."""
-    from kimi_linear.ops.kda.chunk import chunk_kda
 
     def o_fn():
-        return chunk_kda(*xs, backend="triton")[0]
+        return forward(xs)
 
     def fb_fn():
         o_fn().backward(do)
@@ -155,12 +177,12 @@ def timed_fns(xs, do):
 def fla_timed_fns(xs, do):
     """FLA 0.6.0's exact chunk_kda as fwd and fwd+bwd closures on the same inputs, or None."""
     try:
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
+        import fla.ops.kda  # noqa: F401
     except ImportError:
         return None
 
     def o_fn():
-        return fla_chunk_kda(*xs)[0]
+        return fla_forward(xs)
 
     def fb_fn():
         o_fn().backward(do)
@@ -227,13 +249,18 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
     ap.add_argument("--fla-profile", action="store_true", help="also print FLA's per-kernel times (if installed)")
     ap.add_argument("--fused-profile", action="store_true", help="also print the fused path's per-kernel times")
+    ap.add_argument("--fused", action="store_true",
+                    help="sweep on the layer-fused setting (raw gates with A_log / dt_bias, q/k l2norm, beta sigmoid)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole sweep (shared equally by shapes)")
     ap.add_argument("--compare", nargs="*", default=[],
                     help="shapes at which to time ours (baseline and the last shape's best settings) and FLA's exact path")
     args = ap.parse_args()
+    global FUSED
+    FUSED = args.fused
     t_start = time.time()
     base_launch = copy.deepcopy(chunk_common.LAUNCH)
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+              "setting": "kda_layer" if FUSED else "kda",
               "shapes": {}}
     for i_shape, shape in enumerate(args.shapes):
         shape_deadline = t_start + args.budget * (i_shape + 1) / len(args.shapes)

@@ -12,7 +12,7 @@
 # decode for issue 5. Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run
 # no FLA kernel now write none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
-# --fused-profile", BENCH_SHAPES.
+# --fused-profile", FUSED=1 (sweep the layer-fused setting), BENCH_SHAPES.
 # Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.
 # Writes logs and results under $OUT (at most 8 files come back: keep the list short).
 # Each step has its own time cap so a slow one (FLA autotuning) cannot starve the rest.
@@ -50,7 +50,7 @@ kernels)
   #    B=1 T=64K H=16; PROFILES="--fla-profile --fused-profile" adds per-kernel profiles
   #    COMPARE="1x8192x16 ..." then times ours (baseline and best settings) and FLA's exact path there
   timeout ${SWEEP_CAP:-300} python3 benchmarks/chunk_kda_sweep.py --shapes ${SHAPES:-1x65536x16} --kernels ${SWEEP:-solve} \
-    ${PROFILES:-} ${COMPARE:+--compare $COMPARE} --budget ${SWEEP_BUDGET:-240} 2>&1 | tee "$OUT/sweep.txt" | grep -v '^{'
+    ${PROFILES:-} ${FUSED:+--fused} ${COMPARE:+--compare $COMPARE} --budget ${SWEEP_BUDGET:-240} 2>&1 | tee "$OUT/sweep${FUSED:+_fused}.txt" | grep -v '^{'
   # 2. chunked KDA side by side: the Figure-2 end and a training shape (BENCH_SHAPES=none skips it)
   [ "${BENCH_SHAPES:-}" = none ] || timeout 220 python3 -m kimi_linear.cli bench kda --shapes ${BENCH_SHAPES:-1x65536x16,8x4096x32} \
     --providers ours,ours_fused,fla_kda,fla_kda_fused,flash --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -30
