@@ -45,9 +45,8 @@ SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) f
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
 # 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
-# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows;
-# 2: also 8- or 4-row groups factored below one or two halving levels where those spans allow
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 2, 0) for w in (2, 4)]
+# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
 GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs

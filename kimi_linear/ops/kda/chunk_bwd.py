@@ -293,44 +293,16 @@ def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_
 
 
 @triton.jit
-def _group_top(G, t0, n, i_hv, a, o_k, m_k, o_s, HV: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
-    """[16, BK]: G at the first row of each row's S-aligned group of the sub-chunk (the group's largest
-    G: G does not increase); 0 for groups past the sequence's end."""
-    first = a * 16 + (o_s // S) * S
-    return tl.load(G + ((t0 + first[:, None]) * HV + i_hv) * K + o_k[None, :],
-                   mask=(first < n)[:, None] & m_k[None, :], other=0)
-
-
-@triton.jit
-def _group_span(b_top, b_g, m_r, m_k):
-    """max over the valid rows and the program's channels of G_top - G: the largest span of a group."""
-    return tl.max(tl.max(tl.where(m_r[:, None] & m_k[None, :], b_top - b_g, 0.0), axis=1), axis=0)
-
-
-@triton.jit
-def _diag_grouped(b_g, b_top, b_q, b_k, b_daq, b_da, o_s, b_dq2, b_dk3, b_dk4, b_dk5,
-                  S: tl.constexpr, PREC: tl.constexpr):
-    """The pairs j < t inside each S-aligned group of the sub-chunk through the group's top row
-    (``_group_top``): _diag_factored's form per group, for groups that each span <= FACTOR_SPAN; the
-    pairs across groups are the halving levels' (levels 8 .. 2S)."""
-    d = tl.minimum(tl.maximum(b_g - b_top, -FACTOR_SPAN), 0.0)
-    pair = ((o_s[:, None] // S) == (o_s[None, :] // S)) & (o_s[:, None] > o_s[None, :])
-    return _pair_products(pair, b_daq, b_da, b_q, b_k, tl.exp(d), tl.exp(-d), b_dq2, b_dk3, b_dk4, b_dk5, PREC)
-
-
-@triton.jit
 def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
-                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr = 0,
-                 LAST: tl.constexpr = 4):
-    """The diagonal sub-block's pairs j < t by halving levels, exact for any gate (levels FIRST ..
-    LAST - 1 of s = 8, 4, 2, 1: the pairs across 2^(4 - LAST)-row groups when the rest is grouped)."""
+                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
+    """The diagonal sub-block's pairs j < t by halving levels, exact for any gate."""
     # Diagonal sub-block by halving levels: at level s = 8, 4, 2, 1 the pairs j < r of one 2s-aligned
     # group with r in its upper half and j in its lower half factor through the group's midpoint p
     # (j < p <= r): e^{G_r - G_j} = F_r F_j with F_r = e^{G_r - G_p} and F_j = e^{G_p - G_j}, both <= 1,
     # so nothing overflows for any gate, and a factor that underflows bounds a product below it (exact).
     # Every pair j < r has exactly one such level; a row takes one exponential per level and channel
     # (to its own group's midpoint), and the sums run as [16,16] x [16,BK] dots.
-    for lvl in tl.static_range(FIRST, LAST):
+    for lvl in tl.static_range(4):
         s = 8 >> lvl  # constexpr: 8, 4, 2, 1
         mid = (o_s // (2 * s)) * (2 * s) + s
         upper = (o_s & s) != 0
@@ -416,34 +388,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     b_dk5 += c_q * b_q
     b_dk3 += c_a * b_k
     b_dk4 += c_a * b_k
-    if FACTORED == 2:
-        # tiers: the whole sub-chunk through one reference where its span allows, else the top halving
-        # level and 8-row groups factored, else two levels and 4-row groups, else every level. Larger
-        # gates (the layer's own -exp(A_log) softplus(.) with A up to 16) often span > 60 over 16 rows
-        # but not over 4 or 8. Every test reads this program's channels only, so the branch is uniform.
-        b_top = _group_top(G, t0, n, i_hv, a, o_k, m_k, o_s, HV, K, 16)
-        if _group_span(b_top, b_g, m_r, m_k) <= FACTOR_SPAN:
-            b_dq2, b_dk3, b_dk4, b_dk5 = _diag_grouped(b_g, b_top, b_q, b_k, b_daq, b_da, o_s,
-                                                       b_dq2, b_dk3, b_dk4, b_dk5, 16, PREC)
-        else:
-            b_top = _group_top(G, t0, n, i_hv, a, o_k, m_k, o_s, HV, K, 8)
-            if _group_span(b_top, b_g, m_r, m_k) <= FACTOR_SPAN:
-                b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq,
-                                                          b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC, 0, 1)
-                b_dq2, b_dk3, b_dk4, b_dk5 = _diag_grouped(b_g, b_top, b_q, b_k, b_daq, b_da, o_s,
-                                                           b_dq2, b_dk3, b_dk4, b_dk5, 8, PREC)
-            else:
-                b_top = _group_top(G, t0, n, i_hv, a, o_k, m_k, o_s, HV, K, 4)
-                if _group_span(b_top, b_g, m_r, m_k) <= FACTOR_SPAN:
-                    b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
-                                                              b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC,
-                                                              0, 2)
-                    b_dq2, b_dk3, b_dk4, b_dk5 = _diag_grouped(b_g, b_top, b_q, b_k, b_daq, b_da, o_s,
-                                                               b_dq2, b_dk3, b_dk4, b_dk5, 4, PREC)
-                else:
-                    b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
-                                                              b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
-    elif FACTORED:
+    if FACTORED:
         # the whole sub-chunk through one reference where its gate span allows (exact there, see
         # _diag_factored); the halving levels otherwise. The span is the same for every row of the
         # program, so the branch is uniform.
@@ -639,7 +584,7 @@ def chunk_kda_bwd(
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
-            PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),
+            PREC=decay_precision(prec), FACTORED=bool(LAUNCH["decay_grad"].get("factored")),
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
