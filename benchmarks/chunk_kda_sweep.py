@@ -37,10 +37,13 @@ KERNEL_NAMES = {
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # the forward scan with the output inside (output 1; timed with _output_kernel, which then does not run)
 SCAN_OUT = [dict(output=o, BV=bv, num_warps=w, num_stages=s)
-            for o, bv, w, s in ((0, None, None, None), (1, None, None, None), (1, 16, 4, 3), (1, 32, 8, 3), (1, 64, 8, 2),
-                                (1, 32, 4, 2))]
+            for o, bv, w, s in ((0, None, None, None), (0, 64, 8, 2), (0, 32, 8, 3), (1, None, None, None), (1, 16, 4, 3),
+                                (1, 32, 8, 3), (1, 64, 8, 2), (1, 32, 4, 2))]
 # the state-gradient scan with and without its dO-only term split out (dw_local), at the shapes' best tiles
-SCAN_BWD = [dict(BV=bv, num_warps=4, num_stages=s, dw_local=d) for d in (1, 0) for bv, s in ((16, 3), (64, 2), (32, 3))]
+# (8 warps: the 4-warp tiles compile to 255 registers with 364-1040 B of spills on sm_90a, 8 warps
+# with BV 32 to none; benchmarks/kernel_resources.py)
+SCAN_BWD = ([dict(BV=bv, num_warps=w, num_stages=s, dw_local=1) for w in (8, 4) for bv, s in ((16, 3), (64, 2), (32, 3))]
+            + [dict(BV=bv, num_warps=4, num_stages=s, dw_local=0) for bv, s in ((16, 3), (64, 2), (32, 3))])
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
