@@ -108,7 +108,7 @@ CPU_CASES = [
 
 
 def use_variant(monkeypatch, kernel: str, **switches) -> None:
-    """Select a launch-table variant of one kernel (e.g. state_bwd dw_local=0) for this test."""
+    """Select a launch-table variant of one kernel (e.g. state_bwd dw_local=1) for this test."""
     monkeypatch.setitem(chunk_common.LAUNCH, kernel, {**chunk_common.LAUNCH[kernel], **switches})
 
 
@@ -131,9 +131,9 @@ def test_chunk_kda_interpreter_matches_reference(case):
 # Launch-table variants (the other cases run the defaults), each on the cases that reach its edges:
 # (id, kernel, switches, CPU_CASES indices)
 VARIANTS = [
-    # the state-gradient scan with its dO-only term inside the scan (the default computes it first in a
-    # parallel kernel)
-    ("state_bwd-dw_in_scan", "state_bwd", dict(dw_local=0), (-2, -1)),
+    # the state-gradient scan's dO-only term computed first in a parallel kernel (the default keeps it
+    # in the scan)
+    ("state_bwd-dw_local", "state_bwd", dict(dw_local=1), (-2, -1)),
     # the diagonal gram with BH value heads per program (default 2), on a GVA case (heads of one program
     # may read different q/k heads) with sequences ending mid-sub-chunk
     ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
@@ -325,8 +325,9 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_state_bwd_in_scan(cuda_device, dtype, monkeypatch):
-    use_variant(monkeypatch, "state_bwd", dw_local=0)
+def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
+    # the scan's dO-only term as its own parallel kernel first (the default keeps it in the scan)
+    use_variant(monkeypatch, "state_bwd", dw_local=1)
     check_fused_varlen(cuda_device, dtype)
 
 

@@ -131,8 +131,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
     # and V-tile) as a parallel kernel before the scan, as FLA 0.6.0 splits it. H100 sweep at 1M tokens x
     # heads (sweep_v8_variants_h100.txt): scan 3.05 -> 2.24 ms (BV 16), 5.52 -> 3.90 (BV 64); fwd+bwd
-    # 24.16 -> 23.83 ms including the new kernel's time
-    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=1),
+    # 24.16 -> 23.83 ms including the new kernel's time. Session 9, with today's kernels around it, the
+    # other way round: both kernels 2.80 ms against the scan alone 2.55 (B1 T64K H16, BV 16), 1.84
+    # (BV 64) against 1.39 (BV 32) at B8 T4K H32; fwd+bwd 20.30 -> 20.06 and 18.69 -> 18.27
+    # (session9/sweep_scans_8warps.txt: 8 warps, spill-free for sm_90a at BV 32, were slower)
+    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     # (3-pass tf32 dots here did not change the gate gradients' error: session7/grad_precision_h100.txt)
@@ -203,7 +206,9 @@ def scan_launch(name: str, rows: int, V: int, KP: int, dtype: torch.dtype, devic
         # Other head sizes keep the earlier settings, which the GPU tests and that run pass.
         bv, warps, stages = (32 if name == "state_fwd" else (64 if KP <= 64 else 32)), 8, 3
     elif rows * -(-V // 64) >= 2 * sm_count(device):
-        bv, warps, stages = 64, 4, 2
+        # (the state-gradient scan with its dO term inside: 32-wide tiles, 1.39 ms against 1.45 with
+        # 64 at B=8 T=4096 H=32; session9/sweep_scans_8warps.txt)
+        bv, warps, stages = (64, 4, 2) if name == "state_fwd" else (32, 4, 3)
     else:
         bv, warps, stages = 16, (8 if name == "state_fwd" else 4), 3
     bv = min(int(cfg.get("BV") or bv), pow2(V))
