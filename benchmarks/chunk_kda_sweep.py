@@ -51,7 +51,8 @@ PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4
 # factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
 DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
-GRAD = [c for c in PLAIN if c["num_warps"] >= 4]
+GRAD = ([c for c in PLAIN if c["num_warps"] >= 4]
+        + [dict(num_warps=8, num_stages=s, BK=bk, BV=bv) for bk, bv, s in ((32, 32, 3), (32, 32, 2), (64, 16, 3), (32, 64, 3))])
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]
 GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]

@@ -142,6 +142,9 @@ VARIANTS = [
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
     # default 64 (one block wider than K = 32 / V = 16: masked columns)
+    # the chunk-gradient kernel on two key blocks of 16 (partial sums of dA / dbeta across blocks, the
+    # V-only work on block 0) and 16-wide V tiles
+    ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
     ("solve-BV16", "solve", dict(BV=16), (-2,)),
     ("solve-BV32", "solve", dict(BV=32), (-2,)),
     # the decay products' diagonal by the halving levels in every sub-chunk (the default factors a
@@ -321,6 +324,13 @@ def test_chunk_kda_gpu_full_size(cuda_device, shape):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_chunk_kda_gpu_extreme(cuda_device, dtype):
     check_extreme(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(32, 32), (64, 16)], ids=["BK32-BV32", "BK64-BV16"])
+def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
+    use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1])
+    check_fused_varlen(cuda_device, torch.bfloat16)
 
 
 @pytest.mark.gpu

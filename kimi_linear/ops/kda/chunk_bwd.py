@@ -530,7 +530,8 @@ def chunk_kda_bwd(
     HV, V = v.shape[1], v.shape[2]
     dev = q.device
     KP = pow2(K)
-    BV = min(64 if K <= 64 else 32, pow2(V))
+    cg = LAUNCH["chunk_grad"]
+    BV = min(int(cg.get("BV") or (64 if K <= 64 else 32)), pow2(V))  # V tile of the chunk-gradient kernel
     BVS, scan_kw = scan_launch("state_bwd", table.N * HV, V, KP, v.dtype, dev)
     BK = min(int(LAUNCH["decay_grad"].get("BK") or 32), KP)  # key block of the decay products
     NKB = triton.cdiv(K, BK)
@@ -562,7 +563,7 @@ def chunk_kda_bwd(
     dAqk = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
     dg = chunk_common.alloc(g.shape, g.dtype, dev)
     gate_raw = A_log is not None
-    BKG = min(64, KP)  # key block of the chunk-gradient kernel
+    BKG = min(int(cg.get("BK") or 64), KP)  # key block of the chunk-gradient kernel
     NKG = triton.cdiv(K, BKG)
     BKE = min(32, KP)  # key block of the gate-gradient kernel
     NKE = triton.cdiv(K, BKE)

@@ -139,7 +139,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     # (3-pass tf32 dots here did not change the gate gradients' error: session7/grad_precision_h100.txt)
-    "chunk_grad": dict(num_warps=8, num_stages=3),
+    # BK / BV: its key block and V tile (None: 64 / 32 at K = 128, the tiles measured since session 3;
+    # sm_90a: 255 registers with 572 B of spills, none at BK 32 / BV 32 on 8 warps)
+    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
