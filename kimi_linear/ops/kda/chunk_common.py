@@ -139,8 +139,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     # (3-pass tf32 dots here did not change the gate gradients' error: session7/grad_precision_h100.txt)
-    # BK / BV: its key block and V tile (None: 64 / 32 at K = 128, the tiles measured since session 3;
-    # sm_90a: 255 registers with 572 B of spills, none at BK 32 / BV 32 on 8 warps)
+    # BK / BV: its key block and V tile (None: 64 / 32 at K = 128). sm_90a: 255 registers with 572 B of
+    # spills, none at BK 32 / BV 32 on 8 warps -- yet that measured 8.99 ms against 5.75 (twice the key
+    # blocks re-read dO, W and dW), BK 64 / BV 16 7.37 (H100, 1M tokens x heads, session 9:
+    # session9/sweep_chunk_grad_tiles.txt)
     "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
