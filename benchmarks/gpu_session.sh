@@ -5,12 +5,11 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): tests (session 8's
-# last kernel commit only renamed the GPU-tested split-precision branch and dropped a dominated one), then
-# train (B32 T2048 H16 with the v12b decay products was not run; the autotune cache holds FLA's H=32 and
-# H=16 tunings), then the issue-7 step written up in docs/kernels.md (factored diagonal per sub-chunk),
-# decode for issue 5. Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run
-# no FLA kernel now write none).
+# Order for the next session (30 device minutes; the H100 counts half its held time): decode for issue 5
+# (no decode measurements since session 6; the router's 17-32-expert slices ran only in the GPU tests),
+# then issue-7 kernel work with `kernels` sweeps (FUSED=1 for the layer-fused setting) and `train`.
+# Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
+# none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
 # --fused-profile", FUSED=1 (sweep the layer-fused setting), BENCH_SHAPES.
 # Several stages may share one call: `bash benchmarks/gpu_session.sh tests profile`.

@@ -230,6 +230,9 @@ def test_route_kernel_gpu(cuda_device):
     check_route_kernel(cuda_device, 64, 16, 8, True, True, 2.446)
     check_route_kernel(cuda_device, 3, 256, 8, True, True, 2.5)
     check_route_tokens(cuda_device, 1, 2304, 16, 8, torch.bfloat16)
+    # in-kernel logits up to 32 experts, the weight slice narrowing with them (24: padded to 32)
+    check_route_tokens(cuda_device, 2, 2304, 24, 8, torch.bfloat16)
+    check_route_tokens(cuda_device, 1, 2304, 32, 8, torch.bfloat16)
     check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
 
