@@ -168,6 +168,18 @@ def sweep_route(dev, quick: bool, report: dict) -> None:
     want = two_step()
     base = dict(rk.HIDDEN_TILE)
     print(f"route N=1: cuBLAS fp32 logits + routing kernel {timed(two_step):.1f} us", flush=True)
+    # the split router (slices of SPLIT_D features per program, the last to finish routes) against one
+    # program per token (SPLIT_D 0), then the one-program tiles below
+    split_base = rk.SPLIT_D, rk.SPLIT_WARPS
+    for split_d, warps in ((0, 4), (128, 4), (256, 4), (256, 2), (512, 4)):
+        rk.SPLIT_D, rk.SPLIT_WARPS = split_d, warps
+        fn = functools.partial(route_tokens, x, w_gate, bias, k, scaling=2.5, backend="triton")
+        got = fn()
+        same = torch.equal(got[1].sort(-1).values, want[1].sort(-1).values)
+        us = timed(fn)
+        report["rows"].append(dict(op="route_split", SPLIT_D=split_d, num_warps=warps, us=us, same_experts=same))
+        print(f"route N=1 split {rk.split_plan(E, D)} on {warps} warps: {us:.1f} us (same experts: {same})", flush=True)
+    rk.SPLIT_D, rk.SPLIT_WARPS = 0, split_base[1]  # the one-program sweep below
     cands = [dict(BLOCK_D=d, num_warps=w) for d, w in itertools.product((256, 512, 1024, 2048), (4, 8, 16))]
     for cand in cands[:3] if quick else cands:
         rk.HIDDEN_TILE.update(cand)
@@ -183,6 +195,7 @@ def sweep_route(dev, quick: bool, report: dict) -> None:
             rk.HIDDEN_TILE.update(base)
         report["rows"].append(dict(op="route_tokens", **cand, us=us, same_experts=same))
         print(f"route N=1 logits in the kernel {cand}: {us:.1f} us (same experts: {same})", flush=True)
+    rk.SPLIT_D, rk.SPLIT_WARPS = split_base
 
 
 def main() -> None:

@@ -31,7 +31,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--vocab", type=int, default=163840)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--route-split-d", type=int, default=None,
+                    help="the split router's slice width (0: one program per token); default: the library's")
     args = ap.parse_args()
+    if args.route_split_d is not None:
+        from kimi_linear.ops import moe_route_kernel
+
+        moe_route_kernel.SPLIT_D = args.route_split_d
     dev = torch.device(args.device)
     model = build_model(bench_config(args.layout, layers=args.layers, vocab=args.vocab), dev, torch.bfloat16)
     steps = 5

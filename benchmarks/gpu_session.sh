@@ -73,7 +73,9 @@ gemv)
   ;;
 profile)
   # per-kernel GPU time of one eager decode step (hybrid, 4K, batch 1) and the graph-replayed step
-  timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 2>&1 | tail -45 | tee "$OUT/decode_profile.txt"
+  # (PROFILE_ARGS: more arguments, e.g. --route-split-d 0 for the one-program router)
+  timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 ${PROFILE_ARGS:-} 2>&1 | tail -45 \
+    | tee -a "$OUT/decode_profile.txt"
   ;;
 decode)
   # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run

@@ -6,7 +6,8 @@ score-correction bias, top-k (k rounds of argmax with the winner masked out), ga
 uncorrected scores, renormalisation and scaling. PyTorch needs ~7 launches for the same (sigmoid, add,
 topk, gather, sum, divide, multiply), which a batch-1 decode step pays in every MoE layer.
 
-Launch grid: ``(N,)``, one program per token.
+Launch grid: ``(N,)``, one program per token; from the hidden states ``(N, S)``: S programs per token
+each reading a slice of the router weight, the last to finish routes (``_route_split_kernel``).
 """
 
 from __future__ import annotations
@@ -17,23 +18,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
-                  EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORM: tl.constexpr, FROM_HIDDEN: tl.constexpr, BLOCK_D: tl.constexpr):
-    i_n = tl.program_id(0).to(tl.int64)
+def _choose(b_l, bias, weights, indices, i_n, E, scaling, EP: tl.constexpr, TOPK: tl.constexpr,
+            KP: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+    """Token i_n's routing from its fp32 logits ``b_l [EP]``: sigmoid, correction bias, top-k by k
+    rounds of argmax, uncorrected scores renormalised and scaled, stored as (weights, indices)."""
     o_e = tl.arange(0, EP)
     o_k = tl.arange(0, KP)
     m_e = o_e < E
-    if FROM_HIDDEN:  # the router's matrix-vector product too: logits = x . w_gate^T in fp32
-        b_l = tl.zeros([EP], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m_d = o_d < D
-            b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
-            b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
-            b_l += tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
-    else:
-        b_l = tl.load(logits + i_n * E + o_e, mask=m_e, other=0).to(tl.float32)
     b_s = tl.sigmoid(b_l)
     b_c = b_s
     if HAS_BIAS:
@@ -53,6 +44,54 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
     tl.store(indices + i_n * TOPK + o_k, b_i, mask=m_k)
 
 
+@triton.jit
+def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
+                  EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RENORM: tl.constexpr, FROM_HIDDEN: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_n = tl.program_id(0).to(tl.int64)
+    o_e = tl.arange(0, EP)
+    m_e = o_e < E
+    if FROM_HIDDEN:  # the router's matrix-vector product too: logits = x . w_gate^T in fp32
+        b_l = tl.zeros([EP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+            b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
+            b_l += tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+    else:
+        b_l = tl.load(logits + i_n * E + o_e, mask=m_e, other=0).to(tl.float32)
+    _choose(b_l, bias, weights, indices, i_n, E, scaling, EP, TOPK, KP, HAS_BIAS, RENORM)
+
+
+@triton.jit
+def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, E, D, scaling,
+                        EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr):
+    # The router's logits split over NSPLIT programs per token, each reading one [EP, BLOCK_D] slice of
+    # the router weight (one program reading all of it was the latency of the whole read, 9.5 us per
+    # layer in the model). Each stores its partial logits; the token's counter (atomic, acq_rel) names
+    # the program that finishes last, which sums the partials in slice order (deterministic: the same
+    # experts every run, unlike atomic float adds), routes, and resets the counter for the next call.
+    i_n = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1)
+    o_e = tl.arange(0, EP)
+    m_e = o_e < E
+    o_d = i_p * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+    b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
+    tl.store(partial + (i_n * NSPLIT + i_p) * EP + o_e, tl.sum(b_w.to(tl.float32) * b_x[None, :], 1))
+    done = tl.atomic_add(counter + i_n, 1, sem="acq_rel")
+    if done == NSPLIT - 1:
+        o_p = tl.arange(0, SP)
+        # L2 reads (".cg"): the other programs' partials never passed through this SM's L1
+        b_part = tl.load(partial + (i_n * NSPLIT + o_p[:, None]) * EP + o_e[None, :], mask=(o_p < NSPLIT)[:, None],
+                         other=0, cache_modifier=".cg")
+        _choose(tl.sum(b_part, axis=0), bias, weights, indices, i_n, E, scaling, EP, TOPK, KP, HAS_BIAS, RENORM)
+        tl.atomic_xchg(counter + i_n, 0)
+
+
 # The router's product from the hidden state is one program per token: wide slices keep more of
 # the router weight's loads in flight. H100, E=16, D=2304, one token (benchmarks/decode_gemv_sweep.py
 # --only route, results/decode/session6/gemv_sweep2_h100.log): 2048-wide slices on 8 warps 6.6 us,
@@ -68,6 +107,44 @@ def hidden_block_d(E: int, D: int) -> int:
     """Width of the router-weight slice per step of the in-kernel logits for E experts, D features."""
     EP = triton.next_power_of_2(E)
     return max(16, min(HIDDEN_TILE["BLOCK_D"], HIDDEN_TILE_ELEMS // EP, triton.next_power_of_2(max(D, 1))))
+
+
+# The split router (``_route_split_kernel``): slices of SPLIT_D features, at most SPLIT_MAX programs
+# per token; 0 turns it off (one program per token, ``_route_kernel``).
+SPLIT_D = 256
+SPLIT_MAX = 16
+SPLIT_WARPS = 4
+# partial logits and per-token counters per (device, stream): the counters must start at zero and the
+# kernel leaves them so; one stream's router calls run in order, so they never share them in flight
+_SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_plan(E: int, D: int) -> tuple[int, int]:
+    """(slice width, slices per token) of the split router for E experts, D features; (0, 0) when off."""
+    if SPLIT_D <= 0:
+        return 0, 0
+    EP = triton.next_power_of_2(E)
+    block = max(triton.next_power_of_2(SPLIT_D), triton.next_power_of_2(triton.cdiv(D, SPLIT_MAX)))
+    block = min(block, max(16, HIDDEN_TILE_ELEMS // EP))
+    return block, triton.cdiv(D, block)
+
+
+def _split_scratch(dev: torch.device, N: int, NSPLIT: int, EP: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """This stream's (partial [N, NSPLIT, EP] fp32, counter [N] int32 zeros), grown as needed; None
+    while a CUDA graph is being captured and none exists yet (a zero fill captured into the graph would
+    not run before the eager calls after it)."""
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (str(dev), stream)
+    have = _SPLIT_SCRATCH.get(key)
+    if have is not None and have[0].numel() >= N * NSPLIT * EP and have[1].numel() >= N:
+        return have
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    size = max(N * NSPLIT * EP, have[0].numel() if have else 0)
+    count = max(N, have[1].numel() if have else 0)
+    have = (torch.empty(size, dtype=torch.float32, device=dev), torch.zeros(count, dtype=torch.int32, device=dev))
+    _SPLIT_SCRATCH[key] = have
+    return have
 
 
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -87,6 +164,17 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
         dev = logits.device
     weights = torch.empty(N, top_k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, top_k, dtype=torch.int64, device=dev)
+    if N > 0 and hidden is not None:
+        block, nsplit = split_plan(E, D)
+        scratch = _split_scratch(dev, N, nsplit, triton.next_power_of_2(E)) if nsplit > 1 else None
+        if scratch is not None:
+            bias = correction_bias.contiguous() if correction_bias is not None else weights
+            _route_split_kernel[(N, nsplit)](
+                x, w_gate, bias, scratch[0], scratch[1], weights, indices, E, D, float(scaling),
+                EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
+                HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
+                SP=triton.next_power_of_2(nsplit), num_warps=SPLIT_WARPS)
+            return weights, indices
     if N > 0:
         bias = correction_bias.contiguous() if correction_bias is not None else weights
         any_t = weights  # stands in for the pointers the chosen form does not read

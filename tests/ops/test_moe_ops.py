@@ -168,7 +168,7 @@ def test_route_tokens_kernel_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     check_route_tokens("cpu", 3, 200, 16, 4, torch.float32)  # D not a multiple of the kernel's 128
     check_route_tokens("cpu", 1, 64, 6, 6, torch.float32)
-    check_route_tokens("cpu", 2, 2304, 32, 8, torch.float32)  # the most experts in-kernel: 1024-wide slices
+    check_route_tokens("cpu", 2, 2304, 32, 8, torch.float32)  # the most experts in-kernel, split 9 ways
     # a prefill's many tokens: logits from one GEMM, then the routing kernel (bit for bit that path)
     from kimi_linear.ops.moe import ROUTE_IN_KERNEL_MAX_TOKENS
 
@@ -177,6 +177,29 @@ def test_route_tokens_kernel_interpreter():
         got = route_tokens(x, w_gate, None, 2, backend="triton")
         want = route(F.linear(x, w_gate), None, 2, backend="triton")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_route_tokens_split_router_interpreter(monkeypatch):
+    # the router split over programs per token (the last to finish routes): both forms, odd D, several
+    # tokens; the per-token counters are back at zero after every call and repeated calls agree bit for bit
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from kimi_linear.ops import moe_route_kernel as rk
+
+    assert rk.split_plan(16, 2304) == (256, 9) and rk.split_plan(16, 200)[1] == 1
+    for split_d in (256, 0):
+        monkeypatch.setattr(rk, "SPLIT_D", split_d)
+        check_route_tokens("cpu", 3, 2304 - 37, 16, 8, torch.float32)
+        check_route_tokens("cpu", 2, 1000, 6, 2, torch.float32)
+    monkeypatch.setattr(rk, "SPLIT_D", 64)  # 16 slices of 64 on D = 1000: the cap widens them
+    assert rk.split_plan(16, 1000) == (64, 16)
+    x, w_gate = torch.randn(4, 1000), torch.randn(16, 1000) * 0.03
+    with torch.no_grad():
+        first = route_tokens(x, w_gate, None, 4, backend="triton")
+        again = route_tokens(x, w_gate, None, 4, backend="triton")
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert all(int(c.abs().sum()) == 0 for _, c in rk._SPLIT_SCRATCH.values())
 
 
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
@@ -233,6 +256,10 @@ def test_route_kernel_gpu(cuda_device):
     # in-kernel logits up to 32 experts, the weight slice narrowing with them (24: padded to 32)
     check_route_tokens(cuda_device, 2, 2304, 24, 8, torch.bfloat16)
     check_route_tokens(cuda_device, 1, 2304, 32, 8, torch.bfloat16)
+    check_route_tokens(cuda_device, 64, 2304 - 37, 16, 8, torch.bfloat16)  # the split router, most tokens
+    from kimi_linear.ops import moe_route_kernel as rk
+
+    assert all(int(c.abs().sum()) == 0 for _, c in rk._SPLIT_SCRATCH.values())
     check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
 
