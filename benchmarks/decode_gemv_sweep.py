@@ -171,9 +171,10 @@ def sweep_route(dev, quick: bool, report: dict) -> None:
     # the split router (slices of SPLIT_D features per program, the last to finish routes) against one
     # program per token (SPLIT_D 0), then the one-program tiles below
     split_base = rk.SPLIT_D, rk.SPLIT_WARPS
+    scratch = rk.RouterScratch()
     for split_d, warps in ((0, 4), (128, 4), (256, 4), (256, 2), (512, 4)):
         rk.SPLIT_D, rk.SPLIT_WARPS = split_d, warps
-        fn = functools.partial(route_tokens, x, w_gate, bias, k, scaling=2.5, backend="triton")
+        fn = functools.partial(route_tokens, x, w_gate, bias, k, scaling=2.5, backend="triton", scratch=scratch)
         got = fn()
         same = torch.equal(got[1].sort(-1).values, want[1].sort(-1).values)
         us = timed(fn)

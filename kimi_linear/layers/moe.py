@@ -88,13 +88,22 @@ class SparseMoeBlock(nn.Module):
         # Tokens routed to each expert since the last bias update (not saved in checkpoints).
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.track_load = True
+        # the split router's partial logits and counters for this layer (decode; not a checkpoint entry)
+        self.router_scratch = None
 
     def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
         # logits x . W^T in fp32; on Triton at inference the routing kernel computes them itself
+        if self.router_scratch is None and x.is_cuda:
+            try:
+                from kimi_linear.ops.moe_route_kernel import RouterScratch
+            except ImportError:  # no Triton: the PyTorch route, nothing to keep
+                self.router_scratch = False
+            else:
+                self.router_scratch = RouterScratch()
         return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
                             num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
-                            scaling=self.scaling, backend=backend)
+                            scaling=self.scaling, backend=backend, scratch=self.router_scratch or None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:

@@ -22,6 +22,7 @@ the number of experts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,11 +108,13 @@ def route_tokens(
     renormalize: bool = True,
     scaling: float = 1.0,
     backend: str = "auto",
+    scratch: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`route` of the router logits ``x.float() @ gate_weight.float().T`` (``x [N, D]``,
     ``gate_weight [E, D]``). At inference on Triton (no groups, no gradient, at most
     ``ROUTE_IN_KERNEL_MAX_TOKENS`` tokens and ``ROUTE_IN_KERNEL_MAX_EXPERTS`` experts) one launch
-    computes the logits and the choice; otherwise
+    computes the logits and the choice (split over several programs per token when the caller passes
+    its ``moe_route_kernel.RouterScratch``); otherwise
     the logits come from ``F.linear`` in fp32, then :func:`route`."""
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"need x [N, D] and gate_weight [E, D], got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
@@ -129,7 +132,8 @@ def route_tokens(
     if fused:
         from kimi_linear.ops.moe_route_kernel import route_triton
 
-        return route_triton(None, correction_bias, top_k, renormalize, scaling, hidden=(x, gate_weight))
+        return route_triton(None, correction_bias, top_k, renormalize, scaling, hidden=(x, gate_weight),
+                            scratch=scratch)
     return route(F.linear(x.float(), gate_weight.float()), correction_bias, top_k, num_groups=num_groups,
                  topk_groups=topk_groups, renormalize=renormalize, scaling=scaling, backend=backend)
 

@@ -114,11 +114,6 @@ def hidden_block_d(E: int, D: int) -> int:
 SPLIT_D = 256
 SPLIT_MAX = 16
 SPLIT_WARPS = 4
-# partial logits and per-token counters per (device, stream): the counters must start at zero and the
-# kernel leaves them so; one stream's router calls run in order, so they never share them in flight
-_SPLIT_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def split_plan(E: int, D: int) -> tuple[int, int]:
     """(slice width, slices per token) of the split router for E experts, D features; (0, 0) when off."""
     if SPLIT_D <= 0:
@@ -129,31 +124,39 @@ def split_plan(E: int, D: int) -> tuple[int, int]:
     return block, triton.cdiv(D, block)
 
 
-def _split_scratch(dev: torch.device, N: int, NSPLIT: int, EP: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """This stream's (partial [N, NSPLIT, EP] fp32, counter [N] int32 zeros), grown as needed; None
-    while a CUDA graph is being captured and none exists yet (a zero fill captured into the graph would
-    not run before the eager calls after it)."""
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (str(dev), stream)
-    have = _SPLIT_SCRATCH.get(key)
-    if have is not None and have[0].numel() >= N * NSPLIT * EP and have[1].numel() >= N:
-        return have
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    size = max(N * NSPLIT * EP, have[0].numel() if have else 0)
-    count = max(N, have[1].numel() if have else 0)
-    have = (torch.empty(size, dtype=torch.float32, device=dev), torch.zeros(count, dtype=torch.int32, device=dev))
-    _SPLIT_SCRATCH[key] = have
-    return have
+class RouterScratch:
+    """The split router's workspace for one call site (one MoE layer): partial logits and per-token
+    counters that start at zero and that the kernel leaves at zero. One per layer, so two layers never
+    share counters; a layer's calls run in order on its stream. Grows on demand, outside graph capture."""
+
+    def __init__(self) -> None:
+        self.partial: torch.Tensor | None = None
+        self.counter: torch.Tensor | None = None
+
+    def get(self, dev: torch.device, N: int, NSPLIT: int, EP: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(partial [>= N * NSPLIT * EP] fp32, counter [>= N] int32 zeros) on ``dev``, or None while a CUDA
+        graph is being captured and they do not exist yet (a zero fill captured into the graph would not
+        run before the eager calls after it; the caller then takes the one-program kernel)."""
+        have = self.partial is not None and self.partial.device == dev
+        if have and self.partial.numel() >= N * NSPLIT * EP and self.counter.numel() >= N:
+            return self.partial, self.counter
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(N * NSPLIT * EP, self.partial.numel() if have else 0)
+        count = max(N, self.counter.numel() if have else 0)
+        self.partial = torch.empty(size, dtype=torch.float32, device=dev)
+        self.counter = torch.zeros(count, dtype=torch.int32, device=dev)
+        return self.partial, self.counter
 
 
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
-                 scaling: float, *, hidden: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 scaling: float, *, hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 scratch: RouterScratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [N, E]`` -> ``(weights [N, k] fp32, indices [N, k] int64)``, unsorted slots.
 
     ``hidden = (x [N, D], w_gate [E, D])`` instead of logits: the kernel computes the logits too
-    (fp32 sums), which saves the router's matrix-vector product and its casts at decode time."""
+    (fp32 sums), which saves the router's matrix-vector product and its casts at decode time; with a
+    ``scratch`` (one per call site) the product is split over several programs per token."""
     if hidden is not None:
         x, w_gate = (t.contiguous() for t in hidden)
         (N, D), E = x.shape, w_gate.shape[0]
@@ -166,11 +169,11 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
     indices = torch.empty(N, top_k, dtype=torch.int64, device=dev)
     if N > 0 and hidden is not None:
         block, nsplit = split_plan(E, D)
-        scratch = _split_scratch(dev, N, nsplit, triton.next_power_of_2(E)) if nsplit > 1 else None
-        if scratch is not None:
+        bufs = scratch.get(dev, N, nsplit, triton.next_power_of_2(E)) if scratch is not None and nsplit > 1 else None
+        if bufs is not None:
             bias = correction_bias.contiguous() if correction_bias is not None else weights
             _route_split_kernel[(N, nsplit)](
-                x, w_gate, bias, scratch[0], scratch[1], weights, indices, E, D, float(scaling),
+                x, w_gate, bias, bufs[0], bufs[1], weights, indices, E, D, float(scaling),
                 EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                 HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
                 SP=triton.next_power_of_2(nsplit), num_warps=SPLIT_WARPS)

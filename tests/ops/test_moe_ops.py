@@ -148,13 +148,14 @@ def test_route_kernel_not_used_with_grad_or_groups():
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
-def check_route_tokens(device, N, D, E, k, dtype):
-    """The router with its logits computed in the routing kernel == F.linear in fp32, then route."""
+def check_route_tokens(device, N, D, E, k, dtype, scratch=None):
+    """The router with its logits computed in the routing kernel (split over programs with a
+    ``scratch``) == F.linear in fp32, then route."""
     x = torch.randn(N, D, device=device).to(dtype)
     w_gate = (torch.randn(E, D, device=device) * D**-0.5).to(dtype)
     b = torch.randn(E, device=device) * 0.1
     with torch.no_grad():
-        w, i = route_tokens(x, w_gate, b, k, scaling=2.5, backend="triton")
+        w, i = route_tokens(x, w_gate, b, k, scaling=2.5, backend="triton", scratch=scratch)
         w_ref, i_ref = route(F.linear(x.float(), w_gate.float()), b, k, scaling=2.5, backend="reference")
     i_sorted, order = i.sort(dim=-1)
     i_ref_sorted, order_ref = i_ref.sort(dim=-1)
@@ -188,18 +189,20 @@ def test_route_tokens_split_router_interpreter(monkeypatch):
     from kimi_linear.ops import moe_route_kernel as rk
 
     assert rk.split_plan(16, 2304) == (256, 9) and rk.split_plan(16, 200)[1] == 1
+    scratch = rk.RouterScratch()
     for split_d in (256, 0):
         monkeypatch.setattr(rk, "SPLIT_D", split_d)
-        check_route_tokens("cpu", 3, 2304 - 37, 16, 8, torch.float32)
-        check_route_tokens("cpu", 2, 1000, 6, 2, torch.float32)
-    monkeypatch.setattr(rk, "SPLIT_D", 64)  # 16 slices of 64 on D = 1000: the cap widens them
+        check_route_tokens("cpu", 3, 2304 - 37, 16, 8, torch.float32, scratch)
+        check_route_tokens("cpu", 2, 1000, 6, 2, torch.float32, scratch)
+    assert scratch.counter is not None and int(scratch.counter.abs().sum()) == 0
+    monkeypatch.setattr(rk, "SPLIT_D", 64)  # 16 slices of 64 on D = 1000
     assert rk.split_plan(16, 1000) == (64, 16)
     x, w_gate = torch.randn(4, 1000), torch.randn(16, 1000) * 0.03
     with torch.no_grad():
-        first = route_tokens(x, w_gate, None, 4, backend="triton")
-        again = route_tokens(x, w_gate, None, 4, backend="triton")
+        first = route_tokens(x, w_gate, None, 4, backend="triton", scratch=scratch)
+        again = route_tokens(x, w_gate, None, 4, backend="triton", scratch=scratch)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    assert all(int(c.abs().sum()) == 0 for _, c in rk._SPLIT_SCRATCH.values())
+    assert int(scratch.counter.abs().sum()) == 0
 
 
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
@@ -256,10 +259,12 @@ def test_route_kernel_gpu(cuda_device):
     # in-kernel logits up to 32 experts, the weight slice narrowing with them (24: padded to 32)
     check_route_tokens(cuda_device, 2, 2304, 24, 8, torch.bfloat16)
     check_route_tokens(cuda_device, 1, 2304, 32, 8, torch.bfloat16)
-    check_route_tokens(cuda_device, 64, 2304 - 37, 16, 8, torch.bfloat16)  # the split router, most tokens
-    from kimi_linear.ops import moe_route_kernel as rk
+    from kimi_linear.ops.moe_route_kernel import RouterScratch
 
-    assert all(int(c.abs().sum()) == 0 for _, c in rk._SPLIT_SCRATCH.values())
+    scratch = RouterScratch()  # the split router: one and the most tokens, counters back at zero
+    for n, e in ((1, 16), (64, 16), (3, 32)):
+        check_route_tokens(cuda_device, n, 2304 - 37, e, 8, torch.bfloat16, scratch)
+    assert int(scratch.counter.abs().sum()) == 0
     check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
 
