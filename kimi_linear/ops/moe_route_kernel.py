@@ -110,7 +110,9 @@ def hidden_block_d(E: int, D: int) -> int:
 
 
 # The split router (``_route_split_kernel``): slices of SPLIT_D features, at most SPLIT_MAX programs
-# per token; 0 turns it off (one program per token, ``_route_kernel``).
+# per token; 0 turns it off (one program per token, ``_route_kernel``). H100, E=16, D=2304, one token:
+# 9 x 256 on 4 warps 4.2 us, 5 x 512 5.3, one program 6.6; in the model 250.7 -> 120.7 us per step, the
+# graph-replayed 4K step 3.676 -> 3.548 ms (results/decode/session9/).
 SPLIT_D = 256
 SPLIT_MAX = 16
 SPLIT_WARPS = 4
