@@ -116,6 +116,10 @@ def hidden_block_d(E: int, D: int) -> int:
 SPLIT_D = 256
 SPLIT_MAX = 16
 SPLIT_WARPS = 4
+# the largest call the split router's workspace serves (the in-kernel router's own limits)
+SCRATCH_TOKENS, SCRATCH_EXPERTS = 64, 32
+
+
 def split_plan(E: int, D: int) -> tuple[int, int]:
     """(slice width, slices per token) of the split router for E experts, D features; (0, 0) when off."""
     if SPLIT_D <= 0:
@@ -129,25 +133,25 @@ def split_plan(E: int, D: int) -> tuple[int, int]:
 class RouterScratch:
     """The split router's workspace for one call site (one MoE layer): partial logits and per-token
     counters that start at zero and that the kernel leaves at zero. One per layer, so two layers never
-    share counters; a layer's calls run in order on its stream. Grows on demand, outside graph capture."""
+    share counters; a layer's calls run in order on its stream. Allocated once per device at the largest
+    size it serves (128 KB), outside graph capture, and never replaced: a captured graph keeps using it."""
 
     def __init__(self) -> None:
         self.partial: torch.Tensor | None = None
         self.counter: torch.Tensor | None = None
 
     def get(self, dev: torch.device, N: int, NSPLIT: int, EP: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(partial [>= N * NSPLIT * EP] fp32, counter [>= N] int32 zeros) on ``dev``, or None while a CUDA
-        graph is being captured and they do not exist yet (a zero fill captured into the graph would not
-        run before the eager calls after it; the caller then takes the one-program kernel)."""
-        have = self.partial is not None and self.partial.device == dev
-        if have and self.partial.numel() >= N * NSPLIT * EP and self.counter.numel() >= N:
-            return self.partial, self.counter
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        """(partial fp32, counter int32 zeros) on ``dev`` for N tokens of NSPLIT slices of EP logits, or None
+        (the caller then takes the one-program kernel) for a call larger than the workspace, or while a
+        CUDA graph is being captured and it does not exist yet (a zero fill captured into the graph would
+        not run before the eager calls after it)."""
+        if N > SCRATCH_TOKENS or NSPLIT > SPLIT_MAX or EP > SCRATCH_EXPERTS:
             return None
-        size = max(N * NSPLIT * EP, self.partial.numel() if have else 0)
-        count = max(N, self.counter.numel() if have else 0)
-        self.partial = torch.empty(size, dtype=torch.float32, device=dev)
-        self.counter = torch.zeros(count, dtype=torch.int32, device=dev)
+        if self.partial is None or self.partial.device != dev:
+            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            self.partial = torch.empty(SCRATCH_TOKENS * SPLIT_MAX * SCRATCH_EXPERTS, dtype=torch.float32, device=dev)
+            self.counter = torch.zeros(SCRATCH_TOKENS, dtype=torch.int32, device=dev)
         return self.partial, self.counter
 
 

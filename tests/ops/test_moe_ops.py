@@ -203,6 +203,14 @@ def test_route_tokens_split_router_interpreter(monkeypatch):
         again = route_tokens(x, w_gate, None, 4, backend="triton", scratch=scratch)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert int(scratch.counter.abs().sum()) == 0
+    # one workspace for every call the in-kernel router takes, never replaced (a captured graph keeps
+    # pointing at it); a larger direct call takes the one-program kernel
+    from kimi_linear.ops.moe import ROUTE_IN_KERNEL_MAX_EXPERTS, ROUTE_IN_KERNEL_MAX_TOKENS
+
+    assert rk.SCRATCH_TOKENS >= ROUTE_IN_KERNEL_MAX_TOKENS and rk.SCRATCH_EXPERTS >= ROUTE_IN_KERNEL_MAX_EXPERTS
+    ptr = scratch.partial.data_ptr()
+    assert scratch.get(torch.device("cpu"), rk.SCRATCH_TOKENS, rk.SPLIT_MAX, rk.SCRATCH_EXPERTS)[0].data_ptr() == ptr
+    assert scratch.get(torch.device("cpu"), rk.SCRATCH_TOKENS + 1, 2, 16) is None
 
 
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
