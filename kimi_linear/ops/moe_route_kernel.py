@@ -163,6 +163,8 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
     ``hidden = (x [N, D], w_gate [E, D])`` instead of logits: the kernel computes the logits too
     (fp32 sums), which saves the router's matrix-vector product and its casts at decode time; with a
     ``scratch`` (one per call site) the product is split over several programs per token."""
+    if scratch is not None and not isinstance(scratch, RouterScratch):
+        raise TypeError(f"scratch must be a moe_route_kernel.RouterScratch or None, got {type(scratch).__name__}")
     if hidden is not None:
         x, w_gate = (t.contiguous() for t in hidden)
         (N, D), E = x.shape, w_gate.shape[0]

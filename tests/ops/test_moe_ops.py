@@ -211,6 +211,8 @@ def test_route_tokens_split_router_interpreter(monkeypatch):
     ptr = scratch.partial.data_ptr()
     assert scratch.get(torch.device("cpu"), rk.SCRATCH_TOKENS, rk.SPLIT_MAX, rk.SCRATCH_EXPERTS)[0].data_ptr() == ptr
     assert scratch.get(torch.device("cpu"), rk.SCRATCH_TOKENS + 1, 2, 16) is None
+    with pytest.raises(TypeError, match="RouterScratch"):
+        route_tokens(x, w_gate, None, 4, backend="triton", scratch=torch.zeros(4))
 
 
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
