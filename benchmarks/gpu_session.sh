@@ -7,7 +7,9 @@
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
 # Order for the next session (30 device minutes; the H100 counts half its held time): decode for issue 5
 # (no decode measurements since session 6; the router's 17-32-expert slices ran only in the GPU tests),
-# then issue-7 kernel work with `kernels` sweeps (FUSED=1 for the layer-fused setting) and `train`.
+# then issue-7 kernel work with `kernels` sweeps (FUSED=1 for the layer-fused setting) and `train`: first
+# the prepared two-launch decay products (SWEEP=decay_grad, with and without FUSED=1, and the GPU test
+# test_chunk_kda_gpu_diagonal_forms / graded_gates), then the router workspace (moe ops, generation tests).
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
