@@ -68,10 +68,10 @@ DTYPE = torch.bfloat16
 FUSED = False  # --fused: the layer-fused setting (raw gate with A_log / dt_bias, q/k l2norm, beta sigmoid)
 
 
-def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0):
-    """The Figure-2 log-decay setting (``chunk_kda_timing.make``; the layer-fused one with FUSED) as
-    grad leaves ``[q, k, v, g, beta(, A_log, dt_bias)]``, plus an upstream grad."""
-    inp, extra = make(T, H, K, fused=FUSED, dtype=DTYPE, device=DEVICE, seed=seed, B=B)
+def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0, fused: bool | None = None):
+    """The Figure-2 log-decay setting (``chunk_kda_timing.make``; the layer-fused one with ``fused``,
+    default FUSED) as grad leaves ``[q, k, v, g, beta(, A_log, dt_bias)]``, plus an upstream grad."""
+    inp, extra = make(T, H, K, fused=FUSED if fused is None else fused, dtype=DTYPE, device=DEVICE, seed=seed, B=B)
     xs = [x.requires_grad_(True) for x in list(inp.values()) + list(extra.values())]
     gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
     do = torch.randn(B, T, H, K, generator=gen, device=DEVICE).to(DTYPE)
@@ -106,21 +106,7 @@ def run_once(xs, do):
 
 def fused_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
     """Per-kernel ms of one fwd+bwd of the layer's fused path (l2norm, raw gate, beta sigmoid)."""
-    from kimi_linear.bench.common import kernel_times
-    from kimi_linear.ops.kda.chunk import chunk_kda
-    from kimi_linear.ops.kda.fusion import KDAFusion
-
-    inp, extra = make(T, H, K, fused=True, dtype=DTYPE, device=DEVICE, seed=0, B=B)
-    xs = [x.requires_grad_(True) for x in list(inp.values()) + list(extra.values())]
-    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=xs[5], dt_bias=xs[6])
-    do = torch.randn(B, T, H, K, device=DEVICE).to(DTYPE)
-
-    def step():
-        for x in xs:
-            x.grad = None
-        chunk_kda(*xs[:5], fusion=fusion, backend="triton")[0].backward(do)
-
-    return {name: ms for name, (ms, _) in kernel_times(step, torch.device(DEVICE), reps=3).items()}
+    return per_kernel_ms(*inputs(B, T, H, K, fused=True))
 
 
 def fla_forward(xs):

@@ -180,7 +180,7 @@ def sweep_route(dev, quick: bool, report: dict) -> None:
         us = timed(fn)
         report["rows"].append(dict(op="route_split", SPLIT_D=split_d, num_warps=warps, us=us, same_experts=same))
         print(f"route N=1 split {rk.split_plan(E, D)} on {warps} warps: {us:.1f} us (same experts: {same})", flush=True)
-    rk.SPLIT_D, rk.SPLIT_WARPS = 0, split_base[1]  # the one-program sweep below
+    rk.SPLIT_D, rk.SPLIT_WARPS = split_base  # (the one-program sweep below passes no scratch)
     cands = [dict(BLOCK_D=d, num_warps=w) for d, w in itertools.product((256, 512, 1024, 2048), (4, 8, 16))]
     for cand in cands[:3] if quick else cands:
         rk.HIDDEN_TILE.update(cand)
@@ -196,7 +196,6 @@ def sweep_route(dev, quick: bool, report: dict) -> None:
             rk.HIDDEN_TILE.update(base)
         report["rows"].append(dict(op="route_tokens", **cand, us=us, same_experts=same))
         print(f"route N=1 logits in the kernel {cand}: {us:.1f} us (same experts: {same})", flush=True)
-    rk.SPLIT_D, rk.SPLIT_WARPS = split_base
 
 
 def main() -> None:
