@@ -16,6 +16,19 @@ import functools
 import torch
 
 
+def kernel_sequence(step) -> list[tuple[str, float]]:
+    """``(kernel name, us)`` of one ``step()`` on CUDA, in start order: the time of each launch, where
+    the per-name totals lump e.g. a layer's large and small projections together."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    evs = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    evs.sort(key=lambda ev: ev.time_range.start)
+    return [(ev.name, ev.device_time_total) for ev in evs]
+
+
 @torch.no_grad()
 def main() -> None:
     from kimi_linear.bench.common import kernel_times
@@ -31,6 +44,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--vocab", type=int, default=163840)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sequence", type=int, default=0,
+                    help="also list the first N kernels of one step in launch order with their times")
     ap.add_argument("--route-split-d", type=int, default=None,
                     help="the split router's slice width (0: one program per token); default: the library's")
     args = ap.parse_args()
@@ -55,6 +70,10 @@ def main() -> None:
           f"GPU time per step {total / 1000:.3f} ms")
     for name, us in sorted(tot.items(), key=lambda x: -x[1])[: args.top]:
         print(f"  {us:9.1f} us  x{cnt[name]:4d}  {name[:100]}")
+    if args.sequence and dev.type == "cuda":
+        print(f"first {args.sequence} kernels of one step, in order:")
+        for name, us in kernel_sequence(step)[: args.sequence]:
+            print(f"  {us:7.1f} us  {name[:90]}")
     del step, cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -48,19 +48,31 @@ __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_line
 # (session6/regressed/; cause not found: both forms compile to 40-64 registers without spills): kept
 # as a runtime loop.
 MAX_TOKENS = 2  # more tokens: one GEMM per weight (cuBLAS) is the better tool
-# Launch settings by input width. "wide" (D > 256): the best of 36 for the three shapes above
-# together (4-row blocks: ~3,000 programs for a KDA layer, so enough loads are in flight to stream
-# at 77-87% of copy bandwidth). "narrow" (D <= 256: the gates' low-rank up-projections, 128 -> 4096):
-# a 512-wide slice would be mostly masked, so one D-wide slice per block; the best of 15 on the H100
-# (gemv_sweep2_h100.log): 2.0 us against cuBLAS's 2.7 (1 MB of weight, L2-warm in the sweep).
+# Launch settings by input width and row count: "narrow" (D <= 256: the gates' low-rank
+# up-projections, 128 -> 4096; one D-wide slice per block), "wide_few" (D > 256, at most FEW_ROWS rows
+# in all: an output projection's 2304, the MLA layer's 6720 inputs), "wide" (a KDA layer's 12,576 input
+# rows). Session 6 tuned one "wide" tile on weights that stayed in the H100's 50 MB L2 between replays
+# (gemv_sweep_h100.log), so its 7.3 us output projection was 11.1 us in the model, which reads every
+# weight cold. Session 10 re-tuned on copies that keep each launch's weights out of L2 (results/decode/
+# session10/gemv_sweep_cold_h100.txt; us per decode step of the benchmark model): "wide" (4, 512, 2) ->
+# (4, 256, 1) 516 -> 493; "wide_few" split off with 2-row blocks (twice the programs) 415 -> 367
+# (output projection 9.5 us, floor 6.3; MLA inputs 14.2, floor 10.3); "narrow" (8, 128, 1) -> (4, 128,
+# 1) 112 -> 109 (1 MB: latency-bound, 2.7 us against a 0.3 us floor).
 TILES: dict[str, dict[str, int]] = {
-    "wide": dict(BLOCK_R=4, BLOCK_D=512, num_warps=2),
-    "narrow": dict(BLOCK_R=8, BLOCK_D=128, num_warps=1),
+    "wide": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
+    "wide_few": dict(BLOCK_R=2, BLOCK_D=1024, num_warps=2),
+    "narrow": dict(BLOCK_R=4, BLOCK_D=128, num_warps=1),
 }
+FEW_ROWS = 8192
 
 
-def _tiles(D: int) -> dict[str, int]:
-    return TILES["narrow" if D <= 256 else "wide"]
+def _tiles_class(D: int, rows: int) -> str:
+    """The :data:`TILES` entry for input width ``D`` and ``rows`` weight rows in all."""
+    return "narrow" if D <= 256 else "wide_few" if rows <= FEW_ROWS else "wide"
+
+
+def _tiles(D: int, rows: int) -> dict[str, int]:
+    return TILES[_tiles_class(D, rows)]
 
 _TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
 _CONV_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per cache: bounded (LRU)
@@ -223,7 +235,7 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, conv_steps
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
-    tile = _tiles(D)
+    tile = _tiles(D, sum(w.shape[0] for w in weights))
     block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
     tab, out = _block_table(weights, tile["BLOCK_R"])
     x = x.contiguous()

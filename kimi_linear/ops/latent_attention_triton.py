@@ -9,8 +9,10 @@ partial context and its log-sum-exp, and a second small Triton kernel merges the
 context ``[B, M, R]`` (in ``W_uv``'s dtype). The output projection ``W_uv`` is applied afterwards (one
 matmul).
 
-Split kernel grid: ``(B, S)``, ``S`` splits of the key axis. Inside: ``BLOCK_M >= M`` query rows,
-``BLOCK_N`` keys per iteration, latent width ``R`` and key part ``DR`` (powers of two).
+Split kernel grid: ``(G, S, B)``: ``G`` groups of ``BLOCK_M`` query rows (``G * BLOCK_M >= M``; the
+groups of one split are neighbours in launch order, so a latent tile read by one is usually still in
+L2 for the others), ``S`` splits of the key axis. Inside: ``BLOCK_N`` keys per iteration, latent width
+``R`` and key part ``DR`` (powers of two).
 Merge kernel grid: ``(B, M, R / BLOCK_R)``, one query row and ``BLOCK_R`` latent columns per program.
 """
 
@@ -32,9 +34,10 @@ def _latent_attn_split_kernel(
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
-    o_m = tl.arange(0, BLOCK_M)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = i_g * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, DR)
     m_m = o_m < M
@@ -144,12 +147,27 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
     return out
 
 
-def _num_splits(B: int, L: int, block_n: int, device: torch.device) -> int:
+# Launch settings of the split kernel (block_n, warps and stages for wide latents, R >= 256; smaller R,
+# the tests' toy shapes, take BLOCK_N 16, 4 warps, 2 stages). benchmarks/latent_attention_sweep.py times others at 4K..1M keys.
+#   block_n: keys per iteration; head_groups: programs per split sharing the M query rows (fewer rows
+#   per program: a smaller accumulator, more programs; the latent tile is re-read, mostly from L2);
+#   min_block_m: pad the rows to at least this (64 lets tl.dot take Hopper's wgmma);
+#   splits_per_sm: key-axis splits per SM at batch 1 (divided by the batch size).
+# H100, bf16, 32 heads x 576 (results/decode/session10/latent_sweep*_h100.txt, whole call graph-replayed,
+# floor = cache bytes over the 3.0 TB/s copy rate), session 6's tiles (32 keys, 8 warps, 2 splits per
+# SM) -> these: 852 -> 503 us at 1M keys (floor 406), 4909 -> 2821 at 6 x 1M (floor 2420: 86%), 138 ->
+# 87 at 128K (floor 53), 22 -> 18 at 4K (floor 4.4; fixed costs dominate). One program holding all 32
+# rows needs 254 registers (one 8-warp program per SM); two programs of 16 rows each re-read the tile
+# (from L2) but run side by side. 64 keys x 3 stages does not fit in shared memory.
+TILES: dict[str, int] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+
+
+def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    want = max(1, (2 * sms) // max(B, 1))
+    want = max(1, (per_sm * sms) // max(B, 1))
     return max(1, min(want, triton.cdiv(L, block_n)))
 
 
@@ -172,10 +190,13 @@ def latent_attention_triton(
         raise ValueError(f"the Triton latent kernel needs power-of-two R, Dr >= 16, got R={R}, Dr={Dr}")
     scale = (Dn + Dr) ** -0.5 if scale is None else float(scale)
     M = T * H
-    block_m = max(16, triton.next_power_of_2(M))
+    wide = R >= 256
+    groups = min(TILES["head_groups"], triton.cdiv(M, 16))
+    block_m = max(16, TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
+    groups = triton.cdiv(M, block_m)
     if block_n is None:
-        block_n = 32 if R >= 256 else 16
-    S = num_splits or _num_splits(B, L, block_n, latent.device)
+        block_n = TILES["block_n"] if wide else 16
+    S = num_splits or _num_splits(B, L, block_n, latent.device, TILES["splits_per_sm"])
     keys_per_split = triton.cdiv(triton.cdiv(L, S), block_n) * block_n
     S = triton.cdiv(L, keys_per_split)
 
@@ -188,14 +209,14 @@ def latent_attention_triton(
     o_part = torch.empty(B, S, M, R, device=latent.device, dtype=torch.float32)
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
-    _latent_attn_split_kernel[(B, S)](
+    _latent_attn_split_kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,
         q_lat.stride(0), q_lat.stride(1), q_r.stride(0), q_r.stride(1),
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8 if R >= 256 else 4, num_stages=2,
+        num_warps=TILES["num_warps"] if wide else 4, num_stages=TILES["num_stages"] if wide else 2,
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)

@@ -194,7 +194,10 @@ TILES: dict[str, dict[str, int | None]] = {
     # measured 3.0 TB/s copy rate). Spreading the down projection's slots over programs that add into
     # an fp32 buffer measured slower (62.1-62.3 vs 59.9 us) and was removed.
     "gate_up_one": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
-    # down with its slot loop unrolled (gemv_sweep3_moe_unrolled_h100.log): whole MoE 55.6 us (was 58.1)
+    # down with its slot loop unrolled (gemv_sweep3_moe_unrolled_h100.log): whole MoE 55.6 us (was 58.1).
+    # Session 10 (session10/moe_sweep_h100.txt): 1- and 2-row blocks and gate_up's D loop unrolled at
+    # compile time (a variant kernel, since removed) gained nothing: 55.8-56.0 us with these tiles, 76% of
+    # the copy rate (floor 42.4 us)
     "down_one": dict(BLOCK_R=2, BLOCK_I=1024, num_warps=2),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)

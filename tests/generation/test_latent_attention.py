@@ -133,6 +133,28 @@ def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits):
             assert rel_rms(out[b], ref[b]) < tol, b
 
 
+@pytest.mark.parametrize("tiles", [dict(head_groups=2), dict(head_groups=4), dict(min_block_m=64),
+                                   dict(head_groups=2, splits_per_sm=1)], ids=str)
+def test_triton_row_groups_and_padded_rows(tiles, monkeypatch):
+    """The launch table's row layouts: the 2 x 17 query rows (T=2, H=17: 34 rows, not a multiple of
+    16) split over 2 or 4 programs per key split (the last group partly empty), or padded to 64 rows;
+    fp32 against the expanded reference, per row, with causal limits and a row without keys."""
+    device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    for name, value in tiles.items():
+        monkeypatch.setitem(lt.TILES, name, value)
+    args = [a.to(device) for a in inputs(B=3, T=2, H=17, Dn=16, Dr=16, Dv=16, R=32, L=45)]
+    lengths = torch.tensor([45, 18, 0], device=device)
+    out = lt.latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=3)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    assert torch.isfinite(out).all() and out[2].abs().max() == 0
+    tol = 2e-3 if torch.cuda.is_available() else 1e-5
+    for b in range(2):
+        for t in range(2):
+            assert rel_rms(out[b, t], ref[b, t]) < tol, (b, t)
+
+
 @pytest.mark.parametrize("S", [1, 3, 70, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_merge_kernel_against_full_softmax(S, dtype):

@@ -16,8 +16,8 @@ def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch, triton_de
     device = triton_device
     import kimi_linear.ops.gemv as gemv
 
-    monkeypatch.setitem(gemv.TILES, "wide", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
-    monkeypatch.setitem(gemv.TILES, "narrow", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
+    for kind in ("wide", "wide_few", "narrow"):
+        monkeypatch.setitem(gemv.TILES, kind, dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
     ws = [torch.randn(r, D, device=device) for r in (24, 5, 1, 17)]  # blocks never span two weights
     x = torch.randn(N, D, device=device)
     got = fused_linear(x, ws, backend="triton")
@@ -78,9 +78,16 @@ def test_fused_linear_gpu_at_the_kda_layer_geometry(cuda_device, N):
         assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
 
 
-@pytest.mark.parametrize("D", [40, 300])  # the default narrow / wide tiles, widths below their slices
-def test_fused_linear_default_tiles_on_odd_widths(D, triton_device):
+# the default narrow / wide_few / wide tiles (FEW_ROWS lowered so that 29 rows are "many"), widths
+# below their slices
+@pytest.mark.parametrize("D,few_rows", [(40, None), (300, None), (300, 16)])
+def test_fused_linear_default_tiles_on_odd_widths(D, few_rows, triton_device, monkeypatch):
     device = triton_device
+    import kimi_linear.ops.gemv as gemv
+
+    if few_rows is not None:
+        monkeypatch.setattr(gemv, "FEW_ROWS", few_rows)
+    assert gemv._tiles_class(D, 29) == ("narrow" if D <= 256 else "wide" if few_rows else "wide_few")
     ws = [torch.randn(r, D, device=device) for r in (9, 20)]
     x = torch.randn(1, D, device=device)
     for y, w in zip(fused_linear(x, ws, backend="triton"), ws, strict=True):
@@ -95,8 +102,8 @@ def test_fused_linear_conv_steps_match_linear_then_conv(N, monkeypatch, triton_d
     import kimi_linear.ops.gemv as gemv
     from kimi_linear.ops.conv import causal_conv1d_update
 
-    monkeypatch.setitem(gemv.TILES, "wide", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
-    monkeypatch.setitem(gemv.TILES, "narrow", dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
+    for kind in ("wide", "wide_few", "narrow"):
+        monkeypatch.setitem(gemv.TILES, kind, dict(BLOCK_R=8, BLOCK_D=32, num_warps=2))
     D, W = 40, 4
     ws = [torch.randn(r, D, device=device) for r in (20, 5, 12)]
     x = torch.randn(N, D, device=device)
