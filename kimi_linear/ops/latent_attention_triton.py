@@ -160,6 +160,7 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 # rows needs 254 registers (one 8-warp program per SM); two programs of 16 rows each re-read the tile
 # (from L2) but run side by side. 64 keys x 3 stages does not fit in shared memory.
 TILES: dict[str, int] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 
 
 def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
@@ -194,8 +195,13 @@ def latent_attention_triton(
     groups = min(TILES["head_groups"], triton.cdiv(M, 16))
     block_m = max(16, TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
     groups = triton.cdiv(M, block_m)
+    stages = TILES["num_stages"] if wide else 2
     if block_n is None:
         block_n = TILES["block_n"] if wide else 16
+        # the pipelined [block_n, R + DR] tiles must fit in shared memory (228 KB on an H100): an fp32
+        # cache (the fp32 model) takes half the keys of a bf16 one
+        while block_n > 16 and block_n * (R + Dr) * latent.element_size() * stages > SMEM_TILE_BYTES:
+            block_n //= 2
     S = num_splits or _num_splits(B, L, block_n, latent.device, TILES["splits_per_sm"])
     keys_per_split = triton.cdiv(triton.cdiv(L, S), block_n) * block_n
     S = triton.cdiv(L, keys_per_split)
@@ -216,7 +222,7 @@ def latent_attention_triton(
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=TILES["num_warps"] if wide else 4, num_stages=TILES["num_stages"] if wide else 2,
+        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages,
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)

@@ -198,11 +198,14 @@ def test_triton_merge_kernel_against_full_softmax(S, dtype):
 
 
 @pytest.mark.gpu
-def test_triton_kernel_bf16_full_geometry_gpu(cuda_device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_triton_kernel_full_geometry_gpu(cuda_device, dtype):
+    # the launch table's tiles at the benchmark geometry; an fp32 cache (the fp32 model) must fit its
+    # tiles in shared memory too (64 bf16 keys x 576 x 2 stages; fp32 takes 32)
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
 
     args = [a.to(cuda_device) for a in inputs(B=2, T=1, H=32, Dn=128, Dr=64, Dv=128, R=512, L=5000, dtype=torch.float32)]
     lengths = torch.tensor([5000, 1234], device=cuda_device)
     ref = expanded_attention_ref(*args, lengths=lengths)
-    out = latent_attention_triton(*(a.bfloat16() for a in args), lengths=lengths)
-    assert rel_rms(out, ref) < 2e-2
+    out = latent_attention_triton(*(a.to(dtype) for a in args), lengths=lengths)
+    assert rel_rms(out, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
