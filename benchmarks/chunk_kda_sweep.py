@@ -48,9 +48,8 @@ SCAN_BWD = ([dict(BV=bv, num_warps=w, num_stages=s, dw_local=1) for w in (8, 4) 
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
 # 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
-# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows;
-# 2: the same split over two launches (one diagonal form each, programs screened by span)
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0, 2) for w in (2, 4)]
+# factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
 GRAD = ([c for c in PLAIN if c["num_warps"] >= 4]
         + [dict(num_warps=8, num_stages=s, BK=bk, BV=bv) for bk, bv, s in ((32, 32, 3), (32, 32, 2), (64, 16, 3), (32, 64, 3))])

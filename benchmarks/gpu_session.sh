@@ -5,11 +5,10 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): decode for issue 5
-# (`bench decode` not rerun since session 6; session 9's split router was measured by the profile stage),
-# then issue-7 kernel work with `kernels` sweeps (FUSED=1 for the layer-fused setting) and `train`: first
-# the prepared two-launch decay products (SWEEP=decay_grad, with and without FUSED=1, and the GPU test
-# test_chunk_kda_gpu_diagonal_forms / graded_gates), then the router workspace (moe ops, generation tests).
+# Order for the next session (30 device minutes; the H100 counts half its held time): `tests` first
+# (the whole GPU suite at the session's start commit), then issue-7 kernel work with `kernels` sweeps
+# (FUSED=1 for the layer-fused setting) and `train`; decode work with `gemv` / `profile` / `decode`.
+# Short inputs are host-bound: benchmarks/host_overhead.py prints host vs GPU time per call.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile

@@ -75,9 +75,9 @@ def cases():
         yield (f"chunk grads BK={bk} BV={bv}", cb._chunk_grad_kernel,
                dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32"), 8, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
-        for fac, own in ((0, 0), (1, 0), (2, 1), (0, 2)):
-            yield (f"decay products {prec} factored={fac} own={own}", cb._decay_grad_kernel,
-                   dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac, OWN=own), dg["num_warps"], dg["num_stages"])
+        for fac in (0, 1):
+            yield (f"decay products {prec} factored={fac}", cb._decay_grad_kernel,
+                   dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac), dg["num_warps"], dg["num_stages"])
     yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
     yield "conv decode step", conv_kernel._conv_update_kernel, dict(W=4, WP=4, BD=128, HAS_BIAS=False, SILU=True), 4, 3
     yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False), 4, 3

@@ -151,8 +151,6 @@ VARIANTS = [
     # sub-chunk through one reference where its gate span allows: the odd-T case takes that in every
     # sub-chunk, the fused cases' larger gates take both forms; a mutation that drops either fails them)
     ("decay_grad-levels", "decay_grad", dict(factored=0), (1, -2, -1)),
-    # two launches splitting the programs by gate span, each with one diagonal form
-    ("decay_grad-partition", "decay_grad", dict(factored=2), (1, -2, -1)),
 ]
 
 
@@ -178,12 +176,10 @@ def test_chunk_kda_interpreter_half_inputs():
     check_case(HALF_CASE, torch.float16)
 
 
-@pytest.mark.parametrize("factored", [0, 2])
-def test_chunk_kda_interpreter_diagonal_forms_extreme_gates(factored, monkeypatch):
-    # gates at -1e4 mixed with ordinary ones with the halving levels in every sub-chunk (0), or the
-    # programs split over two launches by span (2); the default (one launch choosing per program) is
-    # test_chunk_kda_interpreter_extreme_gates_and_beta
-    use_variant(monkeypatch, "decay_grad", factored=factored)
+def test_chunk_kda_interpreter_levels_diagonal_extreme_gates(monkeypatch):
+    # gates at -1e4 mixed with ordinary ones with the halving levels in every sub-chunk (the default
+    # case, test_chunk_kda_interpreter_extreme_gates_and_beta, takes both diagonal forms in one run)
+    use_variant(monkeypatch, "decay_grad", factored=0)
     check_extreme("cpu", torch.float32)
 
 
@@ -257,7 +253,7 @@ def check_graded_gates(device, dtype):
     compare(out, ref, dtype)
 
 
-@pytest.mark.parametrize("factored", [0, 1, 2])
+@pytest.mark.parametrize("factored", [0, 1])
 def test_chunk_kda_interpreter_graded_gates(factored, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored)
     check_graded_gates("cpu", torch.float32)
@@ -364,17 +360,15 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("factored", [0, 2], ids=["levels", "partition"])
-def test_chunk_kda_gpu_diagonal_forms(cuda_device, dtype, factored, monkeypatch):
-    # the decay products' halving levels in every sub-chunk, or the programs split over two launches by
-    # span (the default factors where the span allows, choosing inside one launch)
-    use_variant(monkeypatch, "decay_grad", factored=factored)
+def test_chunk_kda_gpu_levels_diagonal(cuda_device, dtype, monkeypatch):
+    # the decay products' halving levels in every sub-chunk (the default factors where the span allows)
+    use_variant(monkeypatch, "decay_grad", factored=0)
     check_fused_varlen(cuda_device, dtype)
     check_extreme(cuda_device, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("factored", [0, 1, 2])
+@pytest.mark.parametrize("factored", [0, 1])
 def test_chunk_kda_gpu_graded_gates(cuda_device, factored, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored)
     check_graded_gates(cuda_device, torch.float32)

@@ -323,7 +323,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     FACTORED: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}
     (FACTORED: the diagonal block's form, 0 = halving levels, 1 = factored where the span allows else
-    levels, 2 = factored, the program screened by its launch; not the launch table's ``factored``):
+    levels):
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
     Off-diagonal sub-blocks go through a reference token (tl.dot, one earlier or later sub-chunk at
@@ -390,11 +390,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     b_dk5 += c_q * b_q
     b_dk3 += c_a * b_k
     b_dk4 += c_a * b_k
-    if FACTORED == 2:
-        # the program was screened by its launch (_decay_grad_kernel OWN = 1): the span allows it
-        b_dq2, b_dk3, b_dk4, b_dk5 = _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s,
-                                                    b_dq2, b_dk3, b_dk4, b_dk5, PREC)
-    elif FACTORED:
+    if FACTORED:
         # the whole sub-chunk through one reference where its gate span allows (exact there, see
         # _diag_factored); the halving levels otherwise. The span is the same for every row of the
         # program, so the branch is uniform.
@@ -413,18 +409,13 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
 @triton.jit
 def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       FACTORED: tl.constexpr, OWN: tl.constexpr = 0):
+                       FACTORED: tl.constexpr):
     # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
     # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
     # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
     # dq += sum_i dAqk[t,i] k_i e^{G_t-G_i};  dk += (dA row form) + (dA, dAqk column forms);
     # dG += q*dq2 + k*dk3 - k*dk4 - k*dk5 (+ the G_last terms on the chunk's last row).
     # The reverse cumsum dG -> dg runs afterwards in _gate_grad_kernel (it spans the sub-chunks).
-    # OWN (launch-table factored = 2: two launches, each compiled with one diagonal form, no branch
-    # between them inside a program): 1 = only the programs whose sub-chunk span on these channels is
-    # <= FACTOR_SPAN (FACTORED = 2, the factored form), 2 = only the others (FACTORED = 0, the levels);
-    # 0 = every program. The span is G's first row minus its last valid row (G does not increase), the
-    # same number _sub_chunk_span finds, so the launches split the programs exactly.
     i_c = tl.program_id(0) // 4
     a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
@@ -434,17 +425,7 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
     n = tl.load(chunk_len + i_c)
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
-    mine = a * 16 < n  # a sub-chunk past the chunk's end has no rows (and earlier sub-chunks are full)
-    if OWN != 0:
-        r_last = tl.minimum(a * 16 + 15, n - 1)
-        g_top = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & mine, other=0)
-        g_end = tl.load(G + ((t0 + r_last) * HV + i_hv) * K + o_k, mask=m_k & mine, other=0)
-        fits = tl.max(tl.where(m_k, g_top - g_end, 0.0), axis=0) <= FACTOR_SPAN
-        if OWN == 1:
-            mine = mine & fits
-        else:
-            mine = mine & (~fits)
-    if mine:
+    if a * 16 < n:  # a sub-chunk past the chunk's end has no rows (and earlier sub-chunks are full)
         rows = a * 16 + tl.arange(0, 16)
         m_r = rows < n
         m_rk = m_r[:, None] & m_k[None, :]
@@ -604,12 +585,10 @@ def chunk_kda_bwd(
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
-        factored = int(LAUNCH["decay_grad"].get("factored") or 0)
-        # factored 2: two launches splitting the programs by gate span (factored form / levels), else one
-        for form, own in (((2, 1), (0, 2)) if factored == 2 else ((factored, 0),)):
-            _decay_grad_kernel[(NC * 4, HV, NKB)](
-                q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
-                PREC=decay_precision(prec), FACTORED=form, OWN=own, **launch("decay_grad"))
+        _decay_grad_kernel[(NC * 4, HV, NKB)](
+            q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
+            PREC=decay_precision(prec), FACTORED=bool(LAUNCH["decay_grad"].get("factored")),
+            **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
             HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate_grad"))

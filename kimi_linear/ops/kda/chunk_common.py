@@ -162,7 +162,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # heads (Figure-2 gates): 6.71 -> 4.96 ms on 2 warps (5.51 on 4), 3.5e-5 from the levels' output;
     # fwd+bwd 21.95 -> 20.27 ms (session9/sweep_decay_grad_factored.txt). With the layer-fused
     # benchmark's larger gates (A up to 16: most sub-chunks span > 60) it costs 6.70 -> 7.17 ms; tiers
-    # of 8- and 4-row groups did not help there (7.29; session9/sweep_decay_grad_tiers_fused.txt)
+    # of 8- and 4-row groups did not help there (7.29; session9/sweep_decay_grad_tiers_fused.txt), nor
+    # did two launches each compiled with one form, programs split by span (session 10, B8 T4K H32:
+    # 7.03 ms fused gates against 6.91 / 6.69 for this switch / the levels, 5.15 against 4.93 with
+    # Figure-2 gates; session10/sweep_decay_grad_partition*.txt; removed)
     "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
 }
