@@ -216,11 +216,12 @@ class KimiDeltaAttention(KeepFP32):
         g, beta = self._masked_gates(x, mask)
         return chunk_kda(q, k, v, g, beta.to(v.dtype), fusion=KDAFusion(qk_l2norm=True), backend="triton", **kw)
 
-    def project_output(self, o: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor | None = None) -> torch.Tensor:
-        """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``; ``gate_a`` is
-        ``g_a_proj(x)`` when the caller already has it."""
-        gate_a = self.g_a_proj(x) if gate_a is None else gate_a
-        gate = few_rows_linear(gate_a, self.g_b_proj.weight, backend=self.backend).unflatten(-1, (self.num_heads, self.head_v_dim))
+    def project_output(self, o: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``; ``gate`` is the
+        output gate's logits ``g_b_proj(g_a_proj(x))`` ``[B, T, H * V]`` when the caller already has them."""
+        if gate is None:
+            gate = few_rows_linear(self.g_a_proj(x), self.g_b_proj.weight, backend=self.backend)
+        gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
         return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, backend=self.backend)
 
@@ -271,11 +272,17 @@ class KimiDeltaAttention(KeepFP32):
             q, k, v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs],
                                                 conv_steps=[*convs, None, None, None], backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
-            g_raw = few_rows_linear(f_a, self.f_b_proj.weight, backend=self.backend).view(B, 1, H, K)
+            # both low-rank up-projections (the gate's and the output gate's) in one more launch, each
+            # reading its own slice of the launch above
+            ups = (self.f_b_proj.weight, self.g_b_proj.weight)
+            if ups[0].shape[1] == ups[1].shape[1]:
+                g_raw, gate = fused_linear([f_a, g_a], ups, backend=self.backend)
+            else:
+                g_raw, gate = (few_rows_linear(a, w, backend=self.backend) for a, w in zip((f_a, g_a), ups))
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            o, _ = recurrent_kda(q, k, v, g_raw, b.view(B, 1, H), initial_state=lc.state,
+            o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
                                  state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
-            return self.project_output(o, x, gate_a=g_a.view(B, 1, -1))
+            return self.project_output(o, x, gate=gate.view(B, 1, -1))
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
         for dst, w in zip(lc.convs, windows):
             dst.copy_(w)

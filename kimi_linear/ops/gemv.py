@@ -11,6 +11,7 @@ double their memory).
 | tensor  | shape                | notes                                                    |
 |---------|----------------------|----------------------------------------------------------|
 | x       | ``[N, D]``           | the shared input, N <= :data:`MAX_TOKENS` on the kernel  |
+|         | or a list of them    | one input per weight (below)                             |
 | weights | list of ``[R_i, D]`` | ``nn.Linear`` layout, x's dtype and device, contiguous   |
 | return  | list of ``[N, R_i]`` | x's dtype; on the kernel, column slices of one buffer    |
 
@@ -19,6 +20,11 @@ two weights); program ``p`` reads its block's ``[BLOCK_R, D]`` rows in ``BLOCK_D
 accumulates their dot products with the ``N`` token rows in fp32. A host-built table, made once per
 weight set, gives each program its weight's address, first row, row count, output column and weight
 index.
+
+``x`` may also be a list with one ``[N, D]`` input per weight (the KDA decode step's two low-rank
+up-projections, whose inputs are different column slices of one earlier output): the kernel reads
+input ``i`` at its own offset, so the slices of one buffer need no copy (other inputs are first
+concatenated into one buffer, one extra copy).
 
 ``conv_steps[i] = (window [N, R_i, W-1], conv_weight [R_i, W])`` runs output ``i`` through one step of
 the causal depthwise short conv + SiLU in the same program (KDA's q, k, v): the projection is rounded
@@ -79,12 +85,14 @@ _CONV_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per cache: bou
 _CONV_TABLES_MAX = 1024
 
 
-def fused_linear_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], conv_steps=None, *,
+def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], conv_steps=None, *,
                      conv_backend: str = "reference") -> list[torch.Tensor]:
-    """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (then the conv steps): the definition the kernel is
-    tested against. (Separate contiguous outputs: CPU GEMMs round a row differently depending on its
-    alignment, so slices of one buffer would make results depend on a row's position in the batch.)"""
-    outs = [F.linear(x, w) for w in weights]
+    """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (``x_i`` for ``w_i`` when ``x`` is a list; then the
+    conv steps): the definition the kernel is tested against. (Separate contiguous outputs: CPU GEMMs
+    round a row differently depending on its alignment, so slices of one buffer would make results
+    depend on a row's position in the batch.)"""
+    xs = [x] * len(weights) if isinstance(x, torch.Tensor) else list(x)
+    outs = [F.linear(xi, w) for xi, w in zip(xs, weights, strict=True)]
     for i, step in enumerate(conv_steps or ()):
         if step is not None:
             window, conv_weight = step
@@ -129,28 +137,54 @@ def _conv_table(conv_steps, device) -> torch.Tensor:
     return table
 
 
-def _check(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
+def _check(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Validate the input(s) and weights; returns the first input (shape, dtype and device of all)."""
     if len(weights) == 0:
         raise ValueError("need at least one weight")
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not isinstance(x, torch.Tensor) and len(xs) != len(weights):
+        raise ValueError(f"need one input per weight: {len(weights)} weights, got {len(xs)} inputs")
+    x0 = xs[0]
+    for j, xi in enumerate(xs):
+        if xi.dim() != 2:
+            raise ValueError(f"x must be [N, D], got shape {tuple(xi.shape)}" + (f" (input {j})" if len(xs) > 1 else ""))
+        if xi.shape != x0.shape or xi.dtype != x0.dtype or xi.device != x0.device:
+            raise ValueError(f"inputs must share shape, dtype and device: input 0 is {tuple(x0.shape)} {x0.dtype} "
+                             f"on {x0.device}, input {j} {tuple(xi.shape)} {xi.dtype} on {xi.device}")
     for i, w in enumerate(weights):
-        if w.dim() != 2 or w.shape[1] != x.shape[1]:
-            raise ValueError(f"weight {i} must be [R, D={x.shape[1]}], got shape {tuple(w.shape)}")
-        if w.device != x.device or w.dtype != x.dtype:
-            raise ValueError(f"weight {i} must be {x.dtype} on {x.device} (x's), got {w.dtype} on {w.device}")
+        if w.dim() != 2 or w.shape[1] != x0.shape[1]:
+            raise ValueError(f"weight {i} must be [R, D={x0.shape[1]}], got shape {tuple(w.shape)}")
+        if w.device != x0.device or w.dtype != x0.dtype:
+            raise ValueError(f"weight {i} must be {x0.dtype} on {x0.device} (x's), got {w.dtype} on {w.device}")
+    return x0
 
 
-def _block_table(weights: Sequence[torch.Tensor], block_r: int) -> tuple[torch.Tensor, int]:
-    """int64 ``[P, 5]`` = (weight address, first row, rows of that weight, first output column, weight
-    index) per program, and the total width. Cached per weight set (addresses + shapes) and block size."""
-    key = (block_r, *((w.data_ptr(), *w.shape) for w in weights))
+def _inputs_in_one_buffer(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """``(base, offsets, row stride)`` such that input ``i`` is ``base``'s storage from element
+    ``offsets[i]`` on with that row stride. Column slices of one buffer (same storage and row stride)
+    are used in place; anything else is concatenated into one contiguous buffer first."""
+    x0 = xs[0]
+    same = all(xi.untyped_storage().data_ptr() == x0.untyped_storage().data_ptr() and xi.stride(1) == 1
+               and (xi.shape[0] == 1 or xi.stride(0) == x0.stride(0)) for xi in xs)
+    if same:
+        base = min(xs, key=lambda xi: xi.storage_offset())
+        return base, tuple(xi.storage_offset() - base.storage_offset() for xi in xs), base.stride(0)
+    D = x0.shape[1]
+    cat = torch.cat(list(xs), dim=1)
+    return cat, tuple(i * D for i in range(len(xs))), cat.stride(0)
+
+
+def _block_table(weights: Sequence[torch.Tensor], block_r: int, x_offsets: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    """int64 ``[P, 6]`` = (weight address, first row, rows of that weight, first output column, weight
+    index, offset of the weight's input in elements) per program, and the total width. Cached per
+    weight set (addresses + shapes), block size and input offsets."""
+    key = (block_r, x_offsets, *((w.data_ptr(), *w.shape) for w in weights))
     hit = _TABLES.get(key)
     if hit is None:
         rows, col = [], 0
         for i, w in enumerate(weights):
             for r0 in range(0, w.shape[0], block_r):
-                rows.append((w.data_ptr(), r0, w.shape[0], col, i))
+                rows.append((w.data_ptr(), r0, w.shape[0], col, i, x_offsets[i]))
             col += w.shape[0]
         hit = (torch.tensor(rows, dtype=torch.int64, device=weights[0].device), col)
         _TABLES[key] = hit
@@ -162,14 +196,16 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D, OUT,
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D, OUT, SX,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        # SX: the inputs' row stride; each program's input starts at its table entry's offset
         p = tl.program_id(0)
-        w = tl.load(tab_ptr + p * 5).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        r0 = tl.load(tab_ptr + p * 5 + 1)
-        rows = tl.load(tab_ptr + p * 5 + 2)
-        col0 = tl.load(tab_ptr + p * 5 + 3)
+        w = tl.load(tab_ptr + p * 6).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        r0 = tl.load(tab_ptr + p * 6 + 1)
+        rows = tl.load(tab_ptr + p * 6 + 2)
+        col0 = tl.load(tab_ptr + p * 6 + 3)
+        x_in = x_ptr + tl.load(tab_ptr + p * 6 + 5)
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < rows
         o_n = tl.arange(0, NT)
@@ -179,10 +215,10 @@ def _kernel():
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = (o_d < D) | EVEN_D
             b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-            b_x = tl.load(x_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_x = tl.load(x_in + o_n[:, None] * SX + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
             acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :].to(tl.float32), axis=2)
         if CONV:
-            seg = tl.load(tab_ptr + p * 5 + 4)
+            seg = tl.load(tab_ptr + p * 6 + 4)
             win_addr = tl.load(conv_tab + seg * 2)
             if win_addr != 0:  # this weight's outputs go through a short-conv step (+ SiLU)
                 win = win_addr.to(tl.pointer_type(x_ptr.dtype.element_ty))
@@ -210,22 +246,24 @@ def _kernel():
 _KERNEL = None
 
 
-def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, conv_steps=None,
+def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], *, conv_steps=None,
                  backend: str = "auto") -> list[torch.Tensor]:
     """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs;
-    ``conv_steps`` (one entry or None per weight) adds a short-conv step to chosen outputs, updating
-    their windows in place (module docstring).
+    ``x`` may be a list of one ``[N, D]`` input per weight; ``conv_steps`` (one entry or None per
+    weight) adds a short-conv step to chosen outputs, updating their windows in place (module
+    docstring).
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
     on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight
     and the conv steps apart. No host sync: the step can be graph-captured."""
-    _check(x, weights)
-    N, D = x.shape
-    W = _check_conv_steps(x, weights, conv_steps) if conv_steps is not None else 0
-    chosen = resolve_backend(backend, x.device)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    x0 = _check(x, weights)
+    xs = [x] if isinstance(x, torch.Tensor) else list(x)
+    N, D = x0.shape
+    W = _check_conv_steps(x0, weights, conv_steps) if conv_steps is not None else 0
+    chosen = resolve_backend(backend, x0.device)
+    needs_grad = torch.is_grad_enabled() and (any(xi.requires_grad for xi in xs) or any(w.requires_grad for w in weights))
     conv_ok = W == 0 or (W >= 2 and all(st is None or (st[0].is_contiguous() and st[1].is_contiguous()
-                                                        and st[0].dtype == st[1].dtype == x.dtype)
+                                                        and st[0].dtype == st[1].dtype == x0.dtype)
                                         for st in conv_steps))
     if (chosen == "reference" or N > MAX_TOKENS or N == 0 or needs_grad or not conv_ok
             or not all(w.is_contiguous() for w in weights)):
@@ -237,11 +275,14 @@ def fused_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], *, conv_steps
         _KERNEL = _kernel()
     tile = _tiles(D, sum(w.shape[0] for w in weights))
     block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
-    tab, out = _block_table(weights, tile["BLOCK_R"])
-    x = x.contiguous()
+    if isinstance(x, torch.Tensor):
+        x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
+    else:
+        x, x_offsets, sx = _inputs_in_one_buffer(xs)
+    tab, out = _block_table(weights, tile["BLOCK_R"], x_offsets)
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
-    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, N, D, out, NT=max(1, triton.next_power_of_2(N)),
+    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, N, D, out, sx, NT=max(1, triton.next_power_of_2(N)),
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              num_warps=tile["num_warps"])

@@ -27,6 +27,37 @@ def test_fused_linear_matches_one_linear_per_weight(N, D, monkeypatch, triton_de
         assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_interp", torch.float32)
 
 
+@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("layout", ["slices", "separate"])
+def test_fused_linear_one_input_per_weight(N, layout, monkeypatch, triton_device):
+    # the KDA decode step's low-rank up-projections: each weight with its own input, the inputs being
+    # column slices of one earlier output (read in place, at their offsets) or separate tensors
+    # (concatenated first); rows not multiples of the block, D not a multiple of BLOCK_D
+    device = triton_device
+    import kimi_linear.ops.gemv as gemv
+
+    for kind in ("wide", "wide_few", "narrow"):
+        monkeypatch.setitem(gemv.TILES, kind, dict(BLOCK_R=8, BLOCK_D=16, num_warps=2))
+    D = 24
+    ws = [torch.randn(r, D, device=device) for r in (20, 9, 33)]
+    if layout == "slices":
+        buf = torch.randn(N, 3 * D + 7, device=device)
+        xs = [buf[:, 7 + 2 * D:], buf[:, 7:7 + D], buf[:, 7 + D:7 + 2 * D]]  # not in buffer order
+    else:
+        xs = [torch.randn(N, D, device=device) for _ in ws]
+    got = fused_linear(xs, ws, backend="triton")
+    for x, y, w in zip(xs, got, ws, strict=True):
+        assert y.shape == (N, w.shape[0])
+        assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_interp", torch.float32)
+    # the reference path takes lists too, and the inputs must pair with the weights
+    for y, x, w in zip(fused_linear(xs, ws, backend="reference"), xs, ws, strict=True):
+        assert torch.allclose(y, x @ w.T, atol=1e-5)
+    with pytest.raises(ValueError, match="one input per weight"):
+        fused_linear(xs[:2], ws, backend="triton")
+    with pytest.raises(ValueError, match="inputs must share shape"):
+        fused_linear([xs[0], torch.randn(N, D + 1, device=device), xs[2]], ws, backend="triton")
+
+
 def test_fused_linear_falls_back_beyond_max_tokens_and_on_cpu():
     ws = [torch.randn(6, 8), torch.randn(3, 8)]
     x = torch.randn(9, 8)
