@@ -28,8 +28,11 @@ the layers read ``cache.step`` and write their own buffers, and the model calls
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from kimi_linear.ops.norm import rms_norm_store_
 
 KDA = "kda"
 MLA = "mla"
@@ -156,6 +159,21 @@ class MLALayerCache:
         pos = step.positions[rows, cols]
         self.latent[rows, pos] = latent[rows, cols].to(self.latent.dtype)
         self.k_rope[rows, pos] = k_rope[rows, cols].to(self.k_rope.dtype)
+
+    def write_decode_normed(self, latent: torch.Tensor, k_rope: torch.Tensor, norm: Any, step: CacheStep) -> None:
+        """Decode only: :meth:`write` of ``(norm(latent), k_rope)`` (``latent [B, 1, R]`` before the latent
+        norm, ``norm`` an :class:`~kimi_linear.layers.common.RMSNorm`) in one launch on the kernel path:
+        the norm writes straight into the cache (:func:`kimi_linear.ops.norm.rms_norm_store_`)."""
+        if not step.decode:
+            raise ValueError("write_decode_normed is for decode steps (one token per row, no padding)")
+        B = step.batch_size
+        if latent.shape != (B, 1, self.latent.shape[-1]) or k_rope.shape != (B, 1, self.k_rope.shape[-1]):
+            raise ValueError(
+                f"MLA cache write expects latent [B={B}, 1, {self.latent.shape[-1]}] and k_rope "
+                f"[B, 1, {self.k_rope.shape[-1]}], got {tuple(latent.shape)} and {tuple(k_rope.shape)}"
+            )
+        rms_norm_store_(latent[:, 0], norm.weight, norm.eps, self.latent, step.start,
+                        copy=(k_rope[:, 0], self.k_rope), backend=norm.backend)
 
     def view(self, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything cached for this step's keys after :meth:`write`: ``latent [B, L, R]``, ``k_rope [B, L, Dr]``

@@ -123,11 +123,12 @@ class MultiHeadLatentAttention(nn.Module):
                                  backend=self.backend)
             q = q.view(B, T, self.num_heads, self.qk_dim)
             latent, k_rope = kv.view(B, T, -1).split([self.kv_lora_rank, self.rope_dim], -1)
-            latent = self.kv_a_layernorm(latent)
+            # the latent norm writes into the cache, the shared key part copied in the same launch
+            lc.write_decode_normed(latent, k_rope, self.kv_a_layernorm, step)
         else:
             q = self.project_q(hidden_states)
             latent, k_rope = self.compress_kv(hidden_states)
-        lc.write(latent, k_rope, step)
+            lc.write(latent, k_rope, step)
         if step.decode:
             q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
             c, kr = lc.view(step)

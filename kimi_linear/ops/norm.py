@@ -7,6 +7,8 @@
 | gate   | ``[..., D]`` | same shape as x (gated form only)         |
 | return | ``[..., D]`` | dtype of x                                |
 
+:func:`rms_norm_store_` normalises one token per row straight into a cache (the MLA decode step's latent).
+
 :func:`add_rms_norm` also adds a residual first (``s = x + delta``, returned with its norm): the pre-norm
 block's second residual add and norm in one launch at decode time.
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "gated_rms_norm"]
+__all__ = ["rms_norm", "add_rms_norm", "gated_rms_norm", "rms_norm_store_"]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -61,6 +63,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     # runs ~80 of these norms, where kernel count, not bytes, sets the time
     normed = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
     return (weight * normed.to(x.dtype)).to(x.dtype)
+
+
+def rms_norm_store_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, start: torch.Tensor, *,
+                    copy: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto") -> None:
+    """``out[b, start[b]] = rms_norm(x[b])`` for ``x [B, D]`` into ``out [B, L, D]`` (cast to out's dtype),
+    and with ``copy = (src [B, E], dst [B, L, E])`` also ``dst[b, start[b]] = src[b]``: the latent cache
+    write of one MLA decode step (normalised latent and shared key part) in one launch instead of a norm
+    and two scatters. ``x`` and ``src`` may be column slices of one buffer (unit column stride). Values
+    are those of :func:`rms_norm` followed by the cast. ``start`` values must lie in ``[0, L)``
+    (not checked: a device sync)."""
+    _check(x, weight)
+    B = x.shape[0]
+    if x.dim() != 2 or out.dim() != 3 or out.shape[0] != B or out.shape[2] != x.shape[1]:
+        raise ValueError(f"need x [B, D] and out [B, L, D], got {tuple(x.shape)} and {tuple(out.shape)}")
+    if start.shape != (B,) or start.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"start must be an int tensor [B={B}], got {tuple(start.shape)} {start.dtype}")
+    if copy is not None:
+        src, dst = copy
+        if src.dim() != 2 or src.shape[0] != B or dst.dim() != 3 or dst.shape[:2] != out.shape[:2] or dst.shape[2] != src.shape[1]:
+            raise ValueError(f"copy needs src [B, E] and dst [B, L, E] (out's B, L), got {tuple(src.shape)} and "
+                             f"{tuple(dst.shape)}")
+    tensors = (x, weight) if copy is None else (x, weight, copy[0])
+    if (_use_kernel(backend, *tensors) and x.stride(1) == 1 and out.is_contiguous()
+            and (copy is None or (copy[0].stride(1) == 1 and copy[1].is_contiguous()))):
+        from kimi_linear.ops.norm_kernel import rms_norm_store_triton
+
+        rms_norm_store_triton(x, weight, eps, out, start, copy)
+        return
+    rows = torch.arange(B, device=x.device)
+    out[rows, start] = rms_norm(x, weight, eps, backend="reference").to(out.dtype)
+    if copy is not None:
+        copy[1][rows, start] = copy[0].to(copy[1].dtype)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,

@@ -56,3 +56,36 @@ def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate:
                                                   GATED=gate is not None, RESIDUAL=residual is not None,
                                                   num_warps=4 if DP * BR <= 4096 else 8)
     return (s.view(x.shape), y.view(x.shape)) if residual is not None else y.view(x.shape)
+
+
+@triton.jit
+def _rms_norm_store_kernel(x, weight, start, out, src, dst, eps, stride_x, stride_src, L,
+                           D: tl.constexpr, DP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COPY: tl.constexpr):
+    # token b's normalised row (rounded like rms_norm: to x's dtype before the weight, the product to
+    # x's dtype) goes to row b * L + start[b] of out; with COPY, src's row b to the same row of dst
+    b = tl.program_id(0).to(tl.int64)
+    row = b * L + tl.load(start + b).to(tl.int64)
+    o_d = tl.arange(0, DP)
+    m_d = o_d < D
+    b_x = tl.load(x + b * stride_x + o_d, mask=m_d, other=0).to(tl.float32)
+    b_n = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=0) / D + eps)
+    b_w = tl.load(weight + o_d, mask=m_d, other=0).to(tl.float32)
+    b_y = (b_n.to(x.dtype.element_ty).to(tl.float32) * b_w).to(x.dtype.element_ty)
+    tl.store(out + row * D + o_d, b_y.to(out.dtype.element_ty), mask=m_d)
+    if COPY:
+        o_e = tl.arange(0, EP)
+        m_e = o_e < E
+        b_s = tl.load(src + b * stride_src + o_e, mask=m_e, other=0)
+        tl.store(dst + row * E + o_e, b_s.to(dst.dtype.element_ty), mask=m_e)
+
+
+def rms_norm_store_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, start: torch.Tensor,
+                          copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One launch of :func:`kimi_linear.ops.norm.rms_norm_store_` (arguments validated there)."""
+    B, D = x.shape
+    L = out.shape[1]
+    src, dst = copy if copy is not None else (x, out)
+    E = src.shape[1] if copy is not None else 1
+    _rms_norm_store_kernel[(B,)](x, weight, start, out, src, dst, eps, x.stride(0), src.stride(0), L,
+                                 D=D, DP=triton.next_power_of_2(D), E=E, EP=triton.next_power_of_2(E),
+                                 COPY=copy is not None, num_warps=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimi_linear.ops.norm import add_rms_norm, gated_rms_norm, rms_norm
+from kimi_linear.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, rms_norm_store_
 
 
 def test_rms_norm_formula_fp64():
@@ -124,6 +124,55 @@ def test_norm_kernel_gpu(cuda_device, dtype):
     check_norm_kernel(cuda_device, dtype, (64, 2304), False)
     check_norm_kernel(cuda_device, dtype, (64, 32, 128), True)
     check_add_norm_kernel(cuda_device, dtype, (3, 1, 2304))
+
+
+def check_norm_store(device, dtype, cache_dtype, backend):
+    """rms_norm_store_: token b's normalised latent lands in out[b, start[b]] and its key part in
+    dst[b, start[b]], both read as column slices of one [B, 576]-like buffer; every other cache
+    entry untouched; values equal rms_norm + cast (the kernel's rounding order is the op's)."""
+    g = torch.Generator().manual_seed(3)
+    B, L, D, E = 3, 9, 40, 12
+    buf = (torch.randn(B, D + E, generator=g) * 3).to(device=device, dtype=dtype)
+    x, src = buf[:, :D], buf[:, D:]
+    w = (torch.rand(D, generator=g) + 0.5).to(device=device, dtype=dtype)
+    start = torch.tensor([0, 8, 4], device=device)
+    out = torch.full((B, L, D), float("nan"), device=device, dtype=cache_dtype)
+    dst = torch.full((B, L, E), float("nan"), device=device, dtype=cache_dtype)
+    rms_norm_store_(x, w, 1e-6, out, start, copy=(src, dst), backend=backend)
+    want = rms_norm(x, w, 1e-6, backend="reference").to(cache_dtype)
+    for b, pos in enumerate(start.tolist()):
+        tol = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(out[b, pos].float(), want[b].float(), **tol)
+        assert torch.equal(dst[b, pos], src[b].to(cache_dtype))
+        others = [p for p in range(L) if p != pos]
+        assert torch.isnan(out[b, others].float()).all() and torch.isnan(dst[b, others].float()).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rms_norm_store_writes_one_row_per_token(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not __import__("kimi_linear.backends").backends.triton_interpret():
+            pytest.skip("needs TRITON_INTERPRET=1")
+    check_norm_store("cpu", torch.float32, torch.float32, backend)
+    check_norm_store("cpu", torch.float16, torch.float32, backend)
+
+
+def test_rms_norm_store_bad_input():
+    x, w = torch.randn(2, 8), torch.ones(8)
+    out, start = torch.zeros(2, 5, 8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="need x"):
+        rms_norm_store_(x, w, 1e-6, out[:, :, :4], start)
+    with pytest.raises(ValueError, match="start must be an int tensor"):
+        rms_norm_store_(x, w, 1e-6, out, start.float())
+    with pytest.raises(ValueError, match="copy needs"):
+        rms_norm_store_(x, w, 1e-6, out, start, copy=(torch.randn(2, 3), torch.zeros(2, 4, 3)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rms_norm_store_gpu(cuda_device, dtype):
+    check_norm_store(cuda_device, dtype, dtype, "triton")
 
 
 def test_unknown_backend_is_rejected_for_any_input():
