@@ -33,22 +33,25 @@ import torch
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.moe import grouped_swiglu
 
-_PTR_TABLES: dict[tuple[int, ...], torch.Tensor] = {}
+_PTR_TABLES: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
 
 
-def _pointer_table(ws: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _pointer_table(ws: Sequence[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Device table of the weights' addresses (the kernels read each expert through it), cached per
-    weight set. A new set is checked first: the kernels read raw addresses as x's dtype, row-major."""
+    weight set, and their common alignment in bytes (16, or 1 if any is not 16-byte aligned): an
+    address read from a table is of unknown alignment to the compiler, which then loads the weights
+    one element at a time unless told (``W_ALIGN``). A new set is checked first: the kernels read raw
+    addresses as x's dtype, row-major."""
     key = tuple(w.data_ptr() for w in ws)
-    table = _PTR_TABLES.get(key)
-    if table is None:
+    hit = _PTR_TABLES.get(key)
+    if hit is None:
         for i, w in enumerate(ws):
             if w.device != x.device or w.dtype != x.dtype or not w.is_contiguous():
                 raise ValueError(f"expert weight {i} must be a contiguous {x.dtype} tensor on {x.device} (x's), "
                                  f"got {w.dtype} on {w.device}{'' if w.is_contiguous() else ', not contiguous'}")
-        table = torch.tensor(key, dtype=torch.int64, device=ws[0].device)
-        _PTR_TABLES[key] = table
-    return table
+        hit = (torch.tensor(key, dtype=torch.int64, device=ws[0].device), 16 if all(a % 16 == 0 for a in key) else 1)
+        _PTR_TABLES[key] = hit
+    return hit
 
 
 def _kernels():
@@ -58,7 +61,7 @@ def _kernels():
     @triton.jit
     def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK, ER,
                        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_NK: tl.constexpr):
+                       BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr):
         # experts i_e >= ER are shared ones: every token uses them
         i_e = tl.program_id(0)
         i_i = tl.program_id(1)
@@ -67,8 +70,8 @@ def _kernels():
         chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
         if (i_e < ER) & (tl.sum((chosen == i_e).to(tl.int32), 0) == 0):
             return  # nobody chose this expert: its weights are never read
-        w1 = tl.load(w1_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        w3 = tl.load(w3_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w1 = tl.multiple_of(tl.load(w1_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
+        w3 = tl.multiple_of(tl.load(w3_tab + i_e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
         m_n, m_i = o_n < N, o_i < I
@@ -89,7 +92,7 @@ def _kernels():
     @triton.jit
     def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK, ER,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-                    BLOCK_NK: tl.constexpr):
+                    BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr):
         i_e = tl.program_id(0)
         i_d = tl.program_id(1)
         i_n = tl.program_id(2)
@@ -97,7 +100,7 @@ def _kernels():
         chosen = tl.load(idx_ptr + o_nk, mask=o_nk < NK, other=-1)
         if (i_e < ER) & (tl.sum((chosen == i_e).to(tl.int32), 0) == 0):
             return
-        w2 = tl.load(w2_tab + i_e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+        w2 = tl.multiple_of(tl.load(w2_tab + i_e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
         m_n, m_d = o_n < N, o_d < D
@@ -132,12 +135,14 @@ def _single_token_kernels():
 
     @triton.jit
     def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, D, I, K, ER,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                           W_ALIGN: tl.constexpr):
+        # W_ALIGN: the experts' address alignment in bytes (see _pointer_table)
         j = tl.program_id(0)
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
-        w1 = tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
-        w3 = tl.load(w3_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
+        w3 = tl.multiple_of(tl.load(w3_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
         o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < I
         acc1 = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -154,7 +159,7 @@ def _single_token_kernels():
 
     @triton.jit
     def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, D, I, K, ER,
-                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr):
         # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
         # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -163,7 +168,7 @@ def _single_token_kernels():
         for j in tl.static_range(J):
             e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
             c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)), 1.0)  # shared experts: weight 1
-            w2 = tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty))
+            w2 = tl.multiple_of(tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
             part = tl.zeros([BLOCK_R], dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
                 o_i = i0 + tl.arange(0, BLOCK_I)
@@ -265,14 +270,15 @@ def moe_decode(
     block_nk = triton.next_power_of_2(N * k)
     h = torch.empty(E, N, I, device=x.device, dtype=x.dtype)
     gu = TILES["gate_up"]
+    (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
-        x, idx, _pointer_table(w1, x), _pointer_table(w3, x), h, N, D, I, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(gu))
+        x, idx, t1, t3, h, N, D, I, N * k, ER,
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=min(a1, a3), **_launch_kw(gu))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     dn = TILES["down"]
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
-        h, idx, cw, _pointer_table(w2, x), y, N, D, I, k, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, **_launch_kw(dn))
+        h, idx, cw, t2, y, N, D, I, k, N * k, ER,
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=a2, **_launch_kw(dn))
     return y.to(x.dtype)
 
 
@@ -292,11 +298,13 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     cw = weights.float().contiguous()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
+    (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
-        x, idx, _pointer_table(w1, x), _pointer_table(w3, x), h, D, I, K, ER,
-        BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, num_warps=gu["num_warps"])
+        x, idx, t1, t3, h, D, I, K, ER,
+        BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
+        num_warps=gu["num_warps"])
     y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
-        h, idx, cw, _pointer_table(w2, x), y, D, I, K, ER,
-        J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], num_warps=dn["num_warps"])
+        h, idx, cw, t2, y, D, I, K, ER,
+        J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, num_warps=dn["num_warps"])
     return y

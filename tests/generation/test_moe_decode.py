@@ -131,3 +131,23 @@ def test_a_forward_that_needs_gradients_takes_the_grouped_path(triton_device):
     y.sum().backward()
     assert w1[2].grad is not None and torch.count_nonzero(w1[2].grad) > 0
     assert w1[0].grad is None or torch.count_nonzero(w1[0].grad) == 0  # expert 0 was not chosen
+
+
+@pytest.mark.gpu
+def test_single_token_moe_gpu_misaligned_experts(cuda_device):
+    # expert weights that are views one element off a 16-byte boundary: the kernels must not be told
+    # they are aligned (their loads would be vectorised on wrong addresses)
+    E, D, I, k = 4, 256, 128, 2
+    flat = torch.randn(3 * E * I * D + 1, device=cuda_device, dtype=torch.bfloat16) * D**-0.5
+    views = flat[1:].view(3, E, I * D)
+    w1 = [views[0, e].view(I, D) for e in range(E)]
+    w3 = [views[1, e].view(I, D) for e in range(E)]
+    w2 = [views[2, e].view(D, I) for e in range(E)]
+    assert all(w.data_ptr() % 16 != 0 for w in w1)
+    x = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
+    idx = torch.tensor([[3, 1]], device=cuda_device)
+    wts = torch.rand(1, k, device=cuda_device)
+    want = moe_decode(x.float(), idx, wts, [w.float() for w in w1], [w.float() for w in w3], [w.float() for w in w2],
+                      backend="reference")
+    got = moe_decode(x, idx, wts, w1, w3, w2, backend="triton")
+    assert rel_rms(got, want) < 2e-2

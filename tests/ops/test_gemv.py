@@ -109,6 +109,24 @@ def test_fused_linear_gpu_at_the_kda_layer_geometry(cuda_device, N):
         assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_fused_linear_gpu_misaligned_weights_and_inputs(cuda_device):
+    # the kernel is told the weights' (and per-weight inputs') alignment so that it vectorises their
+    # loads; a weight or input that is a view one element off a 16-byte boundary must take the
+    # unaligned path and give the same products
+    D = 2304
+    flat = torch.randn(4096 * D + 1, device=cuda_device, dtype=torch.bfloat16) * D**-0.5
+    ws = [flat[1:1 + 4096 * D].view(4096, D), torch.randn(128, D, device=cuda_device, dtype=torch.bfloat16)]
+    assert ws[0].data_ptr() % 16 != 0
+    x = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
+    for y, w in zip(fused_linear(x, ws), ws, strict=True):
+        assert rel_rms(y, x.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
+    buf = torch.randn(1, 2 * D + 1, device=cuda_device, dtype=torch.bfloat16)
+    xs = [buf[:, 1:1 + D], buf[:, 1 + D:]]
+    for y, xi, w in zip(fused_linear(xs, ws), xs, ws, strict=True):
+        assert rel_rms(y, xi.double() @ w.double().T) < tolerance("kernel_fwd", torch.bfloat16)
+
+
 # the default narrow / wide_few / wide tiles (FEW_ROWS lowered so that 29 rows are "many"), widths
 # below their slices
 @pytest.mark.parametrize("D,few_rows", [(40, None), (300, None), (300, 16)])
