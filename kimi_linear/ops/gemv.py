@@ -63,10 +63,13 @@ MAX_TOKENS = 2  # more tokens: one GEMM per weight (cuBLAS) is the better tool
 # session10/gemv_sweep_cold_h100.txt; us per decode step of the benchmark model): "wide" (4, 512, 2) ->
 # (4, 256, 1) 516 -> 493; "wide_few" split off with 2-row blocks (twice the programs) 415 -> 367
 # (output projection 9.5 us, floor 6.3; MLA inputs 14.2, floor 10.3); "narrow" (8, 128, 1) -> (4, 128,
-# 1) 112 -> 109 (1 MB: latency-bound, 2.7 us against a 0.3 us floor).
+# 1) 112 -> 109 (1 MB: latency-bound, 2.7 us against a 0.3 us floor). Then the weights' loads were
+# vectorised (W_ALIGN, in the kernel; before, an address read from the table was of unknown alignment
+# and every weight element took its own load): "wide" 493 -> 437 us, "wide_few" 367 -> 346 with
+# (2, 1024, 1) (gemv_sweep_aligned_h100.txt).
 TILES: dict[str, dict[str, int]] = {
     "wide": dict(BLOCK_R=4, BLOCK_D=256, num_warps=1),
-    "wide_few": dict(BLOCK_R=2, BLOCK_D=1024, num_warps=2),
+    "wide_few": dict(BLOCK_R=2, BLOCK_D=1024, num_warps=1),
     "narrow": dict(BLOCK_R=4, BLOCK_D=128, num_warps=1),
 }
 FEW_ROWS = 8192

@@ -203,7 +203,10 @@ TILES: dict[str, dict[str, int | None]] = {
     # Session 10 (session10/moe_sweep_h100.txt): 1- and 2-row blocks and gate_up's D loop unrolled at
     # compile time (a variant kernel, since removed) gained nothing: 55.8-56.0 us with these tiles, 76% of
     # the copy rate (floor 42.4 us)
-    "down_one": dict(BLOCK_R=2, BLOCK_I=1024, num_warps=2),
+    # With the weights' loads vectorised (W_ALIGN; session10/moe_sweep_aligned_h100.txt): the tensor-core
+    # kernels 105.5 -> 56.1 us, the single-token ones 55.8 -> 50.5 us, and 47.8 (89% of the copy rate)
+    # with one row per down program
+    "down_one": dict(BLOCK_R=1, BLOCK_I=1024, num_warps=1),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 
