@@ -209,7 +209,11 @@ def latent_attention_triton(
     w_uk, w_uv = split_kv_b(w_kv_b, H, Dn, Dv)
     kdt = latent.dtype
     q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
-    q_r = q_rope.reshape(B, M, Dr).to(kdt).contiguous()
+    # q_rope is usually a column slice of the query projection: read it in place through its row
+    # stride (a contiguous copy was one more launch per MLA layer and decode step)
+    q_r = q_rope.reshape(B, M, Dr).to(kdt)
+    if q_r.stride(-1) != 1:
+        q_r = q_r.contiguous()
     if latent.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent and k_rope need a contiguous last dim")
     o_part = torch.empty(B, S, M, R, device=latent.device, dtype=torch.float32)

@@ -155,6 +155,23 @@ def test_triton_row_groups_and_padded_rows(tiles, monkeypatch):
             assert rel_rms(out[b, t], ref[b, t]) < tol, (b, t)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_triton_reads_query_slices_in_place(T):
+    """The MLA decode step hands q_nope / q_rope as column slices of one projection (not contiguous):
+    the kernel reads q_rope through its strides; same result as contiguous copies."""
+    device = _triton_device()
+    from kimi_linear.ops.latent_attention_triton import latent_attention_triton
+
+    args = [a.to(device) for a in inputs(B=2, T=T, H=3, Dn=16, Dr=16, Dv=16, R=32, L=30)]
+    q = torch.cat([args[0], args[1]], dim=-1)  # [B, T, H, Dn + Dr], as the projection lays it out
+    q_nope, q_rope = q.split([16, 16], dim=-1)
+    assert not q_rope.is_contiguous()
+    lengths = torch.tensor([30, 11], device=device)
+    got = latent_attention_triton(q_nope, q_rope, *args[2:], lengths=lengths, block_n=16, num_splits=2)
+    want = latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=2)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("S", [1, 3, 70, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_merge_kernel_against_full_softmax(S, dtype):
