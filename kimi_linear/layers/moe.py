@@ -105,6 +105,10 @@ class SparseMoeBlock(nn.Module):
                             num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
                             scaling=self.scaling, backend=backend, scratch=self.router_scratch or None)
 
+    def reset_buffers(self) -> None:
+        """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""
+        self.expert_load.zero_()
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape

@@ -242,8 +242,8 @@ def from_pretrained(cls: type, directory: str | os.PathLike, *, device: str | to
     if device.type != "meta":
         model = model.to_empty(device=device)
         for m in model.modules():  # non-persistent buffers are not in the checkpoint
-            if hasattr(m, "expert_load"):
-                m.expert_load.zero_()
+            if hasattr(m, "reset_buffers"):
+                m.reset_buffers()
         if not strict:  # tensors the checkpoint lacks get the usual initialisation, not garbage
             model.init_weights()
     load_state(model, directory, strict=strict)

@@ -69,8 +69,19 @@ class KimiLinearDecoderLayer(nn.Module):
             self.block_sparse_moe = SparseMoeBlock(config)
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+            # the one-token decode step runs the dense MLP as a single "expert" of weight 1 through the
+            # MoE decode kernels (two launches with SwiGLU inside, against five cuBLAS / elementwise
+            # ones); their index and weight, made once (not in the state dict)
+            self.register_buffer("_dense_index", torch.zeros(1, 1, dtype=torch.long), persistent=False)
+            self.register_buffer("_dense_weight", torch.ones(1, 1), persistent=False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+
+    def reset_buffers(self) -> None:
+        """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""
+        if not self.is_moe:
+            self._dense_index.zero_()
+            self._dense_weight.fill_(1.0)
 
     @property
     def ffn(self) -> nn.Module:
@@ -94,8 +105,13 @@ class KimiLinearDecoderLayer(nn.Module):
         attn_out = self.self_attn(x, attention_mask, cache, **kwargs)
         post = self.post_attention_layernorm
         h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
-        if self.is_moe and cache is not None and getattr(cache.step, "decode", False):
+        decode = cache is not None and getattr(cache.step, "decode", False)
+        if self.is_moe and decode:
             out = self._moe_decode(x)
+        elif decode and x.shape[0] * x.shape[1] == 1:
+            mlp = self.mlp
+            out = moe_decode(x.reshape(1, -1), self._dense_index, self._dense_weight, [mlp.gate_proj.weight],
+                             [mlp.up_proj.weight], [mlp.down_proj.weight], backend=self.backend).view(x.shape)
         else:
             out = self.ffn(x, attention_mask=attention_mask, **kwargs)
         return (h, out) if unsummed else h + out

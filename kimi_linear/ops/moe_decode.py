@@ -167,7 +167,7 @@ def _single_token_kernels():
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for j in tl.static_range(J):
             e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
-            c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)), 1.0)  # shared experts: weight 1
+            c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)).to(tl.float32), 1.0)  # shared: weight 1
             w2 = tl.multiple_of(tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
             part = tl.zeros([BLOCK_R], dtype=tl.float32)
             for i0 in range(0, I, BLOCK_I):
@@ -298,7 +298,8 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     J = K + len(w1) - ER
     x = x.contiguous()
     idx = _index_tensor(indices)
-    cw = weights.float().contiguous()
+    # the kernel reads any float dtype of combine weights (a cast would be one more launch)
+    cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)

@@ -52,6 +52,9 @@ def test_round_trip_bit_exact_with_fp32_gate_params(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
     for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n == m and a.dtype == b.dtype and torch.equal(a, b), n
+    # the non-persistent buffers (not in the file) are filled, not left as to_empty's garbage
+    for (n, a), (m, b) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert n == m and torch.equal(a, b), n
 
 
 def test_sharded_with_index(tmp_path):
