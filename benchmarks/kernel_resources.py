@@ -25,7 +25,6 @@ from triton.compiler import ASTSource
 TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
-TYPES.update(res="*bf16", norm_w="*bf16", s_out="*bf16", x_out="*bf16")
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
 TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
@@ -97,14 +96,11 @@ def cases():
                dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, FROM_HIDDEN=hidden,
                     BLOCK_D=moe_route_kernel.hidden_block_d(e, 2304)),
                moe_route_kernel.HIDDEN_TILE["num_warps"] if hidden else 1, 3)
-    for e in (16, 32):  # the split router's slice programs at D = 2304, with the add + norm inside or not
+    for e in (16, 32):  # the split router's slice programs at D = 2304
         block, nsplit = moe_route_kernel.split_plan(e, 2304)
-        for add_norm in (False, True):
-            yield (f"moe route split (E={e}, k=8) {nsplit} x {block} add_norm={int(add_norm)}",
-                   moe_route_kernel._route_split_kernel,
-                   dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, BLOCK_D=block, NSPLIT=nsplit,
-                        SP=triton.next_power_of_2(nsplit), ADD_NORM=add_norm, DP=4096 if add_norm else 16),
-                   moe_route_kernel.SPLIT_WARPS, 3)
+        yield (f"moe route split (E={e}, k=8) {nsplit} x {block}", moe_route_kernel._route_split_kernel,
+               dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, BLOCK_D=block, NSPLIT=nsplit,
+                    SP=triton.next_power_of_2(nsplit)), moe_route_kernel.SPLIT_WARPS, 3)
 
 
 def main() -> None:

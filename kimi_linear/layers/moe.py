@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_linear.layers.common import KeepFP32
-from kimi_linear.ops.moe import add_norm_route_tokens, expert_load, grouped_swiglu, route_tokens
+from kimi_linear.ops.moe import expert_load, grouped_swiglu, route_tokens
 
 __all__ = ["SwiGLUMLP", "Expert", "MoEGate", "SparseMoeBlock"]
 
@@ -94,23 +94,6 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
         # logits x . W^T in fp32; on Triton at inference the routing kernel computes them itself
-        self._ensure_scratch(x)
-        return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
-                            num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
-                            scaling=self.scaling, backend=backend, scratch=self.router_scratch or None)
-
-    def add_norm_route(self, h: torch.Tensor, delta: torch.Tensor, norm: Any,
-                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode entry: ``(s, x, weights, indices)`` with ``s = h + delta`` and ``x = norm(s)`` (``norm``
-        the block's post-attention :class:`~kimi_linear.layers.common.RMSNorm`), routed; the norm runs
-        inside the split router where it can (:func:`kimi_linear.ops.moe.add_norm_route_tokens`)."""
-        self._ensure_scratch(h)
-        return add_norm_route_tokens(h, delta, norm.weight, norm.eps, self.gate.weight, self.gate.e_score_correction_bias,
-                                     self.top_k, num_groups=self.num_groups, topk_groups=self.topk_groups,
-                                     renormalize=self.renormalize, scaling=self.scaling, backend=backend,
-                                     scratch=self.router_scratch or None)
-
-    def _ensure_scratch(self, x: torch.Tensor) -> None:
         if self.router_scratch is None and x.is_cuda:
             try:
                 from kimi_linear.ops.moe_route_kernel import RouterScratch
@@ -118,6 +101,9 @@ class SparseMoeBlock(nn.Module):
                 self.router_scratch = False
             else:
                 self.router_scratch = RouterScratch()
+        return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
+                            num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
+                            scaling=self.scaling, backend=backend, scratch=self.router_scratch or None)
 
     def reset_buffers(self) -> None:
         """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""

@@ -104,12 +104,11 @@ class KimiLinearDecoderLayer(nn.Module):
             hidden_states, x = add_rms_norm(hidden_states, pending, ln.weight, ln.eps, backend=ln.backend)
         attn_out = self.self_attn(x, attention_mask, cache, **kwargs)
         post = self.post_attention_layernorm
+        h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
         decode = cache is not None and getattr(cache.step, "decode", False)
         if self.is_moe and decode:
-            h, out = self._moe_decode(hidden_states, attn_out)
-            return (h, out) if unsummed else h + out
-        h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
-        if decode and x.shape[0] * x.shape[1] == 1:
+            out = self._moe_decode(x)
+        elif decode and x.shape[0] * x.shape[1] == 1:
             mlp = self.mlp
             out = moe_decode(x.reshape(1, -1), self._dense_index, self._dense_weight, [mlp.gate_proj.weight],
                              [mlp.up_proj.weight], [mlp.down_proj.weight], backend=self.backend).view(x.shape)
@@ -117,16 +116,12 @@ class KimiLinearDecoderLayer(nn.Module):
             out = self.ffn(x, attention_mask=attention_mask, **kwargs)
         return (h, out) if unsummed else h + out
 
-    def _moe_decode(self, hidden_states: torch.Tensor, attn_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached decode step from the attention's output: ``(h, mlp_out)`` with ``h = hidden_states +
-        attn_out``. The post-attention norm runs inside the router's programs where it can; the same
-        routing; routed experts through the sync-free kernel (so the step can be captured in a CUDA
-        graph; each chosen expert's weights are read once); reference on CPU."""
+    def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can
+        be captured in a CUDA graph; each chosen expert's weights are read once); reference on CPU."""
         moe = self.block_sparse_moe
-        shape = hidden_states.shape
-        D = shape[-1]
-        h, flat, weights, indices = moe.add_norm_route(hidden_states.reshape(-1, D), attn_out.reshape(-1, D),
-                                                       self.post_attention_layernorm, backend=self.backend)
+        flat = x.reshape(-1, x.shape[-1])
+        weights, indices = moe.route(flat, backend=self.backend)
         w1, w3, w2 = ([e.w1.weight for e in moe.experts], [e.w3.weight for e in moe.experts],
                       [e.w2.weight for e in moe.experts])
         se = moe.shared_experts
@@ -136,7 +131,7 @@ class KimiLinearDecoderLayer(nn.Module):
         y = moe_decode(flat, indices, weights, w1, w3, w2, shared=shared, backend=self.backend)
         if se is not None and not fold:
             y = y + se(flat)
-        return h.view(shape), y.view(shape)
+        return y.view(x.shape)
 
 
 class KimiLinearModel(nn.Module):

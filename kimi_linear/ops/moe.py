@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["route", "route_tokens", "add_norm_route_tokens", "expert_load", "grouped_swiglu"]
+__all__ = ["route", "route_tokens", "expert_load", "grouped_swiglu"]
 
 
 def _check_route_args(E: int, device: torch.device, correction_bias: torch.Tensor | None, top_k: int,
@@ -136,55 +136,6 @@ def route_tokens(
                             scratch=scratch)
     return route(F.linear(x.float(), gate_weight.float()), correction_bias, top_k, num_groups=num_groups,
                  topk_groups=topk_groups, renormalize=renormalize, scaling=scaling, backend=backend)
-
-
-def add_norm_route_tokens(
-    h: torch.Tensor,
-    delta: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    gate_weight: torch.Tensor,
-    correction_bias: torch.Tensor | None,
-    top_k: int,
-    *,
-    num_groups: int = 1,
-    topk_groups: int = 1,
-    renormalize: bool = True,
-    scaling: float = 1.0,
-    backend: str = "auto",
-    scratch: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MoE block's entry at decode time: ``s, x = add_rms_norm(h, delta, norm_weight, eps)`` then
-    :func:`route_tokens` of ``x``; returns ``(s, x, weights, indices)`` (``h, delta [N, D]``). Where the
-    split router serves the call (Triton, inference, a ``scratch``), the norm runs inside the router's
-    programs: one launch instead of two, the same values up to the RMS sum's order."""
-    from kimi_linear.ops.norm import add_rms_norm
-
-    if h.dim() != 2 or delta.shape != h.shape or delta.dtype != h.dtype:
-        raise ValueError(f"need h and delta [N, D] of one dtype, got {tuple(h.shape)} {h.dtype} and "
-                         f"{tuple(delta.shape)} {delta.dtype}")
-    fused = (
-        scratch is not None and 0 < h.shape[0] <= ROUTE_IN_KERNEL_MAX_TOKENS
-        and gate_weight.shape[0] <= ROUTE_IN_KERNEL_MAX_EXPERTS and gate_weight.shape[1] == h.shape[1]
-        and norm_weight.shape == (h.shape[1],) and resolve_backend(backend, h.device) == "triton"
-        and not (num_groups > 1 and topk_groups < num_groups) and h.dtype != torch.float64
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, delta, norm_weight, gate_weight)))
-        and h.is_contiguous() and delta.is_contiguous()
-        and all(t.device == h.device for t in (delta, norm_weight, gate_weight))
-    )
-    if fused:
-        _check_route_args(gate_weight.shape[0], h.device, correction_bias, top_k, num_groups, topk_groups)
-        from kimi_linear.ops.moe_route_kernel import add_norm_route_triton
-
-        out = add_norm_route_triton(h, delta, norm_weight, eps, gate_weight, correction_bias, top_k, renormalize,
-                                    scaling, scratch)
-        if out is not None:
-            return out
-    s, x = add_rms_norm(h, delta, norm_weight, eps, backend=backend)
-    weights, indices = route_tokens(x, gate_weight, correction_bias, top_k, num_groups=num_groups,
-                                    topk_groups=topk_groups, renormalize=renormalize, scaling=scaling,
-                                    backend=backend, scratch=scratch)
-    return s, x, weights, indices
 
 
 def expert_load(indices: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

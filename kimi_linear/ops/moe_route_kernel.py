@@ -66,41 +66,20 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 
 @triton.jit
 def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, E, D, scaling,
-                        res, norm_w, s_out, x_out, eps,
                         EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr,
-                        ADD_NORM: tl.constexpr, DP: tl.constexpr):
+                        RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr):
     # The router's logits split over NSPLIT programs per token, each reading one [EP, BLOCK_D] slice of
     # the router weight (one program reading all of it was the latency of the whole read, 9.5 us per
     # layer in the model). Each stores its partial logits; the token's counter (atomic, acq_rel) names
     # the program that finishes last, which sums the partials in slice order (deterministic: the same
     # experts every run, unlike atomic float adds), routes, and resets the counter for the next call.
-    # ADD_NORM: x is the residual stream before the post-attention add; every program forms the
-    # token's sum s = x + res and its RMS over the whole row (two L2-resident row reads), stores its
-    # slice of s and of the normalised row (s_out, x_out: what add_rms_norm would return, with its
-    # rounding), and routes on that slice -- the norm's own launch saved.
     i_n = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
     o_e = tl.arange(0, EP)
     m_e = o_e < E
     o_d = i_p * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    if ADD_NORM:
-        o_f = tl.arange(0, DP)
-        m_f = o_f < D
-        f_s = tl.load(x + i_n * D + o_f, mask=m_f, other=0).to(tl.float32) + \
-            tl.load(res + i_n * D + o_f, mask=m_f, other=0).to(tl.float32)
-        f_s = f_s.to(s_out.dtype.element_ty).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(f_s * f_s, axis=0) / D + eps)
-        b_s = (tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
-               + tl.load(res + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)).to(s_out.dtype.element_ty)
-        tl.store(s_out + i_n * D + o_d, b_s, mask=m_d)
-        b_nw = tl.load(norm_w + o_d, mask=m_d, other=0).to(tl.float32)
-        b_xn = ((b_s.to(tl.float32) * rstd).to(x_out.dtype.element_ty).to(tl.float32) * b_nw).to(x_out.dtype.element_ty)
-        tl.store(x_out + i_n * D + o_d, b_xn, mask=m_d)
-        b_x = b_xn.to(tl.float32)
-    else:
-        b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+    b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
     b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
     tl.store(partial + (i_n * NSPLIT + i_p) * EP + o_e, tl.sum(b_w.to(tl.float32) * b_x[None, :], 1))
     done = tl.atomic_add(counter + i_n, 1, sem="acq_rel")
@@ -200,7 +179,12 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
         block, nsplit = split_plan(E, D)
         bufs = scratch.get(dev, N, nsplit, triton.next_power_of_2(E)) if scratch is not None and nsplit > 1 else None
         if bufs is not None:
-            _launch_split(x, w_gate, correction_bias, bufs, weights, indices, top_k, renormalize, scaling, block, nsplit)
+            bias = correction_bias.contiguous() if correction_bias is not None else weights
+            _route_split_kernel[(N, nsplit)](
+                x, w_gate, bias, bufs[0], bufs[1], weights, indices, E, D, float(scaling),
+                EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
+                HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
+                SP=triton.next_power_of_2(nsplit), num_warps=SPLIT_WARPS)
             return weights, indices
     if N > 0:
         bias = correction_bias.contiguous() if correction_bias is not None else weights
@@ -212,39 +196,3 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
                             BLOCK_D=hidden_block_d(E, D),
                             num_warps=HIDDEN_TILE["num_warps"] if hidden is not None else (4 if E > 256 else 1))
     return weights, indices
-
-
-def _launch_split(x, w_gate, correction_bias, bufs, weights, indices, top_k, renormalize, scaling, block, nsplit,
-                  add_norm=None) -> None:
-    """One launch of ``_route_split_kernel`` (``add_norm = (res, norm_w, eps, s_out, x_out)`` or None)."""
-    (N, D), E = x.shape, w_gate.shape[0]
-    bias = correction_bias.contiguous() if correction_bias is not None else weights
-    res, norm_w, eps, s_out, x_out = add_norm if add_norm is not None else (x, x, 0.0, x, x)
-    _route_split_kernel[(N, nsplit)](
-        x, w_gate, bias, bufs[0], bufs[1], weights, indices, E, D, float(scaling), res, norm_w, s_out, x_out,
-        float(eps), EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
-        HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
-        SP=triton.next_power_of_2(nsplit), ADD_NORM=add_norm is not None,
-        DP=triton.next_power_of_2(D) if add_norm is not None else 16, num_warps=SPLIT_WARPS)
-
-
-def add_norm_route_triton(x: torch.Tensor, res: torch.Tensor, norm_w: torch.Tensor, eps: float,
-                          w_gate: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
-                          scaling: float, scratch: RouterScratch):
-    """``s = x + res``, ``xn = rms_norm(s)`` and the routing of ``xn`` in one split-router launch:
-    ``(s, xn, weights, indices)``, or None where the split router cannot serve the call (workspace
-    too small, or not allocated yet while a CUDA graph is captured; the caller then takes the
-    separate norm and router). ``x, res [N, D]`` contiguous, one dtype."""
-    (N, D), E = x.shape, w_gate.shape[0]
-    block, nsplit = split_plan(E, D)
-    if nsplit < 1 or triton.next_power_of_2(D) > 8192:  # the whole row is held by each program
-        return None
-    bufs = scratch.get(x.device, N, nsplit, triton.next_power_of_2(E))
-    if bufs is None:
-        return None
-    s_out, x_out = torch.empty_like(x), torch.empty_like(x)
-    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
-    indices = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
-    _launch_split(x, w_gate.contiguous(), correction_bias, bufs, weights, indices, top_k, renormalize, scaling,
-                  block, nsplit, add_norm=(res, norm_w.contiguous(), eps, s_out, x_out))
-    return s_out, x_out, weights, indices

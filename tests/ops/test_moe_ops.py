@@ -215,54 +215,6 @@ def test_route_tokens_split_router_interpreter(monkeypatch):
         route_tokens(x, w_gate, None, 4, backend="triton", scratch=torch.zeros(4))
 
 
-def check_add_norm_route(device, N, D, E, k, dtype, scratch):
-    """add_norm_route_tokens (the post-attention norm inside the split router) against add_rms_norm +
-    route_tokens on the same inputs: the residual sum bit for bit, the normalised row to the rounding
-    of the RMS sum's order, the same experts and weights; the counters back at zero."""
-    from kimi_linear.ops.moe import add_norm_route_tokens
-    from kimi_linear.ops.norm import add_rms_norm
-
-    g = torch.Generator().manual_seed(N * 7 + D)
-    h = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
-    delta = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
-    nw = (torch.rand(D, generator=g) + 0.5).to(device=device, dtype=dtype)
-    w_gate = (torch.randn(E, D, generator=g) * D**-0.5).to(device=device, dtype=dtype)
-    bias = (torch.randn(E, generator=g) * 0.1).to(device)
-    with torch.no_grad():
-        s, x, w, i = add_norm_route_tokens(h, delta, nw, 1e-6, w_gate, bias, k, scaling=2.5, backend="triton",
-                                           scratch=scratch)
-        s_ref, x_ref = add_rms_norm(h, delta, nw, 1e-6, backend="reference")
-        w_ref, i_ref = route_tokens(x_ref, w_gate, bias, k, scaling=2.5, backend="reference")
-    assert torch.equal(s, s_ref)
-    torch.testing.assert_close(x.float(), x_ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
-    assert torch.equal(i.sort(-1).values, i_ref.sort(-1).values)
-    torch.testing.assert_close(w.sort(-1).values, w_ref.sort(-1).values, rtol=2e-3, atol=1e-4)
-    assert int(scratch.counter.abs().sum()) == 0
-
-
-def test_add_norm_route_interpreter(monkeypatch):
-    # the norm inside the split router's programs: several tokens, D not a multiple of the slice (and a
-    # single slice); without a scratch, or with the split router off, the two-launch path gives the same
-    pytest.importorskip("triton")
-    if not __import__("kimi_linear.backends").backends.triton_interpret():
-        pytest.skip("needs TRITON_INTERPRET=1")
-    from kimi_linear.ops import moe_route_kernel as rk
-    from kimi_linear.ops.moe import add_norm_route_tokens
-
-    scratch = rk.RouterScratch()
-    check_add_norm_route("cpu", 3, 2304 - 37, 16, 8, torch.float32, scratch)
-    check_add_norm_route("cpu", 2, 200, 6, 2, torch.float32, scratch)  # one slice
-    seen = []
-    real = rk.add_norm_route_triton
-    monkeypatch.setattr(rk, "add_norm_route_triton", lambda *a, **kw: seen.append(1) or real(*a, **kw))
-    check_add_norm_route("cpu", 1, 300, 16, 4, torch.float32, scratch)
-    assert seen  # the fused kernel ran
-    monkeypatch.setattr(rk, "SPLIT_D", 0)
-    check_add_norm_route("cpu", 1, 300, 16, 4, torch.float32, scratch)  # falls back: two launches
-    with pytest.raises(ValueError, match="need h and delta"):
-        add_norm_route_tokens(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-6, torch.randn(4, 8), None, 2)
-
-
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
     # above ROUTE_IN_KERNEL_MAX_EXPERTS the logits come from one GEMM, whatever the token count
     pytest.importorskip("triton")
@@ -323,8 +275,6 @@ def test_route_kernel_gpu(cuda_device):
     for n, e in ((1, 16), (64, 16), (3, 32)):
         check_route_tokens(cuda_device, n, 2304 - 37, e, 8, torch.bfloat16, scratch)
     assert int(scratch.counter.abs().sum()) == 0
-    for n, dtype in ((1, torch.bfloat16), (4, torch.float32)):  # the norm inside the split router
-        check_add_norm_route(cuda_device, n, 2304, 16, 8, dtype, scratch)
     check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
 
