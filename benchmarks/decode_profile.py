@@ -16,22 +16,9 @@ import functools
 import torch
 
 
-def kernel_sequence(step) -> list[tuple[str, float]]:
-    """``(kernel name, us)`` of one ``step()`` on CUDA, in start order: the time of each launch, where
-    the per-name totals lump e.g. a layer's large and small projections together."""
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    evs = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
-    evs.sort(key=lambda ev: ev.time_range.start)
-    return [(ev.name, ev.device_time_total) for ev in evs]
-
-
 @torch.no_grad()
 def main() -> None:
-    from kimi_linear.bench.common import kernel_times
+    from kimi_linear.bench.common import kernel_sequence, kernel_times
     from kimi_linear.bench.model_decode import _fill_random_, bench_config, build_model, time_decode
     from kimi_linear.generation.cache import cache_for_config
     from kimi_linear.generation.generate import _model_dtype, forward_last_logits

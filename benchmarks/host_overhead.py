@@ -38,13 +38,10 @@ def host_ms(fn, n: int = 40) -> float:
 
 def gpu_ms(fn) -> tuple[float, int]:
     """Sum of the kernels' device time of one call, and the number of kernels."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time_total for e in evs) / 1e3, len(evs)
+    from kimi_linear.bench.common import kernel_sequence
+
+    seq = kernel_sequence(fn)
+    return sum(us for _, us in seq) / 1e3, len(seq)
 
 
 def host_profile(fn, top: int) -> str:

@@ -129,6 +129,19 @@ def kernel_times(fn: Callable[[], object], device: torch.device, *, reps: int = 
     return {name: (us[name] / 1e3 / reps, count[name] // reps) for name in us}
 
 
+def kernel_sequence(fn: Callable[[], object]) -> list[tuple[str, float]]:
+    """``(kernel name, us)`` of one ``fn()`` on CUDA, in start order (after a warm-up call): the time of
+    each launch, where :func:`kernel_times` lumps e.g. a layer's large and small projections together."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    evs.sort(key=lambda ev: ev.time_range.start)
+    return [(ev.name, ev.device_time_total) for ev in evs]
+
+
 def _git_commit() -> str | None:
     """HEAD of the checkout (``+dirty`` with uncommitted changes); ``KIMI_LINEAR_COMMIT`` when the
     tree was copied without its git directory (e.g. to a GPU machine)."""
