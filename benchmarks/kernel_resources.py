@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
+TYPES.update(tab_ptr="*i64", conv_tab="*i64", OUT="i32", SX="i32")
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
 TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
@@ -85,10 +86,24 @@ def cases():
     from kimi_linear.ops import moe_decode
     gate_up, down = moe_decode._kernels()
     tu, td = moe_decode.TILES["gate_up"], moe_decode.TILES["down"]
-    yield "moe decode gate_up", gate_up, dict(BLOCK_N=16, BLOCK_I=tu["BLOCK_I"], BLOCK_D=tu["BLOCK_D"], BLOCK_NK=16), \
-        tu["num_warps"], tu["num_stages"] or 3
-    yield "moe decode down", down, dict(BLOCK_N=16, BLOCK_D=td["BLOCK_D"], BLOCK_I=td["BLOCK_I"], BLOCK_NK=16), \
-        td["num_warps"], td["num_stages"] or 3
+    yield "moe decode gate_up", gate_up, dict(BLOCK_N=16, BLOCK_I=tu["BLOCK_I"], BLOCK_D=tu["BLOCK_D"], BLOCK_NK=16,
+                                              W_ALIGN=16), tu["num_warps"], tu["num_stages"] or 3
+    yield "moe decode down", down, dict(BLOCK_N=16, BLOCK_D=td["BLOCK_D"], BLOCK_I=td["BLOCK_I"], BLOCK_NK=16,
+                                        W_ALIGN=16), td["num_warps"], td["num_stages"] or 3
+    # batch-1 decode: the one-token expert kernels and the projections (weights found through address
+    # tables, declared 16-byte aligned: W_ALIGN), at the benchmark's tiles
+    gate_up1, down1 = moe_decode._single_token_kernels()
+    t1, t2 = moe_decode.TILES["gate_up_one"], moe_decode.TILES["down_one"]
+    yield "moe decode gate_up (one token)", gate_up1, dict(BLOCK_R=t1["BLOCK_R"], BLOCK_D=t1["BLOCK_D"], EVEN_D=True,
+                                                           W_ALIGN=16), t1["num_warps"], 3
+    yield "moe decode down (one token)", down1, dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16), \
+        t2["num_warps"], 3
+    from kimi_linear.ops import gemv
+    for cls in ("wide", "wide_few"):
+        t = gemv.TILES[cls]
+        yield (f"fused_linear {cls} (D=2304)", gemv._kernel(),
+               dict(NT=1, BLOCK_R=t["BLOCK_R"], BLOCK_D=t["BLOCK_D"], EVEN_D=True, CONV=cls == "wide", W=4, WP=4,
+                    MULTI_X=False, X_ALIGN=1, W_ALIGN=16), t["num_warps"], 3)
     # routing from given logits (the released model's 256 experts), or with the router's logits computed
     # inside (decode, <= 64 tokens and <= 32 experts: the decode benchmark's 16 and the limit), D = 2304
     for e, hidden in ((256, False), (16, True), (32, True)):
