@@ -7,11 +7,15 @@ runs few programs per SM, and no launch setting fixes that.
 
     PYTHONPATH=. python benchmarks/kernel_resources.py            # all
     PYTHONPATH=. python benchmarks/kernel_resources.py decay scan  # names containing these
+    PYTHONPATH=. python benchmarks/kernel_resources.py --aligned   # pointers 16-byte aligned, as launched
+
+Each line also counts the PTX's global loads, vector against scalar.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,20 +35,32 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 
 
+# --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
+# specialises a real launch's when they are (the benchmark shapes' dimensions are)
+ALIGNED = False
+
+
 def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
     sig = {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32") for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = kernel.asm["ptx"]
+    # global loads in the PTX: vector (16/8-byte) against scalar ones; a weight-streaming kernel with
+    # many scalar loads has lost its address alignment (docs/decode.md)
+    vec = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx))
+    scalar = len(re.findall(r"ld\.global(?:\.\w+)*\.[bfsu](?:8|16|32|64) ", ptx))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
+        f.write(ptx)
     try:
         err = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True).stderr
     finally:
         os.unlink(f.name)
     regs = next((ln.split("Used")[1].split(",")[0].strip() for ln in err.splitlines() if "Used" in ln), "?")
     spill = next((ln.split("stack frame,")[1].strip() for ln in err.splitlines() if "spill" in ln), "?")
-    return f"{regs}, {spill}, shared {kernel.metadata.shared} B"
+    return f"{regs}, {spill}, shared {kernel.metadata.shared} B; global loads: {vec} vector, {scalar} scalar"
 
 
 def cases():
@@ -119,7 +135,9 @@ def cases():
 
 
 def main() -> None:
-    wanted = sys.argv[1:]
+    global ALIGNED
+    wanted = [a for a in sys.argv[1:] if a != "--aligned"]
+    ALIGNED = "--aligned" in sys.argv[1:]
     for label, fn, ce, warps, stages in cases():
         if wanted and not any(w in label for w in wanted):
             continue
