@@ -9,6 +9,10 @@
 # (the whole GPU suite at the session's start commit), then issue-7 kernel work with `kernels` sweeps
 # (FUSED=1 for the layer-fused setting) and `train`; decode work with `gemv` / `profile` / `decode`.
 # Short inputs are host-bound: benchmarks/host_overhead.py prints host vs GPU time per call.
+# Prepared for issue 7 (docs/kernels.md, Known gaps): vectorise the chunk-gradient kernel's M tile and
+# the solve's loads (kernel_resources.py --aligned shows their scalar loads), then SWEEP=chunk_grad and
+# the chunk_kda GPU tests. Issue 5 (docs/decode.md): the step's bookkeeping kernels, the latent kernel
+# at long context.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
