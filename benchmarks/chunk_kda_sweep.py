@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chunk_kda_timing import make  # noqa: E402
+from chunk_kda_timing import fla_provider, make, ours  # noqa: E402
 
 # the kernels each launch-table entry's time is the sum of (a variant may move work to a second kernel)
 KERNEL_NAMES = {
@@ -77,15 +77,14 @@ def inputs(B: int, T: int, H: int, K: int = 128, seed: int = 0, fused: bool | No
     return xs, do
 
 
+def _provider_args(xs):
+    """The leaves of :func:`inputs` as ``chunk_kda_timing``'s providers take them: (inputs, extra, fused)."""
+    return dict(zip(("q", "k", "v", "g", "beta"), xs[:5])), dict(zip(("A_log", "dt_bias"), xs[5:])), len(xs) == 7
+
+
 def forward(xs):
     """Our chunk_kda output on the leaves of :func:`inputs` (fused when they carry A_log / dt_bias)."""
-    from kimi_linear.ops.kda.chunk import chunk_kda
-    from kimi_linear.ops.kda.fusion import KDAFusion
-
-    fusion = None
-    if len(xs) == 7:
-        fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=xs[5], dt_bias=xs[6])
-    return chunk_kda(*xs[:5], fusion=fusion, backend="triton")[0]
+    return ours(*_provider_args(xs))()
 
 
 def step_once(xs, do):
@@ -109,14 +108,9 @@ def fused_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:
 
 
 def fla_forward(xs):
-    """FLA 0.6.0's exact chunk_kda output on the leaves of :func:`inputs` (its fused options when they
-    carry A_log / dt_bias); ImportError without FLA."""
-    from fla.ops.kda import chunk_kda as fla_chunk_kda
-
-    if len(xs) == 7:
-        return fla_chunk_kda(*xs[:5], use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
-                             use_beta_sigmoid_in_kernel=True, A_log=xs[5], dt_bias=xs[6])[0]
-    return fla_chunk_kda(*xs)[0]
+    """FLA 0.6.0's exact chunk_kda output on the same leaves (its fused options when they carry A_log /
+    dt_bias); ImportError without FLA."""
+    return fla_provider(*_provider_args(xs))()
 
 
 def fla_profile(B: int, T: int, H: int, K: int = 128) -> dict[str, float]:

@@ -24,16 +24,9 @@ import json
 import torch
 import torch.nn.functional as F
 
+from kimi_linear.bench.common import copy_bandwidth
+
 CURRENT_ONLY = False  # --current: time the settings in use only (no sweep)
-
-
-def copy_bandwidth(dev: torch.device) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
-    import triton.testing
-
-    buf = torch.empty(1 << 28, device=dev)
-    ms = triton.testing.do_bench(buf.clone, rep=50)
-    return 2 * buf.numel() * 4 / (ms * 1e-3)
 
 
 def _rel(a, b) -> float:
@@ -231,7 +224,7 @@ def main() -> None:
     CURRENT_ONLY = args.current
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev)  # bytes/s
     report = {"device": torch.cuda.get_device_name(), "copy_tbps": bw / 1e12, "rows": []}
     print(f"{report['device']}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     parts = set(args.only.split(","))

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from kimi_linear.bench.common import copy_bandwidth
+
 H, DN, DR, DV, R = 32, 128, 64, 128, 512
 SESSION6 = dict(block_n=32, num_warps=8, num_stages=2, head_groups=1, min_block_m=16, splits_per_sm=2)
 BASE = dict(block_n=64, num_warps=8, num_stages=2, head_groups=1, min_block_m=16, splits_per_sm=2)
@@ -44,15 +46,6 @@ ROUND1 = (
     + [dict(SESSION6, splits_per_sm=p) for p in (1, 4)]
     + [dict(SESSION6, head_groups=2, num_warps=4, num_stages=3, splits_per_sm=p) for p in (1, 4)]
 )
-
-
-def copy_bandwidth(dev: torch.device) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
-    import triton.testing
-
-    buf = torch.empty(1 << 28, device=dev)
-    ms = triton.testing.do_bench(buf.clone, rep=50)
-    return 2 * buf.numel() * 4 / (ms * 1e-3)
 
 
 def make(B: int, L: int, dev: torch.device, seed: int = 0):
@@ -89,7 +82,7 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=2, choices=(1, 2), help="which candidate list")
     args_ns = ap.parse_args()
     dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev)  # bytes/s
     print(f"{torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s  torch {torch.__version__}", flush=True)
     base = dict(lt.TILES)
     t0 = time.time()

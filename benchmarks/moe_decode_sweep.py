@@ -16,14 +16,7 @@ import json
 
 import torch
 
-
-def copy_bandwidth(dev: torch.device) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write)."""
-    import triton.testing
-
-    buf = torch.empty(1 << 28, device=dev)
-    ms = triton.testing.do_bench(buf.clone, rep=50)
-    return 2 * buf.numel() * 4 / (ms * 1e-3)
+from kimi_linear.bench.common import copy_bandwidth
 
 
 def main() -> None:
@@ -38,7 +31,7 @@ def main() -> None:
     w1 = [torch.randn(I, D, device=dev, dtype=dt) * D**-0.5 for _ in range(E)]
     w3 = [torch.randn(I, D, device=dev, dtype=dt) * D**-0.5 for _ in range(E)]
     w2 = [torch.randn(D, I, device=dev, dtype=dt) * I**-0.5 for _ in range(E)]
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev)  # bytes/s
     base = {n: dict(c) for n, c in md.TILES.items()}
     gate_up = [dict(BLOCK_I=bi, BLOCK_D=bd, num_warps=w, num_stages=s)
                for bi, bd, w, s in itertools.product((16, 32, 64), (64, 128, 256), (2, 4), (4,))]

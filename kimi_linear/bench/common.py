@@ -180,15 +180,21 @@ def _version(module: str) -> str | None:
         return None
 
 
-def measure_ceilings(device: torch.device) -> dict[str, float]:
-    """Device copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
-    if device.type != "cuda":
-        return {}
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second (read + written) of a 1 GiB device-to-device copy on CUDA, measured now: the
+    rate the benchmarks' memory floors use."""
     n = 256 * 2**20  # 1 GiB of fp32
     src = torch.empty(n, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
-    copy_tbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def measure_ceilings(device: torch.device) -> dict[str, float]:
+    """Device copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
+    if device.type != "cuda":
+        return {}
+    copy_tbps = copy_bandwidth(device) / 1e12
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     ms = time_ms(lambda: a @ b, device)

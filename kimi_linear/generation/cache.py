@@ -142,14 +142,17 @@ class MLALayerCache:
     def tensors(self) -> list[torch.Tensor]:
         return [self.latent, self.k_rope]
 
-    def write(self, latent: torch.Tensor, k_rope: torch.Tensor, step: CacheStep) -> None:
-        """Store this step's new tokens. ``latent [B, T, R]``, ``k_rope [B, T, Dr]``; padded tokens are dropped."""
+    def _check_write(self, latent: torch.Tensor, k_rope: torch.Tensor, step: CacheStep) -> None:
         B, T = step.batch_size, step.num_tokens
         if latent.shape != (B, T, self.latent.shape[-1]) or k_rope.shape != (B, T, self.k_rope.shape[-1]):
             raise ValueError(
                 f"MLA cache write expects latent [B={B}, T={T}, {self.latent.shape[-1]}] and k_rope "
                 f"[B, T, {self.k_rope.shape[-1]}], got {tuple(latent.shape)} and {tuple(k_rope.shape)}"
             )
+
+    def write(self, latent: torch.Tensor, k_rope: torch.Tensor, step: CacheStep) -> None:
+        """Store this step's new tokens. ``latent [B, T, R]``, ``k_rope [B, T, Dr]``; padded tokens are dropped."""
+        self._check_write(latent, k_rope, step)
         if step.decode:  # one token per row, no padding: a scatter with no host sync (graph-capturable)
             rows = step.decode_rows_lengths[0]
             self.latent[rows, step.start] = latent[:, 0].to(self.latent.dtype)
@@ -166,12 +169,7 @@ class MLALayerCache:
         the norm writes straight into the cache (:func:`kimi_linear.ops.norm.rms_norm_store_`)."""
         if not step.decode:
             raise ValueError("write_decode_normed is for decode steps (one token per row, no padding)")
-        B = step.batch_size
-        if latent.shape != (B, 1, self.latent.shape[-1]) or k_rope.shape != (B, 1, self.k_rope.shape[-1]):
-            raise ValueError(
-                f"MLA cache write expects latent [B={B}, 1, {self.latent.shape[-1]}] and k_rope "
-                f"[B, 1, {self.k_rope.shape[-1]}], got {tuple(latent.shape)} and {tuple(k_rope.shape)}"
-            )
+        self._check_write(latent, k_rope, step)
         rms_norm_store_(latent[:, 0], norm.weight, norm.eps, self.latent, step.start,
                         copy=(k_rope[:, 0], self.k_rope), backend=norm.backend)
 

@@ -272,13 +272,9 @@ class KimiDeltaAttention(KeepFP32):
             q, k, v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs],
                                                 conv_steps=[*convs, None, None, None], backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
-            # both low-rank up-projections (the gate's and the output gate's) in one more launch, each
-            # reading its own slice of the launch above
-            ups = (self.f_b_proj.weight, self.g_b_proj.weight)
-            if ups[0].shape[1] == ups[1].shape[1]:
-                g_raw, gate = fused_linear([f_a, g_a], ups, backend=self.backend)
-            else:
-                g_raw, gate = (few_rows_linear(a, w, backend=self.backend) for a, w in zip((f_a, g_a), ups))
+            # both low-rank up-projections (the gate's and the output gate's; both K wide, V = K) in one
+            # more launch, each reading its own slice of the launch above
+            g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
                                  state_indices=cache.slot_index, fusion=fusion, backend=self.backend)

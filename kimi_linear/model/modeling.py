@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import RMSNorm
 from kimi_linear.layers.kda import KimiDeltaAttention, ShortConvolution, _HeadNorm
 from kimi_linear.layers.mla import MultiHeadLatentAttention
@@ -69,9 +70,9 @@ class KimiLinearDecoderLayer(nn.Module):
             self.block_sparse_moe = SparseMoeBlock(config)
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
-            # the one-token decode step runs the dense MLP as a single "expert" of weight 1 through the
-            # MoE decode kernels (two launches with SwiGLU inside, against five cuBLAS / elementwise
-            # ones); their index and weight, made once (not in the state dict)
+            # the one-token decode step on Triton runs the dense MLP as a single "expert" of weight 1
+            # through the MoE decode kernels (two launches with SwiGLU inside, against five cuBLAS /
+            # elementwise ones); their index and weight, made once (not in the state dict)
             self.register_buffer("_dense_index", torch.zeros(1, 1, dtype=torch.long), persistent=False)
             self.register_buffer("_dense_weight", torch.ones(1, 1), persistent=False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
@@ -108,7 +109,7 @@ class KimiLinearDecoderLayer(nn.Module):
         decode = cache is not None and getattr(cache.step, "decode", False)
         if self.is_moe and decode:
             out = self._moe_decode(x)
-        elif decode and x.shape[0] * x.shape[1] == 1:
+        elif decode and x.shape[0] * x.shape[1] == 1 and resolve_backend(self.backend, x.device) == "triton":
             mlp = self.mlp
             out = moe_decode(x.reshape(1, -1), self._dense_index, self._dense_weight, [mlp.gate_proj.weight],
                              [mlp.up_proj.weight], [mlp.down_proj.weight], backend=self.backend).view(x.shape)

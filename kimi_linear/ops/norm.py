@@ -84,6 +84,12 @@ def rms_norm_store_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
         if src.dim() != 2 or src.shape[0] != B or dst.dim() != 3 or dst.shape[:2] != out.shape[:2] or dst.shape[2] != src.shape[1]:
             raise ValueError(f"copy needs src [B, E] and dst [B, L, E] (out's B, L), got {tuple(src.shape)} and "
                              f"{tuple(dst.shape)}")
+    for name, t in (("out", out), ("start", start), *((("src", copy[0]), ("dst", copy[1])) if copy is not None else ())):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if not out.is_floating_point() or (copy is not None and not copy[1].is_floating_point()):
+        raise ValueError(f"out and dst must be floating point, got {out.dtype}"
+                         + (f" and {copy[1].dtype}" if copy is not None else ""))
     tensors = (x, weight) if copy is None else (x, weight, copy[0])
     if (_use_kernel(backend, *tensors) and x.stride(1) == 1 and out.is_contiguous()
             and (copy is None or (copy[0].stride(1) == 1 and copy[1].is_contiguous()))):

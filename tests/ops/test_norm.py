@@ -167,6 +167,12 @@ def test_rms_norm_store_bad_input():
         rms_norm_store_(x, w, 1e-6, out, start.float())
     with pytest.raises(ValueError, match="copy needs"):
         rms_norm_store_(x, w, 1e-6, out, start, copy=(torch.randn(2, 3), torch.zeros(2, 4, 3)))
+    with pytest.raises(ValueError, match="start must be on x's device"):
+        rms_norm_store_(x, w, 1e-6, out, start.to("meta"))
+    with pytest.raises(ValueError, match="dst must be on x's device"):
+        rms_norm_store_(x, w, 1e-6, out, start, copy=(torch.randn(2, 3), torch.zeros(2, 5, 3, device="meta")))
+    with pytest.raises(ValueError, match="must be floating point"):
+        rms_norm_store_(x, w, 1e-6, out.long(), start)
 
 
 @pytest.mark.gpu
