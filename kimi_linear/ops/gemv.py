@@ -83,7 +83,7 @@ def _tiles_class(D: int, rows: int) -> str:
 def _tiles(D: int, rows: int) -> dict[str, int]:
     return TILES[_tiles_class(D, rows)]
 
-_TABLES: dict[tuple, tuple[torch.Tensor, int]] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, int, int]] = {}
 _CONV_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per cache: bounded (LRU)
 _CONV_TABLES_MAX = 1024
 
@@ -177,10 +177,12 @@ def _inputs_in_one_buffer(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tup
     return cat, tuple(i * D for i in range(len(xs))), cat.stride(0)
 
 
-def _block_table(weights: Sequence[torch.Tensor], block_r: int, x_offsets: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+def _block_table(weights: Sequence[torch.Tensor], block_r: int,
+                 x_offsets: tuple[int, ...]) -> tuple[torch.Tensor, int, int]:
     """int64 ``[P, 6]`` = (weight address, first row, rows of that weight, first output column, weight
-    index, offset of the weight's input in elements) per program, and the total width. Cached per
-    weight set (addresses + shapes), block size and input offsets."""
+    index, offset of the weight's input in elements) per program, the total width, and the weights'
+    common address alignment in bytes (16, or 1 if any is not 16-byte aligned: the kernel's W_ALIGN).
+    Cached per weight set (addresses + shapes), block size and input offsets."""
     key = (block_r, x_offsets, *((w.data_ptr(), *w.shape) for w in weights))
     hit = _TABLES.get(key)
     if hit is None:
@@ -189,7 +191,8 @@ def _block_table(weights: Sequence[torch.Tensor], block_r: int, x_offsets: tuple
             for r0 in range(0, w.shape[0], block_r):
                 rows.append((w.data_ptr(), r0, w.shape[0], col, i, x_offsets[i]))
             col += w.shape[0]
-        hit = (torch.tensor(rows, dtype=torch.int64, device=weights[0].device), col)
+        hit = (torch.tensor(rows, dtype=torch.int64, device=weights[0].device), col,
+               16 if all(w.data_ptr() % 16 == 0 for w in weights) else 1)
         _TABLES[key] = hit
     return hit
 
@@ -292,13 +295,13 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
         x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
     else:
         x, x_offsets, sx = _inputs_in_one_buffer(xs)
-    tab, out = _block_table(weights, tile["BLOCK_R"], x_offsets)
+    tab, out, w_align = _block_table(weights, tile["BLOCK_R"], x_offsets)
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
     multi = any(x_offsets) or sx != D
     align = 8 if all(o % 8 == 0 for o in x_offsets) and sx % 8 == 0 else 1
     _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, N, D, out, sx, NT=max(1, triton.next_power_of_2(N)),
-                             MULTI_X=multi, X_ALIGN=align, W_ALIGN=16 if all(w.data_ptr() % 16 == 0 for w in weights) else 1,
+                             MULTI_X=multi, X_ALIGN=align, W_ALIGN=w_align,
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              num_warps=tile["num_warps"])
