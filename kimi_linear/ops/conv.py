@@ -68,11 +68,14 @@ def causal_conv1d(
     initial_window: torch.Tensor | None = None,
     output_final_window: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Full-sequence causal depthwise conv. Returns ``(y [B, T, D], final_window [N, D, W-1] | None)``.
 
     ``initial_window`` holds each sequence's previous ``W-1`` inputs (zeros when None), so chunked
-    prefill continues exactly where the last call stopped.
+    prefill continues exactly where the last call stopped. ``backend`` "auto" takes the Triton kernel
+    (one launch, fp32 sums rounded once) on CUDA where no gradient is needed (prefill, evaluation);
+    packed sequences (``cu_seqlens``) and training take the PyTorch form.
     """
     weight, W = _check(x, weight, activation)
     if x.dim() != 3:
@@ -82,6 +85,15 @@ def causal_conv1d(
         return _varlen(x, weight, bias, activation, initial_window, output_final_window, cu_seqlens)
     if initial_window is not None and tuple(initial_window.shape) != (B, D, W - 1):
         raise ValueError(f"initial_window must be [B, D, W-1] = {(B, D, W - 1)}, got {tuple(initial_window.shape)}")
+    for name, t in (("initial_window", initial_window), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, weight, bias, initial_window))
+    if W >= 2 and not needs_grad and resolve_backend(backend, x.device) == "triton":
+        from kimi_linear.ops.conv_kernel import conv_seq_triton
+
+        return conv_seq_triton(x, weight, bias, activation in ("silu", "swish"), initial_window, output_final_window)
     xt = x.transpose(1, 2).to(weight.dtype)  # [B, D, T]
     if initial_window is None:
         xt = F.pad(xt, (W - 1, 0))

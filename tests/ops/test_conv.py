@@ -156,3 +156,78 @@ def test_inplace_update_reference_backend_and_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_inplace_update_triton_gpu(cuda_device, dtype):
     check_inplace_update(cuda_device, dtype, 64, 4096, 4, False, True, True)
+
+
+def check_sequence_kernel(device, dtype, B, T, D, W, window, bias, act, strided, final=True):
+    """The whole-sequence Triton kernel against the PyTorch form on fresh random inputs (y and final window)."""
+    gen = torch.Generator().manual_seed(T * 1000 + D * 10 + W)
+    base = torch.randn(B, T, 2 * D if strided else D, generator=gen).to(device=device, dtype=dtype)
+    x = base[..., :D] if strided else base  # rows strided as a slice of a wider projection gives them
+    w = (torch.randn(D, 1, W, generator=gen) / W).to(device=device, dtype=dtype)
+    b = torch.randn(D, generator=gen).to(device=device, dtype=dtype) if bias else None
+    win = torch.randn(B, D, W - 1, generator=gen).to(device=device, dtype=dtype) if window else None
+    a = "silu" if act else None
+    y, fin = causal_conv1d(x, w, b, activation=a, initial_window=win, output_final_window=final, backend="triton")
+    y_ref, fin_ref = causal_conv1d(x.float(), w.float(), None if b is None else b.float(), activation=a,
+                                   initial_window=None if win is None else win.float(),
+                                   output_final_window=final, backend="reference")
+    assert y.dtype == dtype and y.shape == (B, T, D)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    if final:
+        assert fin.dtype == dtype and fin.shape == (B, D, W - 1)
+        assert torch.equal(fin.float(), fin_ref.to(dtype).float())  # a copy of inputs: exact
+    else:
+        assert fin is None
+
+
+@pytest.mark.parametrize("T,D,W,window,bias,act,strided", [
+    (37, 6, 4, False, False, True, False),    # several token blocks, no window
+    (70, 130, 4, True, False, True, True),    # window, channel blocks, strided rows
+    (2, 5, 4, True, True, False, False),      # shorter than the window: the final window mixes both
+    (0, 7, 3, True, False, True, False),      # no tokens: the window passes through
+    (9, 3, 2, False, True, True, True),
+])
+def test_sequence_triton_interpreter(T, D, W, window, bias, act, strided):
+    pytest.importorskip("triton")
+    check_sequence_kernel("cpu", torch.float32, 2, T, D, W, window, bias, act, strided)
+
+
+def test_sequence_triton_interpreter_half_no_final():
+    pytest.importorskip("triton")
+    check_sequence_kernel("cpu", torch.float16, 1, 40, 64, 4, True, False, True, False, final=False)
+
+
+def test_sequence_triton_is_causal_and_continues_chunked():
+    """Changing future tokens never changes earlier outputs; two chunks through the carried window equal
+    one call (the kernel on both sides)."""
+    pytest.importorskip("triton")
+    x = torch.randn(1, 50, 8)
+    w = torch.randn(8, 1, 4)
+    y, _ = causal_conv1d(x, w, backend="triton")
+    x2 = x.clone()
+    x2[:, 30:] = torch.randn(1, 20, 8) * 100  # large: SiLU must stay finite
+    y2, _ = causal_conv1d(x2, w, backend="triton")
+    assert torch.isfinite(y2).all()
+    assert torch.equal(y[:, :30], y2[:, :30]) and not torch.allclose(y[:, 30:], y2[:, 30:])
+    a, win = causal_conv1d(x[:, :21], w, output_final_window=True, backend="triton")
+    b, _ = causal_conv1d(x[:, 21:], w, initial_window=win, backend="triton")
+    torch.testing.assert_close(torch.cat([a, b], 1), y, rtol=1e-6, atol=1e-6)
+
+
+def test_sequence_with_gradient_takes_the_differentiable_form():
+    """Training needs gradients: with inputs that require them, ``auto`` keeps the PyTorch form on any device."""
+    x = torch.randn(1, 6, 4, requires_grad=True)
+    w = torch.randn(4, 1, 4, requires_grad=True)
+    y, _ = causal_conv1d(x, w)
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+    with pytest.raises(ValueError, match="initial_window must be on x's device"):
+        causal_conv1d(x.detach(), w.detach(), initial_window=torch.zeros(1, 4, 3, device="meta"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sequence_triton_gpu(cuda_device, dtype):
+    check_sequence_kernel(cuda_device, dtype, 2, 4100, 4096, 4, True, False, True, True)
+    check_sequence_kernel(cuda_device, dtype, 1, 3, 4096, 4, True, False, True, False)
