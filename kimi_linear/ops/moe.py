@@ -7,7 +7,8 @@ expert groups), but *weighted* by the unbiased scores, renormalised to sum 1 and
 
 Expert compute (:func:`grouped_swiglu`): the (token, slot) pairs are sorted by expert so each
 active expert runs one GEMM over exactly its tokens; cost scales with the routed tokens, not with
-the number of experts.
+the number of experts. At inference on CUDA (bf16) the experts' GEMMs are grouped into one launch per
+projection (``torch._grouped_mm``, no host sync); training keeps one GEMM per expert.
 
 | tensor        | shape          | notes                                  |
 |---------------|----------------|----------------------------------------|
@@ -147,6 +148,56 @@ def expert_load(indices: torch.Tensor, num_experts: int, token_mask: torch.Tenso
     return torch.bincount(flat, weights=w, minlength=num_experts).float()
 
 
+# Inference (no gradient) on CUDA in bf16 runs the experts as three grouped GEMMs over the sorted
+# slots (torch._grouped_mm, group sizes as device offsets): no host sync and 3 launches per layer instead
+# of 3 per active expert. A 4K-token prefill of the decode benchmark's model was host-bound on that loop
+# (session 6: 126 ms of aten::mm host time over 26 MoE layers). Training keeps the per-expert loop
+# (every expert in the graph for FSDP, and the GEMMs' backward). Switch for A/B runs:
+GROUPED_MM = True
+GROUPED_MM_MIN_SLOTS = 256  # below this, a decode step's few tokens, the loop's few GEMMs are cheaper
+
+
+def _grouped_mm_usable(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence[torch.Tensor],
+                       w2: Sequence[torch.Tensor], slots: int, force: bool | None) -> bool:
+    if force is not None:
+        return force
+    if not (GROUPED_MM and hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and slots >= GROUPED_MM_MIN_SLOTS):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in (*w1, *w3, *w2))):
+        return False
+    I, D = w1[0].shape
+    # the grouped GEMM needs every expert of one shape and 16-byte aligned rows
+    return (D % 8 == 0 and I % 8 == 0 and all(w.shape == (I, D) for w in (*w1, *w3))
+            and all(w.shape == (D, I) for w in w2) and all(w.dtype == x.dtype for w in (*w1, *w3, *w2)))
+
+
+def _experts_grouped_mm(xs: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    """``xs [S, D]`` (slots sorted by expert, ``counts [E]`` per expert) -> ``[S, D]`` expert outputs."""
+    I = w1[0].shape[0]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    # [E, 2I, D] gate and up rows stacked (one copy of the weights per call: ~0.1 ms per layer at the
+    # benchmark's size), used transposed (column-major per group, as the grouped GEMM takes it)
+    w13 = torch.stack([torch.cat([a, b]) for a, b in zip(w1, w3)])
+    gu = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [S, 2I]
+    h = F.silu(gu[:, :I]) * gu[:, I:]
+    return torch._grouped_mm(h, torch.stack(list(w2)).transpose(1, 2), offs=offs)  # [S, D]
+
+
+def _experts_loop(xs: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+    """The same as :func:`_experts_grouped_mm`, one GEMM per active expert (reads the group sizes on the host)."""
+    outs = []
+    start = 0
+    for e, c in enumerate(counts.tolist()):  # one host sync
+        if c == 0 and not (torch.is_grad_enabled() and w1[e].requires_grad):
+            continue  # training keeps empty experts in the graph (zero grads): FSDP reduces the same set on every rank
+        xe = xs[start:start + c]
+        h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
+        outs.append(F.linear(h, w2[e]))
+        start += c
+    return torch.cat(outs) if outs else xs.new_zeros(0, w2[0].shape[0])
+
+
 def grouped_swiglu(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -154,34 +205,31 @@ def grouped_swiglu(
     w1: Sequence[torch.Tensor],
     w3: Sequence[torch.Tensor],
     w2: Sequence[torch.Tensor],
+    *,
+    grouped_mm: bool | None = None,
 ) -> torch.Tensor:
     """``sum_slot weights * w2_e(silu(w1_e x) * w3_e x)`` over each token's chosen experts. Returns ``[N, D]``.
 
     The combine is accumulated in fp32 and cast to x's dtype once, so bf16 models do not round
-    after every expert.
+    after every expert; each token sums its own k slots (deterministic, no atomic adds).
+    ``grouped_mm``: force (True) or forbid (False) the grouped-GEMM path; None picks it for inference
+    on CUDA in bf16 (see ``GROUPED_MM``).
     """
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
     E = len(w1)
     N, k = indices.shape
+    D = x.shape[1]
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = order // k  # which token each sorted slot belongs to
-    counts = torch.bincount(flat, minlength=E).tolist()  # one host sync: group sizes for the GEMMs
+    counts = torch.bincount(flat, minlength=E)
     xs = x[token_of]
-    outs = []
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0 and not (torch.is_grad_enabled() and w1[e].requires_grad):
-            continue  # training keeps empty experts in the graph (zero grads): FSDP reduces the same set on every rank
-        xe = xs[start:start + c]
-        h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])
-        outs.append(F.linear(h, w2[e]))
-        start += c
+    experts = _experts_grouped_mm if _grouped_mm_usable(x, w1, w3, w2, N * k, grouped_mm) else _experts_loop
+    y = experts(xs, counts, w1, w3, w2)  # [N * k, D], sorted slots
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.zeros(N, x.shape[1], dtype=acc, device=x.device)
-    if outs:
-        y = torch.cat(outs).to(acc) * weights.reshape(-1)[order].to(acc)[:, None]
-        out = out.index_add(0, token_of, y)
-    return out.to(x.dtype)
+    y = y.to(acc) * weights.reshape(-1)[order].to(acc)[:, None]
+    # back to (token, slot) order, then each token's k slots summed
+    per_slot = torch.zeros(N * k, D, dtype=acc, device=x.device).index_copy(0, order, y)
+    return per_slot.view(N, k, D).sum(1).to(x.dtype)
