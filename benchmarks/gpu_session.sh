@@ -82,6 +82,14 @@ profile)
   timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 ${PROFILE_ARGS:-} 2>&1 | tail -45 \
     | tee -a "$OUT/decode_profile.txt"
   ;;
+prefill)
+  # where a cached prefill's time goes (wall vs GPU kernels, top kernels and host ops), the forms before
+  # session 11 (per-expert GEMM loop, PyTorch short conv) and after, hybrid and all-MLA, in one call
+  for args in "--layout hybrid --before" "--layout hybrid" "--layout mla --before" "--layout mla"; do
+    timeout 150 python3 benchmarks/prefill_profile.py $args --context ${PREFILL_CONTEXT:-4096} --top 14 2>&1 \
+      | grep -v -i "warn" | tee -a "$OUT/prefill_profile.txt"
+  done
+  ;;
 decode)
   # whole-model decode: hybrid vs all-MLA, cache, TPOT, prefill, transformers in the same run
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
@@ -94,6 +102,6 @@ ncu)
   grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, ncu or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, prefill, ncu or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

@@ -5,7 +5,10 @@ ops that take the most CPU time (syncs, small launches) -- for the decode benchm
 the all-MLA stack, nearly flat from 4K to 16K: a fixed cost that is not the chunked KDA kernels
 (~0.5 ms per layer at this size). This script shows whether the GPU is busy or waiting on the host.
 
-    PYTHONPATH=. python benchmarks/prefill_profile.py --layout hybrid --context 4096
+    PYTHONPATH=. python benchmarks/prefill_profile.py --layout hybrid --context 4096 [--before]
+
+``--before`` switches off session 11's prefill changes (the grouped-GEMM experts and the one-launch
+short conv) so one run can time both forms.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=163840)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--before", action="store_true",
+                    help="per-expert GEMM loop and the PyTorch short conv (the forms before session 11)")
     args = ap.parse_args()
+    if args.before:
+        import kimi_linear.ops.conv as conv
+        from kimi_linear.ops import moe
+
+        moe.GROUPED_MM = False
+        conv.SEQUENCE_KERNEL = False
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = bench_config(args.layout, layers=args.layers, vocab=args.vocab, experts=args.experts)
@@ -48,7 +59,7 @@ def main() -> None:
 
     print(f"warm-up prefill 1024: {prefill(1024):.1f} ms")
     walls = [prefill(args.context) for _ in range(3)]
-    print(f"{args.layout} prefill {args.context}: wall {', '.join(f'{w:.1f}' for w in walls)} ms")
+    print(f"{args.layout} prefill {args.context}{' (before)' if args.before else ''}: wall {', '.join(f'{w:.1f}' for w in walls)} ms")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         wall = prefill(args.context)

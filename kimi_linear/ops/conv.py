@@ -26,6 +26,8 @@ from kimi_linear.backends import resolve_backend
 __all__ = ["causal_conv1d", "causal_conv1d_update", "causal_conv1d_update_"]
 
 _ACTIVATIONS = (None, "silu", "swish")
+# The whole-sequence Triton kernel where it applies (see causal_conv1d); False for A/B benchmark runs.
+SEQUENCE_KERNEL = True
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> tuple[torch.Tensor, int]:
@@ -90,7 +92,7 @@ def causal_conv1d(
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (x, weight, bias, initial_window))
-    if W >= 2 and not needs_grad and resolve_backend(backend, x.device) == "triton":
+    if SEQUENCE_KERNEL and W >= 2 and not needs_grad and resolve_backend(backend, x.device) == "triton":
         from kimi_linear.ops.conv_kernel import conv_seq_triton
 
         return conv_seq_triton(x, weight, bias, activation in ("silu", "swish"), initial_window, output_final_window)
