@@ -86,14 +86,18 @@ def _conv_seq_kernel(x, window, weight, bias, y, final, T, D, stride_xb, stride_
         src = o_t - j
         b_x = tl.load(p_x + src[:, None].to(tl.int64) * stride_xt, mask=((src >= 0) & m_t)[:, None] & m_d[None, :],
                       other=0).to(tl.float32)
-        if HAS_WINDOW:
-            if j > 0:
-                # before token 0: input at position src < 0 is the window's column W-1+src (oldest first)
-                m_w = ((src < 0) & m_t)[:, None] & m_d[None, :]
-                b_w = tl.load(window + (i_b * D + o_d[None, :]) * (W - 1) + (W - 1 + src[:, None]), mask=m_w, other=0)
-                b_x += b_w.to(tl.float32)
-        b_f = tl.load(weight + o_d * W + (W - 1 - j), mask=m_d, other=0).to(tl.float32)
-        acc += b_x * b_f[None, :]
+        b_tap = tl.load(weight + o_d * W + (W - 1 - j), mask=m_d, other=0).to(tl.float32)
+        acc += b_x * b_tap[None, :]
+    if HAS_WINDOW:
+        if i_t == 0:
+            # the first W-1 tokens also reach into the carried window: its column c (oldest first) is the
+            # input at position c-(W-1), which token t <= c meets through filter column c-t. One [BD]
+            # column at a time (the window is [B, D, W-1], strided along D), then put on its row.
+            for c in tl.static_range(W - 1):
+                b_col = tl.load(window + (i_b * D + o_d) * (W - 1) + c, mask=m_d, other=0).to(tl.float32)
+                for t in tl.static_range(c + 1):
+                    b_tap = tl.load(weight + o_d * W + (c - t), mask=m_d, other=0).to(tl.float32)
+                    acc += tl.where((o_t == t)[:, None], (b_col * b_tap)[None, :], 0.0)
     if HAS_BIAS:
         acc += tl.load(bias + o_d, mask=m_d, other=0).to(tl.float32)[None, :]
     if SILU:
@@ -104,14 +108,14 @@ def _conv_seq_kernel(x, window, weight, bias, y, final, T, D, stride_xb, stride_
             # final window column i = input at position T-(W-1)+i: from x, or (T < W-1) the carried window
             o_w = tl.arange(0, WP)
             pos = T - (W - 1) + o_w
-            m_w = (o_w < W - 1)[None, :] & m_d[:, None]
-            b_f = tl.load(x + i_b * stride_xb + o_d[:, None] + pos[None, :].to(tl.int64) * stride_xt,
-                          mask=m_w & (pos >= 0)[None, :], other=0)
+            m_fin = (o_w < W - 1)[None, :] & m_d[:, None]
+            b_fin = tl.load(x + i_b * stride_xb + o_d[:, None] + pos[None, :].to(tl.int64) * stride_xt,
+                          mask=m_fin & (pos >= 0)[None, :], other=0)
             if HAS_WINDOW:
                 b_prev = tl.load(window + (i_b * D + o_d[:, None]) * (W - 1) + (W - 1 + pos[None, :]),
-                                 mask=m_w & (pos < 0)[None, :], other=0)
-                b_f = tl.where((pos >= 0)[None, :], b_f, b_prev.to(b_f.dtype))
-            tl.store(final + (i_b * D + o_d[:, None]) * (W - 1) + o_w[None, :], b_f.to(final.dtype.element_ty), mask=m_w)
+                                 mask=m_fin & (pos < 0)[None, :], other=0)
+                b_fin = tl.where((pos >= 0)[None, :], b_fin, b_prev.to(b_fin.dtype))
+            tl.store(final + (i_b * D + o_d[:, None]) * (W - 1) + o_w[None, :], b_fin.to(final.dtype.element_ty), mask=m_fin)
 
 
 def conv_seq_triton(x: torch.Tensor, weight2: torch.Tensor, bias: torch.Tensor | None, silu: bool,
@@ -136,5 +140,5 @@ def conv_seq_triton(x: torch.Tensor, weight2: torch.Tensor, bias: torch.Tensor |
         x, window if window is not None else x, weight2.contiguous(), bias if bias is not None else x, y,
         final if final is not None else y, T, D, x.stride(0), x.stride(1),
         W=W, WP=triton.next_power_of_2(max(W - 1, 1)), BT=BT, BD=BD, HAS_WINDOW=window is not None,
-        HAS_BIAS=bias is not None, SILU=silu, WRITE_FINAL=final is not None, num_warps=4)
+        HAS_BIAS=bias is not None, SILU=silu, WRITE_FINAL=final is not None, num_finarps=4)
     return y, final
