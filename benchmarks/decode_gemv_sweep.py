@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from kimi_linear.bench.common import copy_bandwidth
 
 CURRENT_ONLY = False  # --current: time the settings in use only (no sweep)
+# --fold: the launches as the folded decode step makes them (modeling.FOLD_DECODE_NORMS): the block's
+# RMSNorm inside the input projections (kda_in, mla_in), the residual add in the output projection's
+# epilogue (o_proj); tiles swept for the NORM variant (gemv.NORM_TILES) from a short list
+FOLD = False
 
 
 def _rel(a, b) -> float:
@@ -53,7 +57,11 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict, only_shapes: set[str]
     narrow = [dict(BLOCK_R=r, BLOCK_D=128, num_warps=w) for r, w in itertools.product((4, 8, 16, 32, 64), (1, 2, 4))]
     if quick:
         wide, narrow = wide[:4], narrow[:4]
+    if FOLD:
+        shapes.pop("lowrank_up")
+        wide = [dict(BLOCK_R=r, BLOCK_D=d, num_warps=1) for r, d in itertools.product((1, 2, 4), (256, 512, 1024))]
     base = {n: dict(c) for n, c in gemv.TILES.items()}
+    base_norm = {n: dict(c) for n, c in gemv.NORM_TILES.items()}
     best_per_shape = {}
     # launches per decode step of the benchmark model (20 KDA + 7 MLA layers): a class's tile is the
     # best by this weighted sum over its shapes (wide_few: 27 output projections + 7 MLA inputs)
@@ -72,24 +80,39 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict, only_shapes: set[str]
         for N in (1, 2, 4) if name == "kda_in" else (1,):
             x = torch.randn(N, d_in, device=dev, dtype=dt)
             ref = [F.linear(x.float(), w.float()) for w in ws]
+            fold = {}
+            if FOLD and name != "o_proj":  # the un-normalised hidden state and the block's norm weight
+                from kimi_linear.ops.norm import rms_norm
+
+                x = x * 4.0
+                fold["norm_weight"] = (torch.rand(d_in, device=dev) + 0.5).to(dt)
+                ref = [F.linear(rms_norm(x.float(), fold["norm_weight"].float()), w.float()) for w in ws]
+            elif FOLD:
+                fold["residual"] = torch.randn(N, sum(rows), device=dev, dtype=dt)
+                ref = [fold["residual"].float() + r for r in ref]
             cublas = timed(functools.partial(lambda x, cs: [F.linear(x, w) for ws in cs for w in ws], x, copies)) / len(copies)
             best = None
-            cands = [dict(base[kind])] if CURRENT_ONLY else narrow if kind == "narrow" else wide
+            tiles = gemv.NORM_TILES if "norm_weight" in fold else gemv.TILES
+            current = tiles.get(kind, base[kind])
+            cands = [dict(current)] if CURRENT_ONLY else narrow if kind == "narrow" else wide
             for cand in (cands if N == 1 else [best_per_shape[name][1]]):
-                gemv.TILES[kind] = cand
+                tiles[kind] = cand
                 try:
-                    fn = functools.partial(gemv.fused_linear, x, ws, backend="triton")
+                    fn = functools.partial(gemv.fused_linear, x, ws, backend="triton", **fold)
                     err = max(_rel(a, b) for a, b in zip(fn(), ref))
-                    us = timed(functools.partial(lambda x, cs: [gemv.fused_linear(x, ws, backend="triton") for ws in cs],
-                                                 x, copies)) / len(copies)
+                    us = timed(functools.partial(lambda x, cs, kw: [gemv.fused_linear(x, ws, backend="triton", **kw)
+                                                                    for ws in cs], x, copies, fold)) / len(copies)
                 except Exception as e:  # noqa: BLE001 (a setting that does not compile is skipped)
                     print(f"{name} N={N} {cand}: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 finally:
+                    gemv.TILES.clear()
                     gemv.TILES.update({n: dict(c) for n, c in base.items()})
+                    gemv.NORM_TILES.clear()
+                    gemv.NORM_TILES.update({n: dict(c) for n, c in base_norm.items()})
                 report["rows"].append(dict(op="fused_linear", shape=name, N=N, **cand, us=us, err=err))
                 if N == 1:
-                    tot = class_total.setdefault(kind, {})
+                    tot = class_total.setdefault(kind + (" norm" if "norm_weight" in fold else ""), {})
                     key = json.dumps(cand)
                     tot[key] = tot.get(key, 0.0) + per_step[name] * (us if err < 1e-2 else float("inf"))
                 if err < 1e-2 and (best is None or us < best[0]):
@@ -99,15 +122,18 @@ def sweep_fused_linear(dev, bw, quick: bool, report: dict, only_shapes: set[str]
                 return
             if N == 1:
                 best_per_shape[name] = best
-            print(f"fused_linear {name} N={N} ({kind}): cuBLAS ({len(ws)} launches) {cublas:.1f} us, ours "
+            print(f"fused_linear {name}{' folded' if fold else ''} N={N} ({kind}): cuBLAS ({len(ws)} launches) "
+                  f"{cublas:.1f} us{' (no norm / add)' if fold else ''}, ours "
                   f"{best[0]:.1f} us with {best[1]} (floor {floor:.1f} us; ours at {floor / best[0]:.0%} of copy "
                   f"bandwidth; weights cold: {len(copies)} copies)", flush=True)
             report["rows"].append(dict(op="cublas", shape=name, N=N, us=cublas))
-    for kind, tot in class_total.items():
+    for label, tot in class_total.items():
+        kind = label.split()[0]
+        now = base_norm.get(kind, base[kind]) if label.endswith(" norm") else base[kind]
         ranked = sorted(tot.items(), key=lambda kv: kv[1])
-        cur = tot.get(json.dumps(base[kind]))
-        print(f"fused_linear class {kind}: best {ranked[0][0]} {ranked[0][1]:.0f} us per step (current "
-              f"{base[kind]}: {cur if cur is None else round(cur)} us); next {[(k, round(v)) for k, v in ranked[1:4]]}",
+        cur = tot.get(json.dumps(now))
+        print(f"fused_linear class {label}: best {ranked[0][0]} {ranked[0][1]:.0f} us per step (current "
+              f"{now}: {cur if cur is None else round(cur)} us); next {[(k, round(v)) for k, v in ranked[1:4]]}",
               flush=True)
 
 
@@ -219,9 +245,11 @@ def main() -> None:
     ap.add_argument("--only", default="gemv,route,moe",
                     help="comma list of gemv, lowrank (the gates' 128 -> 4096 up-projection only), route, moe")
     ap.add_argument("--current", action="store_true", help="time the settings in use only, no sweep")
+    ap.add_argument("--fold", action="store_true",
+                    help="gemv: the folded decode step's launches (norm in the inputs, residual in o_proj)")
     args = ap.parse_args()
-    global CURRENT_ONLY
-    CURRENT_ONLY = args.current
+    global CURRENT_ONLY, FOLD
+    CURRENT_ONLY, FOLD = args.current, args.fold
     torch.manual_seed(0)
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes/s

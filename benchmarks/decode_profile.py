@@ -6,6 +6,7 @@ profiles eager decode steps (graph replay hides the kernels from the profiler; t
 same). Prints the kernels by total GPU time, the sum, and the graph-replayed step time for comparison.
 
     PYTHONPATH=. python benchmarks/decode_profile.py --layout hybrid --context 4096
+    PYTHONPATH=. python benchmarks/decode_profile.py --no-fold-norms   # the step before the norms were folded
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ def main() -> None:
                     help="also list the first N kernels of one step in launch order with their times")
     ap.add_argument("--route-split-d", type=int, default=None,
                     help="the split router's slice width (0: one program per token); default: the library's")
+    ap.add_argument("--no-fold-norms", action="store_true",
+                    help="the step with an add + RMSNorm launch between sub-blocks instead of the norms and "
+                         "residual adds folded into the kernels around them (modeling.FOLD_DECODE_NORMS)")
     args = ap.parse_args()
+    if args.no_fold_norms:
+        from kimi_linear.model import modeling
+
+        modeling.FOLD_DECODE_NORMS = False
     if args.route_split_d is not None:
         from kimi_linear.ops import moe_route_kernel
 
@@ -53,7 +61,10 @@ def main() -> None:
     tot = {name: ms * 1e3 for name, (ms, _) in times.items()}  # us per step
     cnt = {name: n for name, (_, n) in times.items()}
     total = sum(tot.values())
-    print(f"{args.layout} B={args.batch} context={args.context}: kernels per step {sum(cnt.values())}, "
+    from kimi_linear.model import modeling
+
+    print(f"{args.layout} B={args.batch} context={args.context} fold_norms={int(modeling.FOLD_DECODE_NORMS)}: "
+          f"kernels per step {sum(cnt.values())}, "
           f"GPU time per step {total / 1000:.3f} ms")
     for name, us in sorted(tot.items(), key=lambda x: -x[1])[: args.top]:
         print(f"  {us:9.1f} us  x{cnt[name]:4d}  {name[:100]}")

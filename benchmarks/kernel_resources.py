@@ -30,9 +30,12 @@ TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
 TYPES.update(tab_ptr="*i64", conv_tab="*i64", OUT="i32", SX="i32")
-TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64")
+TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64",
+             T="i32", stride_xt="i64", final="*bf16")
 TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
+# the decode step's folded block norms: norm weights and residuals in the model's dtype
+TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -97,6 +100,9 @@ def cases():
                    dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac), dg["num_warps"], dg["num_stages"])
     yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
     yield "conv decode step", conv_kernel._conv_update_kernel, dict(W=4, WP=4, BD=128, HAS_BIAS=False, SILU=True), 4, 3
+    for win in (False, True):
+        yield (f"conv sequence window={int(win)}", conv_kernel._conv_seq_kernel,
+               dict(W=4, WP=4, BT=32, BD=128, HAS_WINDOW=win, HAS_BIAS=False, SILU=True, WRITE_FINAL=True), 4, 3)
     yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False), 4, 3
     yield "gated rms norm (D=128)", norm_kernel._rms_norm_fwd_kernel, dict(D=128, DP=128, BR=16, GATED=True), 4, 3
     from kimi_linear.ops import moe_decode
@@ -110,16 +116,23 @@ def cases():
     # tables, declared 16-byte aligned: W_ALIGN), at the benchmark's tiles
     gate_up1, down1 = moe_decode._single_token_kernels()
     t1, t2 = moe_decode.TILES["gate_up_one"], moe_decode.TILES["down_one"]
-    yield "moe decode gate_up (one token)", gate_up1, dict(BLOCK_R=t1["BLOCK_R"], BLOCK_D=t1["BLOCK_D"], EVEN_D=True,
-                                                           W_ALIGN=16), t1["num_warps"], 3
-    yield "moe decode down (one token)", down1, dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16), \
-        t2["num_warps"], 3
+    # (" norm" / " residual": the decode step's folded post-attention norm and residual add, docs/decode.md)
+    for norm in (False, True):
+        yield (f"moe decode gate_up (one token){' norm' if norm else ''}", gate_up1,
+               dict(BLOCK_R=t1["BLOCK_R"], BLOCK_D=t1["BLOCK_D"], EVEN_D=True, W_ALIGN=16, NORM=norm), t1["num_warps"], 3)
+    for res in (False, True):
+        yield (f"moe decode down (one token){' residual' if res else ''}", down1,
+               dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res), t2["num_warps"], 3)
     from kimi_linear.ops import gemv
-    for cls in ("wide", "wide_few"):
-        t = gemv.TILES[cls]
-        yield (f"fused_linear {cls} (D=2304)", gemv._kernel(),
-               dict(NT=1, BLOCK_R=t["BLOCK_R"], BLOCK_D=t["BLOCK_D"], EVEN_D=True, CONV=cls == "wide", W=4, WP=4,
-                    MULTI_X=False, X_ALIGN=1, W_ALIGN=16), t["num_warps"], 3)
+    # wide: a KDA layer's inputs (with their conv steps), wide_few: the MLA inputs and the output
+    # projections; folded: the block's input norm into the inputs, the residual add into the outputs
+    for cls, conv, norm, res in (("wide", True, False, False), ("wide_few", False, False, False),
+                                 ("wide", True, True, False), ("wide_few", False, True, False),
+                                 ("wide_few", False, False, True)):
+        t = gemv.NORM_TILES.get(cls, gemv.TILES[cls]) if norm else gemv.TILES[cls]
+        yield (f"fused_linear {cls} (D=2304){' norm' if norm else ''}{' residual' if res else ''}", gemv._kernel(),
+               dict(NT=1, BLOCK_R=t["BLOCK_R"], BLOCK_D=t["BLOCK_D"], EVEN_D=True, CONV=conv, W=4, WP=4,
+                    MULTI_X=False, X_ALIGN=1, W_ALIGN=16, NORM=norm, RESIDUAL=res), t["num_warps"], 3)
     # routing from given logits (the released model's 256 experts), or with the router's logits computed
     # inside (decode, <= 64 tokens and <= 32 experts: the decode benchmark's 16 and the limit), D = 2304
     for e, hidden in ((256, False), (16, True), (32, True)):
@@ -127,11 +140,12 @@ def cases():
                dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, FROM_HIDDEN=hidden,
                     BLOCK_D=moe_route_kernel.hidden_block_d(e, 2304)),
                moe_route_kernel.HIDDEN_TILE["num_warps"] if hidden else 1, 3)
-    for e in (16, 32):  # the split router's slice programs at D = 2304
+    for e, norm in ((16, False), (32, False), (16, True)):  # the split router's slice programs at D = 2304
         block, nsplit = moe_route_kernel.split_plan(e, 2304)
-        yield (f"moe route split (E={e}, k=8) {nsplit} x {block}", moe_route_kernel._route_split_kernel,
+        yield (f"moe route split (E={e}, k=8) {nsplit} x {block}{' norm' if norm else ''}",
+               moe_route_kernel._route_split_kernel,
                dict(EP=e, TOPK=8, KP=8, HAS_BIAS=True, RENORM=True, BLOCK_D=block, NSPLIT=nsplit,
-                    SP=triton.next_power_of_2(nsplit)), moe_route_kernel.SPLIT_WARPS, 3)
+                    SP=triton.next_power_of_2(nsplit), NORM=norm), moe_route_kernel.SPLIT_WARPS, 3)
 
 
 def main() -> None:

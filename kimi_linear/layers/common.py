@@ -1,4 +1,5 @@
-"""Small pieces every layer uses: the RMSNorm module, fp32-pinned parameters, padding masks."""
+"""Small pieces every layer uses: the RMSNorm module, fp32-pinned parameters, padding masks, and the
+folded block norm's fallbacks (:func:`apply_input_norm`, :func:`add_residual`)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,21 @@ def bool_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tens
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be [B, T] = {(B, T)} (1 = real token), got {tuple(attention_mask.shape)}")
     return attention_mask.to(torch.bool)
+
+
+def apply_input_norm(x: torch.Tensor, input_norm: tuple[torch.Tensor, float] | None, backend: str) -> torch.Tensor:
+    """``rms_norm(x, weight, eps)`` for ``input_norm = (weight [D], eps)``, or ``x`` when None.
+
+    The batch-1 decode step hands an attention layer the un-normalised hidden state with the block's
+    input norm, which its input projections fold in (docs/decode.md); a path that does not fold it
+    normalises here first, with the same values as the block's own norm."""
+    if input_norm is None:
+        return x
+    weight, eps = input_norm
+    return rms_norm(x, weight, eps, backend=backend)
+
+
+def add_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + out`` (the block's residual add), or ``out`` when None: for the paths whose output
+    projection does not add it in its epilogue."""
+    return out if residual is None else residual + out

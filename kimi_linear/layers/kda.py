@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kimi_linear.backends import resolve_backend
-from kimi_linear.layers.common import KeepFP32, bool_mask
+from kimi_linear.layers.common import KeepFP32, add_residual, apply_input_norm, bool_mask
 from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
@@ -62,10 +62,12 @@ class ShortConvolution(nn.Module):
         initial_window: torch.Tensor | None = None,
         output_final_window: bool = False,
         cu_seqlens: torch.Tensor | None = None,
+        backend: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x [B, T, D]`` -> ``(y [B, T, D], final_window [N, D, W-1] | None)``."""
+        """``x [B, T, D]`` -> ``(y [B, T, D], final_window [N, D, W-1] | None)``; ``backend`` as for
+        :func:`~kimi_linear.ops.conv.causal_conv1d` (the layer passes its own)."""
         return causal_conv1d(x, self.weight, None, activation="silu", initial_window=initial_window,
-                             output_final_window=output_final_window, cu_seqlens=cu_seqlens)
+                             output_final_window=output_final_window, cu_seqlens=cu_seqlens, backend=backend)
 
 
 class KimiDeltaAttention(KeepFP32):
@@ -152,7 +154,7 @@ class KimiDeltaAttention(KeepFP32):
         for i, (proj, conv) in enumerate(((self.q_proj, self.q_conv1d), (self.k_proj, self.k_conv1d),
                                           (self.v_proj, self.v_conv1d))):
             y, w = conv(proj(x), initial_window=None if conv_windows is None else conv_windows[i],
-                        output_final_window=output_conv_windows, cu_seqlens=cu_seqlens)
+                        output_final_window=output_conv_windows, cu_seqlens=cu_seqlens, backend=self.backend)
             outs.append(y)
             windows.append(w)
         q = outs[0].view(B, T, self.num_heads, self.head_k_dim)
@@ -216,14 +218,16 @@ class KimiDeltaAttention(KeepFP32):
         g, beta = self._masked_gates(x, mask)
         return chunk_kda(q, k, v, g, beta.to(v.dtype), fusion=KDAFusion(qk_l2norm=True), backend="triton", **kw)
 
-    def project_output(self, o: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def project_output(self, o: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
         """``o [B, T, H, V]`` -> gated per-head RMSNorm -> ``o_proj`` -> ``[B, T, D]``; ``gate`` is the
-        output gate's logits ``g_b_proj(g_a_proj(x))`` ``[B, T, H * V]`` when the caller already has them."""
+        output gate's logits ``g_b_proj(g_a_proj(x))`` ``[B, T, H * V]`` when the caller already has them;
+        ``residual [B, T, D]`` is added (at decode in the projection's epilogue)."""
         if gate is None:
             gate = few_rows_linear(self.g_a_proj(x), self.g_b_proj.weight, backend=self.backend)
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
-        return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, backend=self.backend)
+        return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, residual=residual, backend=self.backend)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -231,28 +235,40 @@ class KimiDeltaAttention(KeepFP32):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Any = None,
+        *,
+        input_norm: tuple[torch.Tensor, float] | None = None,
+        residual: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """``hidden_states [B, T, D]`` -> ``[B, T, D]``. ``kwargs`` may carry ``cu_seqlens`` (B == 1 packs)."""
+        """``hidden_states [B, T, D]`` -> ``[B, T, D]``. ``kwargs`` may carry ``cu_seqlens`` (B == 1 packs).
+
+        ``input_norm = (weight [D], eps)``: ``hidden_states`` is not yet normalised (the block's input
+        norm); ``residual [B, T, D]``: returns ``residual + output``. The decode step folds both into
+        its projections (docs/decode.md); every other path applies them apart."""
         if cache is not None:
-            return self._forward_cached(hidden_states, cache)
+            return self._forward_cached(hidden_states, cache, input_norm, residual)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
+        hidden_states = apply_input_norm(hidden_states, input_norm, self.backend)
         mask = bool_mask(attention_mask, B, T)
         x = hidden_states if mask is None else hidden_states * mask[..., None].to(hidden_states.dtype)
         cu_seqlens = kwargs.get("cu_seqlens")
         q, k, v, _ = self.project_qkv(x, cu_seqlens=cu_seqlens)
         o, _ = self._attend(q, k, v, x, mask, cu_seqlens=cu_seqlens)
-        return self.project_output(o, x)
+        return add_residual(self.project_output(o, x), residual)
 
-    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any,
+                        input_norm: tuple[torch.Tensor, float] | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill / decode against a :class:`kimi_linear.generation.cache.HybridCache` (its open step).
 
         Decode (one token, no padding): conv window step + the recurrent kernel, state updated in
         place in the cache. Otherwise (prefill, or a later piece of a prompt): the chunked operator
         starts from the cached state and conv windows and hands its final ones back, so a prompt fed
         in pieces gives the same result as one prefill. Padding comes from ``cache.step``.
+        ``input_norm`` and ``residual`` as in :meth:`forward`: the decode step's input launch applies
+        the norm and its output projection adds the residual.
         """
         step = cache.step
         if step is None:
@@ -266,11 +282,14 @@ class KimiDeltaAttention(KeepFP32):
             H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
             # every projection of x in one launch (six matrix-vector products, five of them small), q, k
             # and v through their short-conv step + SiLU in the same programs (windows shift in place)
+            # (x un-normalised with an input_norm: the launch folds the block's norm in)
             projs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
             convs = [(window, conv.weight.view(conv.weight.shape[0], -1)) for conv, window in
                      ((self.q_conv1d, lc.conv_q), (self.k_conv1d, lc.conv_k), (self.v_conv1d, lc.conv_v))]
+            nw, eps = input_norm if input_norm is not None else (None, 0.0)
             q, k, v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs],
-                                                conv_steps=[*convs, None, None, None], backend=self.backend)
+                                                conv_steps=[*convs, None, None, None], norm_weight=nw, eps=eps,
+                                                backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
             # both low-rank up-projections (the gate's and the output gate's; both K wide, V = K) in one
             # more launch, each reading its own slice of the launch above
@@ -278,13 +297,14 @@ class KimiDeltaAttention(KeepFP32):
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
                                  state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
-            return self.project_output(o, x, gate=gate.view(B, 1, -1))
+            return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
+        x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
         for dst, w in zip(lc.convs, windows):
             dst.copy_(w)
         o, state = self._attend(q, k, v, x, mask, initial_state=lc.state, output_final_state=True)
         lc.state.copy_(state)
-        return self.project_output(o, x)
+        return add_residual(self.project_output(o, x), residual)
 
 
 class _HeadNorm(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kimi_linear.layers.common import RMSNorm, bool_mask
+from kimi_linear.layers.common import RMSNorm, add_residual, apply_input_norm, bool_mask
 from kimi_linear.ops.attention import causal_attention
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.latent_attention import latent_attention, masked_attention
@@ -91,26 +91,38 @@ class MultiHeadLatentAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Any = None,
+        *,
+        input_norm: tuple[torch.Tensor, float] | None = None,
+        residual: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """``hidden_states [B, T, D]`` -> ``[B, T, D]``."""
+        """``hidden_states [B, T, D]`` -> ``[B, T, D]``.
+
+        ``input_norm = (weight [D], eps)``: ``hidden_states`` is not yet normalised (the block's input
+        norm); ``residual [B, T, D]``: returns ``residual + output``. The decode step folds both into
+        its projections (docs/decode.md); every other path applies them apart."""
         if cache is not None:
-            return self._forward_cached(hidden_states, cache)
+            return self._forward_cached(hidden_states, cache, input_norm, residual)
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, D], got shape {tuple(hidden_states.shape)}")
         B, T, _ = hidden_states.shape
+        hidden_states = apply_input_norm(hidden_states, input_norm, self.backend)
         mask = bool_mask(attention_mask, B, T)
         q = self.project_q(hidden_states)
         k, v = self.expand_kv(*self.compress_kv(hidden_states))
-        return self.o_proj(self._attend(q, k, v, mask, kwargs.get("cu_seqlens")))
+        return add_residual(self.o_proj(self._attend(q, k, v, mask, kwargs.get("cu_seqlens"))), residual)
 
-    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
+    def _forward_cached(self, hidden_states: torch.Tensor, cache: Any,
+                        input_norm: tuple[torch.Tensor, float] | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
         """Prefill / decode against a :class:`kimi_linear.generation.cache.HybridCache` (its open step).
 
         Every step writes only ``(latent, k_rope)`` into the cache. Decode reads the latent cache
         through the absorbed projections (:func:`kimi_linear.ops.latent_attention.latent_attention`,
         never decompressing it); a first prefill attends within the prompt exactly as the uncached
         forward; a later piece of a prompt expands the cached latents and attends with a per-row mask.
+        ``input_norm`` and ``residual`` as in :meth:`forward`: the decode step's input launch applies
+        the norm and its output projection adds the residual.
         """
         step = cache.step
         if step is None:
@@ -118,14 +130,16 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = hidden_states.shape
         cache.check_batch(B, "hidden_states")
         lc = cache.layers[self.layer_idx]
-        if step.decode:  # both projections of the token in one launch
+        if step.decode:  # both projections of the token in one launch (the block's input norm folded in)
+            nw, eps = input_norm if input_norm is not None else (None, 0.0)
             q, kv = fused_linear(hidden_states.reshape(B, -1), [self.q_proj.weight, self.kv_a_proj_with_mqa.weight],
-                                 backend=self.backend)
+                                 norm_weight=nw, eps=eps, backend=self.backend)
             q = q.view(B, T, self.num_heads, self.qk_dim)
             latent, k_rope = kv.view(B, T, -1).split([self.kv_lora_rank, self.rope_dim], -1)
             # the latent norm writes into the cache, the shared key part copied in the same launch
             lc.write_decode_normed(latent, k_rope, self.kv_a_layernorm, step)
         else:
+            hidden_states = apply_input_norm(hidden_states, input_norm, self.backend)
             q = self.project_q(hidden_states)
             latent, k_rope = self.compress_kv(hidden_states)
             lc.write(latent, k_rope, step)
@@ -134,11 +148,11 @@ class MultiHeadLatentAttention(nn.Module):
             c, kr = lc.view(step)
             o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.decode_rows_lengths[1],
                                  scale=self.scale, backend=self.backend)
-            return few_rows_linear(o.flatten(-2), self.o_proj.weight, backend=self.backend)
+            return few_rows_linear(o.flatten(-2), self.o_proj.weight, residual=residual, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)
-            return self.o_proj(self._attend(q, k, v, step.token_mask))
+            return add_residual(self.o_proj(self._attend(q, k, v, step.token_mask)), residual)
         c, kr = lc.view(step)
         k, v = self.expand_kv(c.to(q.dtype), kr.to(q.dtype))
         o = masked_attention(q, k, v, step.key_mask, scale=self.scale)
-        return self.o_proj(o.flatten(-2))
+        return add_residual(self.o_proj(o.flatten(-2)), residual)

@@ -91,8 +91,10 @@ class SparseMoeBlock(nn.Module):
         # the split router's partial logits and counters for this layer (decode; not a checkpoint entry)
         self.router_scratch = None
 
-    def route(self, x: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``."""
+    def route(self, x: torch.Tensor, backend: str = "auto", *, norm_weight: torch.Tensor | None = None,
+              eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, D]`` -> ``(weights [N, k] fp32, indices [N, k])``; with ``norm_weight [D]`` the routing
+        of ``rms_norm(x, norm_weight, eps)`` (folded into the split router at decode time)."""
         # logits x . W^T in fp32; on Triton at inference the routing kernel computes them itself
         if self.router_scratch is None and x.is_cuda:
             try:
@@ -103,7 +105,8 @@ class SparseMoeBlock(nn.Module):
                 self.router_scratch = RouterScratch()
         return route_tokens(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k,
                             num_groups=self.num_groups, topk_groups=self.topk_groups, renormalize=self.renormalize,
-                            scaling=self.scaling, backend=backend, scratch=self.router_scratch or None)
+                            scaling=self.scaling, backend=backend, scratch=self.router_scratch or None,
+                            norm_weight=norm_weight, eps=eps)
 
     def reset_buffers(self) -> None:
         """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""

@@ -29,9 +29,17 @@ from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
 from kimi_linear.ops.moe_decode import moe_decode
-from kimi_linear.ops.norm import add_rms_norm
+from kimi_linear.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
+
+# The batch-1 decode step on Triton folds each block's two RMSNorms and residual adds into the launches
+# around them instead of running an add + norm launch between sub-blocks (54 launches, ~0.1 ms per step
+# on an H100; docs/decode.md): the norms into the input projections, the router and the experts' gate/up
+# kernel (each consumer is linear in the normed x, so it scales its sums by the row's rstd), the adds
+# into the output projection's and the down kernel's epilogues. False: the unfolded step (benchmarks
+# compare both: ``decode_profile.py --no-fold-norms``).
+FOLD_DECODE_NORMS = True
 
 
 @dataclass
@@ -90,14 +98,23 @@ class KimiLinearDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: Any = None, *, pending: torch.Tensor | None = None, unsummed: bool = False,
-                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T, D]`` -> ``[B, T, D]``; ``cache`` goes to the attention layer unchanged.
 
         ``pending``: the previous block's MLP output, not yet added to ``hidden_states``; ``unsummed``:
         return ``(h, mlp_out)`` instead of their sum. The model chains blocks this way so that each
         residual add shares a launch with the norm that follows it (:func:`add_rms_norm`), same values.
         (A keyword of ``forward`` rather than a method of its own, so that wrappers such as FSDP2,
-        which gather parameters around ``forward``, see every call.)"""
+        which gather parameters around ``forward``, see every call.)
+
+        The batch-1 decode step folds the norms and adds into the neighbouring kernels instead
+        (:data:`FOLD_DECODE_NORMS`, :meth:`_decode_folded`); it returns ``(h, None)`` when ``unsummed``:
+        nothing is left pending."""
+        if self._folds_norms(hidden_states, cache):
+            if pending is not None:  # the block before this one did not fold: its add comes first
+                hidden_states = hidden_states + pending
+            h = self._decode_folded(hidden_states, attention_mask, cache, **kwargs)
+            return (h, None) if unsummed else h
         ln = self.input_layernorm
         if pending is None:
             x = ln(hidden_states)
@@ -108,31 +125,81 @@ class KimiLinearDecoderLayer(nn.Module):
         h, x = add_rms_norm(hidden_states, attn_out, post.weight, post.eps, backend=post.backend)
         decode = cache is not None and getattr(cache.step, "decode", False)
         if self.is_moe and decode:
-            out = self._moe_decode(x)
+            out = self._moe_decode(x.reshape(-1, x.shape[-1])).view(x.shape)
         elif decode and x.shape[0] * x.shape[1] == 1 and resolve_backend(self.backend, x.device) == "triton":
-            mlp = self.mlp
-            out = moe_decode(x.reshape(1, -1), self._dense_index, self._dense_weight, [mlp.gate_proj.weight],
-                             [mlp.up_proj.weight], [mlp.down_proj.weight], backend=self.backend).view(x.shape)
+            out = self._dense_decode(x.reshape(1, -1)).view(x.shape)
         else:
             out = self.ffn(x, attention_mask=attention_mask, **kwargs)
         return (h, out) if unsummed else h + out
 
-    def _moe_decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Cached decode step: the same routing, routed experts through the sync-free kernel (so the step can
-        be captured in a CUDA graph; each chosen expert's weights are read once); reference on CPU."""
+    def _folds_norms(self, hidden_states: torch.Tensor, cache: Any) -> bool:
+        """Does this call take the folded decode step: :data:`FOLD_DECODE_NORMS`, a decode step of one
+        token in all, the Triton backend, and for a MoE block a shared expert that runs in the experts'
+        launches (or none; a separate shared MLP would need the normalised x anyway)."""
+        if not FOLD_DECODE_NORMS or cache is None or not getattr(cache.step, "decode", False):
+            return False
+        if hidden_states.dim() != 3 or hidden_states.shape[0] * hidden_states.shape[1] != 1:
+            return False
+        if resolve_backend(self.backend, hidden_states.device) != "triton":
+            return False
+        if not self.is_moe:
+            return True
+        return self.block_sparse_moe.shared_experts is None or self._shared_expert_weights() is not None
+
+    def _decode_folded(self, h: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any,
+                       **kwargs: Any) -> torch.Tensor:
+        """The one-token decode step with the block's norms and residual adds folded into the kernels
+        around them: ``h [1, 1, D]`` (the summed residual stream) -> the next block's ``h``.
+
+        ``h + attn(input_layernorm(h))``: the norm inside the attention's input projections, the add in
+        its output projection's epilogue; ``h + ffn(post_attention_layernorm(h))``: the norm inside the
+        router and the experts' gate/up kernel, the add in the down kernel's epilogue."""
+        ln, post = self.input_layernorm, self.post_attention_layernorm
+        h = self.self_attn(h, attention_mask, cache, input_norm=(ln.weight, ln.eps), residual=h, **kwargs)
+        flat = h.reshape(1, -1)
+        fold = dict(norm_weight=post.weight, eps=post.eps, residual=flat)
+        out = self._moe_decode(flat, **fold) if self.is_moe else self._dense_decode(flat, **fold)
+        return out.view(h.shape)
+
+    def _dense_decode(self, x: torch.Tensor, **fold: Any) -> torch.Tensor:
+        """The dense MLP of the one-token Triton decode step, ``x [1, D]``: one "expert" of weight 1
+        through the MoE decode kernels (two launches with SwiGLU inside, against five cuBLAS /
+        elementwise ones). ``fold``: :func:`moe_decode`'s ``norm_weight``, ``eps``, ``residual``."""
+        mlp = self.mlp
+        return moe_decode(x, self._dense_index, self._dense_weight, [mlp.gate_proj.weight], [mlp.up_proj.weight],
+                          [mlp.down_proj.weight], backend=self.backend, **fold)
+
+    def _shared_expert_weights(self) -> tuple[list, list, list] | None:
+        """The shared expert's ``([w1], [w3], [w2])`` when it has a routed expert's size (it then runs
+        in the same launches as the routed ones), else None."""
+        se, w1 = self.block_sparse_moe.shared_experts, self.block_sparse_moe.experts[0].w1.weight
+        if se is None or se.gate_proj.weight.shape != w1.shape:
+            return None
+        return [se.gate_proj.weight], [se.up_proj.weight], [se.down_proj.weight]
+
+    def _moe_decode(self, x: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Cached decode step, ``x [N, D]`` -> ``[N, D]``: the same routing, routed experts through the
+        sync-free kernel (so the step can be captured in a CUDA graph; each chosen expert's weights are
+        read once); reference on CPU. ``norm_weight`` / ``eps``: x is not yet normalised (the router and
+        the experts fold the norm in); ``residual``: returns ``residual + output``."""
         moe = self.block_sparse_moe
-        flat = x.reshape(-1, x.shape[-1])
-        weights, indices = moe.route(flat, backend=self.backend)
+        shared = self._shared_expert_weights()
+        # a shared expert of another size runs as its own MLP on the normalised x, and the residual is
+        # added after it (the unfolded step's order): no folding then
+        separate = moe.shared_experts is not None and shared is None
+        if separate and norm_weight is not None:
+            x, norm_weight = rms_norm(x, norm_weight, eps, backend=self.backend), None
+        weights, indices = moe.route(x, backend=self.backend, norm_weight=norm_weight, eps=eps)
         w1, w3, w2 = ([e.w1.weight for e in moe.experts], [e.w3.weight for e in moe.experts],
                       [e.w2.weight for e in moe.experts])
-        se = moe.shared_experts
-        # a shared expert of a routed expert's size runs in the same launches as the routed ones
-        fold = se is not None and se.gate_proj.weight.shape == w1[0].shape
-        shared = ([se.gate_proj.weight], [se.up_proj.weight], [se.down_proj.weight]) if fold else None
-        y = moe_decode(flat, indices, weights, w1, w3, w2, shared=shared, backend=self.backend)
-        if se is not None and not fold:
-            y = y + se(flat)
-        return y.view(x.shape)
+        y = moe_decode(x, indices, weights, w1, w3, w2, shared=shared, norm_weight=norm_weight, eps=eps,
+                       residual=None if separate else residual, backend=self.backend)
+        if separate:
+            y = y + moe.shared_experts(x)
+            if residual is not None:
+                y = residual + y
+        return y
 
 
 class KimiLinearModel(nn.Module):
@@ -185,7 +252,8 @@ class KimiLinearModel(nn.Module):
                 h = _checkpointed(layer, h, attention_mask, cache, kwargs)
             return self.norm(h)
         # each block's last residual add is left to the next block's first norm (and the final norm),
-        # one launch each instead of two
+        # one launch each instead of two; a folded decode block (FOLD_DECODE_NORMS) leaves none pending,
+        # and the final norm is then a plain one
         pending = None
         for layer in self.layers:
             h, pending = layer(h, attention_mask, cache, pending=pending, unsummed=True, **kwargs)

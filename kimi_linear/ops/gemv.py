@@ -30,6 +30,19 @@ concatenated into one buffer, one extra copy).
 the causal depthwise short conv + SiLU in the same program (KDA's q, k, v): the projection is rounded
 to x's dtype as a separate ``F.linear`` would be, then convolved in fp32 with the cached window, which
 is shifted in place -- the arithmetic of :func:`kimi_linear.ops.conv.causal_conv1d_update_`'s kernel.
+
+Two epilogues serve the batch-1 decode step, where they replace the residual add + RMSNorm launch
+between sub-blocks (docs/decode.md):
+
+* ``norm_weight [D]`` (single input only): ``x`` is the un-normalised hidden state and every weight
+  multiplies ``rms_norm(x, norm_weight, eps)``. A product is linear in its input, so
+  ``W @ (x * rstd * w) = rstd * (W @ (x * w))``: each program sums ``x^2`` per token row in the D loop
+  it already runs, multiplies ``x`` by the norm weight as it loads it, and scales its fp32 sums by
+  ``rstd = rsqrt(mean(x^2) + eps)`` before the conv step and the store. (The unfused norm rounds the
+  normalised row to x's dtype; this form does not, so bf16 results differ in the last bits.)
+* ``residual [N, OUT]`` (OUT: all weights' rows): the outputs are ``residual + y``, ``y`` rounded to
+  x's dtype first and the sum formed in fp32 and rounded, the values of ``residual + y`` after the
+  unfused product.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.conv import causal_conv1d_update_
+from kimi_linear.ops.norm import rms_norm
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
@@ -73,6 +87,16 @@ TILES: dict[str, dict[str, int]] = {
     "narrow": dict(BLOCK_R=4, BLOCK_D=128, num_warps=1),
 }
 FEW_ROWS = 8192
+# The folded norm (NORM: x times the norm weight, a row sum of squares) holds a second D-slice per
+# thread: launch settings of its own where the plain ones lose occupancy; a class not listed takes
+# TILES. H100, cold weights (benchmarks/decode_gemv_sweep.py --fold, results/decode/session11/
+# gemv_sweep_fold_h100.txt): the MLA inputs with the norm took 17.6 us on "wide_few"'s (2, 1024, 1)
+# (95 registers against 71 without the norm) and 13.7 us on (2, 512, 1), as without the norm (13.8);
+# a KDA layer's inputs keep "wide"'s tile (22.2 us against 21.9 without the norm); the output
+# projection's residual epilogue costs nothing measurable (9.3 us both).
+NORM_TILES: dict[str, dict[str, int]] = {
+    "wide_few": dict(BLOCK_R=2, BLOCK_D=512, num_warps=1),
+}
 
 
 def _tiles_class(D: int, rows: int) -> str:
@@ -80,8 +104,9 @@ def _tiles_class(D: int, rows: int) -> str:
     return "narrow" if D <= 256 else "wide_few" if rows <= FEW_ROWS else "wide"
 
 
-def _tiles(D: int, rows: int) -> dict[str, int]:
-    return TILES[_tiles_class(D, rows)]
+def _tiles(D: int, rows: int, norm: bool = False) -> dict[str, int]:
+    cls = _tiles_class(D, rows)
+    return NORM_TILES.get(cls, TILES[cls]) if norm else TILES[cls]
 
 _TABLES: dict[tuple, tuple[torch.Tensor, int, int]] = {}
 _CONV_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # per cache: bounded (LRU)
@@ -89,19 +114,50 @@ _CONV_TABLES_MAX = 1024
 
 
 def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], conv_steps=None, *,
-                     conv_backend: str = "reference") -> list[torch.Tensor]:
-    """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (``x_i`` for ``w_i`` when ``x`` is a list; then the
-    conv steps): the definition the kernel is tested against. (Separate contiguous outputs: CPU GEMMs
-    round a row differently depending on its alignment, so slices of one buffer would make results
-    depend on a row's position in the batch.)"""
+                     norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
+                     backend: str = "reference") -> list[torch.Tensor]:
+    """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (``x_i`` for ``w_i`` when ``x`` is a list; ``x``
+    first through ``rms_norm(x, norm_weight, eps)`` when given; then the conv steps; then ``residual``'s
+    column slices added): the definition the kernel is tested against. ``backend`` is the norm's and
+    the conv steps' own. (Separate contiguous outputs: CPU GEMMs round a row differently depending on
+    its alignment, so slices of one buffer would make results depend on a row's position in the batch.)"""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps, backend=backend)
     xs = [x] * len(weights) if isinstance(x, torch.Tensor) else list(x)
     outs = [F.linear(xi, w) for xi, w in zip(xs, weights, strict=True)]
     for i, step in enumerate(conv_steps or ()):
         if step is not None:
             window, conv_weight = step
             outs[i] = causal_conv1d_update_(outs[i], window, conv_weight.reshape(conv_weight.shape[0], 1, -1),
-                                            activation="silu", backend=conv_backend)
+                                            activation="silu", backend=backend)
+    if residual is not None:
+        parts = residual.split([w.shape[0] for w in weights], dim=1)
+        outs = [r + y for r, y in zip(parts, outs, strict=True)]
     return outs
+
+
+def _check_epilogues(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                     norm_weight: torch.Tensor | None, residual: torch.Tensor | None) -> None:
+    """Validate the ``norm_weight`` and ``residual`` options (module docstring) against the checked
+    input ``x`` and ``weights``."""
+    x0 = x if isinstance(x, torch.Tensor) else x[0]
+    N, D = x0.shape
+    if norm_weight is not None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError("norm_weight needs one shared input tensor x, got a list of inputs (one per weight)")
+        if not isinstance(norm_weight, torch.Tensor) or norm_weight.dim() != 1 or norm_weight.shape[0] != D:
+            raise ValueError(f"norm_weight must be [D={D}], got "
+                             f"{tuple(norm_weight.shape) if isinstance(norm_weight, torch.Tensor) else type(norm_weight).__name__}")
+        if norm_weight.device != x0.device or not norm_weight.is_floating_point():
+            raise ValueError(f"norm_weight must be a float tensor on x's device {x0.device}, "
+                             f"got {norm_weight.dtype} on {norm_weight.device}")
+    if residual is not None:
+        out = sum(w.shape[0] for w in weights)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (N, out):
+            raise ValueError(f"residual must be [N={N}, OUT={out}] (all weights' rows), got "
+                             f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+        if residual.dtype != x0.dtype or residual.device != x0.device:
+            raise ValueError(f"residual must be {x0.dtype} on {x0.device} (x's), got {residual.dtype} on {residual.device}")
 
 
 def _check_conv_steps(x: torch.Tensor, weights: Sequence[torch.Tensor], conv_steps) -> int:
@@ -202,10 +258,13 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, N, D, OUT, SX,
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, N, D, OUT, SX, eps,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                            MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr):
+                            MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+        # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
+        # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
         p = tl.program_id(0)
         # W_ALIGN: the weights' address alignment in bytes (16 when every weight is): an address read
         # from the table is otherwise of unknown alignment and the weight loads are not vectorised
@@ -227,12 +286,19 @@ def _kernel():
         o_n = tl.arange(0, NT)
         m_n = o_n < N
         acc = tl.zeros([NT, BLOCK_R], dtype=tl.float32)
+        b_ss = tl.zeros([NT], dtype=tl.float32)  # NORM: sum of x^2 per token row
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = (o_d < D) | EVEN_D
             b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-            b_x = tl.load(x_in + o_n[:, None] * sx + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
-            acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :].to(tl.float32), axis=2)
+            b_x = tl.load(x_in + o_n[:, None] * sx + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                          other=0.0).to(tl.float32)
+            if NORM:
+                b_ss += tl.sum(b_x * b_x, axis=1)
+                b_x = b_x * tl.load(nw_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :], axis=2)
+        if NORM:  # W (x * rstd * nw) = rstd * (W (x * nw)): before the conv step's rounding, as if x were normed
+            acc = acc * tl.rsqrt(b_ss / D + eps)[:, None]
         if CONV:
             seg = tl.load(tab_ptr + p * 6 + 4)
             win_addr = tl.load(conv_tab + seg * 2)
@@ -253,8 +319,12 @@ def _kernel():
                 tl.debug_barrier()  # every thread has read its window before any thread overwrites it
                 tl.store(p_win, b_next, mask=m_win)
                 acc = b_c * tl.sigmoid(b_c)
+        m_y = m_n[:, None] & m_r[None, :]
+        if RESIDUAL:  # as the separate add: the output rounded to y's dtype, then res + out in fp32, rounded
+            b_res = tl.load(res_ptr + o_n[:, None] * OUT + col0 + o_r[None, :], mask=m_y, other=0.0)
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + b_res.to(tl.float32)
         p_y = y_ptr + o_n[:, None] * OUT + col0 + o_r[None, :]
-        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_n[:, None] & m_r[None, :])
+        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=m_y)
 
     return fused_linear_kernel
 
@@ -263,33 +333,38 @@ _KERNEL = None
 
 
 def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], *, conv_steps=None,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
                  backend: str = "auto") -> list[torch.Tensor]:
     """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs;
     ``x`` may be a list of one ``[N, D]`` input per weight; ``conv_steps`` (one entry or None per
-    weight) adds a short-conv step to chosen outputs, updating their windows in place (module
-    docstring).
+    weight) adds a short-conv step to chosen outputs, updating their windows in place;
+    ``norm_weight [D]`` multiplies ``rms_norm(x, norm_weight, eps)`` instead of ``x`` (tensor ``x``
+    only); ``residual [N, sum R_i]`` is added to the outputs (module docstring).
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
-    on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight
-    and the conv steps apart. No host sync: the step can be graph-captured."""
+    on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight,
+    the norm, conv steps and residual add apart. No host sync: the step can be graph-captured."""
     x0 = _check(x, weights)
+    _check_epilogues(x, weights, norm_weight, residual)
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     N, D = x0.shape
     W = _check_conv_steps(x0, weights, conv_steps) if conv_steps is not None else 0
     chosen = resolve_backend(backend, x0.device)
-    needs_grad = torch.is_grad_enabled() and (any(xi.requires_grad for xi in xs) or any(w.requires_grad for w in weights))
+    extra = [t for t in (norm_weight, residual) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *weights, *extra))
     conv_ok = W == 0 or (W >= 2 and all(st is None or (st[0].is_contiguous() and st[1].is_contiguous()
                                                         and st[0].dtype == st[1].dtype == x0.dtype)
                                         for st in conv_steps))
     if (chosen == "reference" or N > MAX_TOKENS or N == 0 or needs_grad or not conv_ok
             or not all(w.is_contiguous() for w in weights)):
-        return fused_linear_ref(x, weights, conv_steps, conv_backend=chosen)
+        return fused_linear_ref(x, weights, conv_steps, norm_weight=norm_weight, eps=eps, residual=residual,
+                                backend=chosen)
     import triton
 
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
-    tile = _tiles(D, sum(w.shape[0] for w in weights))
+    tile = _tiles(D, sum(w.shape[0] for w in weights), norm_weight is not None)
     block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
     if isinstance(x, torch.Tensor):
         x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
@@ -300,19 +375,30 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
     multi = any(x_offsets) or sx != D
     align = 8 if all(o % 8 == 0 for o in x_offsets) and sx % 8 == 0 else 1
-    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, N, D, out, sx, NT=max(1, triton.next_power_of_2(N)),
+    nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
+    res = residual.contiguous() if residual is not None else x
+    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, nw, res, N, D, out, sx, float(eps),
+                             NT=max(1, triton.next_power_of_2(N)),
                              MULTI_X=multi, X_ALIGN=align, W_ALIGN=w_align,
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
+                             NORM=norm_weight is not None, RESIDUAL=residual is not None,
                              num_warps=tile["num_warps"])
     return list(y.split([w.shape[0] for w in weights], dim=1))
 
 
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``F.linear(x, weight)`` for ``x [..., D]``; through :func:`fused_linear`'s kernel when x has at
-    most ``MAX_TOKENS`` rows (a decode step's output projection: 7.3 us against cuBLAS's 8.5 on an H100)."""
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight)`` for ``x [..., D]`` (plus ``residual [..., R]``, in the kernel's epilogue);
+    through :func:`fused_linear`'s kernel when x has at most ``MAX_TOKENS`` rows (a decode step's output
+    projection: 7.3 us against cuBLAS's 8.5 on an H100)."""
     rows = x.numel() // max(x.shape[-1], 1)
+    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"residual must be {(*x.shape[:-1], weight.shape[0])} (x's rows, weight's), "
+                         f"got {tuple(residual.shape)}")
     if rows > MAX_TOKENS or rows == 0:
-        return F.linear(x, weight)
-    (y,) = fused_linear(x.reshape(rows, x.shape[-1]), [weight], backend=backend)
+        y = F.linear(x, weight)
+        return y if residual is None else residual + y
+    res = residual.reshape(rows, weight.shape[0]) if residual is not None else None
+    (y,) = fused_linear(x.reshape(rows, x.shape[-1]), [weight], residual=res, backend=backend)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
+from kimi_linear.ops.norm import rms_norm
 
 __all__ = ["route", "route_tokens", "expert_load", "grouped_swiglu"]
 
@@ -110,31 +111,42 @@ def route_tokens(
     scaling: float = 1.0,
     backend: str = "auto",
     scratch: Any = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`route` of the router logits ``x.float() @ gate_weight.float().T`` (``x [N, D]``,
     ``gate_weight [E, D]``). At inference on Triton (no groups, no gradient, at most
     ``ROUTE_IN_KERNEL_MAX_TOKENS`` tokens and ``ROUTE_IN_KERNEL_MAX_EXPERTS`` experts) one launch
     computes the logits and the choice (split over several programs per token when the caller passes
     its ``moe_route_kernel.RouterScratch``); otherwise
-    the logits come from ``F.linear`` in fp32, then :func:`route`."""
+    the logits come from ``F.linear`` in fp32, then :func:`route`.
+
+    ``norm_weight [D]``: route ``rms_norm(x, norm_weight, eps)`` instead of x (the split router folds
+    the norm into its programs; every other path normalises first)."""
     if x.dim() != 2 or gate_weight.dim() != 2 or x.shape[1] != gate_weight.shape[1]:
         raise ValueError(f"need x [N, D] and gate_weight [E, D], got {tuple(x.shape)} and {tuple(gate_weight.shape)}")
     if gate_weight.device != x.device:
         raise ValueError(f"gate_weight must be on x's device {x.device}, got {gate_weight.device}")
+    if norm_weight is not None and (norm_weight.shape != (x.shape[1],) or norm_weight.device != x.device):
+        raise ValueError(f"norm_weight must be [D={x.shape[1]}] on x's device {x.device}, "
+                         f"got {tuple(norm_weight.shape)} on {norm_weight.device}")
     _check_route_args(gate_weight.shape[0], x.device, correction_bias, top_k, num_groups, topk_groups)
     fused = (
         # one program per token reads the whole router weight: right for a decode step's few tokens; a
         # prefill's thousands are better served by one GEMM (measured on an H100: 2.9 ms per 4K-token prefill)
         x.shape[0] <= ROUTE_IN_KERNEL_MAX_TOKENS and gate_weight.shape[0] <= ROUTE_IN_KERNEL_MAX_EXPERTS
         and resolve_backend(backend, x.device) == "triton" and not (num_groups > 1 and topk_groups < num_groups)
-        and not (torch.is_grad_enabled() and (x.requires_grad or gate_weight.requires_grad))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, gate_weight, norm_weight)))
         and x.dtype != torch.float64
     )
     if fused:
         from kimi_linear.ops.moe_route_kernel import route_triton
 
         return route_triton(None, correction_bias, top_k, renormalize, scaling, hidden=(x, gate_weight),
-                            scratch=scratch)
+                            scratch=scratch, norm_weight=norm_weight, eps=eps)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps, backend=backend)
     return route(F.linear(x.float(), gate_weight.float()), correction_bias, top_k, num_groups=num_groups,
                  topk_groups=topk_groups, renormalize=renormalize, scaling=scaling, backend=backend)
 

@@ -22,6 +22,15 @@ their addresses, built once per weight set and cached.
 One token (batch-1 decoding) takes two other kernels: programs walk the token's ``k`` chosen experts
 and the shared ones ("slots") by row blocks, multiplying with the token as a vector -- no tensor-core
 tile that would be 15/16 padding, no programs that exit at once. ``h [slots, I]`` sits between them.
+
+Two options fold the decode step's residual add + RMSNorm into these launches (docs/decode.md):
+``norm_weight [D]``: ``x`` is the un-normalised hidden state and the experts see
+``rms_norm(x, norm_weight, eps)``; the one-token gate/up kernel sums ``x^2`` in its D loop, multiplies
+``x`` by the norm weight as it loads it and scales both fp32 sums by ``rstd`` before the SwiGLU (a
+product is linear in its input: ``W (x * rstd * w) = rstd * W (x * w)``). ``residual [N, D]``: the
+output is ``residual + y``, ``y`` rounded to x's dtype first, as the separate add would see it; the
+one-token down kernel adds it in its epilogue. The several-token kernels and the reference path apply
+both in PyTorch (same values, not fused).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.moe import grouped_swiglu
+from kimi_linear.ops.norm import rms_norm
 
 _PTR_TABLES: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
 
@@ -134,10 +144,11 @@ def _single_token_kernels():
     import triton.language as tl
 
     @triton.jit
-    def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, D, I, K, ER,
+    def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                           W_ALIGN: tl.constexpr):
-        # W_ALIGN: the experts' address alignment in bytes (see _pointer_table)
+                           W_ALIGN: tl.constexpr, NORM: tl.constexpr):
+        # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
+        # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring)
         j = tl.program_id(0)
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
@@ -147,21 +158,31 @@ def _single_token_kernels():
         m_r = o_r < I
         acc1 = tl.zeros([BLOCK_R], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        b_ss = 0.0  # NORM: sum of x^2 (a scalar: a [BLOCK_D] accumulator cost registers, hence occupancy)
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m = m_r[:, None] & ((o_d[None, :] < D) | EVEN_D)
             b_x = tl.load(x_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
+            if NORM:
+                b_ss += tl.sum(b_x * b_x, 0)
+                b_x = b_x * tl.load(nw_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
             p_w = o_r[:, None].to(tl.int64) * D + o_d[None, :]
             acc1 += tl.sum(tl.load(w1 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
             acc3 += tl.sum(tl.load(w3 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
+        if NORM:
+            rstd = tl.rsqrt(b_ss / D + eps)
+            acc1 *= rstd
+            acc3 *= rstd
         h = acc1 * tl.sigmoid(acc1) * acc3
         tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
 
     @triton.jit
-    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, D, I, K, ER,
-                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr):
+    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
+                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr,
+                        RESIDUAL: tl.constexpr):
         # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
-        # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight
+        # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight.
+        # RESIDUAL: y = res + (that sum rounded to y's dtype), added in fp32 as the separate add would
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < D
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -177,6 +198,8 @@ def _single_token_kernels():
                 b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
                 part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
             acc += c * part
+        if RESIDUAL:
+            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)
         tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
 
     return gate_up_one_kernel, down_one_kernel
@@ -232,15 +255,21 @@ def moe_decode(
     w2: Sequence[torch.Tensor],
     *,
     shared: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton.
 
     ``shared = (w1s, w3s, w2s)``: always-on experts of the same shapes, added to every token with
-    weight 1 in the same launches (a separate shared MLP would cost five more per MoE layer)."""
+    weight 1 in the same launches (a separate shared MLP would cost five more per MoE layer).
+    ``norm_weight [D]``: the experts see ``rms_norm(x, norm_weight, eps)``; ``residual [N, D]`` (x's
+    dtype): returns ``residual + output`` (both folded into the one-token kernels; module docstring)."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
+    _check_epilogues(x, norm_weight, residual)
     ER = len(w1)
     if shared is not None:
         if not (len(shared[0]) == len(shared[1]) == len(shared[2]) >= 1) or any(
@@ -248,17 +277,45 @@ def moe_decode(
             raise ValueError("shared experts must have the routed experts' weight shapes")
         w1, w3, w2 = [*w1, *shared[0]], [*w3, *shared[1]], [*w2, *shared[2]]
     # the kernels have no backward: a forward that must carry a gradient takes the grouped path
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2))
-    if resolve_backend(backend, x.device) == "reference" or needs_grad:
+    extra = [t for t in (norm_weight, residual) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *w1, *w3, *w2, *extra))
+    chosen = resolve_backend(backend, x.device)
+    one_token = x.shape[0] == 1 and SINGLE_TOKEN_KERNELS and chosen == "triton" and not needs_grad
+    if norm_weight is not None and not one_token:  # only the one-token kernel folds the norm
+        x = rms_norm(x, norm_weight, eps, backend=backend)
+    if chosen == "reference" or needs_grad:
         if shared is not None:  # the shared experts as extra slots of weight 1
-            extra = torch.arange(ER, len(w1), device=x.device).expand(x.shape[0], -1)
-            indices = torch.cat([indices, extra.to(indices.dtype)], dim=1)
-            weights = torch.cat([weights.float(), torch.ones(extra.shape, device=x.device)], dim=1)
-        return grouped_swiglu(x, indices, weights, w1, w3, w2)
+            always = torch.arange(ER, len(w1), device=x.device).expand(x.shape[0], -1)
+            indices = torch.cat([indices, always.to(indices.dtype)], dim=1)
+            weights = torch.cat([weights.float(), torch.ones(always.shape, device=x.device)], dim=1)
+        y = grouped_swiglu(x, indices, weights, w1, w3, w2)
+        return y if residual is None else residual + y
+    if one_token:
+        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual)
+    y = _moe_decode_many(x, indices, weights, w1, w3, w2, ER)
+    return y if residual is None else residual + y
+
+
+def _check_epilogues(x: torch.Tensor, norm_weight: torch.Tensor | None, residual: torch.Tensor | None) -> None:
+    """Validate :func:`moe_decode`'s ``norm_weight [D]`` and ``residual [N, D]`` against ``x [N, D]``."""
+    N, D = x.shape
+    if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or norm_weight.dim() != 1
+                                    or norm_weight.shape[0] != D or norm_weight.device != x.device
+                                    or not norm_weight.is_floating_point()):
+        got = (f"{tuple(norm_weight.shape)} {norm_weight.dtype} on {norm_weight.device}"
+               if isinstance(norm_weight, torch.Tensor) else type(norm_weight).__name__)
+        raise ValueError(f"norm_weight must be a float [D={D}] tensor on x's device {x.device}, got {got}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (N, D)
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        got = (f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
+               if isinstance(residual, torch.Tensor) else type(residual).__name__)
+        raise ValueError(f"residual must be [N={N}, D={D}] {x.dtype} on {x.device} (x's), got {got}")
+
+
+def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
+    """:func:`moe_decode` on the per-expert (tensor-core) kernels: any token count."""
     import triton
 
-    if x.shape[0] == 1 and SINGLE_TOKEN_KERNELS:
-        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER)
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _kernels()
@@ -285,9 +342,11 @@ def moe_decode(
     return y.to(x.dtype)
 
 
-def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
+def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, eps: float = 1e-6,
+                    residual=None) -> torch.Tensor:
     """:func:`moe_decode` for one token ``x [1, D]``: slots are its ``k`` choices, then the shared experts
-    (``w1[ER:]``...), each with its weights read once by row blocks."""
+    (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add in
+    the two launches."""
     import triton
 
     global _ONE_KERNELS
@@ -303,12 +362,15 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
+    nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
-        x, idx, t1, t3, h, D, I, K, ER,
+        x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
-        num_warps=gu["num_warps"])
+        NORM=norm_weight is not None, num_warps=gu["num_warps"])
     y = torch.empty(1, D, device=x.device, dtype=x.dtype)
+    res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
-        h, idx, cw, t2, y, D, I, K, ER,
-        J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, num_warps=dn["num_warps"])
+        h, idx, cw, t2, y, res, D, I, K, ER,
+        J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
+        num_warps=dn["num_warps"])
     return y

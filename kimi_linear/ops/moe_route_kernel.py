@@ -8,6 +8,12 @@ topk, gather, sum, divide, multiply), which a batch-1 decode step pays in every 
 
 Launch grid: ``(N,)``, one program per token; from the hidden states ``(N, S)``: S programs per token
 each reading a slice of the router weight, the last to finish routes (``_route_split_kernel``).
+
+The split router can also take the un-normalised hidden state and an RMSNorm weight (the batch-1
+decode step's post-attention norm, folded): each program multiplies its slice of x by the norm weight
+and stores its slice's sum of ``x^2`` next to its partial logits; the last one scales the summed logits
+by ``rstd = rsqrt(mean(x^2) + eps)`` -- the logits are linear in x, so
+``(x * rstd * w) . W = rstd * ((x * w) . W)``. The one-program kernel gets an already normalised x.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kimi_linear.ops.norm import rms_norm
 
 
 @triton.jit
@@ -65,14 +73,17 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 
 
 @triton.jit
-def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, E, D, scaling,
+def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, norm_w, sumsq, E, D, scaling, eps,
                         EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr):
+                        RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr,
+                        NORM: tl.constexpr):
     # The router's logits split over NSPLIT programs per token, each reading one [EP, BLOCK_D] slice of
     # the router weight (one program reading all of it was the latency of the whole read, 9.5 us per
     # layer in the model). Each stores its partial logits; the token's counter (atomic, acq_rel) names
     # the program that finishes last, which sums the partials in slice order (deterministic: the same
     # experts every run, unlike atomic float adds), routes, and resets the counter for the next call.
+    # NORM: x is un-normalised; each program also stores its slice's sum of x^2 (sumsq), and the last
+    # scales the summed logits of x * norm_w by the row's rstd (module docstring).
     i_n = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
     o_e = tl.arange(0, EP)
@@ -80,6 +91,9 @@ def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, E, 
     o_d = i_p * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
+    if NORM:
+        tl.store(sumsq + i_n * NSPLIT + i_p, tl.sum(b_x * b_x, axis=0))
+        b_x = b_x * tl.load(norm_w + o_d, mask=m_d, other=0).to(tl.float32)
     b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
     tl.store(partial + (i_n * NSPLIT + i_p) * EP + o_e, tl.sum(b_w.to(tl.float32) * b_x[None, :], 1))
     done = tl.atomic_add(counter + i_n, 1, sem="acq_rel")
@@ -88,7 +102,11 @@ def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, E, 
         # L2 reads (".cg"): the other programs' partials never passed through this SM's L1
         b_part = tl.load(partial + (i_n * NSPLIT + o_p[:, None]) * EP + o_e[None, :], mask=(o_p < NSPLIT)[:, None],
                          other=0, cache_modifier=".cg")
-        _choose(tl.sum(b_part, axis=0), bias, weights, indices, i_n, E, scaling, EP, TOPK, KP, HAS_BIAS, RENORM)
+        b_l = tl.sum(b_part, axis=0)
+        if NORM:  # the slices' sums of x^2, in slice order too
+            b_sq = tl.load(sumsq + i_n * NSPLIT + o_p, mask=o_p < NSPLIT, other=0, cache_modifier=".cg")
+            b_l = b_l * tl.rsqrt(tl.sum(b_sq, axis=0) / D + eps)
+        _choose(b_l, bias, weights, indices, i_n, E, scaling, EP, TOPK, KP, HAS_BIAS, RENORM)
         tl.atomic_xchg(counter + i_n, 0)
 
 
@@ -131,17 +149,21 @@ def split_plan(E: int, D: int) -> tuple[int, int]:
 
 
 class RouterScratch:
-    """The split router's workspace for one call site (one MoE layer): partial logits and per-token
-    counters that start at zero and that the kernel leaves at zero. One per layer, so two layers never
-    share counters; a layer's calls run in order on its stream. Allocated once per device at the largest
-    size it serves (128 KB), outside graph capture, and never replaced: a captured graph keeps using it."""
+    """The split router's workspace for one call site (one MoE layer): partial logits, the slices' sums
+    of squares (folded norm) and per-token counters that start at zero and that the kernel leaves at
+    zero. One per layer, so two layers never share counters; a layer's calls run in order on its stream.
+    Allocated once per device at the largest size it serves (132 KB), outside graph capture, and never
+    replaced: a captured graph keeps using it."""
 
     def __init__(self) -> None:
         self.partial: torch.Tensor | None = None
+        self.sumsq: torch.Tensor | None = None
         self.counter: torch.Tensor | None = None
 
-    def get(self, dev: torch.device, N: int, NSPLIT: int, EP: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(partial fp32, counter int32 zeros) on ``dev`` for N tokens of NSPLIT slices of EP logits, or None
+    def get(self, dev: torch.device, N: int, NSPLIT: int,
+            EP: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(partial fp32, counter int32 zeros, sumsq fp32) on ``dev`` for N tokens of NSPLIT slices of EP
+        logits, or None
         (the caller then takes the one-program kernel) for a call larger than the workspace, or while a
         CUDA graph is being captured and it does not exist yet (a zero fill captured into the graph would
         not run before the eager calls after it)."""
@@ -151,20 +173,26 @@ class RouterScratch:
             if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
             self.partial = torch.empty(SCRATCH_TOKENS * SPLIT_MAX * SCRATCH_EXPERTS, dtype=torch.float32, device=dev)
+            self.sumsq = torch.empty(SCRATCH_TOKENS * SPLIT_MAX, dtype=torch.float32, device=dev)
             self.counter = torch.zeros(SCRATCH_TOKENS, dtype=torch.int32, device=dev)
-        return self.partial, self.counter
+        return self.partial, self.counter, self.sumsq
 
 
 def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | None, top_k: int, renormalize: bool,
                  scaling: float, *, hidden: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 scratch: RouterScratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scratch: RouterScratch | None = None, norm_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [N, E]`` -> ``(weights [N, k] fp32, indices [N, k] int64)``, unsorted slots.
 
     ``hidden = (x [N, D], w_gate [E, D])`` instead of logits: the kernel computes the logits too
     (fp32 sums), which saves the router's matrix-vector product and its casts at decode time; with a
-    ``scratch`` (one per call site) the product is split over several programs per token."""
+    ``scratch`` (one per call site) the product is split over several programs per token.
+    ``norm_weight [D]`` (with ``hidden``): route ``rms_norm(x, norm_weight, eps)``, folded into the split
+    router's programs (module docstring), else normalised first."""
     if scratch is not None and not isinstance(scratch, RouterScratch):
         raise TypeError(f"scratch must be a moe_route_kernel.RouterScratch or None, got {type(scratch).__name__}")
+    if norm_weight is not None and hidden is None:
+        raise ValueError("norm_weight needs the hidden states (hidden=(x, w_gate)), not logits")
     if hidden is not None:
         x, w_gate = (t.contiguous() for t in hidden)
         (N, D), E = x.shape, w_gate.shape[0]
@@ -180,12 +208,15 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
         bufs = scratch.get(dev, N, nsplit, triton.next_power_of_2(E)) if scratch is not None and nsplit > 1 else None
         if bufs is not None:
             bias = correction_bias.contiguous() if correction_bias is not None else weights
+            nw = norm_weight.contiguous() if norm_weight is not None else x  # x: an unread stand-in
             _route_split_kernel[(N, nsplit)](
-                x, w_gate, bias, bufs[0], bufs[1], weights, indices, E, D, float(scaling),
+                x, w_gate, bias, bufs[0], bufs[1], weights, indices, nw, bufs[2], E, D, float(scaling), float(eps),
                 EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                 HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
-                SP=triton.next_power_of_2(nsplit), num_warps=SPLIT_WARPS)
+                SP=triton.next_power_of_2(nsplit), NORM=norm_weight is not None, num_warps=SPLIT_WARPS)
             return weights, indices
+        if norm_weight is not None:  # the one-program kernel reads a normalised x
+            x = rms_norm(x, norm_weight, eps).contiguous()
     if N > 0:
         bias = correction_bias.contiguous() if correction_bias is not None else weights
         any_t = weights  # stands in for the pointers the chosen form does not read

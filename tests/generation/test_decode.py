@@ -12,7 +12,7 @@ import torch
 from kimi_linear.generation.cache import cache_for_config
 from kimi_linear.generation.generate import forward_last_logits
 from kimi_linear.model import KimiLinearConfig, KimiLinearForCausalLM
-from tests.numerics import assert_close
+from tests.numerics import assert_close, rel_rms
 
 PRESETS = ["tiny", "tiny-kda", "tiny-mla", "tiny-moe"]
 V = 97
@@ -136,3 +136,75 @@ def test_triton_backend_decode_equals_reference_full_forward(preset):
     ids = torch.randint(0, V, (2, 9))
     got, _ = prefill_then_decode(model, ids, 5)
     assert_close(got, ref(ids).logits[:, 4:], "decode", torch.float32, f"{preset} triton decode")
+
+
+def _coarse_decode_tiles(monkeypatch):
+    """Few programs per launch: the interpreter runs them one by one (the tiles do not change the math)."""
+    import kimi_linear.ops.gemv as gemv
+    import kimi_linear.ops.moe_decode as md
+
+    for kind in ("wide", "wide_few", "narrow"):
+        monkeypatch.setitem(gemv.TILES, kind, dict(BLOCK_R=64, BLOCK_D=128, num_warps=4))
+    monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=64, BLOCK_D=128, num_warps=4))
+    monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=64, BLOCK_I=128, num_warps=4))
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-gdn"])
+@torch.no_grad()
+def test_folded_decode_norms_match_the_unfolded_step(preset, monkeypatch):
+    # batch 1 on Triton (interpreter): every decode step with the blocks' norms and residual adds folded
+    # into the projections, router and expert kernels (FOLD_DECODE_NORMS) == the step with add_rms_norm
+    # launches, and both == the reference full forward. tiny-moe: KDA and MLA layers, a dense first layer
+    # and MoE layers with a shared expert of the routed size; tiny-gdn: attention layers whose decode
+    # step does not take the fused input launch (the norm applied apart). Every call is a decode step.
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    import kimi_linear.model.modeling as modeling
+
+    _coarse_decode_tiles(monkeypatch)
+    ref = make_model(preset)
+    model = KimiLinearForCausalLM(ref.config, backend="triton").eval()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, V, (1, 3))
+    calls = []
+    real = modeling.add_rms_norm
+    monkeypatch.setattr(modeling, "add_rms_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def decode_all():
+        cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1])
+        return torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])], 1)
+
+    monkeypatch.setattr(modeling, "FOLD_DECODE_NORMS", True)
+    folded = decode_all()
+    assert not calls  # no add + norm launch left: the final norm is a plain one
+    monkeypatch.setattr(modeling, "FOLD_DECODE_NORMS", False)
+    unfolded = decode_all()
+    assert len(calls) == ids.shape[1] * 2 * model.config.num_hidden_layers
+    assert rel_rms(folded, unfolded) < 1e-6
+    assert_close(folded, ref(ids).logits, "decode", torch.float32, f"{preset} folded decode")
+
+
+@torch.no_grad()
+def test_folded_decode_next_to_blocks_that_do_not_fold(monkeypatch):
+    # MoE blocks whose shared expert is twice a routed expert's width (a separate MLP) keep the unfolded
+    # step; the dense first block folds, and so does block 2 once its shared expert is dropped (in both
+    # models): it is fed block 1's pending output and adds it first
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    _coarse_decode_tiles(monkeypatch)
+    ref = make_model("tiny-moe", num_shared_experts=2)
+    ref.model.layers[2].block_sparse_moe.shared_experts = None
+    model = KimiLinearForCausalLM(ref.config, backend="triton").eval()
+    model.model.layers[2].block_sparse_moe.shared_experts = None
+    model.load_state_dict(ref.state_dict())
+    seen = []
+    for layer in model.model.layers:
+        real = layer._folds_norms
+        layer._folds_norms = lambda h, c, real=real: seen.append(real(h, c)) or seen[-1]
+    ids = torch.randint(0, V, (1, 2))
+    cache = cache_for_config(model.config, batch_size=1, max_len=2)
+    got = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(2)], 1)
+    assert seen == [True, False, True, False] * 2
+    assert_close(got, ref(ids).logits, "decode", torch.float32, "folded and unfolded blocks")

@@ -59,3 +59,27 @@ def test_bf16_generation_runs_with_graphs(cuda_device):
     out = model.generate(ids, max_new_tokens=16, do_sample=True, top_p=0.9, seed=3)
     again = model.generate(ids, max_new_tokens=16, do_sample=True, top_p=0.9, seed=3)
     assert out.cuda_graph and out.new_tokens == again.new_tokens
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mla-moe"])
+@torch.no_grad()
+def test_batch_one_folded_norms_decode_and_graphs(preset, cuda_device, monkeypatch):
+    # batch 1: the decode step with the blocks' norms and residual adds folded into the projections, the
+    # split router and the expert kernels (FOLD_DECODE_NORMS) == the unfolded step (fp32) and the full
+    # forward; graph-replayed generation with it == eager. Every call is a decode step (one token from an
+    # empty cache, and a one-token prompt): only the decode kernels run
+    import kimi_linear.model.modeling as modeling
+
+    model = make(preset, cuda_device)
+    ids = torch.randint(3, V, (1, 24), device=cuda_device)
+    outs = {}
+    for fold in (True, False):
+        monkeypatch.setattr(modeling, "FOLD_DECODE_NORMS", fold)
+        cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1], device=cuda_device)
+        outs[fold] = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])], 1)
+    assert_close(outs[True], outs[False], "layer", torch.float32, f"{preset} folded vs unfolded")
+    assert_close(outs[True], model(ids).logits, "layer", torch.float32, f"{preset} folded vs forward")
+    monkeypatch.setattr(modeling, "FOLD_DECODE_NORMS", True)
+    eager = generate(model, ids[:, :1], max_new_tokens=16, cuda_graph=False)
+    graphed = generate(model, ids[:, :1], max_new_tokens=16, cuda_graph=True)
+    assert graphed.cuda_graph and graphed.new_tokens == eager.new_tokens

@@ -151,3 +151,74 @@ def test_single_token_moe_gpu_misaligned_experts(cuda_device):
                       backend="reference")
     got = moe_decode(x, idx, wts, w1, w3, w2, backend="triton")
     assert rel_rms(got, want) < 2e-2
+
+
+# ---------------------------------------------------------------- folded norm and residual
+@pytest.mark.parametrize("shared", [0, 2])
+def test_single_token_norm_and_residual_match_the_reference(shared, monkeypatch, triton_device):
+    # the decode step's folded post-attention norm (gate/up kernel: rstd from its own D loop) and
+    # residual add (down kernel's epilogue) against rms_norm -> experts -> add; the tensor-core kernels
+    # and the reference path (norm and add in PyTorch) give the same
+    from kimi_linear.ops.norm import rms_norm
+
+    device = triton_device
+    import kimi_linear.ops.moe_decode as md
+
+    monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=4))
+    monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=8, BLOCK_I=16, num_warps=4))
+    E, D, I, k, eps = 7, 72, 40, 3, 1e-5
+    mk = lambda *s: torch.randn(*s, device=device) / s[-1] ** 0.5  # noqa: E731
+    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
+    sh = tuple([mk(*s) for _ in range(shared)] for s in ((I, D), (I, D), (D, I))) if shared else None
+    h = torch.randn(1, D, device=device) * 5.0
+    nw, res = torch.rand(D, device=device) + 0.5, torch.randn(1, D, device=device)
+    idx, w = torch.tensor([[5, 1, 3]], device=device), torch.rand(1, k, device=device)
+    want = res + moe_decode(rms_norm(h, nw, eps), idx, w, w1, w3, w2, shared=sh, backend="reference")
+    kw = dict(shared=sh, norm_weight=nw, eps=eps, residual=res)
+    assert torch.equal(moe_decode(h, idx, w, w1, w3, w2, backend="reference", **kw), want)
+    tol = tolerance("layer" if torch.cuda.is_available() else "kernel_interp", torch.float32)
+    monkeypatch.setattr(md, "SINGLE_TOKEN_KERNELS", True)
+    got = moe_decode(h, idx, w, w1, w3, w2, backend="triton", **kw)
+    assert got.shape == (1, D) and got.dtype == h.dtype and rel_rms(got, want) < tol
+    # each option alone
+    alone = moe_decode(h, idx, w, w1, w3, w2, shared=sh, norm_weight=nw, eps=eps, backend="triton")
+    assert rel_rms(alone, want - res) < tol
+    alone = moe_decode(h, idx, w, w1, w3, w2, shared=sh, residual=res, backend="triton")
+    assert rel_rms(alone, res + moe_decode(h, idx, w, w1, w3, w2, shared=sh, backend="reference")) < tol
+    monkeypatch.setattr(md, "SINGLE_TOKEN_KERNELS", False)
+    assert rel_rms(moe_decode(h, idx, w, w1, w3, w2, backend="triton", **kw), want) < tol
+
+
+def test_norm_and_residual_reject_bad_input():
+    x = torch.randn(2, 16)
+    ws = [[torch.randn(8, 16)], [torch.randn(8, 16)], [torch.randn(16, 8)]]
+    idx, w = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
+    with pytest.raises(ValueError, match=r"norm_weight must be a float \[D=16\]"):
+        moe_decode(x, idx, w, *ws, norm_weight=torch.ones(15))
+    with pytest.raises(ValueError, match=r"residual must be \[N=2, D=16\] torch.float32"):
+        moe_decode(x, idx, w, *ws, residual=torch.randn(1, 16))
+    with pytest.raises(ValueError, match=r"residual must be \[N=2, D=16\] torch.float32"):
+        moe_decode(x, idx, w, *ws, residual=torch.randn(2, 16, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_single_token_moe_norm_and_residual_gpu_at_the_benchmark_geometry(cuda_device):
+    # bf16, 16 experts top-8 + a shared one: the folded norm and residual against the fp32 reference of
+    # norm -> experts -> add on the same values
+    from kimi_linear.ops.norm import rms_norm
+
+    E, D, I, k = 16, 2304, 1024, 8
+    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
+    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
+    sh = ([mk(I, D)], [mk(I, D)], [mk(D, I)])
+    h = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16) * 4.0
+    nw = (torch.rand(D, device=cuda_device) + 0.5).to(torch.bfloat16)
+    res = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
+    idx = torch.randperm(E, device=cuda_device)[:k][None]
+    w = torch.rand(1, k, device=cuda_device)
+    f = lambda ts: [t.float() for t in ts]  # noqa: E731
+    want = res.float() + moe_decode(rms_norm(h.float(), nw.float(), 1e-5), idx, w, f(w1), f(w3), f(w2),
+                                    shared=tuple(f(s) for s in sh), backend="reference")
+    got = moe_decode(h, idx, w, w1, w3, w2, shared=sh, norm_weight=nw, eps=1e-5, residual=res, backend="triton")
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert rel_rms(got, want) < tolerance("layer", torch.bfloat16)

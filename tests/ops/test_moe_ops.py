@@ -259,6 +259,56 @@ def test_route_tokens_split_router_interpreter(monkeypatch):
         route_tokens(x, w_gate, None, 4, backend="triton", scratch=torch.zeros(4))
 
 
+def check_route_tokens_norm(device, N, D, E, k, dtype, scratch=None):
+    """The router given the un-normalised x and an RMSNorm weight (folded into the split router's
+    programs with a ``scratch``, applied first otherwise) == routing ``rms_norm(x)`` (in fp32)."""
+    from kimi_linear.ops.norm import rms_norm
+
+    x = (torch.randn(N, D, device=device) * 6.0).to(dtype)
+    nw = (torch.rand(D, device=device) + 0.5).to(dtype)
+    w_gate = (torch.randn(E, D, device=device) * D**-0.5).to(dtype)
+    b = torch.randn(E, device=device) * 0.1
+    with torch.no_grad():
+        w, i = route_tokens(x, w_gate, b, k, scaling=2.5, backend="triton", scratch=scratch, norm_weight=nw, eps=1e-5)
+        normed = rms_norm(x.float(), nw.float(), 1e-5)
+        w_ref, i_ref = route(F.linear(normed, w_gate.float()), b, k, scaling=2.5, backend="reference")
+    i_sorted, order = i.sort(dim=-1)
+    i_ref_sorted, order_ref = i_ref.sort(dim=-1)
+    assert torch.equal(i_sorted, i_ref_sorted)
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_route_tokens_folded_norm_interpreter(monkeypatch):
+    # the decode step's post-attention norm folded into the split router (each program's slice sum of
+    # squares, the last scales the logits by rstd), and the one-program / GEMM paths that normalise first
+    pytest.importorskip("triton")
+    if not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from kimi_linear.ops import moe_route_kernel as rk
+
+    scratch = rk.RouterScratch()
+    check_route_tokens_norm("cpu", 3, 2304 - 37, 16, 8, torch.float32, scratch)  # 9 slices, the last one short
+    check_route_tokens_norm("cpu", 1, 1000, 6, 2, torch.float32, scratch)
+    assert int(scratch.counter.abs().sum()) == 0
+    check_route_tokens_norm("cpu", 2, 200, 16, 4, torch.float32)  # no scratch: the one-program kernel
+    monkeypatch.setattr(rk, "SPLIT_D", 0)
+    check_route_tokens_norm("cpu", 2, 1000, 16, 4, torch.float32, scratch)  # the split router off
+    x, w_gate = torch.randn(2, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match=r"norm_weight must be \[D=8\]"):
+        route_tokens(x, w_gate, None, 2, norm_weight=torch.ones(7))
+    with pytest.raises(ValueError, match="norm_weight needs the hidden states"):
+        rk.route_triton(torch.randn(2, 5), None, 2, True, 1.0, norm_weight=torch.ones(8))
+
+
+def test_route_tokens_folded_norm_reference():
+    from kimi_linear.ops.norm import rms_norm
+
+    x, w_gate, nw = torch.randn(4, 8) * 3, torch.randn(5, 8), torch.rand(8) + 0.5
+    got = route_tokens(x, w_gate, None, 2, norm_weight=nw, eps=1e-5)
+    want = route(F.linear(rms_norm(x, nw, 1e-5), w_gate), None, 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_route_tokens_many_experts_use_the_gemm(monkeypatch):
     # above ROUTE_IN_KERNEL_MAX_EXPERTS the logits come from one GEMM, whatever the token count
     pytest.importorskip("triton")
@@ -318,6 +368,7 @@ def test_route_kernel_gpu(cuda_device):
     scratch = RouterScratch()  # the split router: one and the most tokens, counters back at zero
     for n, e in ((1, 16), (64, 16), (3, 32)):
         check_route_tokens(cuda_device, n, 2304 - 37, e, 8, torch.bfloat16, scratch)
+        check_route_tokens_norm(cuda_device, n, 2304 - 37, e, 8, torch.bfloat16, scratch)  # the folded norm
     assert int(scratch.counter.abs().sum()) == 0
     check_route_tokens(cuda_device, 5, 2304, 256, 8, torch.bfloat16)
 
