@@ -140,5 +140,5 @@ def conv_seq_triton(x: torch.Tensor, weight2: torch.Tensor, bias: torch.Tensor |
         x, window if window is not None else x, weight2.contiguous(), bias if bias is not None else x, y,
         final if final is not None else y, T, D, x.stride(0), x.stride(1),
         W=W, WP=triton.next_power_of_2(max(W - 1, 1)), BT=BT, BD=BD, HAS_WINDOW=window is not None,
-        HAS_BIAS=bias is not None, SILU=silu, WRITE_FINAL=final is not None, num_finarps=4)
+        HAS_BIAS=bias is not None, SILU=silu, WRITE_FINAL=final is not None, num_warps=4)
     return y, final
