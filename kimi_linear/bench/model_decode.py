@@ -35,6 +35,7 @@ import torch
 KiB = 1024
 CONTEXTS = [4096, 16384, 65536, 131072, 262144, 524288, 1048576]
 PREFILL = {"hybrid": [4096, 16384, 32768, 65536], "mla": [4096, 16384, 32768, 65536]}
+GATE_SEED = 0  # the gate model's weights (see run)
 GATE_TOL = 1e-2  # fp32 inputs, tf32 dots on GPU; a gate against wrong results, not rounding
 
 
@@ -244,6 +245,10 @@ def run(*, contexts: list[int], budget_gib: float, cap: int, device: torch.devic
         # The gate runs in fp32 on the same geometry cut to 4 layers (the same kernels at the same shapes):
         # in bf16 a deep random MoE model amplifies rounding (expert choices flip between two equivalent
         # computations), so the full bf16 model's deviation is recorded for information only.
+        # Seeded: the same gate model in every run, whatever ran before it. Its routing can flip where two
+        # experts' scores nearly tie (fp32 logits against the kernels' TF32 / fp32 sums: one flipped token
+        # costs ~4e-2 of rel RMS); benchmarks/decode_gate_routing.py rebuilds this model and lists them.
+        torch.manual_seed(GATE_SEED)
         small = build_model(bench_config(lay, experts=experts, top_k=top_k, layers=4, vocab=vocab), device,
                             torch.float32)
         err = gate(small, device)
