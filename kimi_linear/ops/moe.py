@@ -176,6 +176,10 @@ def _grouped_mm_usable(x: torch.Tensor, w1: Sequence[torch.Tensor], w3: Sequence
     if not (GROUPED_MM and hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
             and slots >= GROUPED_MM_MIN_SLOTS):
         return False
+    # Hopper and newer: where PyTorch's grouped GEMM has its CUTLASS kernels (and where it was measured);
+    # older GPUs keep the loop
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in (*w1, *w3, *w2))):
         return False
     I, D = w1[0].shape
