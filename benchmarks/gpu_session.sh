@@ -6,13 +6,13 @@
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
 # Order for the next session (30 device minutes; the H100 counts half its held time): `tests` first
-# (the whole GPU suite at the session's start commit), then issue-7 kernel work with `kernels` sweeps
-# (FUSED=1 for the layer-fused setting) and `train`; decode work with `gemv` / `profile` / `decode`.
-# Short inputs are host-bound: benchmarks/host_overhead.py prints host vs GPU time per call.
-# Prepared for issue 7 (docs/kernels.md, Known gaps): vectorise the chunk-gradient kernel's M tile and
-# the solve's loads (kernel_resources.py --aligned shows their scalar loads), then SWEEP=chunk_grad and
-# the chunk_kda GPU tests. Issue 5 (docs/decode.md): the step's bookkeeping kernels, the latent kernel
-# at long context.
+# (the whole GPU suite at the session's start commit). Issue 5 (docs/decode.md, results/decode/README.md
+# session 11): the 128K step is 3.44 ms against the 3 ms target -- the latent split kernel (73 us per
+# layer against ~50 of cache bytes: latent_attention_sweep.py), the projections (0.86 ms against ~0.64),
+# the experts (85% of the copy rate); prefill: the experts' weights stacked per call (7.3 ms at 4K).
+# Issue 7 (docs/kernels.md, Known gaps): the rewrite that keeps a chunk's intermediates on chip; the
+# vectorised lower-triangle loads measured neutral (session 11). Short inputs are host-bound:
+# benchmarks/host_overhead.py prints host vs GPU time per call.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
