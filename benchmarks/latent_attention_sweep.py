@@ -33,6 +33,12 @@ ROUND2 = (
     + [dict(BASE, block_n=128, num_stages=1), dict(BASE, block_n=128, num_stages=1, head_groups=2, num_warps=4)]
     + [dict(BASE, block_n=32, num_stages=3, head_groups=2, num_warps=4, splits_per_sm=1)]
 )
+# round 3 (session 11): one wave of programs. With 64-key tiles in two stages a program holds ~147 KB of
+# shared memory, so one runs per SM: one split per SM and two row groups per split is two waves of
+# programs; half as many splits (twice as long) is one, and half the partials for the merge
+CURRENT = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+ROUND3 = [dict(CURRENT), dict(CURRENT, splits_per_sm=0.5), dict(CURRENT, splits_per_sm=0.5, num_warps=8),
+          dict(CURRENT, splits_per_sm=0.25)]
 ROUND1 = (
     [dict(SESSION6)]
     + [dict(SESSION6, num_stages=s) for s in (3, 4)]
@@ -79,7 +85,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x131072", "1x1048576", "6x1048576"],
                     help="BATCHxCONTEXT")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole sweep")
-    ap.add_argument("--round", type=int, default=2, choices=(1, 2), help="which candidate list")
+    ap.add_argument("--round", type=int, default=3, choices=(1, 2, 3), help="which candidate list")
     args_ns = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes/s
@@ -96,7 +102,7 @@ def main() -> None:
         print(f"== B={B} context={L}: reads {cache_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us", flush=True)
         deadline = t0 + args_ns.budget * (i_shape + 1) / len(args_ns.shapes)
         rows = []
-        for cand in (ROUND1 if args_ns.round == 1 else ROUND2):
+        for cand in {1: ROUND1, 2: ROUND2, 3: ROUND3}[args_ns.round]:
             if time.time() > deadline:
                 print("   (budget reached)", flush=True)
                 break

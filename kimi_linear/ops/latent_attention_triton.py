@@ -158,17 +158,21 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 # SM) -> these: 852 -> 503 us at 1M keys (floor 406), 4909 -> 2821 at 6 x 1M (floor 2420: 86%), 138 ->
 # 87 at 128K (floor 53), 22 -> 18 at 4K (floor 4.4; fixed costs dominate). One program holding all 32
 # rows needs 254 registers (one 8-warp program per SM); two programs of 16 rows each re-read the tile
-# (from L2) but run side by side. 64 keys x 3 stages does not fit in shared memory.
-TILES: dict[str, int] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+# (from L2) but run side by side. 64 keys x 3 stages does not fit in shared memory. Half as many splits
+# (session 11, results/decode/session11/latent_sweep_round3_h100.txt) is much slower: 86 -> 121 us at 128K,
+# 490 -> 746 at 1M; the time follows the keys per program, so each program is bound by its own load
+# latency and more of them in flight, not fewer, is the direction.
+TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 
 
-def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
+def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: float = 2) -> int:
+    """Key-axis splits: ``per_sm`` per SM at batch 1 (fractional: fewer, longer splits), divided by B."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    want = max(1, (per_sm * sms) // max(B, 1))
+    want = max(1, int(per_sm * sms) // max(B, 1))
     return max(1, min(want, triton.cdiv(L, block_n)))
 
 
