@@ -103,16 +103,21 @@ def test_single_token_kernels_match_the_reference(shared, monkeypatch, triton_de
     assert rel_rms(moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="triton"), want) < tol
 
 
-@pytest.mark.gpu
-def test_single_token_moe_gpu_at_the_benchmark_geometry(cuda_device):
-    # 16 experts of 2304 -> 1024 -> 2304, top-8, one shared expert, bf16: the launch settings in TILES
+def benchmark_experts(device):
+    """The decode benchmark's MoE in bf16: 16 experts of 2304 -> 1024 -> 2304 and one shared expert, a
+    token's top-8 choice and weights. Returns ``(w1, w3, w2, shared, indices [1, 8], weights [1, 8])``."""
     E, D, I, k = 16, 2304, 1024, 8
-    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
     w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
     sh = ([mk(I, D)], [mk(I, D)], [mk(D, I)])
-    x = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
-    idx = torch.randperm(E, device=cuda_device)[:k][None]
-    w = torch.rand(1, k, device=cuda_device)
+    return w1, w3, w2, sh, torch.randperm(E, device=device)[:k][None], torch.rand(1, k, device=device)
+
+
+@pytest.mark.gpu
+def test_single_token_moe_gpu_at_the_benchmark_geometry(cuda_device):
+    # the launch settings in TILES at the benchmark's geometry
+    w1, w3, w2, sh, idx, w = benchmark_experts(cuda_device)
+    x = torch.randn(1, w1[0].shape[1], device=cuda_device, dtype=torch.bfloat16)
     want = moe_decode(x.float(), idx, w, [t.float() for t in w1], [t.float() for t in w3], [t.float() for t in w2],
                       shared=tuple([t.float() for t in s] for s in sh), backend="reference")
     got = moe_decode(x, idx, w, w1, w3, w2, shared=sh, backend="triton")
@@ -207,15 +212,11 @@ def test_single_token_moe_norm_and_residual_gpu_at_the_benchmark_geometry(cuda_d
     # norm -> experts -> add on the same values
     from kimi_linear.ops.norm import rms_norm
 
-    E, D, I, k = 16, 2304, 1024, 8
-    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16) * s[-1] ** -0.5  # noqa: E731
-    w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
-    sh = ([mk(I, D)], [mk(I, D)], [mk(D, I)])
+    w1, w3, w2, sh, idx, w = benchmark_experts(cuda_device)
+    D = w1[0].shape[1]
     h = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16) * 4.0
     nw = (torch.rand(D, device=cuda_device) + 0.5).to(torch.bfloat16)
     res = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
-    idx = torch.randperm(E, device=cuda_device)[:k][None]
-    w = torch.rand(1, k, device=cuda_device)
     f = lambda ts: [t.float() for t in ts]  # noqa: E731
     want = res.float() + moe_decode(rms_norm(h.float(), nw.float(), 1e-5), idx, w, f(w1), f(w3), f(w2),
                                     shared=tuple(f(s) for s in sh), backend="reference")
