@@ -29,7 +29,7 @@ from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
 from kimi_linear.ops.moe_decode import moe_decode
-from kimi_linear.ops.norm import add_rms_norm, rms_norm
+from kimi_linear.ops.norm import add_rms_norm
 
 __all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
 
@@ -185,21 +185,17 @@ class KimiLinearDecoderLayer(nn.Module):
         the experts fold the norm in); ``residual``: returns ``residual + output``."""
         moe = self.block_sparse_moe
         shared = self._shared_expert_weights()
-        # a shared expert of another size runs as its own MLP on the normalised x, and the residual is
-        # added after it (the unfolded step's order): no folding then
+        # a shared expert of another size runs as its own MLP on the normalised x: the folded step never
+        # takes such a block (_folds_norms), so only the unfolded one reaches it
         separate = moe.shared_experts is not None and shared is None
-        if separate and norm_weight is not None:
-            x, norm_weight = rms_norm(x, norm_weight, eps, backend=self.backend), None
+        if separate and (norm_weight is not None or residual is not None):
+            raise ValueError("a shared expert of another size than the routed ones cannot fold the norm / residual")
         weights, indices = moe.route(x, backend=self.backend, norm_weight=norm_weight, eps=eps)
         w1, w3, w2 = ([e.w1.weight for e in moe.experts], [e.w3.weight for e in moe.experts],
                       [e.w2.weight for e in moe.experts])
         y = moe_decode(x, indices, weights, w1, w3, w2, shared=shared, norm_weight=norm_weight, eps=eps,
-                       residual=None if separate else residual, backend=self.backend)
-        if separate:
-            y = y + moe.shared_experts(x)
-            if residual is not None:
-                y = residual + y
-        return y
+                       residual=residual, backend=self.backend)
+        return y + moe.shared_experts(x) if separate else y
 
 
 class KimiLinearModel(nn.Module):

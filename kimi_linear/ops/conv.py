@@ -90,6 +90,8 @@ def causal_conv1d(
     for name, t in (("initial_window", initial_window), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"bias must be [D] = ({D},), got {tuple(bias.shape)}")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (x, weight, bias, initial_window))
     if SEQUENCE_KERNEL and W >= 2 and not needs_grad and resolve_backend(backend, x.device) == "triton":

@@ -110,12 +110,13 @@ def _conv_seq_kernel(x, window, weight, bias, y, final, T, D, stride_xb, stride_
             pos = T - (W - 1) + o_w
             m_fin = (o_w < W - 1)[None, :] & m_d[:, None]
             b_fin = tl.load(x + i_b * stride_xb + o_d[:, None] + pos[None, :].to(tl.int64) * stride_xt,
-                          mask=m_fin & (pos >= 0)[None, :], other=0)
+                            mask=m_fin & (pos >= 0)[None, :], other=0)
             if HAS_WINDOW:
                 b_prev = tl.load(window + (i_b * D + o_d[:, None]) * (W - 1) + (W - 1 + pos[None, :]),
                                  mask=m_fin & (pos < 0)[None, :], other=0)
                 b_fin = tl.where((pos >= 0)[None, :], b_fin, b_prev.to(b_fin.dtype))
-            tl.store(final + (i_b * D + o_d[:, None]) * (W - 1) + o_w[None, :], b_fin.to(final.dtype.element_ty), mask=m_fin)
+            tl.store(final + (i_b * D + o_d[:, None]) * (W - 1) + o_w[None, :], b_fin.to(final.dtype.element_ty),
+                     mask=m_fin)
 
 
 def conv_seq_triton(x: torch.Tensor, weight2: torch.Tensor, bias: torch.Tensor | None, silu: bool,

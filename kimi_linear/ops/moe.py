@@ -245,15 +245,13 @@ def grouped_swiglu(
     counts = torch.bincount(flat, minlength=E)
     xs = x[token_of]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    slot_weights = weights.reshape(-1)[order].to(acc)
     if _grouped_mm_usable(x, w1, w3, w2, N * k, grouped_mm):
-        y = _experts_grouped_mm(xs, counts, weights.reshape(-1)[order].to(acc), w1, w3, w2)  # weighted
-        # back to (token, slot) order by a gather in x's dtype, each token's slots summed in fp32: an fp32
-        # scatter of every slot (the loop's combine below) took ~25 ms of a 4K prefill's GPU time (H100)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(N * k, device=order.device)
-        return y[inv].view(N, k, D).sum(1, dtype=acc).to(x.dtype)
-    y = _experts_loop(xs, counts, w1, w3, w2)  # [N * k, D], sorted slots
-    y = y.to(acc) * weights.reshape(-1)[order].to(acc)[:, None]
-    # back to (token, slot) order, then each token's k slots summed
-    per_slot = torch.zeros(N * k, D, dtype=acc, device=x.device).index_copy(0, order, y)
-    return per_slot.view(N, k, D).sum(1).to(x.dtype)
+        y = _experts_grouped_mm(xs, counts, slot_weights, w1, w3, w2)  # [N * k, D] sorted slots, weighted
+    else:
+        y = _experts_loop(xs, counts, w1, w3, w2).to(acc) * slot_weights[:, None]
+    # back to (token, slot) order by a gather (in x's dtype on the grouped path), then each token's k slots
+    # summed in fp32: an fp32 scatter-add of every slot took ~25 ms of a 4K prefill's GPU time (H100)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(N * k, device=order.device)
+    return y[inv].view(N, k, D).sum(1, dtype=acc).to(x.dtype)

@@ -224,6 +224,8 @@ def test_sequence_with_gradient_takes_the_differentiable_form():
     assert x.grad is not None and w.grad is not None
     with pytest.raises(ValueError, match="initial_window must be on x's device"):
         causal_conv1d(x.detach(), w.detach(), initial_window=torch.zeros(1, 4, 3, device="meta"))
+    with pytest.raises(ValueError, match=r"bias must be \[D\] = \(4,\), got \(3,\)"):
+        causal_conv1d(x.detach(), w.detach(), torch.zeros(3))  # checked before either form runs
 
 
 @pytest.mark.gpu
