@@ -7,6 +7,7 @@ same). Prints the kernels by total GPU time, the sum, and the graph-replayed ste
 
     PYTHONPATH=. python benchmarks/decode_profile.py --layout hybrid --context 4096
     PYTHONPATH=. python benchmarks/decode_profile.py --no-fold-norms   # the step before the norms were folded
+    PYTHONPATH=. python benchmarks/decode_profile.py --compare-pdl     # graph-replayed step, PDL off / on
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ def main() -> None:
     ap.add_argument("--no-fold-norms", action="store_true",
                     help="the step with an add + RMSNorm launch between sub-blocks instead of the norms and "
                          "residual adds folded into the kernels around them (modeling.FOLD_DECODE_NORMS)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch the decode kernels without programmatic dependent launch (ops/pdl.py)")
+    ap.add_argument("--compare-pdl", type=int, default=0, metavar="ROUNDS",
+                    help="after the profile, time the graph-replayed step with PDL off, on without and on with "
+                         "weight prefetch, in turn, ROUNDS times each (one process, same model)")
     args = ap.parse_args()
+    from kimi_linear.ops import pdl
+
+    pdl.ENABLED = not args.no_pdl
     if args.no_fold_norms:
         from kimi_linear.model import modeling
 
@@ -63,7 +72,8 @@ def main() -> None:
     total = sum(tot.values())
     from kimi_linear.model import modeling
 
-    print(f"{args.layout} B={args.batch} context={args.context} fold_norms={int(modeling.FOLD_DECODE_NORMS)}: "
+    print(f"{args.layout} B={args.batch} context={args.context} fold_norms={int(modeling.FOLD_DECODE_NORMS)} "
+          f"pdl={int(pdl.use_pdl(dev))}: "
           f"kernels per step {sum(cnt.values())}, "
           f"GPU time per step {total / 1000:.3f} ms")
     for name, us in sorted(tot.items(), key=lambda x: -x[1])[: args.top]:
@@ -77,6 +87,18 @@ def main() -> None:
         torch.cuda.empty_cache()
     rec = time_decode(model, args.batch, args.context, dev)
     print(f"graph-replayed step: {rec['step_ms']:.3f} ms (cuda_graph={rec['cuda_graph']})")
+    if args.compare_pdl:
+        modes = {"pdl off": (False, False), "pdl on, no prefetch": (True, False), "pdl on + prefetch": (True, True)}
+        runs: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(args.compare_pdl):
+            for mode, (pdl.ENABLED, pdl.PREFETCH) in modes.items():
+                runs[mode].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        for mode, ms in runs.items():
+            print(f"graph-replayed step, {mode}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
+                  f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
+        pdl.ENABLED, pdl.PREFETCH = not args.no_pdl, True
 
 
 if __name__ == "__main__":

@@ -82,6 +82,14 @@ profile)
   timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context 4096 ${PROFILE_ARGS:-} 2>&1 | tail -45 \
     | tee -a "$OUT/decode_profile.txt"
   ;;
+pdl)
+  # programmatic dependent launch (ops/pdl.py): per-kernel profile with it on, then the graph-replayed
+  # step with it off and on, alternating, at PDL_CONTEXTS (one process per context)
+  for ctx in ${PDL_CONTEXTS:-4096 131072}; do
+    timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 --compare-pdl 3 2>&1 \
+      | tail -25 | tee -a "$OUT/pdl_compare.txt"
+  done
+  ;;
 prefill)
   # where a cached prefill's time goes (wall vs GPU kernels, top kernels and host ops), the forms before
   # session 11 (per-expert GEMM loop, PyTorch short conv) and after, hybrid and all-MLA, in one call
@@ -102,6 +110,6 @@ ncu)
   grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, prefill, ncu or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

@@ -44,11 +44,17 @@ ALIGNED = False
 
 
 def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if "PDL" in fn.arg_names and "PDL" not in constexprs:  # decode kernels: as launched on Hopper (ops/pdl.py)
+        constexprs = dict(constexprs, PDL=True)
+        options["launch_pdl"] = True
+        if "PREFETCH" in fn.arg_names:  # their weights prefetched into L2 before the wait (bf16, D = 2304)
+            constexprs.update(PREFETCH=True, LINE=64, LINES=64)
     sig = {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+                            target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     # global loads in the PTX: vector (16/8-byte) against scalar ones; a weight-streaming kernel with
     # many scalar loads has lost its address alignment (docs/decode.md)
@@ -103,8 +109,8 @@ def cases():
     for win in (False, True):
         yield (f"conv sequence window={int(win)}", conv_kernel._conv_seq_kernel,
                dict(W=4, WP=4, BT=32, BD=128, HAS_WINDOW=win, HAS_BIAS=False, SILU=True, WRITE_FINAL=True), 4, 3)
-    yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False), 4, 3
-    yield "gated rms norm (D=128)", norm_kernel._rms_norm_fwd_kernel, dict(D=128, DP=128, BR=16, GATED=True), 4, 3
+    yield "rms norm (D=2304)", norm_kernel._rms_norm_fwd_kernel, dict(D=2304, DP=4096, BR=1, GATED=False, RESIDUAL=False), 4, 3
+    yield "gated rms norm (D=128)", norm_kernel._rms_norm_fwd_kernel, dict(D=128, DP=128, BR=16, GATED=True, RESIDUAL=False), 4, 3
     from kimi_linear.ops import moe_decode
     gate_up, down = moe_decode._kernels()
     tu, td = moe_decode.TILES["gate_up"], moe_decode.TILES["down"]

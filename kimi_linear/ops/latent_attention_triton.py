@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.latent_attention import _check, split_kv_b
+from kimi_linear.ops.pdl import pdl_launch
+from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 
 @triton.jit
@@ -32,8 +34,9 @@ def _latent_attn_split_kernel(
     stride_qb, stride_qm, stride_qrb, stride_qrm,
     stride_cb, stride_cl, stride_krb, stride_krl,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
-    R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
     i_g = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -87,7 +90,7 @@ def _latent_attn_split_kernel(
 def _latent_attn_merge_kernel(
     o_ptr, lse_ptr, ctx_ptr, S,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls, stride_cb, stride_cm,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """Merge the split-KV partials: ``o [B, S, M, R]`` fp32 (per-split normalised contexts) and
     ``lse [B, S, M]`` fp32 (per-split log-sum-exps, ``-inf`` for a split that saw no key) into
@@ -99,6 +102,7 @@ def _latent_attn_merge_kernel(
     ``(b, m, r-block)`` takes the max over ``S`` in chunks of ``BLOCK_S``, then sums
     ``[SUB_S, BLOCK_R]`` tiles of ``o`` in fp32. ``BLOCK_R`` must divide ``R``.
     """
+    wait_for_previous_grid(PDL)
     i_b = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -143,6 +147,7 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         out.stride(0), out.stride(1),
         BLOCK_R=block_r, BLOCK_S=min(512, triton.next_power_of_2(S)), SUB_S=sub_s,
         num_warps=8 if S > 128 else 4,  # measured on an H100 (R=512, M=32)
+        **pdl_launch(out.device),
     )
     return out
 
@@ -230,7 +235,7 @@ def latent_attention_triton(
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages,
+        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device),
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)

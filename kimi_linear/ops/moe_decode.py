@@ -40,8 +40,10 @@ from collections.abc import Sequence
 import torch
 
 from kimi_linear.backends import resolve_backend
+from kimi_linear.ops import pdl
 from kimi_linear.ops.moe import grouped_swiglu
 from kimi_linear.ops.norm import rms_norm
+from kimi_linear.ops.pdl import pdl_launch
 
 _PTR_TABLES: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
 
@@ -68,11 +70,16 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
+    global wait_for_previous_grid
+    from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
+
     @triton.jit
     def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK, ER,
                        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr):
+                       BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr):
         # experts i_e >= ER are shared ones: every token uses them
+        wait_for_previous_grid(PDL)  # before the early exit below: ops/pdl.py
         i_e = tl.program_id(0)
         i_i = tl.program_id(1)
         i_n = tl.program_id(2)
@@ -102,7 +109,8 @@ def _kernels():
     @triton.jit
     def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK, ER,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-                    BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr):
+                    BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous_grid(PDL)
         i_e = tl.program_id(0)
         i_d = tl.program_id(1)
         i_n = tl.program_id(2)
@@ -143,13 +151,26 @@ def _single_token_kernels():
     import triton
     import triton.language as tl
 
+    # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
+    global wait_for_previous_grid, prefetch_l2
+    from kimi_linear.ops.pdl_kernel import prefetch_l2, wait_for_previous_grid
+
     @triton.jit
     def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                           W_ALIGN: tl.constexpr, NORM: tl.constexpr):
+                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
+                           PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
         # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
         # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring)
         j = tl.program_id(0)
+        if PREFETCH:  # a shared expert's rows need no router output: into L2 before the wait (ops/pdl.py)
+            if j >= K:
+                o_p = tl.minimum(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), I - 1).to(tl.int64)
+                o_line = tl.minimum(tl.arange(0, LINES) * LINE, D - 1)
+                p_rows = o_p[:, None] * D + o_line[None, :]
+                prefetch_l2(tl.load(w1_tab + ER + j - K).to(tl.pointer_type(x_ptr.dtype.element_ty)) + p_rows)
+                prefetch_l2(tl.load(w3_tab + ER + j - K).to(tl.pointer_type(x_ptr.dtype.element_ty)) + p_rows)
+        wait_for_previous_grid(PDL)  # ops/pdl.py
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
         w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -179,10 +200,11 @@ def _single_token_kernels():
     @triton.jit
     def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
                         J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr,
-                        RESIDUAL: tl.constexpr):
+                        RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
         # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight.
         # RESIDUAL: y = res + (that sum rounded to y's dtype), added in fp32 as the separate add would
+        wait_for_previous_grid(PDL)
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < D
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -333,12 +355,12 @@ def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
         x, idx, t1, t3, h, N, D, I, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=min(a1, a3), **_launch_kw(gu))
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=min(a1, a3), **_launch_kw(gu), **pdl_launch(x.device))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     dn = TILES["down"]
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
         h, idx, cw, t2, y, N, D, I, k, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=a2, **_launch_kw(dn))
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=a2, **_launch_kw(dn), **pdl_launch(x.device))
     return y.to(x.dtype)
 
 
@@ -361,16 +383,19 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
+    launch = pdl_launch(x.device)
+    line = 128 // x.element_size()
+    prefetch = dict(PREFETCH=launch["PDL"] and pdl.PREFETCH, LINE=line, LINES=triton.next_power_of_2(triton.cdiv(D, line)))
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
-        NORM=norm_weight is not None, num_warps=gu["num_warps"])
+        NORM=norm_weight is not None, num_warps=gu["num_warps"], **launch, **prefetch)
     y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
         h, idx, cw, t2, y, res, D, I, K, ER,
         J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
-        num_warps=dn["num_warps"])
+        num_warps=dn["num_warps"], **launch)
     return y

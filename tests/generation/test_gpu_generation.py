@@ -83,3 +83,33 @@ def test_batch_one_folded_norms_decode_and_graphs(preset, cuda_device, monkeypat
     eager = generate(model, ids[:, :1], max_new_tokens=16, cuda_graph=False)
     graphed = generate(model, ids[:, :1], max_new_tokens=16, cuda_graph=True)
     assert graphed.cuda_graph and graphed.new_tokens == eager.new_tokens
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-mla-moe"])
+@torch.no_grad()
+def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
+    # programmatic dependent launch (ops/pdl.py) changes when a kernel's programs start, never what they
+    # compute: batch-1 decode steps (every decode kernel: projections, router, experts, recurrent KDA,
+    # latent attention, norms) give the same bits with it off, on, and on with weight prefetch, eager
+    # and graph-replayed. A kernel reading before its wait would see its predecessor's half-written
+    # output and differ
+    from kimi_linear.ops import pdl
+
+    if not pdl.use_pdl(cuda_device):
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    model = make(preset, cuda_device, torch.bfloat16)
+    ids = torch.randint(3, V, (1, 24), device=cuda_device)
+    steps, tokens = {}, {}
+    for mode in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(pdl, "ENABLED", mode[0])
+        monkeypatch.setattr(pdl, "PREFETCH", mode[1])
+        cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1], device=cuda_device,
+                                 dtype=torch.bfloat16)
+        steps[mode] = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])])
+        out = generate(model, ids[:, :1], max_new_tokens=24, cuda_graph=True)
+        assert out.cuda_graph
+        tokens[mode] = out.new_tokens
+    off = (False, False)
+    for mode in ((True, False), (True, True)):
+        assert torch.equal(steps[mode], steps[off]), f"{preset}: decode logits differ with pdl, prefetch = {mode}"
+        assert tokens[mode] == tokens[off], f"{preset}: graph-replayed tokens differ with pdl, prefetch = {mode}"

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops.pdl import pdl_launch
+from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
+
 
 @triton.jit
 def _recurrent_kda_fwd_kernel(
@@ -49,7 +52,9 @@ def _recurrent_kda_fwd_kernel(
     QK_L2NORM: tl.constexpr,
     GATE_FROM_RAW: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = (i_nh // HV).to(tl.int64)
@@ -200,5 +205,6 @@ def recurrent_kda_fwd(
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
         num_warps=num_warps,
+        **pdl_launch(q.device),
     )
     return o

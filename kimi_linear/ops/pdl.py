@@ -1,0 +1,64 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels (Hopper and later).
+
+A batch-1 decode step is ~240 kernels of a few to ~30 us, each bound by reading its weights. In a
+stream (or a CUDA graph) a kernel normally starts only when the one before it has finished: the GPU
+then drains the last programs of one kernel, and ramps up the next one's, with the memory system
+partly idle in between, ~240 times per token.
+
+With PDL (``launch_pdl=True``, CUDA's programmatic stream serialization) a kernel's programs may be
+placed on the SMs while its predecessor still runs. Each of our kernels launched this way starts
+with :func:`kimi_linear.ops.pdl_kernel.wait_for_previous_grid`: ``griddepcontrol.wait`` blocks the
+program until the previous grid has completed and its writes are visible, then
+``griddepcontrol.launch_dependents`` lets the next kernel be placed. Nothing that a kernel writes
+is read, and nothing is written, before the wait, so every read sees what the stream order promises;
+since each kernel waits for the one before, which waited for its own predecessor, only the kernel
+just before can still be running when one starts, and the order holds transitively. A kernel
+launched without PDL (cuBLAS, PyTorch) waits for full completion as always. What is gained is the
+placement and start-up of the next kernel's programs overlapping the previous kernel's tail, and
+(``PREFETCH``) the next kernel's weights streaming into L2 during it: weights and the host-built
+launch tables are written by no kernel of a decode step, so they may be read before the wait.
+
+| name          | meaning                                                                              |
+|---------------|--------------------------------------------------------------------------------------|
+| ``ENABLED``   | global switch (benchmarks turn it off for an A/B in one process)                      |
+| ``use_pdl``   | ``device`` -> whether launches on it take PDL: CUDA, compute capability >= 9, not the  |
+|               | Triton interpreter, ``ENABLED``                                                        |
+| ``pdl_launch``| ``device`` -> the launch keywords ``dict(PDL=..., launch_pdl=...)`` for a kernel that    |
+|               | takes the ``PDL`` constexpr                                                            |
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kimi_linear.backends import triton_interpret
+
+__all__ = ["ENABLED", "PREFETCH", "pdl_launch", "use_pdl"]
+
+ENABLED = True
+# With PDL, kernels whose weights are known before the wait (the projections' fused_linear, the
+# shared experts' gate/up rows) issue L2 prefetches of them first, so their streaming starts while
+# the previous kernel finishes (weights and host-built launch tables are written by no kernel of a
+# decode step, so reading them early is safe).
+PREFETCH = True
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether Triton launches on ``device`` use programmatic dependent launch (module docstring)."""
+    if not ENABLED or device.type != "cuda" or triton_interpret():
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch keywords for a kernel with a ``PDL`` constexpr: the in-kernel wait and the launch
+    attribute always go together (a PDL launch without the wait would race its predecessor)."""
+    on = use_pdl(device)
+    return dict(PDL=on, launch_pdl=on)
