@@ -54,10 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
-from kimi_linear.ops import pdl
 from kimi_linear.ops.conv import causal_conv1d_update_
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch
+from kimi_linear.ops.pdl import pdl_launch, prefetch_launch
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
@@ -385,9 +384,7 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     else:
         x, x_offsets, sx = _inputs_in_one_buffer(xs)
     tab, out, w_align = _block_table(weights, tile["BLOCK_R"], x_offsets)
-    launch = pdl_launch(x.device)
-    line = 128 // x.element_size()
-    launch.update(PREFETCH=launch["PDL"] and pdl.PREFETCH, LINE=line, LINES=triton.next_power_of_2(triton.cdiv(D, line)))
+    launch = dict(pdl_launch(x.device), **prefetch_launch(x.device, D, x.element_size()))
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
     multi = any(x_offsets) or sx != D

@@ -40,10 +40,9 @@ from collections.abc import Sequence
 import torch
 
 from kimi_linear.backends import resolve_backend
-from kimi_linear.ops import pdl
 from kimi_linear.ops.moe import grouped_swiglu
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch
+from kimi_linear.ops.pdl import pdl_launch, prefetch_launch
 
 _PTR_TABLES: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
 
@@ -384,8 +383,7 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device)
-    line = 128 // x.element_size()
-    prefetch = dict(PREFETCH=launch["PDL"] and pdl.PREFETCH, LINE=line, LINES=triton.next_power_of_2(triton.cdiv(D, line)))
+    prefetch = prefetch_launch(x.device, D, x.element_size())
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](

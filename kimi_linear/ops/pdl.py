@@ -35,14 +35,15 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["ENABLED", "PREFETCH", "pdl_launch", "use_pdl"]
+__all__ = ["ENABLED", "PREFETCH_ROW_BYTES", "pdl_launch", "prefetch_launch", "use_pdl"]
 
 ENABLED = True
 # With PDL, kernels whose weights are known before the wait (the projections' fused_linear, the
-# shared experts' gate/up rows) issue L2 prefetches of them first, so their streaming starts while
-# the previous kernel finishes (weights and host-built launch tables are written by no kernel of a
-# decode step, so reading them early is safe).
-PREFETCH = True
+# shared experts' gate/up rows) may issue L2 prefetches of the first PREFETCH_ROW_BYTES of each of
+# their weight rows first, so their streaming starts while the previous kernel finishes (weights and
+# host-built launch tables are written by no kernel of a decode step, so reading them early is safe).
+# 0: no prefetch.
+PREFETCH_ROW_BYTES = 0
 
 
 @functools.cache
@@ -62,3 +63,12 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     attribute always go together (a PDL launch without the wait would race its predecessor)."""
     on = use_pdl(device)
     return dict(PDL=on, launch_pdl=on)
+
+
+def prefetch_launch(device: torch.device, row_elems: int, element_size: int) -> dict[str, int | bool]:
+    """Constexprs ``PREFETCH, LINE, LINES`` of a kernel that prefetches weight rows of ``row_elems``
+    elements before its wait: ``LINES`` 128-byte lines of ``LINE`` elements from each row's start
+    (a power of two covering at most ``PREFETCH_ROW_BYTES``; addresses past the row are clamped)."""
+    line = 128 // element_size
+    lines = min(-(-row_elems // line), max(PREFETCH_ROW_BYTES // 128, 1))
+    return dict(PREFETCH=use_pdl(device) and PREFETCH_ROW_BYTES > 0, LINE=line, LINES=1 << (lines - 1).bit_length())
