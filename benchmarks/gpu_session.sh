@@ -109,7 +109,14 @@ ncu)
     python3 benchmarks/ncu_kda_fwd.py ${NCU_ARGS:---T 65536 --fla} > "$OUT/ncu_fwd.txt" 2>&1
   grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
   ;;
+ncu-latent)
+  # Nsight Compute on one absorbed-MLA decode call (split kernel + merge) at NCU_CONTEXT keys
+  S="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
+  timeout ${NCU_CAP:-200} ncu --profile-from-start off $S --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    python3 benchmarks/ncu_latent.py --context ${NCU_CONTEXT:-131072} ${NCU_TILES:+--tiles "$NCU_TILES"} > "$OUT/ncu_latent.txt" 2>&1
+  tail -150 "$OUT/ncu_latent.txt"
+  ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, ncu-latent or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done
