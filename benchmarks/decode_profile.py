@@ -43,15 +43,12 @@ def main() -> None:
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the decode kernels without programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--compare-pdl", type=int, default=0, metavar="ROUNDS",
-                    help="after the profile, time the graph-replayed step with PDL off, on, and on with each "
-                         "--prefetch-row-bytes, in turn, ROUNDS times each (one process, same model)")
-    ap.add_argument("--prefetch-row-bytes", type=int, nargs="*", default=[256, 1024],
-                    help="weight prefetch sizes for --compare-pdl (ops/pdl.py PREFETCH_ROW_BYTES)")
+                    help="after the profile, time the graph-replayed step with PDL off and on, in turn, "
+                         "ROUNDS times each (one process, same model)")
     args = ap.parse_args()
     from kimi_linear.ops import pdl
 
     pdl.ENABLED = not args.no_pdl
-    prefetch = pdl.PREFETCH_ROW_BYTES
     if args.no_fold_norms:
         from kimi_linear.model import modeling
 
@@ -91,18 +88,17 @@ def main() -> None:
     rec = time_decode(model, args.batch, args.context, dev)
     print(f"graph-replayed step: {rec['step_ms']:.3f} ms (cuda_graph={rec['cuda_graph']})")
     if args.compare_pdl:
-        modes = {"pdl off": (False, 0), "pdl on, no prefetch": (True, 0)}
-        modes.update({f"pdl on + prefetch {b} B/row": (True, b) for b in args.prefetch_row_bytes})
+        modes = {"pdl off": False, "pdl on": True}
         runs: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.compare_pdl):
-            for mode, (pdl.ENABLED, pdl.PREFETCH_ROW_BYTES) in modes.items():
+            for mode, pdl.ENABLED in modes.items():
                 runs[mode].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         for mode, ms in runs.items():
             print(f"graph-replayed step, {mode}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
-        pdl.ENABLED, pdl.PREFETCH_ROW_BYTES = not args.no_pdl, prefetch
+        pdl.ENABLED = not args.no_pdl
 
 
 if __name__ == "__main__":

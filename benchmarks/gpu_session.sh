@@ -86,7 +86,7 @@ pdl)
   # programmatic dependent launch (ops/pdl.py): per-kernel profile with it on, then the graph-replayed
   # step with it off and on, alternating, at PDL_CONTEXTS (one process per context)
   for ctx in ${PDL_CONTEXTS:-4096 131072}; do
-    timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 --compare-pdl 3 --prefetch-row-bytes ${PDL_PREFETCH:-256 1024 4096} 2>&1 \
+    timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 --compare-pdl 3 2>&1 \
       | tail -25 | tee -a "$OUT/pdl_compare.txt"
   done
   ;;

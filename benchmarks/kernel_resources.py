@@ -48,8 +48,6 @@ def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> 
     if "PDL" in fn.arg_names and "PDL" not in constexprs:  # decode kernels: as launched on Hopper (ops/pdl.py)
         constexprs = dict(constexprs, PDL=True)
         options["launch_pdl"] = True
-        if "PREFETCH" in fn.arg_names:  # their weights prefetched into L2 before the wait (bf16, D = 2304)
-            constexprs.update(PREFETCH=True, LINE=64, LINES=64)
     sig = {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.conv import causal_conv1d_update_
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch, prefetch_launch
+from kimi_linear.ops.pdl import pdl_launch
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
@@ -259,33 +259,26 @@ def _kernel():
     import triton.language as tl
 
     # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
-    global wait_for_previous_grid, prefetch_l2
-    from kimi_linear.ops.pdl_kernel import prefetch_l2, wait_for_previous_grid
+    global wait_for_previous_grid
+    from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
     @triton.jit
     def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, N, D, OUT, SX, eps,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                             MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                            PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
         # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
         p = tl.program_id(0)
+        wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
         # W_ALIGN: the weights' address alignment in bytes (16 when every weight is): an address read
         # from the table is otherwise of unknown alignment and the weight loads are not vectorised
-        # (the table is written by the host and the weights by no kernel of a decode step: both may be
-        # read before the wait below)
         w = tl.multiple_of(tl.load(tab_ptr + p * 6).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
         r0 = tl.load(tab_ptr + p * 6 + 1)
         rows = tl.load(tab_ptr + p * 6 + 2)
         col0 = tl.load(tab_ptr + p * 6 + 3)
         o_r = r0 + tl.arange(0, BLOCK_R)
-        if PREFETCH:  # this program's weight rows into L2 (LINE elements per 128-byte line) while the
-            # previous kernel finishes
-            o_line = tl.minimum(tl.arange(0, LINES) * LINE, D - 1)
-            prefetch_l2(w + tl.minimum(o_r, rows - 1)[:, None] * D + o_line[None, :])
-        wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
         if MULTI_X:
             # one input per weight: this program's starts at its table entry's offset, rows SX apart.
             # X_ALIGN (elements) tells the compiler the offsets' alignment: without it the input's
@@ -384,7 +377,7 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     else:
         x, x_offsets, sx = _inputs_in_one_buffer(xs)
     tab, out, w_align = _block_table(weights, tile["BLOCK_R"], x_offsets)
-    launch = dict(pdl_launch(x.device), **prefetch_launch(x.device, D, x.element_size()))
+    launch = pdl_launch(x.device)
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
     multi = any(x_offsets) or sx != D

@@ -42,7 +42,7 @@ import torch
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.moe import grouped_swiglu
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch, prefetch_launch
+from kimi_linear.ops.pdl import pdl_launch
 
 _PTR_TABLES: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
 
@@ -151,25 +151,17 @@ def _single_token_kernels():
     import triton.language as tl
 
     # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
-    global wait_for_previous_grid, prefetch_l2
-    from kimi_linear.ops.pdl_kernel import prefetch_l2, wait_for_previous_grid
+    global wait_for_previous_grid
+    from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
     @triton.jit
     def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
-                           PREFETCH: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
         # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
         # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring)
-        j = tl.program_id(0)
-        if PREFETCH:  # a shared expert's rows need no router output: into L2 before the wait (ops/pdl.py)
-            if j >= K:
-                o_p = tl.minimum(tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), I - 1).to(tl.int64)
-                o_line = tl.minimum(tl.arange(0, LINES) * LINE, D - 1)
-                p_rows = o_p[:, None] * D + o_line[None, :]
-                prefetch_l2(tl.load(w1_tab + ER + j - K).to(tl.pointer_type(x_ptr.dtype.element_ty)) + p_rows)
-                prefetch_l2(tl.load(w3_tab + ER + j - K).to(tl.pointer_type(x_ptr.dtype.element_ty)) + p_rows)
         wait_for_previous_grid(PDL)  # ops/pdl.py
+        j = tl.program_id(0)
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
         w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -383,13 +375,12 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device)
-    prefetch = prefetch_launch(x.device, D, x.element_size())
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
-        NORM=norm_weight is not None, num_warps=gu["num_warps"], **launch, **prefetch)
+        NORM=norm_weight is not None, num_warps=gu["num_warps"], **launch)
     y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](

@@ -14,9 +14,13 @@ is read, and nothing is written, before the wait, so every read sees what the st
 since each kernel waits for the one before, which waited for its own predecessor, only the kernel
 just before can still be running when one starts, and the order holds transitively. A kernel
 launched without PDL (cuBLAS, PyTorch) waits for full completion as always. What is gained is the
-placement and start-up of the next kernel's programs overlapping the previous kernel's tail, and
-(``PREFETCH``) the next kernel's weights streaming into L2 during it: weights and the host-built
-launch tables are written by no kernel of a decode step, so they may be read before the wait.
+placement and start-up of the next kernel's programs overlapping the previous kernel's tail.
+
+Measured on an H100 (benchmark model, batch 1, graph-replayed step; results/decode/session12/):
+2.977 -> 2.904 ms at 4K context, 3.439 -> 3.381 at 128K. Also tried and removed: the projections and
+the shared expert issuing L2 prefetches of their weight rows before the wait (weights are written by
+no kernel of a decode step, so that is safe): 256 B per row neutral, 1 KB +0.8%, whole rows +5%
+(the prefetched rows of the 58 MB KDA input projection outrun the 50 MB L2 and are fetched twice).
 
 | name          | meaning                                                                              |
 |---------------|--------------------------------------------------------------------------------------|
@@ -35,15 +39,9 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["ENABLED", "PREFETCH_ROW_BYTES", "pdl_launch", "prefetch_launch", "use_pdl"]
+__all__ = ["ENABLED", "pdl_launch", "use_pdl"]
 
 ENABLED = True
-# With PDL, kernels whose weights are known before the wait (the projections' fused_linear, the
-# shared experts' gate/up rows) may issue L2 prefetches of the first PREFETCH_ROW_BYTES of each of
-# their weight rows first, so their streaming starts while the previous kernel finishes (weights and
-# host-built launch tables are written by no kernel of a decode step, so reading them early is safe).
-# 0: no prefetch.
-PREFETCH_ROW_BYTES = 0
 
 
 @functools.cache
@@ -64,11 +62,3 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     on = use_pdl(device)
     return dict(PDL=on, launch_pdl=on)
 
-
-def prefetch_launch(device: torch.device, row_elems: int, element_size: int) -> dict[str, int | bool]:
-    """Constexprs ``PREFETCH, LINE, LINES`` of a kernel that prefetches weight rows of ``row_elems``
-    elements before its wait: ``LINES`` 128-byte lines of ``LINE`` elements from each row's start
-    (a power of two covering at most ``PREFETCH_ROW_BYTES``; addresses past the row are clamped)."""
-    line = 128 // element_size
-    lines = min(-(-row_elems // line), max(PREFETCH_ROW_BYTES // 128, 1))
-    return dict(PREFETCH=use_pdl(device) and PREFETCH_ROW_BYTES > 0, LINE=line, LINES=1 << (lines - 1).bit_length())
