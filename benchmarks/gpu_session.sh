@@ -109,6 +109,14 @@ ncu)
     python3 benchmarks/ncu_kda_fwd.py ${NCU_ARGS:---T 65536 --fla} > "$OUT/ncu_fwd.txt" 2>&1
   grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
   ;;
+latent)
+  # the absorbed-MLA decode call's launch settings and kernels (LATENT_ROUND: the sweep's candidate list),
+  # correctness-gated against the fp32 reference, then the latent attention GPU tests
+  timeout ${LATENT_CAP:-300} python3 benchmarks/latent_attention_sweep.py --round ${LATENT_ROUND:-4} \
+    --budget ${LATENT_BUDGET:-220} 2>&1 | tee "$OUT/latent_sweep.txt"
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/generation/test_latent_attention.py 2>&1 | tail -3 \
+    | tee "$OUT/gpu_tests_latent.txt"
+  ;;
 ncu-latent)
   # Nsight Compute on one absorbed-MLA decode call (split kernel + merge) at NCU_CONTEXT keys
   S="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
@@ -117,6 +125,6 @@ ncu-latent)
   tail -150 "$OUT/ncu_latent.txt"
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, ncu-latent or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

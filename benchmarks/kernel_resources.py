@@ -36,6 +36,11 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 # the decode step's folded block norms: norm weights and residuals in the model's dtype
 TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
+# the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides
+TYPES.update(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32", M="i32",
+             H="i32", keys_per_split="i32", sm_scale="fp32")
+TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "cb", "cl", "krb", "krl", "ob", "os", "om",
+                                              "lb", "ls")})
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -127,6 +132,14 @@ def cases():
     for res in (False, True):
         yield (f"moe decode down (one token){' residual' if res else ''}", down1,
                dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res), t2["num_warps"], 3)
+    from kimi_linear.ops import latent_attention_triton as lat
+    # absorbed-MLA decode, 32 heads x (512 + 64), 64-key tiles in 2 stages: rows-major (two 16-row programs
+    # per split) and keys-major (one program of all 32 rows; the products transposed)
+    for warps in (4, 8):
+        yield (f"latent split rows-major BLOCK_M=16 {warps}w", lat._latent_attn_split_kernel,
+               dict(R=512, DR=64, BLOCK_M=16, BLOCK_N=64), warps, 2)
+        yield (f"latent split keys-major BLOCK_M=32 {warps}w", lat._latent_attn_split_keys_major_kernel,
+               dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64), warps, 2)
     from kimi_linear.ops import gemv
     # wide: a KDA layer's inputs (with their conv steps), wide_few: the MLA inputs and the output
     # projections; folded: the block's input norm into the inputs, the residual add into the outputs

@@ -84,6 +84,65 @@ def _latent_attn_split_kernel(
     tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)
 
 
+@triton.jit
+def _latent_attn_split_keys_major_kernel(
+    q_lat_ptr, q_rope_ptr, c_ptr, kr_ptr, len_ptr, o_ptr, lse_ptr,
+    L, M, T, H, keys_per_split, sm_scale,
+    stride_qb, stride_qm, stride_qrb, stride_qrm,
+    stride_cb, stride_cl, stride_krb, stride_krl,
+    stride_ob, stride_os, stride_om, stride_lb, stride_ls,
+    R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+):
+    # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
+    # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
+    # the latent width (R = 512) are then the products' M sides, which Hopper's asynchronous wgmma needs
+    # in multiples of 64, where the query rows (32 heads at one token) were too few for it: one program
+    # serves all 32 rows from one read of each tile (no second row group re-reading it).
+    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+    i_g = tl.program_id(0)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = i_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.arange(0, R)
+    o_d = tl.arange(0, DR)
+    m_m = o_m < M
+    length = tl.load(len_ptr + i_b).to(tl.int64)
+    limit = length - (T - 1) + (o_m // H)  # as in _latent_attn_split_kernel
+
+    b_q = tl.load(q_lat_ptr + i_b * stride_qb + o_m[:, None] * stride_qm + o_r[None, :], mask=m_m[:, None], other=0.0)
+    b_qr = tl.load(q_rope_ptr + i_b * stride_qrb + o_m[:, None] * stride_qrm + o_d[None, :], mask=m_m[:, None],
+                   other=0.0)
+    b_qt = tl.trans(b_q)  # [R, BLOCK_M]
+    b_qrt = tl.trans(b_qr)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([R, BLOCK_M], dtype=tl.float32)
+
+    start = i_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, length)
+    for j0 in range(start, end, BLOCK_N):
+        o_n = j0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        b_c = tl.load(c_ptr + i_b * stride_cb + o_n[:, None] * stride_cl + o_r[None, :], mask=m_n[:, None], other=0.0)
+        b_kr = tl.load(kr_ptr + i_b * stride_krb + o_n[:, None] * stride_krl + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_s = (tl.dot(b_c, b_qt) + tl.dot(b_kr, b_qrt)) * sm_scale  # [BLOCK_N, BLOCK_M]
+        b_s = tl.where((o_n[:, None] < limit[None, :]) & m_n[:, None], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) for rows without keys yet
+        b_p = tl.exp(b_s - m_safe[None, :])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(b_p, 0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(b_c), b_p.to(b_c.dtype))
+        m_i = m_new
+
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[None, :]
+    p_o = o_ptr + i_b * stride_ob + i_s * stride_os + o_m[None, :] * stride_om + o_r[:, None]
+    tl.store(p_o, out, mask=m_m[None, :])
+    tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)
+
+
 # Why a kernel: merging in PyTorch (max, isfinite/where, exp, multiply, two sums, divide) was ~8
 # launches and ~50 us per MLA layer per decode token on an H100, more than the attention itself.
 @triton.jit
@@ -167,8 +226,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 # (session 11, results/decode/session11/latent_sweep_round3_h100.txt) is much slower: 86 -> 121 us at 128K,
 # 490 -> 746 at 1M; the time follows the keys per program, so each program is bound by its own load
 # latency and more of them in flight, not fewer, is the direction.
-TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+#   keys_major: _latent_attn_split_keys_major_kernel (the products transposed; min_block_m is not used)
+TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
+                               keys_major=False)
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
+SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
 
 def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: float = 2) -> int:
@@ -201,15 +263,19 @@ def latent_attention_triton(
     scale = (Dn + Dr) ** -0.5 if scale is None else float(scale)
     M = T * H
     wide = R >= 256
+    keys_major = bool(TILES.get("keys_major", False))
     groups = min(TILES["head_groups"], triton.cdiv(M, 16))
-    block_m = max(16, TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
+    block_m = max(16, 16 if keys_major else TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
     groups = triton.cdiv(M, block_m)
     stages = TILES["num_stages"] if wide else 2
     if block_n is None:
         block_n = TILES["block_n"] if wide else 16
         # the pipelined [block_n, R + DR] tiles must fit in shared memory (228 KB on an H100): an fp32
-        # cache (the fp32 model) takes half the keys of a bf16 one
-        while block_n > 16 and block_n * (R + Dr) * latent.element_size() * stages > SMEM_TILE_BYTES:
+        # cache (the fp32 model) takes half the keys of a bf16 one; the keys-major kernel also keeps the
+        # query rows there (the products' shared-memory operand)
+        q_bytes = block_m * (R + Dr) * latent.element_size() if keys_major else 0
+        budget = SMEM_KEYS_MAJOR_BYTES if keys_major else SMEM_TILE_BYTES
+        while block_n > 16 and block_n * (R + Dr) * latent.element_size() * stages + q_bytes > budget:
             block_n //= 2
     S = num_splits or _num_splits(B, L, block_n, latent.device, TILES["splits_per_sm"])
     keys_per_split = triton.cdiv(triton.cdiv(L, S), block_n) * block_n
@@ -228,7 +294,8 @@ def latent_attention_triton(
     o_part = torch.empty(B, S, M, R, device=latent.device, dtype=torch.float32)
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
-    _latent_attn_split_kernel[(groups, S, B)](
+    kernel = _latent_attn_split_keys_major_kernel if keys_major else _latent_attn_split_kernel
+    kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,
         q_lat.stride(0), q_lat.stride(1), q_r.stride(0), q_r.stride(1),

@@ -109,14 +109,18 @@ def _triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
 @pytest.mark.parametrize("T,splits", [(1, 5), (2, 3), (2, 5)])
-def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits):
+def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits, keys_major, monkeypatch):
     """Several splits (S = 5 or 3 at L=80, block_n=16: not powers of two), rows whose keys end early
     so that later splits are empty, a row of length 0 (no query sees a key) and, for T=2, a row of
     length 1 (its first query sees no key, its second one key): fp32 against the expanded reference,
-    zeros for keyless queries."""
+    zeros for keyless queries; both split kernels."""
     device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
+
+    monkeypatch.setitem(lt.TILES, "keys_major", keys_major)
 
     args = [a.to(device) for a in inputs(B=4, T=T, H=2, Dn=16, Dr=16, Dv=16, R=32, L=80)]
     lengths = torch.tensor([80, 21, 0, 1], device=device)
@@ -134,7 +138,8 @@ def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits):
 
 
 @pytest.mark.parametrize("tiles", [dict(head_groups=2), dict(head_groups=4), dict(min_block_m=64),
-                                   dict(head_groups=2, splits_per_sm=1)], ids=str)
+                                   dict(head_groups=2, splits_per_sm=1), dict(keys_major=True, head_groups=1),
+                                   dict(keys_major=True, head_groups=2)], ids=str)
 def test_triton_row_groups_and_padded_rows(tiles, monkeypatch):
     """The launch table's row layouts: the 2 x 17 query rows (T=2, H=17: 34 rows, not a multiple of
     16) split over 2 or 4 programs per key split (the last group partly empty), or padded to 64 rows;
@@ -215,11 +220,16 @@ def test_triton_merge_kernel_against_full_softmax(S, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_triton_kernel_full_geometry_gpu(cuda_device, dtype):
-    # the launch table's tiles at the benchmark geometry; an fp32 cache (the fp32 model) must fit its
-    # tiles in shared memory too (64 bf16 keys x 576 x 2 stages; fp32 takes 32)
+def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, keys_major, monkeypatch):
+    # the launch table's tiles at the benchmark geometry, both split kernels; an fp32 cache (the fp32
+    # model) must fit its tiles in shared memory too (64 bf16 keys x 576 x 2 stages; fp32 takes 32, or
+    # 16 with the keys-major kernel's query rows)
+    from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
+
+    monkeypatch.setitem(lt.TILES, "keys_major", keys_major)
 
     args = [a.to(cuda_device) for a in inputs(B=2, T=1, H=32, Dn=128, Dr=64, Dv=128, R=512, L=5000, dtype=torch.float32)]
     lengths = torch.tensor([5000, 1234], device=cuda_device)
