@@ -36,15 +36,16 @@ ROUND2 = (
 # round 3 (session 11): one wave of programs. With 64-key tiles in two stages a program holds ~147 KB of
 # shared memory, so one runs per SM: one split per SM and two row groups per split is two waves of
 # programs; half as many splits (twice as long) is one, and half the partials for the merge
-CURRENT = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)
+CURRENT = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1)  # rows-major
 ROUND3 = [dict(CURRENT), dict(CURRENT, splits_per_sm=0.5), dict(CURRENT, splits_per_sm=0.5, num_warps=8),
           dict(CURRENT, splits_per_sm=0.25)]
 # round 4 (session 12): the keys-major kernel (products transposed so that the 64-key tile and the
 # 512-wide latent are the M sides of Hopper's wgmma; one program per split holds all 32 query rows and
 # reads each tile once; ~188 KB of shared memory, one program per SM)
-KEYS_MAJOR = dict(CURRENT, keys_major=True, head_groups=1)
+# (keys_major_from=0: at every context; keys_major_rows=16: two programs per split)
+KEYS_MAJOR = dict(CURRENT, keys_major_from=0, keys_major_rows=32)
 ROUND4 = [dict(CURRENT), dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR, num_warps=8),
-          dict(KEYS_MAJOR, num_warps=8, splits_per_sm=2), dict(KEYS_MAJOR, num_warps=8, head_groups=2)]
+          dict(KEYS_MAJOR, num_warps=8, splits_per_sm=2), dict(KEYS_MAJOR, num_warps=8, keys_major_rows=16)]
 # round 5: keys-major with more tiles in flight per program (32-key tiles in 3 or 4 stages: the key
 # product then falls back from wgmma's 64-row M; the context product keeps it)
 ROUND5 = [dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR, num_warps=4, block_n=32, num_stages=3),

@@ -226,9 +226,19 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 # (session 11, results/decode/session11/latent_sweep_round3_h100.txt) is much slower: 86 -> 121 us at 128K,
 # 490 -> 746 at 1M; the time follows the keys per program, so each program is bound by its own load
 # latency and more of them in flight, not fewer, is the direction.
-#   keys_major: _latent_attn_split_keys_major_kernel (the products transposed; min_block_m is not used)
+#   keys_major_from: from this many cached keys (the attended span L) on, the keys-major kernel
+#   (_latent_attn_split_keys_major_kernel: the products transposed so that wgmma takes them) with
+#   keys_major_rows query rows per program (head_groups and min_block_m apply to the other kernel only).
+#   Session 12 (results/decode/session12/latent_sweep_round4_h100.txt, round5): keys-major with all 32
+#   rows in one 4-warp program, against the rows-major tiles above: 19.3-19.8 vs 17.6 us at 4K, 88.3 vs
+#   88.9 at 128K, 485 vs 506 at 1M, 2701 vs 2865 at 6 x 1M (89% of the floor rate); 8 warps, two row
+#   groups, 2 splits per SM and 32-key tiles in 3-4 stages were all slower. Nsight Compute at 128K
+#   (ncu_latent_keys_major_128k_h100.txt): 188 KB of shared memory and 255 registers hold one 4-warp
+#   program per SM, one warp per scheduler, no warp eligible 78% of cycles, DRAM at 54%: still bound by
+#   one program's serial chain of tile wait, products and softmax. What would lift it is a producer
+#   warp streaming tiles (TMA) beside the computing warps (warp specialisation), not another tile.
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major=False)
+                               keys_major_from=262144, keys_major_rows=32)
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
@@ -263,9 +273,12 @@ def latent_attention_triton(
     scale = (Dn + Dr) ** -0.5 if scale is None else float(scale)
     M = T * H
     wide = R >= 256
-    keys_major = bool(TILES.get("keys_major", False))
-    groups = min(TILES["head_groups"], triton.cdiv(M, 16))
-    block_m = max(16, 16 if keys_major else TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
+    keys_major = L >= TILES.get("keys_major_from", 1 << 62)
+    if keys_major:
+        block_m = max(16, triton.next_power_of_2(min(M, int(TILES.get("keys_major_rows", 32)))))
+    else:
+        groups = min(TILES["head_groups"], triton.cdiv(M, 16))
+        block_m = max(16, TILES["min_block_m"], triton.next_power_of_2(triton.cdiv(M, groups)))
     groups = triton.cdiv(M, block_m)
     stages = TILES["num_stages"] if wide else 2
     if block_n is None:

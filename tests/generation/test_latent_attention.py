@@ -120,7 +120,7 @@ def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits, keys_m
     from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
 
-    monkeypatch.setitem(lt.TILES, "keys_major", keys_major)
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0 if keys_major else 1 << 62)
 
     args = [a.to(device) for a in inputs(B=4, T=T, H=2, Dn=16, Dr=16, Dv=16, R=32, L=80)]
     lengths = torch.tensor([80, 21, 0, 1], device=device)
@@ -138,8 +138,8 @@ def test_triton_split_merge_with_empty_splits_and_keyless_rows(T, splits, keys_m
 
 
 @pytest.mark.parametrize("tiles", [dict(head_groups=2), dict(head_groups=4), dict(min_block_m=64),
-                                   dict(head_groups=2, splits_per_sm=1), dict(keys_major=True, head_groups=1),
-                                   dict(keys_major=True, head_groups=2)], ids=str)
+                                   dict(head_groups=2, splits_per_sm=1), dict(keys_major_from=0),
+                                   dict(keys_major_from=0, keys_major_rows=16)], ids=str)
 def test_triton_row_groups_and_padded_rows(tiles, monkeypatch):
     """The launch table's row layouts: the 2 x 17 query rows (T=2, H=17: 34 rows, not a multiple of
     16) split over 2 or 4 programs per key split (the last group partly empty), or padded to 64 rows;
@@ -158,6 +158,32 @@ def test_triton_row_groups_and_padded_rows(tiles, monkeypatch):
     for b in range(2):
         for t in range(2):
             assert rel_rms(out[b, t], ref[b, t]) < tol, (b, t)
+
+
+def test_triton_split_kernel_chosen_by_context(monkeypatch):
+    """TILES["keys_major_from"]: spans of that many keys or more take the keys-major split kernel,
+    shorter ones the rows-major one; both against the expanded reference."""
+    device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    used = []
+    class Spy:  # records which kernel a launch indexes, then launches it
+        def __init__(self, name):
+            self.name, self.real = name, getattr(lt, name)
+
+        def __getitem__(self, grid):
+            used.append(self.name)
+            return self.real[grid]
+
+    for name in ("_latent_attn_split_kernel", "_latent_attn_split_keys_major_kernel"):
+        monkeypatch.setattr(lt, name, Spy(name))
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 40)
+    for L, expected in ((32, "_latent_attn_split_kernel"), (48, "_latent_attn_split_keys_major_kernel")):
+        args = [a.to(device) for a in inputs(B=2, T=1, H=4, Dn=16, Dr=16, Dv=16, R=32, L=L)]
+        lengths = torch.tensor([L, L // 2], device=device)
+        out = lt.latent_attention_triton(*args, lengths=lengths, block_n=16)
+        assert used[-1] == expected, (L, used)
+        assert rel_rms(out, expanded_attention_ref(*args, lengths=lengths)) < (2e-3 if torch.cuda.is_available() else 1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 2])
@@ -229,7 +255,7 @@ def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, keys_major, monkeyp
     from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
 
-    monkeypatch.setitem(lt.TILES, "keys_major", keys_major)
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0 if keys_major else 1 << 62)
 
     args = [a.to(cuda_device) for a in inputs(B=2, T=1, H=32, Dn=128, Dr=64, Dv=128, R=512, L=5000, dtype=torch.float32)]
     lengths = torch.tensor([5000, 1234], device=cuda_device)
