@@ -45,7 +45,14 @@ def main() -> None:
     ap.add_argument("--compare-pdl", type=int, default=0, metavar="ROUNDS",
                     help="after the profile, time the graph-replayed step with PDL off and on, in turn, "
                          "ROUNDS times each (one process, same model)")
+    ap.add_argument("--latent-tiles", default="{}",
+                    help='latent_attention_triton.TILES overrides, e.g. \'{"keys_major_from": 0}\'')
     args = ap.parse_args()
+    import json
+
+    from kimi_linear.ops import latent_attention_triton
+
+    latent_attention_triton.TILES.update(json.loads(args.latent_tiles))
     from kimi_linear.ops import pdl
 
     pdl.ENABLED = not args.no_pdl
