@@ -43,8 +43,9 @@ def main() -> None:
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the decode kernels without programmatic dependent launch (ops/pdl.py)")
     ap.add_argument("--compare-pdl", type=int, default=0, metavar="ROUNDS",
-                    help="after the profile, time the graph-replayed step with PDL off and on, in turn, "
-                         "ROUNDS times each (one process, same model)")
+                    help="after the profile, time the graph-replayed step with PDL off, on, and on with the "
+                         "shared experts started early (moe_decode.EARLY_SHARED_EXPERTS), in turn, ROUNDS times "
+                         "each (one process, same model)")
     ap.add_argument("--latent-tiles", default="{}",
                     help='latent_attention_triton.TILES overrides, e.g. \'{"keys_major_from": 0}\'')
     args = ap.parse_args()
@@ -95,17 +96,19 @@ def main() -> None:
     rec = time_decode(model, args.batch, args.context, dev)
     print(f"graph-replayed step: {rec['step_ms']:.3f} ms (cuda_graph={rec['cuda_graph']})")
     if args.compare_pdl:
-        modes = {"pdl off": False, "pdl on": True}
+        from kimi_linear.ops import moe_decode
+
+        modes = {"pdl off": (False, False), "pdl on": (True, False), "pdl on + shared experts early": (True, True)}
         runs: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.compare_pdl):
-            for mode, pdl.ENABLED in modes.items():
+            for mode, (pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS) in modes.items():
                 runs[mode].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         for mode, ms in runs.items():
             print(f"graph-replayed step, {mode}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
-        pdl.ENABLED = not args.no_pdl
+        pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS = not args.no_pdl, True
 
 
 if __name__ == "__main__":

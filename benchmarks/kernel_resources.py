@@ -126,9 +126,10 @@ def cases():
     gate_up1, down1 = moe_decode._single_token_kernels()
     t1, t2 = moe_decode.TILES["gate_up_one"], moe_decode.TILES["down_one"]
     # (" norm" / " residual": the decode step's folded post-attention norm and residual add, docs/decode.md)
-    for norm in (False, True):
-        yield (f"moe decode gate_up (one token){' norm' if norm else ''}", gate_up1,
-               dict(BLOCK_R=t1["BLOCK_R"], BLOCK_D=t1["BLOCK_D"], EVEN_D=True, W_ALIGN=16, NORM=norm), t1["num_warps"], 3)
+    for norm, early in ((False, False), (True, False), (True, True)):
+        yield (f"moe decode gate_up (one token){' norm' if norm else ''}{' early' if early else ''}", gate_up1,
+               dict(BLOCK_R=t1["BLOCK_R"], BLOCK_D=t1["BLOCK_D"], EVEN_D=True, W_ALIGN=16, NORM=norm, EARLY=early,
+                    X_CACHE=".cg" if early else ""), t1["num_warps"], 3)
     for res in (False, True):
         yield (f"moe decode down (one token){' residual' if res else ''}", down1,
                dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res), t2["num_warps"], 3)

@@ -193,8 +193,9 @@ class KimiLinearDecoderLayer(nn.Module):
         weights, indices = moe.route(x, backend=self.backend, norm_weight=norm_weight, eps=eps)
         w1, w3, w2 = ([e.w1.weight for e in moe.experts], [e.w3.weight for e in moe.experts],
                       [e.w2.weight for e in moe.experts])
+        # x_ready: the router's launch, just before, read x; nothing since has written it
         y = moe_decode(x, indices, weights, w1, w3, w2, shared=shared, norm_weight=norm_weight, eps=eps,
-                       residual=residual, backend=self.backend)
+                       residual=residual, x_ready=True, backend=self.backend)
         return y + moe.shared_experts(x) if separate else y
 
 

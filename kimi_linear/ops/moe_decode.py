@@ -157,11 +157,20 @@ def _single_token_kernels():
     @triton.jit
     def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
+                           EARLY: tl.constexpr, X_CACHE: tl.constexpr):
         # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
-        # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring)
-        wait_for_previous_grid(PDL)  # ops/pdl.py
+        # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring).
+        # EARLY (PDL, x written before the previous kernel, the router): the shared experts' programs need
+        # no routing and run before the wait, beside the router; they wait at the end, so that this grid
+        # still completes after the router (ops/pdl.py). X_CACHE ".cg": x read from L2, never from an
+        # SM's L1, which a program that has not waited may not rely on
         j = tl.program_id(0)
+        if EARLY:
+            if j < K:
+                wait_for_previous_grid(PDL)
+        else:
+            wait_for_previous_grid(PDL)  # ops/pdl.py
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
         w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -174,7 +183,7 @@ def _single_token_kernels():
         for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m = m_r[:, None] & ((o_d[None, :] < D) | EVEN_D)
-            b_x = tl.load(x_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
+            b_x = tl.load(x_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
             if NORM:
                 b_ss += tl.sum(b_x * b_x, 0)
                 b_x = b_x * tl.load(nw_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
@@ -187,6 +196,9 @@ def _single_token_kernels():
             acc3 *= rstd
         h = acc1 * tl.sigmoid(acc1) * acc3
         tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
+        if EARLY:
+            if j >= K:
+                wait_for_previous_grid(PDL)
 
     @triton.jit
     def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
@@ -245,6 +257,9 @@ TILES: dict[str, dict[str, int | None]] = {
     "down_one": dict(BLOCK_R=1, BLOCK_I=1024, num_warps=1),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
+# With PDL and moe_decode(x_ready=True), the shared experts' gate/up programs run before their wait,
+# beside the router (whose 9 programs leave the GPU nearly idle); decode_profile.py --compare-early
+EARLY_SHARED_EXPERTS = True
 
 
 def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
@@ -271,6 +286,7 @@ def moe_decode(
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
+    x_ready: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton.
@@ -278,7 +294,10 @@ def moe_decode(
     ``shared = (w1s, w3s, w2s)``: always-on experts of the same shapes, added to every token with
     weight 1 in the same launches (a separate shared MLP would cost five more per MoE layer).
     ``norm_weight [D]``: the experts see ``rms_norm(x, norm_weight, eps)``; ``residual [N, D]`` (x's
-    dtype): returns ``residual + output`` (both folded into the one-token kernels; module docstring)."""
+    dtype): returns ``residual + output`` (both folded into the one-token kernels; module docstring).
+    ``x_ready``: the caller promises that ``x`` was written before the kernel launched just before this
+    call (the model's decode step: the router, which reads the same x), so that with programmatic
+    dependent launch the one-token kernel's shared-expert programs start while that kernel runs."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
@@ -304,7 +323,7 @@ def moe_decode(
         y = grouped_swiglu(x, indices, weights, w1, w3, w2)
         return y if residual is None else residual + y
     if one_token:
-        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual)
+        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual, x_ready)
     y = _moe_decode_many(x, indices, weights, w1, w3, w2, ER)
     return y if residual is None else residual + y
 
@@ -356,7 +375,7 @@ def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
 
 
 def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, eps: float = 1e-6,
-                    residual=None) -> torch.Tensor:
+                    residual=None, x_ready: bool = False) -> torch.Tensor:
     """:func:`moe_decode` for one token ``x [1, D]``: slots are its ``k`` choices, then the shared experts
     (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add in
     the two launches."""
@@ -375,12 +394,14 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device)
+    early = x_ready and launch["PDL"] and J > K and EARLY_SHARED_EXPERTS  # shared slots before the wait
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
-        NORM=norm_weight is not None, num_warps=gu["num_warps"], **launch)
+        NORM=norm_weight is not None, num_warps=gu["num_warps"], EARLY=early, X_CACHE=".cg" if early else "",
+        **launch)
     y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](

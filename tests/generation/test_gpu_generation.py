@@ -90,22 +90,25 @@ def test_batch_one_folded_norms_decode_and_graphs(preset, cuda_device, monkeypat
 def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     # programmatic dependent launch (ops/pdl.py) changes when a kernel's programs start, never what they
     # compute: batch-1 decode steps (every decode kernel: projections, router, experts, recurrent KDA,
-    # latent attention, norms) give the same bits with it off and on, eager and graph-replayed. A kernel
-    # reading before its wait would see its predecessor's half-written output and differ
-    from kimi_linear.ops import pdl
+    # latent attention, norms) give the same bits with it off and on, eager and graph-replayed, also with
+    # the shared experts' programs running before their wait, beside the router (EARLY_SHARED_EXPERTS).
+    # A kernel reading before its wait would see its predecessor's half-written output and differ
+    from kimi_linear.ops import moe_decode, pdl
 
     if not pdl.use_pdl(cuda_device):
         pytest.skip("programmatic dependent launch needs compute capability >= 9")
     model = make(preset, cuda_device, torch.bfloat16)
     ids = torch.randint(3, V, (1, 24), device=cuda_device)
     steps, tokens = {}, {}
-    for mode in (False, True):
-        monkeypatch.setattr(pdl, "ENABLED", mode)
+    for mode in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(pdl, "ENABLED", mode[0])
+        monkeypatch.setattr(moe_decode, "EARLY_SHARED_EXPERTS", mode[1])
         cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1], device=cuda_device,
                                  dtype=torch.bfloat16)
         steps[mode] = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])])
         out = generate(model, ids[:, :1], max_new_tokens=24, cuda_graph=True)
         assert out.cuda_graph
         tokens[mode] = out.new_tokens
-    assert torch.equal(steps[True], steps[False]), f"{preset}: decode logits differ with pdl on"
-    assert tokens[True] == tokens[False], f"{preset}: graph-replayed tokens differ with pdl on"
+    for mode in ((True, False), (True, True)):
+        assert torch.equal(steps[mode], steps[False, False]), f"{preset}: decode logits differ, pdl / early = {mode}"
+        assert tokens[mode] == tokens[False, False], f"{preset}: graph-replayed tokens differ, pdl / early = {mode}"
