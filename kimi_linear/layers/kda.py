@@ -295,9 +295,8 @@ class KimiDeltaAttention(KeepFP32):
             # more launch, each reading its own slice of the launch above
             g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            # state_ready: the launch just before (the up-projections) writes neither the state nor the slots
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
-                                 state_indices=cache.slot_index, fusion=fusion, state_ready=True, backend=self.backend)
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
             return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
         x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)

@@ -91,11 +91,9 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     # programmatic dependent launch (ops/pdl.py) changes when a kernel's programs start, never what they
     # compute: batch-1 decode steps (every decode kernel: projections, router, experts, recurrent KDA,
     # latent attention, norms) give the same bits with it off and on, eager and graph-replayed, also with
-    # the shared experts' programs running before their wait, beside the router (EARLY_SHARED_EXPERTS),
-    # and the KDA state read before the recurrent kernel's wait (recurrent_kernel.EARLY_STATE).
+    # the shared experts' programs running before their wait, beside the router (EARLY_SHARED_EXPERTS).
     # A kernel reading before its wait would see its predecessor's half-written output and differ
     from kimi_linear.ops import moe_decode, pdl
-    from kimi_linear.ops.kda import recurrent_kernel
 
     if not pdl.use_pdl(cuda_device):
         pytest.skip("programmatic dependent launch needs compute capability >= 9")
@@ -105,7 +103,6 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     for mode in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(pdl, "ENABLED", mode[0])
         monkeypatch.setattr(moe_decode, "EARLY_SHARED_EXPERTS", mode[1])
-        monkeypatch.setattr(recurrent_kernel, "EARLY_STATE", mode[1])
         cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1], device=cuda_device,
                                  dtype=torch.bfloat16)
         steps[mode] = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])])

@@ -96,7 +96,6 @@ def recurrent_kda(
     cu_seqlens: torch.Tensor | None = None,
     fusion: KDAFusion | None = None,
     state_indices: torch.Tensor | None = None,
-    state_ready: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent (token-by-token) KDA, forward only.
@@ -119,10 +118,6 @@ def recurrent_kda(
     values are checked on the host (range, duplicates) when the indices live on the CPU or the
     reference runs; indices already on the GPU are not read back (no sync in the decode loop) and
     the kernel then treats an out-of-range slot as padding.
-
-    ``state_ready`` (Triton, with ``state_indices``): the caller promises that neither the pool nor the
-    indices were written by the kernel launched just before this call, so that with programmatic
-    dependent launch (ops/pdl.py) the state is read while that kernel finishes (the KDA decode step).
 
     ``backend``: "auto" (Triton on CUDA for fp16/bf16/fp32, reference elsewhere), "triton", "reference".
     """
@@ -152,12 +147,11 @@ def recurrent_kda(
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
     return _recurrent_triton(q, k, v, g, beta, shape=shape, scale=resolve_scale(scale, shape.K),
                              initial_state=initial_state, output_final_state=output_final_state,
-                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices,
-                             state_ready=state_ready)
+                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices)
 
 
 def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_final_state, cu_seqlens, fusion,
-                      state_indices, state_ready: bool = False, **tile):
+                      state_indices, **tile):
     from kimi_linear.ops.kda.recurrent_kernel import recurrent_kda_fwd
 
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -189,8 +183,7 @@ def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_f
     o = recurrent_kda_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
         scale=scale, h0=h0, ht=ht, cu_seqlens=cu, state_indices=idx, N=shape.N,
-        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, state_ready=state_ready,
-        **tile,
+        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, **tile,
     )
     if state_indices is not None:
         return o, (initial_state if output_final_state else None)

@@ -53,11 +53,8 @@ def _recurrent_kda_fwd_kernel(
     GATE_FROM_RAW: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
     PDL: tl.constexpr,
-    EARLY_STATE: tl.constexpr,  # read the state before the wait (the caller's promise: recurrent_kda_fwd)
-    H0_CACHE: tl.constexpr,  # the state load's cache modifier (".cg" with EARLY_STATE)
 ):
-    if not EARLY_STATE:
-        wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = (i_nh // HV).to(tl.int64)
@@ -95,11 +92,7 @@ def _recurrent_kda_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
-        # EARLY_STATE: from L2 (".cg"), never from an SM's L1, which a program that has not waited may not
-        # rely on
-        b_h += tl.load(h0 + state_base + o_h, mask=m_s, other=0.0, cache_modifier=H0_CACHE).to(tl.float32)
-    if EARLY_STATE:
-        wait_for_previous_grid(PDL)
+        b_h += tl.load(h0 + state_base + o_h, mask=m_s, other=0.0).to(tl.float32)
 
     if GATE_FROM_RAW:
         # log-decay = -exp(A_log) * softplus(raw + dt_bias), docs/kda.md step 0.
@@ -164,11 +157,6 @@ def default_tile(K: int, V: int) -> tuple[int, int]:
     return BV, 4
 
 
-# With PDL, recurrent_kda_fwd(state_ready=True) reads the state before its wait; decode_profile.py
-# --compare-pdl times it
-EARLY_STATE = True
-
-
 def recurrent_kda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,15 +176,11 @@ def recurrent_kda_fwd(
     beta_sigmoid: bool,
     BV: int | None = None,
     num_warps: int | None = None,
-    state_ready: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel on validated, contiguous inputs; returns ``o`` (``ht`` is written in place).
 
     ``h0``/``ht`` are ``[P, HV, K, V]`` fp32; with ``state_indices`` they are the same pool tensor.
     ``BV``/``num_warps`` override the tile choice (benchmark sweeps).
-    ``state_ready``: the caller promises that neither the state pool nor ``state_indices`` was written by
-    the kernel launched just before (the KDA layer's decode step: its low-rank up-projections), so with
-    programmatic dependent launch the state is read before the wait, while that kernel finishes.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -209,8 +193,6 @@ def recurrent_kda_fwd(
     num_warps = num_warps or nw
     P = h0.shape[0] if h0 is not None else (ht.shape[0] if ht is not None else N)
     grid = (triton.cdiv(V, BV), N * HV)
-    launch = pdl_launch(q.device)
-    early = state_ready and launch["PDL"] and EARLY_STATE and state_indices is not None and cu_seqlens is None
     _recurrent_kda_fwd_kernel[grid](
         q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
         scale, T, P,
@@ -223,8 +205,6 @@ def recurrent_kda_fwd(
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
         num_warps=num_warps,
-        EARLY_STATE=early,
-        H0_CACHE=".cg" if early else "",
-        **launch,
+        **pdl_launch(q.device),
     )
     return o
