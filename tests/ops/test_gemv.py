@@ -335,3 +335,52 @@ def test_fused_linear_norm_and_residual_gpu_at_the_model_geometry(cuda_device, N
     (y,) = fused_linear(o, [w_o], residual=res)
     assert y.dtype == torch.bfloat16 and rel_rms(y, res.double() + o.double() @ w_o.double().T) < tolerance(
         "kernel_fwd", torch.bfloat16)
+
+
+@pytest.mark.parametrize("N", [1, 2])
+@pytest.mark.parametrize("block_d", [16, 64])  # slices of one head (G = 16) or of four
+def test_fused_linear_head_norm_matches_gated_norm_then_linear(N, block_d, monkeypatch, triton_device):
+    # KDA's output: per-head (G = 16) gated RMSNorm of o (rows scaled apart so that each head's rstd
+    # differs), rounded to x's dtype, then the projection and the residual
+    from kimi_linear.ops import gemv
+    from kimi_linear.ops.norm import gated_rms_norm
+
+    device = triton_device
+    for kind in ("wide", "wide_few", "narrow"):
+        monkeypatch.setitem(gemv.TILES, kind, dict(BLOCK_R=8, BLOCK_D=block_d, num_warps=2))
+    H, G, eps = 4, 16, 1e-5
+    o = torch.randn(N, H, G, device=device) * torch.tensor([0.1, 1.0, 5.0, 30.0], device=device)[:, None]
+    gate = torch.randn(N, H * G, device=device) * 3
+    hw = torch.rand(G, device=device) + 0.5
+    w = torch.randn(24, H * G, device=device)
+    res = torch.randn(N, 24, device=device)
+    normed = gated_rms_norm(o, gate.view(N, H, G), hw, eps).reshape(N, H * G)
+    (got,) = fused_linear(o.reshape(N, H * G), [w], head_norm=(gate, hw), eps=eps, residual=res, backend="triton")
+    assert rel_rms(got, res + normed @ w.T) < tolerance("kernel_interp", torch.float32)
+    (ref,) = fused_linear_ref(o.reshape(N, H * G), [w], head_norm=(gate, hw), eps=eps, residual=res)
+    assert torch.equal(ref, res + normed @ w.T)
+
+
+def test_fused_linear_head_norm_rejects_bad_input():
+    x, ws = torch.randn(2, 32), [torch.randn(4, 32)]
+    with pytest.raises(ValueError, match="power of two dividing D=32"):
+        fused_linear(x, ws, head_norm=(torch.randn(2, 32), torch.ones(12)))
+    with pytest.raises(ValueError, match="gate must be x's shape"):
+        fused_linear(x, ws, head_norm=(torch.randn(2, 16), torch.ones(16)))
+    with pytest.raises(ValueError, match="no norm_weight"):
+        fused_linear(x, ws, norm_weight=torch.ones(32), head_norm=(torch.randn(2, 32), torch.ones(16)))
+
+
+@pytest.mark.gpu
+def test_fused_linear_head_norm_gpu_at_the_kda_output_geometry(cuda_device):
+    # bf16, 32 heads x 128 -> 2304 with the residual: against the gated norm kernel + the plain launch
+    from kimi_linear.ops.norm import gated_rms_norm
+
+    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16)  # noqa: E731
+    o, gate, res = mk(1, 32, 128) * 3, mk(1, 4096), mk(1, 2304)
+    hw = (torch.rand(128, device=cuda_device) + 0.5).to(torch.bfloat16)
+    w_o = mk(2304, 4096) * 4096**-0.5
+    normed = gated_rms_norm(o, gate.view(1, 32, 128), hw, 1e-6).reshape(1, 4096)
+    (want,) = fused_linear(normed, [w_o], residual=res)
+    (got,) = fused_linear(o.reshape(1, 4096), [w_o], head_norm=(gate, hw), eps=1e-6, residual=res)
+    assert torch.isfinite(got).all() and rel_rms(got, want) < 1e-2
