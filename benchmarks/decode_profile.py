@@ -96,22 +96,19 @@ def main() -> None:
     rec = time_decode(model, args.batch, args.context, dev)
     print(f"graph-replayed step: {rec['step_ms']:.3f} ms (cuda_graph={rec['cuda_graph']})")
     if args.compare_pdl:
-        from kimi_linear.layers import kda
         from kimi_linear.ops import moe_decode
 
-        modes = {"pdl off": (False, False, False), "pdl on": (True, False, False),
-                 "pdl on + shared experts early": (True, True, False),
-                 "pdl on + shared experts early + KDA output norm folded": (True, True, True)}
+        modes = {"pdl off": (False, False), "pdl on": (True, False), "pdl on + shared experts early": (True, True)}
         runs: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.compare_pdl):
-            for mode, (pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS, kda.FOLD_OUTPUT_NORM) in modes.items():
+            for mode, (pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS) in modes.items():
                 runs[mode].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         for mode, ms in runs.items():
             print(f"graph-replayed step, {mode}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
-        pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS, kda.FOLD_OUTPUT_NORM = not args.no_pdl, True, True
+        pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS = not args.no_pdl, True
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, add_residual, apply_input_norm, bool_mask
 from kimi_linear.ops.conv import causal_conv1d
-from kimi_linear.ops.gemv import MAX_TOKENS, few_rows_linear, fused_linear
+from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
@@ -41,10 +41,6 @@ from kimi_linear.ops.norm import gated_rms_norm
 __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 
 
-
-# Decode steps (at most gemv.MAX_TOKENS rows) run the output gate's per-head RMSNorm inside the output
-# projection's launch (fused_linear head_norm) instead of a launch of its own
-FOLD_OUTPUT_NORM = True
 
 class ShortConvolution(nn.Module):
     """Causal depthwise conv over time, ``weight [D, 1, W]``, no bias, SiLU (see :mod:`kimi_linear.ops.conv`)."""
@@ -229,14 +225,6 @@ class KimiDeltaAttention(KeepFP32):
         ``residual [B, T, D]`` is added (at decode in the projection's epilogue)."""
         if gate is None:
             gate = few_rows_linear(self.g_a_proj(x), self.g_b_proj.weight, backend=self.backend)
-        rows = o.shape[0] * o.shape[1]
-        if FOLD_OUTPUT_NORM and 0 < rows <= MAX_TOKENS and o.dtype == x.dtype:
-            # a decode step: the gated norm inside the projection's launch (fused_linear head_norm), one
-            # launch per layer fewer; other shapes, CPU and gradients take fused_linear's reference form
-            res = residual.reshape(rows, -1) if residual is not None else None
-            (y,) = fused_linear(o.reshape(rows, -1), [self.o_proj.weight], residual=res, eps=self.eps,
-                                head_norm=(gate.reshape(rows, -1), self.o_norm.weight), backend=self.backend)
-            return y.view(*o.shape[:2], -1)
         gate = gate.unflatten(-1, (self.num_heads, self.head_v_dim))
         y = gated_rms_norm(o, gate, self.o_norm.weight, self.eps, backend=self.backend)
         return few_rows_linear(y.flatten(-2).to(x.dtype), self.o_proj.weight, residual=residual, backend=self.backend)

@@ -43,11 +43,6 @@ between sub-blocks (docs/decode.md):
 * ``residual [N, OUT]`` (OUT: all weights' rows): the outputs are ``residual + y``, ``y`` rounded to
   x's dtype first and the sum formed in fp32 and rounded, the values of ``residual + y`` after the
   unfused product.
-* ``head_norm = (gate [N, D], weight [G])`` (single input only; KDA's output projection): every weight
-  multiplies ``gated_rms_norm(x, gate, weight, eps)`` taken over groups of ``G`` features (the heads),
-  rounded to x's dtype, as the separate norm launch would hand it over. Each program normalises the
-  heads of the slice it loads (a slice holds whole heads), so the whole input is normalised by every
-  program; it is 4096 values, read from L2.
 """
 
 from __future__ import annotations
@@ -60,7 +55,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.conv import causal_conv1d_update_
-from kimi_linear.ops.norm import gated_rms_norm, rms_norm
+from kimi_linear.ops.norm import rms_norm
 from kimi_linear.ops.pdl import pdl_launch
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
@@ -121,7 +116,6 @@ _CONV_TABLES_MAX = 1024
 
 def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], conv_steps=None, *,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-                     head_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
                      backend: str = "reference") -> list[torch.Tensor]:
     """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (``x_i`` for ``w_i`` when ``x`` is a list; ``x``
     first through ``rms_norm(x, norm_weight, eps)`` when given; then the conv steps; then ``residual``'s
@@ -130,10 +124,6 @@ def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence
     its alignment, so slices of one buffer would make results depend on a row's position in the batch.)"""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps, backend=backend)
-    if head_norm is not None:
-        gate, hw = head_norm
-        heads = (*x.shape[:-1], x.shape[-1] // hw.shape[0], hw.shape[0])
-        x = gated_rms_norm(x.view(heads), gate.reshape(heads), hw, eps, backend=backend).view(x.shape).to(x.dtype)
     xs = [x] * len(weights) if isinstance(x, torch.Tensor) else list(x)
     outs = [F.linear(xi, w) for xi, w in zip(xs, weights, strict=True)]
     for i, step in enumerate(conv_steps or ()):
@@ -169,25 +159,6 @@ def _check_epilogues(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence
                              f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
         if residual.dtype != x0.dtype or residual.device != x0.device:
             raise ValueError(f"residual must be {x0.dtype} on {x0.device} (x's), got {residual.dtype} on {residual.device}")
-
-
-def _check_head_norm(x, norm_weight, head_norm) -> int:
-    """Validate ``head_norm = (gate [N, D], weight [G])`` against the checked input; returns G (0: none)."""
-    if head_norm is None:
-        return 0
-    if not isinstance(x, torch.Tensor) or norm_weight is not None:
-        raise ValueError("head_norm needs one shared input tensor x and no norm_weight")
-    gate, hw = head_norm
-    G = hw.shape[0] if isinstance(hw, torch.Tensor) and hw.dim() == 1 else 0
-    if G == 0 or G & (G - 1) or x.shape[1] % G:
-        raise ValueError(f"head_norm weight must be [G] with G a power of two dividing D={x.shape[1]}, got "
-                         f"{tuple(hw.shape) if isinstance(hw, torch.Tensor) else type(hw).__name__}")
-    if not isinstance(gate, torch.Tensor) or gate.shape != x.shape or gate.device != x.device:
-        raise ValueError(f"head_norm gate must be x's shape {tuple(x.shape)} on {x.device}, got "
-                         f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
-    if hw.device != x.device or not hw.is_floating_point():
-        raise ValueError(f"head_norm weight must be a float tensor on {x.device}")
-    return G
 
 
 def _check_conv_steps(x: torch.Tensor, weights: Sequence[torch.Tensor], conv_steps) -> int:
@@ -292,12 +263,11 @@ def _kernel():
     from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, gate_ptr, N, D, OUT, SX, eps,
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, N, D, OUT, SX, eps,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                             MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                            HEAD_NORM: tl.constexpr, GS: tl.constexpr):
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
         # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
         p = tl.program_id(0)
@@ -332,12 +302,6 @@ def _kernel():
             if NORM:
                 b_ss += tl.sum(b_x * b_x, axis=1)
                 b_x = b_x * tl.load(nw_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-            if HEAD_NORM:  # gated RMSNorm of every GS-wide head in the slice (nw: the [GS] weight), rounded
-                b_h = tl.reshape(b_x, [NT, BLOCK_D // GS, GS])
-                b_h = b_h * tl.rsqrt(tl.sum(b_h * b_h, axis=2) / GS + eps)[:, :, None]
-                b_g = tl.load(gate_ptr + o_n[:, None] * D + o_d[None, :], mask=m_n[:, None], other=0.0)
-                b_x = tl.reshape(b_h, [NT, BLOCK_D]) * tl.load(nw_ptr + o_d % GS).to(tl.float32)[None, :]
-                b_x = (b_x * tl.sigmoid(b_g.to(tl.float32))).to(x_ptr.dtype.element_ty).to(tl.float32)
             acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :], axis=2)
         if NORM:  # W (x * rstd * nw) = rstd * (W (x * nw)): before the conv step's rounding, as if x were normed
             acc = acc * tl.rsqrt(b_ss / D + eps)[:, None]
@@ -376,26 +340,23 @@ _KERNEL = None
 
 def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], *, conv_steps=None,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-                 head_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
                  backend: str = "auto") -> list[torch.Tensor]:
     """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs;
     ``x`` may be a list of one ``[N, D]`` input per weight; ``conv_steps`` (one entry or None per
     weight) adds a short-conv step to chosen outputs, updating their windows in place;
     ``norm_weight [D]`` multiplies ``rms_norm(x, norm_weight, eps)`` instead of ``x`` (tensor ``x``
-    only); ``residual [N, sum R_i]`` is added to the outputs; ``head_norm = (gate [N, D], weight [G])``
-    multiplies ``gated_rms_norm`` of x's G-wide groups instead of ``x`` (module docstring).
+    only); ``residual [N, sum R_i]`` is added to the outputs (module docstring).
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
     on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight,
     the norm, conv steps and residual add apart. No host sync: the step can be graph-captured."""
     x0 = _check(x, weights)
     _check_epilogues(x, weights, norm_weight, residual)
-    GS = _check_head_norm(x, norm_weight, head_norm)
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     N, D = x0.shape
     W = _check_conv_steps(x0, weights, conv_steps) if conv_steps is not None else 0
     chosen = resolve_backend(backend, x0.device)
-    extra = [t for t in (norm_weight, residual, *(head_norm or ())) if t is not None]
+    extra = [t for t in (norm_weight, residual) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *weights, *extra))
     conv_ok = W == 0 or (W >= 2 and all(st is None or (st[0].is_contiguous() and st[1].is_contiguous()
                                                         and st[0].dtype == st[1].dtype == x0.dtype)
@@ -403,21 +364,14 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     if (chosen == "reference" or N > MAX_TOKENS or N == 0 or needs_grad or not conv_ok
             or not all(w.is_contiguous() for w in weights)):
         return fused_linear_ref(x, weights, conv_steps, norm_weight=norm_weight, eps=eps, residual=residual,
-                                head_norm=head_norm, backend=chosen)
+                                backend=chosen)
     import triton
 
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
-    # (the head norm holds a gate slice too: the norm's tiles; 2 x 512 compiles to 64 registers with it,
-    # 2 x 1024 to 76, fewer one-warp programs per SM)
-    tile = _tiles(D, sum(w.shape[0] for w in weights), norm_weight is not None or GS > 0)
+    tile = _tiles(D, sum(w.shape[0] for w in weights), norm_weight is not None)
     block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
-    if GS:
-        if D % GS or D % max(block_d, GS):  # a slice must hold whole heads, and no slice may be partial
-            return fused_linear_ref(x, weights, conv_steps, norm_weight=norm_weight, eps=eps, residual=residual,
-                                    head_norm=head_norm, backend=chosen)
-        block_d = max(block_d, GS)
     if isinstance(x, torch.Tensor):
         x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
     else:
@@ -429,17 +383,14 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     multi = any(x_offsets) or sx != D
     align = 8 if all(o % 8 == 0 for o in x_offsets) and sx % 8 == 0 else 1
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
-    if head_norm is not None:
-        nw = head_norm[1].contiguous()
     res = residual.contiguous() if residual is not None else x
-    gate = head_norm[0].contiguous() if head_norm is not None else x
-    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, nw, res, gate, N, D, out, sx, float(eps),
+    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, nw, res, N, D, out, sx, float(eps),
                              NT=max(1, triton.next_power_of_2(N)),
                              MULTI_X=multi, X_ALIGN=align, W_ALIGN=w_align,
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              NORM=norm_weight is not None, RESIDUAL=residual is not None,
-                             HEAD_NORM=GS > 0, GS=max(GS, 1), num_warps=tile["num_warps"], **launch)
+                             num_warps=tile["num_warps"], **launch)
     return list(y.split([w.shape[0] for w in weights], dim=1))
 
 
