@@ -7,9 +7,11 @@
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
 # Order for the next session (30 device minutes; the H100 counts half its held time): `tests` first
 # (the whole GPU suite at the session's start commit). Issue 5 (docs/decode.md, results/decode/README.md
-# session 11): the 128K step is 3.44 ms against the 3 ms target -- the latent split kernel (73 us per
-# layer against ~50 of cache bytes: latent_attention_sweep.py), the projections (0.86 ms against ~0.64),
-# the experts (85% of the copy rate); prefill: the experts' weights stacked per call (7.3 ms at 4K).
+# session 12): TPOT 2.86 / 2.95 / 3.13 / 3.35 ms at 4K / 16K / 64K / 128K against the 3 ms target --
+# the latent split kernels (~54% of DRAM bandwidth at 128K by ncu, one or two programs per SM: a warp-
+# specialised producer/consumer kernel with TMA is the next step; stages `latent`, `ncu-latent`), the
+# projections (0.86 ms against ~0.64), the experts (85% of the copy rate); `pdl` times A/B modes;
+# prefill: the experts' weights stacked per call (7.3 ms at 4K).
 # Issue 7 (docs/kernels.md, Known gaps): the rewrite that keeps a chunk's intermediates on chip; the
 # vectorised lower-triangle loads measured neutral (session 11). Short inputs are host-bound:
 # benchmarks/host_overhead.py prints host vs GPU time per call.
