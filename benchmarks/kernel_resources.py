@@ -36,11 +36,12 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 # the decode step's folded block norms: norm weights and residuals in the model's dtype
 TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
-# the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides
-TYPES.update(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32", M="i32",
-             H="i32", keys_per_split="i32", sm_scale="fp32")
-TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "cb", "cl", "krb", "krl", "ob", "os", "om",
-                                              "lb", "ls")})
+# the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides (names
+# such as M are pointers in other kernels: these types apply to the latent kernels only)
+LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32",
+                    M="i32", T="i32", H="i32", keys_per_split="i32", sm_scale="fp32")
+LATENT_TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "cb", "cl", "krb", "krl", "ob", "os",
+                                                     "om", "lb", "ls")})
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -53,7 +54,8 @@ def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> 
     if "PDL" in fn.arg_names and "PDL" not in constexprs:  # decode kernels: as launched on Hopper (ops/pdl.py)
         constexprs = dict(constexprs, PDL=True)
         options["launch_pdl"] = True
-    sig = {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32") for name in fn.arg_names}
+    types = dict(TYPES, **LATENT_TYPES) if fn.__name__.startswith("_latent_attn") else TYPES
+    sig = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
