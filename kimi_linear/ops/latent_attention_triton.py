@@ -28,6 +28,27 @@ from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 
 @triton.jit
+def _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M: tl.constexpr):
+    """A split program's ``(i_s, i_b, o_m, m_m, limit, start, end)``: its split and batch row, its query
+    rows and their mask, each row's causal key limit, and its key range ``[start, end)``."""
+    i_g = tl.program_id(0)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = i_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    length = tl.load(len_ptr + i_b).to(tl.int64)
+    # query row m is token t = m // H of the T new tokens; it sees keys j < length - (T - 1 - t)
+    limit = length - (T - 1) + (o_m // H)
+    start = i_s * keys_per_split
+    return i_s, i_b, o_m, o_m < M, limit, start, tl.minimum(start + keys_per_split, length)
+
+
+@triton.jit
+def _split_lse(m_i, l_i):
+    """``(lse, divisor)`` of a split's softmax statistics: ``-inf`` and 1 for rows that saw no key."""
+    return tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf")), tl.where(l_i > 0, l_i, 1.0)
+
+
+@triton.jit
 def _latent_attn_split_kernel(
     q_lat_ptr, q_rope_ptr, c_ptr, kr_ptr, len_ptr, o_ptr, lse_ptr,
     L, M, T, H, keys_per_split, sm_scale,
@@ -37,16 +58,9 @@ def _latent_attn_split_kernel(
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
-    i_g = tl.program_id(0)
-    i_s = tl.program_id(1).to(tl.int64)
-    i_b = tl.program_id(2).to(tl.int64)
-    o_m = i_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, DR)
-    m_m = o_m < M
-    length = tl.load(len_ptr + i_b).to(tl.int64)
-    # query row m is token t = m // H of the T new tokens; it sees keys j < length - (T - 1 - t)
-    limit = length - (T - 1) + (o_m // H)
 
     p_q = q_lat_ptr + i_b * stride_qb + o_m[:, None] * stride_qm + o_r[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
@@ -56,9 +70,6 @@ def _latent_attn_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
-
-    start = i_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, length)
     for j0 in range(start, end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -77,8 +88,8 @@ def _latent_attn_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_c.dtype), b_c)
         m_i = m_new
 
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse, den = _split_lse(m_i, l_i)
+    out = acc / den[:, None]
     p_o = o_ptr + i_b * stride_ob + i_s * stride_os + o_m[:, None] * stride_om + o_r[None, :]
     tl.store(p_o, out, mask=m_m[:, None])
     tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)
@@ -99,15 +110,9 @@ def _latent_attn_split_keys_major_kernel(
     # in multiples of 64, where the query rows (32 heads at one token) were too few for it: one program
     # serves all 32 rows from one read of each tile (no second row group re-reading it).
     wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
-    i_g = tl.program_id(0)
-    i_s = tl.program_id(1).to(tl.int64)
-    i_b = tl.program_id(2).to(tl.int64)
-    o_m = i_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, DR)
-    m_m = o_m < M
-    length = tl.load(len_ptr + i_b).to(tl.int64)
-    limit = length - (T - 1) + (o_m // H)  # as in _latent_attn_split_kernel
 
     b_q = tl.load(q_lat_ptr + i_b * stride_qb + o_m[:, None] * stride_qm + o_r[None, :], mask=m_m[:, None], other=0.0)
     b_qr = tl.load(q_rope_ptr + i_b * stride_qrb + o_m[:, None] * stride_qrm + o_d[None, :], mask=m_m[:, None],
@@ -118,9 +123,6 @@ def _latent_attn_split_keys_major_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([R, BLOCK_M], dtype=tl.float32)
-
-    start = i_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, length)
     for j0 in range(start, end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
@@ -136,8 +138,8 @@ def _latent_attn_split_keys_major_kernel(
         acc = acc * alpha[None, :] + tl.dot(tl.trans(b_c), b_p.to(b_c.dtype))
         m_i = m_new
 
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[None, :]
+    lse, den = _split_lse(m_i, l_i)
+    out = acc / den[None, :]
     p_o = o_ptr + i_b * stride_ob + i_s * stride_os + o_m[None, :] * stride_om + o_r[:, None]
     tl.store(p_o, out, mask=m_m[None, :])
     tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)

@@ -258,7 +258,7 @@ TILES: dict[str, dict[str, int | None]] = {
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 # With PDL and moe_decode(x_ready=True), the shared experts' gate/up programs run before their wait,
-# beside the router (whose 9 programs leave the GPU nearly idle); decode_profile.py --compare-early
+# beside the router (whose 9 programs leave the GPU nearly idle); decode_profile.py --compare-pdl
 EARLY_SHARED_EXPERTS = True
 
 

@@ -16,6 +16,11 @@ just before can still be running when one starts, and the order holds transitive
 launched without PDL (cuBLAS, PyTorch) waits for full completion as always. What is gained is the
 placement and start-up of the next kernel's programs overlapping the previous kernel's tail.
 
+One exception, on the caller's promise: ``moe_decode(x_ready=True)`` (the MoE block, whose router
+launch just read the same x) lets the one-token kernel's shared-expert programs run before their
+wait -- they read only x (from L2) and weights, write their own fresh buffer, and wait at their end,
+so the grid still completes after its predecessor.
+
 Measured on an H100 (benchmark model, batch 1, graph-replayed step; results/decode/session12/):
 2.977 -> 2.904 ms at 4K context, 3.439 -> 3.381 at 128K. Also tried and removed: the projections and
 the shared expert issuing L2 prefetches of their weight rows before the wait (weights are written by
@@ -61,4 +66,3 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     attribute always go together (a PDL launch without the wait would race its predecessor)."""
     on = use_pdl(device)
     return dict(PDL=on, launch_pdl=on)
-

@@ -16,4 +16,3 @@ def wait_for_previous_grid(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
