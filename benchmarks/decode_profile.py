@@ -8,6 +8,7 @@ same). Prints the kernels by total GPU time, the sum, and the graph-replayed ste
     PYTHONPATH=. python benchmarks/decode_profile.py --layout hybrid --context 4096
     PYTHONPATH=. python benchmarks/decode_profile.py --no-fold-norms   # the step before the norms were folded
     PYTHONPATH=. python benchmarks/decode_profile.py --compare-pdl     # graph-replayed step, PDL off / on
+    PYTHONPATH=. python benchmarks/decode_profile.py --ab kimi_linear.layers.kda:FUSED_DECODE_STEP  # a switch off / on
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main() -> None:
                     help="after the profile, time the graph-replayed step with PDL off, on, and on with the "
                          "shared experts started early (moe_decode.EARLY_SHARED_EXPERTS), in turn, ROUNDS times "
                          "each (one process, same model)")
+    ap.add_argument("--ab", default=None, metavar="MODULE:FLAG",
+                    help="after the profile, time the graph-replayed step with a module's boolean switch off and "
+                         "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP")
+    ap.add_argument("--ab-rounds", type=int, default=3)
     ap.add_argument("--latent-tiles", default="{}",
                     help='latent_attention_triton.TILES overrides, e.g. \'{"keys_major_from": 0}\'')
     args = ap.parse_args()
@@ -109,6 +114,25 @@ def main() -> None:
             print(f"graph-replayed step, {mode}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
         pdl.ENABLED, moe_decode.EARLY_SHARED_EXPERTS = not args.no_pdl, True
+    if args.ab:
+        import importlib
+
+        mod_name, flag = args.ab.split(":")
+        mod = importlib.import_module(mod_name)
+        default = getattr(mod, flag)
+        if not isinstance(default, bool):
+            raise SystemExit(f"--ab needs a boolean switch, {args.ab} is {default!r}")
+        ab: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.ab_rounds):
+            for value in (False, True):
+                setattr(mod, flag, value)
+                ab[value].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        setattr(mod, flag, default)
+        for value, ms in ab.items():
+            print(f"graph-replayed step, {flag}={value}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
+                  f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")
 
 
 if __name__ == "__main__":
