@@ -4,7 +4,8 @@ norm), on the decode benchmark's geometry (32 heads of 128, rank 128, bf16).
 
 Each variant runs ``--layers`` layers' worth of steps (separate weights and state pools, so that every
 layer reads its bytes from DRAM as in the model) captured in one CUDA graph; the time is per layer.
-Correctness gate first: every variant's outputs and states against the composition's (``rel_rms``).
+Correctness gate first: every variant's outputs and states against the composition's (``rel_rms``);
+a second step from the first one's state checks that the per-head counters were left at zero.
 Floor: the bytes per layer (state read + write, both up-projection weights) over the copy bandwidth.
 
     PYTHONPATH=. python benchmarks/kda_decode_step_sweep.py --batch 1 --layers 20
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--warps", default="4,8,16")
+    ap.add_argument("--tiles", default="32:2,32:4,32:8,64:4,64:8,128:8",
+                    help="BV:num_warps launch settings to time (BV: state columns per program)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     N, H, K, L, dt = args.batch, args.heads, 128, args.layers, torch.bfloat16
@@ -89,9 +91,9 @@ def main() -> None:
                            pool=r(N, H, K, K) * 0.3))
     idx = torch.arange(N, device=dev)
 
-    def fused(lay, pool, warps):
+    def fused(lay, pool, tile):
         return kda_decode_step(**lay["acts"], **lay["params"], eps=1e-5, state_pool=pool, state_indices=idx,
-                               num_heads=H, head_k_dim=K, num_warps=warps)
+                               num_heads=H, head_k_dim=K, BV=tile[0], num_warps=tile[1])
 
     def unfused(lay, pool):
         a, p = lay["acts"], lay["params"]
@@ -102,16 +104,19 @@ def main() -> None:
                              state_indices=idx, fusion=fusion)
         return gated_rms_norm(o, gate.view(N, 1, H, K), p["norm_weight"], 1e-5).view(N, H * K)
 
-    warps = [int(w) for w in args.warps.split(",")]
-    # gate: one step of every variant from the same state against the unfused one
+    tiles = [tuple(int(x) for x in t.split(":")) for t in args.tiles.split(",")]
+    # gate: two steps of every variant from the same state against the unfused ones
     ref_pool = layers[0]["pool"].clone()
-    ref = unfused(layers[0], ref_pool)
-    for w in warps:
+    unfused(layers[0], ref_pool)
+    ref_pool2 = ref_pool.clone()
+    ref2 = unfused(layers[0], ref_pool2)
+    for w in tiles:
         pool = layers[0]["pool"].clone()
+        fused(layers[0], pool, w)
         out = fused(layers[0], pool, w)
-        e_y, e_s = rel_rms(out.float(), ref.float()), rel_rms(pool, ref_pool)
+        e_y, e_s = rel_rms(out.float(), ref2.float()), rel_rms(pool, ref_pool2)
         ok = e_y < 2e-2 and e_s < 5e-3 and bool(torch.isfinite(out).all())
-        print(f"gate {w} warps: output rel RMS {e_y:.2e}, state {e_s:.2e} -> {'pass' if ok else 'FAIL'}")
+        print(f"gate BV={w[0]}, {w[1]} warps: output rel RMS {e_y:.2e}, state {e_s:.2e} -> {'pass' if ok else 'FAIL'}")
         if not ok:
             raise SystemExit("correctness gate failed")
     bw = copy_bandwidth(dev)
@@ -121,9 +126,9 @@ def main() -> None:
           f"floor {floor:.2f} us per layer ({nbytes / 1e6:.2f} MB)")
     t = graph_time_us(lambda: [unfused(lay, lay["pool"]) for lay in layers]) / L
     print(f"unfused (3 launches): {t:.2f} us per layer ({floor / t:.0%} of the copy rate)")
-    for w in warps:
+    for w in tiles:
         t = graph_time_us(lambda w=w: [fused(lay, lay["pool"], w) for lay in layers]) / L
-        print(f"fused, {w} warps: {t:.2f} us per layer ({floor / t:.0%} of the copy rate)")
+        print(f"fused, BV={w[0]}, {w[1]} warps: {t:.2f} us per layer ({floor / t:.0%} of the copy rate)")
 
 
 if __name__ == "__main__":

@@ -105,11 +105,12 @@ def kda_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_a: t
                     out_gate_b_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float, A_log: torch.Tensor,
                     dt_bias: torch.Tensor, state_pool: torch.Tensor, state_indices: torch.Tensor, num_heads: int,
                     head_k_dim: int, scale: float | None = None, backend: str = "auto",
-                    num_warps: int | None = None) -> torch.Tensor:
+                    BV: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """One decode step of a KDA layer after its input projections (module docstring for shapes).
 
     ``backend``: "auto" (Triton on CUDA for fp16/bf16/fp32, the reference elsewhere), "triton",
-    "reference". ``num_warps`` overrides the kernel's launch setting (benchmark sweeps). No host sync
+    "reference". ``BV`` (state columns per program, a power of two) and ``num_warps`` override the
+    kernel's launch setting (benchmark sweeps). No host sync
     on the Triton path when ``state_indices`` live on the GPU (their values are then not checked;
     an out-of-range slot is treated as padding), so the step can be graph-captured.
 
@@ -145,5 +146,5 @@ def kda_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_a: t
                         A_log.reshape(-1).to(dtype=torch.float32).contiguous(),
                         dt_bias.reshape(-1).to(dtype=torch.float32).contiguous(),
                         N=N, H=H, HV=HV, K=K, V=V, scale=resolve_scale(scale, K), eps=float(eps),
-                        num_warps=num_warps)
+                        BV=BV, num_warps=num_warps)
     return y
