@@ -126,19 +126,7 @@ ncu-latent)
     python3 benchmarks/ncu_latent.py --context ${NCU_CONTEXT:-131072} ${NCU_TILES:+--tiles "$NCU_TILES"} > "$OUT/ncu_latent.txt" 2>&1
   tail -150 "$OUT/ncu_latent.txt"
   ;;
-kda-step)
-  # the KDA layer's fused decode step (ops/kda/decode_step.py): its GPU tests and the model-level ones
-  # (fused vs unfused, PDL bit-identity), the warps sweep against the unfused launches, then the
-  # graph-replayed step with it off and on at AB_CONTEXTS (one process per context)
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_kda_decode_step.py \
-    tests/generation/test_gpu_generation.py 2>&1 | tail -5 | tee "$OUT/gpu_tests_kda_step.txt"
-  timeout 90 python3 benchmarks/kda_decode_step_sweep.py --batch 1 2>&1 | tee "$OUT/kda_step_sweep.txt"
-  for ctx in ${AB_CONTEXTS:-4096 131072}; do
-    timeout 200 python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 \
-      --ab kimi_linear.layers.kda:FUSED_DECODE_STEP 2>&1 | tail -22 | tee -a "$OUT/kda_step_ab.txt"
-  done
-  ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent, kda-step or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done

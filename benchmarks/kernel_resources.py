@@ -43,11 +43,8 @@ LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr
 LATENT_TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "cb", "cl", "krb", "krl", "ob", "os",
                                                      "om", "lb", "ls")})
 
-# the fused KDA decode step: bf16 activations and weights, int64 slots, int32 row strides
-DECODE_STEP_TYPES = dict(f_a="*bf16", g_a="*bf16", w_fb="*bf16", w_gb="*bf16", w_norm="*bf16", state_indices="*i64",
-                         counter="*i32", P="i32", **{f"S_{n}": "i32" for n in ("Q", "K", "V", "FA", "GA", "B")})
 # kernel-specific tables (by the kernel's name prefix) override TYPES for that kernel only
-KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_kda_decode_step": DECODE_STEP_TYPES}
+KERNEL_TYPES = {"_latent_attn": LATENT_TYPES}
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -149,13 +146,6 @@ def cases():
                dict(R=512, DR=64, BLOCK_M=16, BLOCK_N=64), warps, 2)
         yield (f"latent split keys-major BLOCK_M=32 {warps}w", lat._latent_attn_split_keys_major_kernel,
                dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64), warps, 2)
-    from kimi_linear.ops.kda import decode_step_kernel as dsk
-    # the KDA layer's decode step after its input projections, one program per head (32 heads of 128)
-    for bv, warps in ((32, 2), (32, 4), (64, 4), (128, 8)):
-        nt = 128 // bv
-        yield (f"kda decode step BV={bv} {warps}w", dsk._kda_decode_step_kernel,
-               dict(H=32, HV=32, K=128, V=128, RF=128, RG=128, BK=128, BV=bv, BRF=128, BRG=128, NT=nt, NTP=nt, BVA=128),
-               warps, 3)
     from kimi_linear.ops import gemv
     # wide: a KDA layer's inputs (with their conv steps), wide_few: the MLA inputs and the output
     # projections; folded: the block's input norm into the inputs, the residual add into the outputs

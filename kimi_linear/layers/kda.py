@@ -33,17 +33,12 @@ from kimi_linear.ops.conv import causal_conv1d
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
-from kimi_linear.ops.kda.decode_step import kda_decode_step
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
 from kimi_linear.ops.kda.recurrent import recurrent_kda
 from kimi_linear.ops.norm import gated_rms_norm
 
-__all__ = ["FUSED_DECODE_STEP", "ShortConvolution", "KimiDeltaAttention"]
-
-# The decode step's work after the input projections in one launch (ops/kda/decode_step.py) rather
-# than three (up-projections, recurrent kernel, gated norm); a switch for A/B runs in one process.
-FUSED_DECODE_STEP = True
+__all__ = ["ShortConvolution", "KimiDeltaAttention"]
 
 
 
@@ -295,14 +290,6 @@ class KimiDeltaAttention(KeepFP32):
             q, k, v, f_a, g_a, b = fused_linear(x.reshape(B, -1), [p.weight for p in projs],
                                                 conv_steps=[*convs, None, None, None], norm_weight=nw, eps=eps,
                                                 backend=self.backend)
-            if FUSED_DECODE_STEP:
-                # up-projections, recurrence (state in place) and gated norm in one launch per layer
-                y = kda_decode_step(q, k, v, f_a, g_a, b, gate_b_weight=self.f_b_proj.weight,
-                                    out_gate_b_weight=self.g_b_proj.weight, norm_weight=self.o_norm.weight,
-                                    eps=self.eps, A_log=self.A_log, dt_bias=self.dt_bias, state_pool=lc.state,
-                                    state_indices=cache.slot_index, num_heads=H, head_k_dim=K, backend=self.backend)
-                return few_rows_linear(y.view(B, 1, H * V), self.o_proj.weight, residual=residual,
-                                       backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
             # both low-rank up-projections (the gate's and the output gate's; both K wide, V = K) in one
             # more launch, each reading its own slice of the launch above

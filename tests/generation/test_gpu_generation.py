@@ -112,31 +112,3 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     for mode in ((True, False), (True, True)):
         assert torch.equal(steps[mode], steps[False, False]), f"{preset}: decode logits differ, pdl / early = {mode}"
         assert tokens[mode] == tokens[False, False], f"{preset}: graph-replayed tokens differ, pdl / early = {mode}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@torch.no_grad()
-def test_fused_kda_decode_step_equals_unfused(dtype, cuda_device, monkeypatch):
-    # the KDA layers' decode step in one launch (ops/kda/decode_step.py) against the three-launch form
-    # (up-projections, recurrent kernel, gated norm) in the model: batch 2 with different prompt lengths
-    # (prefill by the chunked kernels, then decode steps), and graph-replayed generation at batch 1
-    from kimi_linear.layers import kda as kda_layer
-
-    model = make("tiny-moe", cuda_device, dtype)
-    ids = torch.randint(3, V, (2, 30), device=cuda_device)
-    mask = torch.ones_like(ids)
-    mask[1, :7] = 0
-    logits, tokens = {}, {}
-    for fused in (True, False):
-        monkeypatch.setattr(kda_layer, "FUSED_DECODE_STEP", fused)
-        cache = cache_for_config(model.config, batch_size=2, max_len=ids.shape[1] + 12, device=cuda_device,
-                                 dtype=dtype)
-        outs = [forward_last_logits(model, ids[:, :18], cache, mask[:, :18])]
-        outs += [forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(18, ids.shape[1])]
-        logits[fused] = torch.stack(outs)
-        tokens[fused] = generate(model, ids[:1, :5], max_new_tokens=16, cuda_graph=True).new_tokens
-    if dtype == torch.float32:
-        assert_close(logits[True], logits[False], "layer", torch.float32, "fused vs unfused KDA decode step")
-        assert tokens[True] == tokens[False]
-    else:  # bf16: the rounding points are the same, the fp32 sums' order is not
-        assert (logits[True].float() - logits[False].float()).abs().max() < 0.05 * logits[False].float().abs().max()
