@@ -51,6 +51,10 @@ def main() -> None:
                     help="after the profile, time the graph-replayed step with a module's boolean switch off and "
                          "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP")
     ap.add_argument("--ab-rounds", type=int, default=3)
+    ap.add_argument("--update", action="append", default=[], metavar="MODULE:ATTR=JSON",
+                    help="set a module attribute before the run (a dict is updated), e.g. "
+                         "'kimi_linear.ops.moe_decode:TILES={\"down_one\": {\"BLOCK_R\": 2, \"BLOCK_I\": 1024, "
+                         "\"num_warps\": 1}}'; repeatable")
     ap.add_argument("--latent-tiles", default="{}",
                     help='latent_attention_triton.TILES overrides, e.g. \'{"keys_major_from": 0}\'')
     args = ap.parse_args()
@@ -59,6 +63,17 @@ def main() -> None:
     from kimi_linear.ops import latent_attention_triton
 
     latent_attention_triton.TILES.update(json.loads(args.latent_tiles))
+    for spec in args.update:
+        import importlib
+
+        target, value = spec.split("=", 1)
+        mod_name, attr = target.split(":")
+        mod, value = importlib.import_module(mod_name), json.loads(value)
+        if isinstance(getattr(mod, attr), dict) and isinstance(value, dict):
+            getattr(mod, attr).update(value)
+        else:
+            setattr(mod, attr, value)
+        print(f"{target} = {getattr(mod, attr)}")
     from kimi_linear.ops import pdl
 
     pdl.ENABLED = not args.no_pdl

@@ -126,7 +126,18 @@ ncu-latent)
     python3 benchmarks/ncu_latent.py --context ${NCU_CONTEXT:-131072} ${NCU_TILES:+--tiles "$NCU_TILES"} > "$OUT/ncu_latent.txt" 2>&1
   tail -150 "$OUT/ncu_latent.txt"
   ;;
+ab)
+  # a decode A/B: AB_TESTS (pytest node ids / files, GPU-marked) first, then per context in AB_CONTEXTS the
+  # per-kernel profile and the graph-replayed step with the boolean switch AB_FLAG (MODULE:FLAG) off and
+  # on; AB_UPDATES: extra `--update MODULE:ATTR=JSON` arguments (one process per context)
+  [ -z "${AB_TESTS:-}" ] || timeout ${AB_TESTS_CAP:-200} python3 -m pytest -q -m gpu -p no:cacheprovider $AB_TESTS 2>&1 \
+    | tail -5 | tee -a "$OUT/gpu_tests_ab.txt"
+  for ctx in ${AB_CONTEXTS:-4096 131072}; do
+    eval "timeout ${AB_CAP:-200} python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 \
+      --ab $AB_FLAG ${AB_UPDATES:-}" 2>&1 | grep -v -i warn | tail -24 | tee -a "$OUT/ab.txt"
+  done
+  ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent, ab or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done
