@@ -137,12 +137,7 @@ def cases():
                     X_CACHE=".cg" if early else ""), t1["num_warps"], 3)
     for res in (False, True):
         yield (f"moe decode down (one token){' residual' if res else ''}", down1,
-               dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res, PRELOAD=False,
-                    JP=16), t2["num_warps"], 3)
-    # the first I block of every slot's weights loaded before the PDL wait, as one [16, rows, BLOCK_I] tile
-    for bi, w in ((1024, 1), (1024, 2), (1024, 4), (512, 2), (256, 1)):
-        yield (f"moe decode down (one token) preload BLOCK_I={bi} residual", down1,
-               dict(J=9, BLOCK_R=1, BLOCK_I=bi, W_ALIGN=16, RESIDUAL=True, PRELOAD=True, JP=16), w, 3)
+               dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res), t2["num_warps"], 3)
     from kimi_linear.ops import latent_attention_triton as lat
     # absorbed-MLA decode, 32 heads x (512 + 64), 64-key tiles in 2 stages: rows-major (two 16-row programs
     # per split) and keys-major (one program of all 32 rows; the products transposed)

@@ -203,55 +203,26 @@ def _single_token_kernels():
     @triton.jit
     def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
                         J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr,
-                        RESIDUAL: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, JP: tl.constexpr):
+                        RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
         # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight.
         # RESIDUAL: y = res + (that sum rounded to y's dtype), added in fp32 as the separate add would
+        wait_for_previous_grid(PDL)
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < D
-        if PRELOAD:
-            # all slots as one [JP, BLOCK_R, BLOCK_I] tile, the first I block's weights loaded BEFORE the
-            # wait (PDL: while gate_up still runs). Safe: the weights are written by no kernel of a step,
-            # and the routing was complete before any of these programs was placed -- gate_up's routed
-            # programs let this grid be placed only after their own wait for the router (ops/pdl.py); the
-            # routing is read from L2 (".cg"), never from an L1 line of an earlier step
-            o_j = tl.arange(0, JP)
-            m_j = o_j < J
-            routed = o_j < K
-            e = tl.where(routed, tl.load(idx_ptr + tl.minimum(o_j, K - 1), cache_modifier=".cg"), ER + o_j - K)
-            e = tl.where(m_j, e, 0)  # padded slots name a real entry; their loads are masked
-            c = tl.load(cw_ptr + tl.minimum(o_j, K - 1), cache_modifier=".cg").to(tl.float32)
-            c = tl.where(routed, c, tl.where(m_j, 1.0, 0.0))  # shared: weight 1
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for j in tl.static_range(J):
+            e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
+            c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)).to(tl.float32), 1.0)  # shared: weight 1
             w2 = tl.multiple_of(tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
-            o_i = tl.arange(0, BLOCK_I)
-            m_w = m_j[:, None, None] & m_r[None, :, None] & (o_i < I)[None, None, :]
-            p_w = w2[:, None, None] + (o_r[:, None].to(tl.int64) * I + o_i[None, :])[None, :, :]
-            b_w = tl.load(p_w, mask=m_w, other=0.0)
-            wait_for_previous_grid(PDL)
-            b_h = tl.load(h_ptr + o_j[:, None] * I + o_i[None, :], mask=m_j[:, None] & (o_i < I)[None, :], other=0.0)
-            part = tl.sum(b_w.to(tl.float32) * b_h.to(tl.float32)[:, None, :], 2)  # [JP, BLOCK_R]
-            for i0 in range(BLOCK_I, I, BLOCK_I):
+            part = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for i0 in range(0, I, BLOCK_I):
                 o_i = i0 + tl.arange(0, BLOCK_I)
-                m_w = m_j[:, None, None] & m_r[None, :, None] & (o_i < I)[None, None, :]
-                b_w = tl.load(p_w + i0, mask=m_w, other=0.0)
-                b_h = tl.load(h_ptr + o_j[:, None] * I + o_i[None, :], mask=m_j[:, None] & (o_i < I)[None, :], other=0.0)
-                part += tl.sum(b_w.to(tl.float32) * b_h.to(tl.float32)[:, None, :], 2)
-            acc = tl.sum(part * c[:, None], 0)
-        else:
-            wait_for_previous_grid(PDL)
-            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for j in tl.static_range(J):
-                e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
-                c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)).to(tl.float32), 1.0)  # shared: weight 1
-                w2 = tl.multiple_of(tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
-                part = tl.zeros([BLOCK_R], dtype=tl.float32)
-                for i0 in range(0, I, BLOCK_I):
-                    o_i = i0 + tl.arange(0, BLOCK_I)
-                    m_i = o_i < I
-                    b_h = tl.load(h_ptr + j * I + o_i, mask=m_i, other=0.0).to(tl.float32)
-                    b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
-                    part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
-                acc += c * part
+                m_i = o_i < I
+                b_h = tl.load(h_ptr + j * I + o_i, mask=m_i, other=0.0).to(tl.float32)
+                b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
+                part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
+            acc += c * part
         if RESIDUAL:
             acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)
         tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
@@ -284,17 +255,11 @@ TILES: dict[str, dict[str, int | None]] = {
     # kernels 105.5 -> 56.1 us, the single-token ones 55.8 -> 50.5 us, and 47.8 (89% of the copy rate)
     # with one row per down program
     "down_one": dict(BLOCK_R=1, BLOCK_I=1024, num_warps=1),
-    # DOWN_PRELOAD: every slot's first I block in one tile before the wait (16 x 1024 bf16 for one row:
-    # 96 registers on 4 warps, 168 on 2, sm_90a)
-    "down_one_preload": dict(BLOCK_R=1, BLOCK_I=1024, num_warps=4),
 }
 SINGLE_TOKEN_KERNELS = True  # N == 1 takes the slot-walking kernels (benchmarks compare both)
 # With PDL and moe_decode(x_ready=True), the shared experts' gate/up programs run before their wait,
 # beside the router (whose 9 programs leave the GPU nearly idle); decode_profile.py --compare-pdl
 EARLY_SHARED_EXPERTS = True
-# The one-token down kernel loads its first I block of every slot's weights before its wait, i.e. while
-# gate_up still runs (the kernel's comment says why that is safe); A/B: decode_profile.py --ab
-DOWN_PRELOAD = True
 
 
 def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
@@ -427,7 +392,7 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     # the kernel reads any float dtype of combine weights (a cast would be one more launch)
     cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
-    gu, dn = TILES["gate_up_one"], TILES["down_one_preload" if DOWN_PRELOAD else "down_one"]
+    gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device)
     early = x_ready and launch["PDL"] and J > K and EARLY_SHARED_EXPERTS  # shared slots before the wait
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
@@ -442,5 +407,5 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
         h, idx, cw, t2, y, res, D, I, K, ER,
         J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
-        PRELOAD=DOWN_PRELOAD, JP=triton.next_power_of_2(J), num_warps=dn["num_warps"], **launch)
+        num_warps=dn["num_warps"], **launch)
     return y

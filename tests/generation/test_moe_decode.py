@@ -72,9 +72,8 @@ def test_expert_weights_of_another_dtype_are_rejected(triton_device):
                    backend="triton")
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["down", "down_preload"])
 @pytest.mark.parametrize("shared", [0, 2])
-def test_single_token_kernels_match_the_reference(shared, preload, monkeypatch, triton_device):
+def test_single_token_kernels_match_the_reference(shared, monkeypatch, triton_device):
     # batch-1 decoding walks the token's chosen experts (then the shared ones) by row blocks; the
     # row counts are not multiples of the tiles, and unchosen experts hold NaN, which must stay unread
     device = triton_device
@@ -82,10 +81,6 @@ def test_single_token_kernels_match_the_reference(shared, preload, monkeypatch, 
 
     monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=4))
     monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=8, BLOCK_I=16, num_warps=4))
-    # preload: every slot's first 16 columns loaded as one tile before the (PDL) wait, 3 more blocks after;
-    # padded slots (J=4 or 6 of 8) point at expert 0, which holds NaN: their masked loads must not read it
-    monkeypatch.setitem(md.TILES, "down_one_preload", dict(BLOCK_R=4, BLOCK_I=16, num_warps=4))
-    monkeypatch.setattr(md, "DOWN_PRELOAD", preload)
     E, D, I, k = 7, 72, 40, 3
     mk = lambda *s: torch.randn(*s, device=device) / s[-1] ** 0.5  # noqa: E731
     w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
@@ -164,9 +159,8 @@ def test_single_token_moe_gpu_misaligned_experts(cuda_device):
 
 
 # ---------------------------------------------------------------- folded norm and residual
-@pytest.mark.parametrize("preload", [False, True], ids=["down", "down_preload"])
 @pytest.mark.parametrize("shared", [0, 2])
-def test_single_token_norm_and_residual_match_the_reference(shared, preload, monkeypatch, triton_device):
+def test_single_token_norm_and_residual_match_the_reference(shared, monkeypatch, triton_device):
     # the decode step's folded post-attention norm (gate/up kernel: rstd from its own D loop) and
     # residual add (down kernel's epilogue) against rms_norm -> experts -> add; the tensor-core kernels
     # and the reference path (norm and add in PyTorch) give the same
@@ -177,10 +171,6 @@ def test_single_token_norm_and_residual_match_the_reference(shared, preload, mon
 
     monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=4))
     monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=8, BLOCK_I=16, num_warps=4))
-    # preload: every slot's first 16 columns loaded as one tile before the (PDL) wait, 3 more blocks after;
-    # padded slots (J=4 or 6 of 8) point at expert 0, which holds NaN: their masked loads must not read it
-    monkeypatch.setitem(md.TILES, "down_one_preload", dict(BLOCK_R=4, BLOCK_I=16, num_warps=4))
-    monkeypatch.setattr(md, "DOWN_PRELOAD", preload)
     E, D, I, k, eps = 7, 72, 40, 3, 1e-5
     mk = lambda *s: torch.randn(*s, device=device) / s[-1] ** 0.5  # noqa: E731
     w1, w3, w2 = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
