@@ -44,7 +44,9 @@ LATENT_TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "c
                                                      "om", "lb", "ls")})
 
 # kernel-specific tables (by the kernel's name prefix) override TYPES for that kernel only
-KERNEL_TYPES = {"_latent_attn": LATENT_TYPES}
+# the absorbed MLA projections at decode: bf16 queries, weights, contexts and outputs
+ABSORB_TYPES = dict(q_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", c_ptr="*bf16", N="i32", s_qn="i32", s_qh="i32")
+KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_absorb": ABSORB_TYPES}
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -146,6 +148,12 @@ def cases():
                dict(R=512, DR=64, BLOCK_M=16, BLOCK_N=64), warps, 2)
         yield (f"latent split keys-major BLOCK_M=32 {warps}w", lat._latent_attn_split_keys_major_kernel,
                dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64), warps, 2)
+    from kimi_linear.ops import latent_absorb_triton as ab
+    # the absorbed projections around it (32 heads, Dn = Dv = 128, R = 512), at the launch table's tiles
+    yield ("absorb query (MLA decode)", ab._absorb_query_kernel,
+           dict(H=32, DN=128, DV=128, R=512, BD=128, BR=ab.TILES["BR"]), ab.TILES["num_warps"], 3)
+    yield ("absorb output (MLA decode)", ab._absorb_output_kernel,
+           dict(H=32, DN=128, DV=128, R=512, RP=512, BV=ab.TILES["BV"]), ab.TILES["num_warps"], 3)
     from kimi_linear.ops import gemv
     # wide: a KDA layer's inputs (with their conv steps), wide_few: the MLA inputs and the output
     # projections; folded: the block's input norm into the inputs, the residual add into the outputs

@@ -1,13 +1,14 @@
 """Triton split-KV (flash-decoding) kernel for absorbed MLA attention over the latent cache.
 
-Semantics and shapes: :mod:`kimi_linear.ops.latent_attention`. The query side is absorbed in PyTorch
-(``q_lat = W_uk^T q_nope``, a tiny matmul); the kernel then runs multi-query attention in which all
+Semantics and shapes: :mod:`kimi_linear.ops.latent_attention`. The query side is absorbed first
+(``q_lat = W_uk^T q_nope``: :mod:`kimi_linear.ops.latent_absorb_triton` for a few tokens, a batched
+matmul otherwise); the kernel then runs multi-query attention in which all
 ``M = T * H`` query rows of a sequence share one key/value stream, so each latent tile is read from
 memory once and used twice (scores against ``[c, k_r]``, then the value sum over ``c``). The key axis
 is split across programs so that a single long sequence still fills the GPU; each program leaves a
 partial context and its log-sum-exp, and a second small Triton kernel merges the splits into the
-context ``[B, M, R]`` (in ``W_uv``'s dtype). The output projection ``W_uv`` is applied afterwards (one
-matmul).
+context ``[B, M, R]`` (in ``W_uv``'s dtype). The output projection ``W_uv`` is applied afterwards (the same
+two forms).
 
 Split kernel grid: ``(G, S, B)``: ``G`` groups of ``BLOCK_M`` query rows (``G * BLOCK_M >= M``; the
 groups of one split are neighbours in launch order, so a latent tile read by one is usually still in
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kimi_linear.ops import latent_absorb_triton as absorb
 from kimi_linear.ops.latent_attention import _check, split_kv_b
 from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
@@ -241,6 +243,9 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   warp streaming tiles (TMA) beside the computing warps (warp specialisation), not another tile.
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
                                keys_major_from=262144, keys_major_rows=32)
+# The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
+# batched matmuls (cuBLAS); a switch for A/B runs in one process (decode_profile.py --ab)
+TRITON_ABSORB = True
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
@@ -298,7 +303,13 @@ def latent_attention_triton(
 
     w_uk, w_uv = split_kv_b(w_kv_b, H, Dn, Dv)
     kdt = latent.dtype
-    q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
+    # a few tokens (decode): the absorbed projections as Triton kernels (PDL, each weight tile read once
+    # for all tokens); more tokens: batched matmuls
+    triton_absorb = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
+    if triton_absorb:
+        q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt).view(B, M, R)
+    else:
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
     # q_rope is usually a column slice of the query projection: read it in place through its row
     # stride (a contiguous copy was one more launch per MLA layer and decode step)
     q_r = q_rope.reshape(B, M, Dr).to(kdt)
@@ -320,5 +331,7 @@ def latent_attention_triton(
         num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device),
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
+    if triton_absorb:
+        return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)
     return out.to(q_nope.dtype)

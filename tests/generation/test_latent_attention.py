@@ -85,12 +85,16 @@ def test_bad_input():
         latent_attention_ref(q_nope.long(), q_rope, latent, k_rope, w, lengths=torch.tensor([1, 1, 1]))
 
 
+@pytest.mark.parametrize("absorb", [True, False], ids=["triton_absorb", "matmul_absorb"])
 @pytest.mark.parametrize("T,splits", [(1, None), (1, 3), (2, 2)])
-def test_triton_kernel_matches_reference(T, splits):
+def test_triton_kernel_matches_reference(T, splits, absorb, monkeypatch):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import latent_attention_triton
+
+    monkeypatch.setattr(lt, "TRITON_ABSORB", absorb)  # 3 or 6 tokens: within the Triton absorbs' limit
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args = [a.to(device) for a in inputs(B=3, T=T, H=4, Dn=16, Dr=16, Dv=16, R=32, L=37)]
@@ -262,3 +266,40 @@ def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, keys_major, monkeyp
     ref = expanded_attention_ref(*args, lengths=lengths)
     out = latent_attention_triton(*(a.to(dtype) for a in args), lengths=lengths)
     assert rel_rms(out, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("N,H,Dn,Dv,R", [(1, 4, 8, 6, 16), (5, 3, 16, 12, 20)], ids=["decode", "odd_sizes"])
+def test_absorb_kernels_match_matmuls(N, H, Dn, Dv, R):
+    """The absorbed query / output projections (Triton) against the batched matmuls they replace, with a
+    strided query (a slice of the query projection's output, as in the layer) and non-power-of-two sizes."""
+    device = _triton_device()
+    from kimi_linear.ops.latent_absorb_triton import absorb_output, absorb_query
+    from kimi_linear.ops.latent_attention import split_kv_b
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(H * (Dn + Dv), R, generator=g) / R**0.5).to(device)
+    q_full = torch.randn(N, H, Dn + 4, generator=g).to(device)
+    q_nope = q_full[..., :Dn]  # row and head strides of the wider buffer
+    ctx = torch.randn(N, H, R, generator=g).to(device)
+    w_uk, w_uv = split_kv_b(w, H, Dn, Dv)
+    tol = 2e-3 if torch.cuda.is_available() else 1e-6  # tf32 matmuls on GPU
+    q_lat = absorb_query(q_nope, w, torch.float32)
+    assert q_lat.shape == (N, H, R) and rel_rms(q_lat, torch.einsum("nhd,hdr->nhr", q_nope, w_uk)) < tol
+    out = absorb_output(ctx, w, Dn, torch.float32)
+    assert out.shape == (N, H, Dv) and rel_rms(out, torch.einsum("nhr,hvr->nhv", ctx, w_uv)) < tol
+
+
+@pytest.mark.gpu
+def test_absorb_kernels_benchmark_geometry_gpu(cuda_device):
+    # bf16 at the benchmark's 32 heads x (128 + 128) x 512, against fp32 matmuls of the same bf16 values
+    from kimi_linear.ops.latent_absorb_triton import absorb_output, absorb_query
+    from kimi_linear.ops.latent_attention import split_kv_b
+
+    H, Dn, Dv, R = 32, 128, 128, 512
+    w = (torch.randn(H * (Dn + Dv), R, device=cuda_device) / R**0.5).bfloat16()
+    q = torch.randn(2, H, Dn + 64, device=cuda_device).bfloat16()[..., :Dn]
+    ctx = torch.randn(2, H, R, device=cuda_device).bfloat16()
+    w_uk, w_uv = split_kv_b(w.float(), H, Dn, Dv)
+    assert rel_rms(absorb_query(q, w, torch.bfloat16).float(), torch.einsum("nhd,hdr->nhr", q.float(), w_uk)) < 8e-3
+    assert rel_rms(absorb_output(ctx, w, Dn, torch.bfloat16).float(),
+                   torch.einsum("nhr,hvr->nhv", ctx.float(), w_uv)) < 8e-3
