@@ -244,7 +244,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
                                keys_major_from=262144, keys_major_rows=32)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
-# batched matmuls (cuBLAS); a switch for A/B runs in one process (decode_profile.py --ab)
+# batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
+# (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
+# ab_triton_absorb*_h100.txt): 2.873 -> 2.864 ms at 4K, 3.132 -> 3.118 at 64K, 3.340 -> 3.344 at 128K
+# (rows-major); with the keys-major kernel 3.735 -> 3.781 at 256K and 6.073 -> 6.103 at 1M (cause not
+# found), so there the matmuls stay
 TRITON_ABSORB = True
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
@@ -303,9 +307,9 @@ def latent_attention_triton(
 
     w_uk, w_uv = split_kv_b(w_kv_b, H, Dn, Dv)
     kdt = latent.dtype
-    # a few tokens (decode): the absorbed projections as Triton kernels (PDL, each weight tile read once
-    # for all tokens); more tokens: batched matmuls
-    triton_absorb = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
+    # a few tokens (decode) before the rows-major split kernel: the absorbed projections as Triton
+    # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
+    triton_absorb = TRITON_ABSORB and not keys_major and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
     if triton_absorb:
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt).view(B, M, R)
     else:
