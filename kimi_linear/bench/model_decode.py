@@ -59,7 +59,9 @@ def build_model(config, device: torch.device, dtype: torch.dtype):
 
     with torch.device(device):
         model = KimiLinearForCausalLM(config, backend="auto")
-    return model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
+    model.pack_experts_()  # inference: the prefill's grouped GEMMs read the experts in place
+    return model
 
 
 def active_param_bytes(model) -> int:

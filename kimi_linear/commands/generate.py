@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = KimiLinearForCausalLM.from_pretrained(args.model, device=device, dtype=dtype).eval()
+    model.pack_experts_()  # the prefill's grouped GEMMs read the experts in place (no copy per call)
     tok = load_tokenizer_for(args.model)
     prompts = [tok.encode(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):

@@ -112,6 +112,37 @@ class SparseMoeBlock(nn.Module):
         """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""
         self.expert_load.zero_()
 
+    @torch.no_grad()
+    def pack_experts_(self) -> bool:
+        """Move the routed experts' weights into two buffers, ``[E, 2I, D]`` (each expert's w1 rows, then
+        its w3 rows) and ``[E, D, I]`` (the w2s), each expert's parameters becoming views of them. The
+        grouped-GEMM path (:func:`kimi_linear.ops.moe.grouped_swiglu`, inference on CUDA) then reads the
+        weights in place instead of stacking a copy per call. Values, parameter names and the checkpoint
+        format do not change; memory is the same once the old tensors are freed. Call it before capturing
+        CUDA graphs (a captured graph keeps the old addresses). Returns False (nothing done) when the
+        experts differ in shape, dtype or device, or are already packed."""
+        w1 = [e.w1.weight for e in self.experts]
+        w3 = [e.w3.weight for e in self.experts]
+        w2 = [e.w2.weight for e in self.experts]
+        first = w1[0]
+        same = all(w.shape == first.shape and w.dtype == first.dtype and w.device == first.device for w in (*w1, *w3))
+        same = same and all(w.shape == w2[0].shape and w.dtype == first.dtype and w.device == first.device for w in w2)
+        if not same or first.is_meta:
+            return False
+        from kimi_linear.ops.moe import stacked_view
+
+        if stacked_view([t for pair in zip(w1, w3) for t in pair]) is not None and stacked_view(w2) is not None:
+            return False
+        E, (I, D) = len(w1), first.shape
+        buf13 = torch.empty(E, 2 * I, D, dtype=first.dtype, device=first.device)
+        buf2 = torch.empty(E, D, I, dtype=first.dtype, device=first.device)
+        for e in range(E):
+            buf13[e, :I].copy_(w1[e])
+            buf13[e, I:].copy_(w3[e])
+            buf2[e].copy_(w2[e])
+            w1[e].data, w3[e].data, w2[e].data = buf13[e, :I], buf13[e, I:], buf2[e]
+        return True
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape

@@ -81,6 +81,14 @@ def save_pretrained(model: KimiLinearForCausalLM, directory: str | os.PathLike, 
     """Write ``model`` (config + weights) to ``directory`` atomically. See the module docstring."""
     limit = parse_size(max_shard_size)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # safetensors refuses tensors that share storage (packed experts are views of one buffer on a CPU
+    # model, where .cpu() copies nothing): such tensors are written from copies
+    seen: set[int] = set()
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            state[k] = v.clone()
+        seen.add(ptr)
     if any(t.is_meta for t in state.values()):
         raise ValueError("cannot save a model on the meta device (it holds no values)")
     config: KimiLinearConfig = model.config

@@ -370,6 +370,15 @@ class KimiLinearForCausalLM(nn.Module):
             if isinstance(m, KimiDeltaAttention):
                 m.backend = backend
 
+    def pack_experts_(self) -> int:
+        """Lay every MoE layer's routed experts out in two buffers each
+        (:meth:`kimi_linear.layers.moe.SparseMoeBlock.pack_experts_`), so that inference's grouped GEMMs
+        read them in place instead of stacking a copy per call (a 4K prefill of the decode benchmark's
+        model: 7.3 ms of copies). Same values, names and checkpoints. Returns the layers packed."""
+        from kimi_linear.layers.moe import SparseMoeBlock
+
+        return sum(int(m.pack_experts_()) for m in self.modules() if isinstance(m, SparseMoeBlock))
+
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
         self.model.gradient_checkpointing = enabled

@@ -79,3 +79,44 @@ def test_bias_stays_fp32_in_bf16():
     assert block.gate.weight.dtype == torch.bfloat16
     y = block(torch.randn(2, 3, 32).bfloat16())
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_packed_experts_are_views_with_the_same_output_and_training():
+    """pack_experts_ moves the experts into two buffers: the grouped path's stacked view exists (no copy),
+    forward outputs are bit-identical, names are unchanged, a second call does nothing, and training
+    still updates the weights through the views."""
+    from kimi_linear.ops.moe import stacked_view
+
+    block = make()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    before = block(x)
+    names = [n for n, _ in block.named_parameters()]
+    pairs = lambda: [t for e in block.experts for t in (e.w1.weight, e.w3.weight)]  # noqa: E731
+    assert stacked_view(pairs()) is None
+    assert block.pack_experts_() is True
+    assert block.pack_experts_() is False  # already packed
+    assert [n for n, _ in block.named_parameters()] == names
+    w13, w2 = stacked_view(pairs()), stacked_view([e.w2.weight for e in block.experts])
+    assert w13 is not None and w2 is not None
+    assert w13.data_ptr() == block.experts[0].w1.weight.data_ptr()
+    assert torch.equal(w13.view(6, -1, 32)[3, 16:], block.experts[3].w3.weight)  # I = 16 (small_config)
+    assert torch.equal(block(x), before)
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    block(x).square().sum().backward()
+    opt.step()
+    assert not torch.equal(block(x), before)  # the step moved the experts' weights ...
+    assert stacked_view(pairs()) is not None  # ... in place, still packed
+
+
+def test_packed_experts_save_and_load(tmp_path):
+    from kimi_linear.model import KimiLinearConfig, KimiLinearForCausalLM
+    from kimi_linear.model.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.preset("tiny-moe", vocab_size=61)).eval()
+    ids = torch.randint(0, 61, (1, 9))
+    want = model(ids).logits
+    assert model.pack_experts_() > 0
+    save_pretrained(model, tmp_path / "m")
+    again = KimiLinearForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(again(ids).logits, want)
