@@ -6,12 +6,13 @@
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
 # Order for the next session (30 device minutes; the H100 counts half its held time): `tests` first
-# (the whole GPU suite at the session's start commit). Issue 5 (docs/decode.md, results/decode/README.md
-# session 12): TPOT 2.86 / 2.95 / 3.13 / 3.35 ms at 4K / 16K / 64K / 128K against the 3 ms target --
-# the latent split kernels (~54% of DRAM bandwidth at 128K by ncu, one or two programs per SM: a warp-
-# specialised producer/consumer kernel with TMA is the next step; stages `latent`, `ncu-latent`), the
-# projections (0.86 ms against ~0.64), the experts (85% of the copy rate); `pdl` times A/B modes;
-# prefill: the experts' weights stacked per call (7.3 ms at 4K).
+# (the whole GPU suite at the session's start commit). Issue 5 (docs/decode.md "Where the remaining time
+# is (session 13)", results/decode/README.md session 13): TPOT 2.87 / 2.94 / 3.12 / 3.37 ms at 4K / 16K /
+# 64K / 128K against the 3 ms target. Fusing launches within one kernel per operation lost twice in
+# session 13 (the KDA step in one launch; the down weights loaded before the PDL wait): the remaining
+# excess is each launch's ramp and tail, which a persistent whole-step kernel would remove; the latent
+# split kernel at 60-70% of the copy rate at 64K-128K is the other lever (warp-specialised producer /
+# consumer). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
 # Issue 7 (docs/kernels.md, Known gaps): the rewrite that keeps a chunk's intermediates on chip; the
 # vectorised lower-triangle loads measured neutral (session 11). Short inputs are host-bound:
 # benchmarks/host_overhead.py prints host vs GPU time per call.
