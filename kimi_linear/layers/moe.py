@@ -119,8 +119,9 @@ class SparseMoeBlock(nn.Module):
         grouped-GEMM path (:func:`kimi_linear.ops.moe.grouped_swiglu`, inference on CUDA) then reads the
         weights in place instead of stacking a copy per call. Values, parameter names and the checkpoint
         format do not change; memory is the same once the old tensors are freed. Call it before capturing
-        CUDA graphs (a captured graph keeps the old addresses). Returns False (nothing done) when the
-        experts differ in shape, dtype or device, or are already packed."""
+        CUDA graphs (a captured graph keeps the old addresses) and after any ``.to(device / dtype)`` (which
+        makes new, separate tensors: still correct, the grouped path then stacks a copy again). Returns
+        False (nothing done) when the experts differ in shape, dtype or device, or are already packed."""
         w1 = [e.w1.weight for e in self.experts]
         w3 = [e.w3.weight for e in self.experts]
         w2 = [e.w2.weight for e in self.experts]
