@@ -192,6 +192,8 @@ def stacked_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """``parts`` (equal-shape 2-D tensors) as one ``[len(parts) * rows, cols]`` tensor without a copy when
     they lie back to back in one storage (as :meth:`kimi_linear.layers.moe.SparseMoeBlock.pack_experts_`
     lays the experts out); None otherwise."""
+    if not parts or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in parts):
+        return None
     first = parts[0]
     rows, cols = first.shape
     step = rows * cols * first.element_size()

@@ -93,6 +93,7 @@ def test_packed_experts_are_views_with_the_same_output_and_training():
     names = [n for n, _ in block.named_parameters()]
     pairs = lambda: [t for e in block.experts for t in (e.w1.weight, e.w3.weight)]  # noqa: E731
     assert stacked_view(pairs()) is None
+    assert stacked_view([]) is None and stacked_view([torch.zeros(3)]) is None  # not a list of matrices
     assert block.pack_experts_() is True
     assert block.pack_experts_() is False  # already packed
     assert [n for n, _ in block.named_parameters()] == names
