@@ -241,8 +241,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   program per SM, one warp per scheduler, no warp eligible 78% of cycles, DRAM at 54%: still bound by
 #   one program's serial chain of tile wait, products and softmax. What would lift it is a producer
 #   warp streaming tiles (TMA) beside the computing warps (warp specialisation), not another tile.
+#   Session 13, in the model (results/decode/session13/latent_switch_in_model_h100.txt, graph-replayed
+#   step, one process per setting): keys-major from 128K keys 3.318-3.331 ms at 128K against 3.342-3.362
+#   for the rows-major kernel with the Triton absorptions; at 64K a tie (3.130 vs 3.129): from 128K on.
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=262144, keys_major_rows=32)
+                               keys_major_from=131072, keys_major_rows=32)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
