@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,11 +40,20 @@ def _grad_norms(run_dir) -> dict[int, float]:
 
 def _torchrun(cfg: dict, real: bool = False) -> dict[int, float]:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(HERE, "dist_worker.py"), json.dumps(cfg)] + (["real"] if real else []),
-        capture_output=True, text=True, env=env, timeout=300,
-    )
+    for attempt in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             os.path.join(HERE, "dist_worker.py"), json.dumps(cfg)] + (["real"] if real else []),
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        # now and then (session 13: 2 of ~20 runs of this file on the 2-core CPU box, code unchanged in
+        # the trainer) a rank aborts as its process ends: a C++ thread still joinable at exit ("terminate
+        # called without an active exception", SIGABRT). That one failure is run again, from an empty
+        # run directory so that it is the same experiment; any other failure fails the test
+        if proc.returncode != 0 and attempt == 0 and "terminate called without an active exception" in proc.stderr:
+            shutil.rmtree(cfg["out_dir"], ignore_errors=True)
+            continue
+        break
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("LOSSES "))
     return {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
