@@ -68,9 +68,27 @@ def _absorb_output_kernel(c_ptr, w_ptr, out_ptr, N,
         tl.store(out_ptr + (n * H + i_h) * DV + o_v, acc.to(out_ptr.dtype.element_ty), mask=m_v)
 
 
+def _check(name: str, x: torch.Tensor, w_kv_b: torch.Tensor, inner: int) -> None:
+    """``x [N, H, inner]`` and ``w_kv_b [H * (Dn + Dv), R]`` (contiguous, same device) or a ValueError."""
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [N, H, {inner if inner else 'Dn'}], got shape {tuple(x.shape)}")
+    H = x.shape[1]
+    if w_kv_b.dim() != 2 or not w_kv_b.is_contiguous() or H < 1 or w_kv_b.shape[0] % H:
+        raise ValueError(f"w_kv_b must be a contiguous [H * (Dn + Dv), R] with H={H} heads, got shape "
+                         f"{tuple(w_kv_b.shape)} (contiguous={w_kv_b.is_contiguous()})")
+    if inner and x.shape[2] != inner:
+        raise ValueError(f"{name} must be [N, H, R] with R={inner} (w_kv_b's width), got shape {tuple(x.shape)}")
+    if x.device != w_kv_b.device:
+        raise ValueError(f"{name} is on {x.device} but w_kv_b is on {w_kv_b.device}")
+
+
 def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``q_nope [N, H, Dn]`` (any row / head strides, unit last stride), ``w_kv_b [H * (Dn + Dv), R]``
-    contiguous -> ``q_lat [N, H, R]`` in ``out_dtype``. Callers check shapes (latent_attention_triton)."""
+    contiguous -> ``q_lat [N, H, R]`` in ``out_dtype``."""
+    _check("q_nope", q_nope, w_kv_b, 0)
+    if w_kv_b.shape[0] // q_nope.shape[1] <= q_nope.shape[2]:
+        raise ValueError(f"w_kv_b has {w_kv_b.shape[0] // q_nope.shape[1]} rows per head, fewer than "
+                         f"q_nope's Dn={q_nope.shape[2]} plus a value part")
     N, H, Dn = q_nope.shape
     R = w_kv_b.shape[1]
     Dv = w_kv_b.shape[0] // H - Dn
@@ -88,8 +106,11 @@ def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dt
 def absorb_output(ctx: torch.Tensor, w_kv_b: torch.Tensor, Dn: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``ctx [N, H, R]`` contiguous, ``w_kv_b [H * (Dn + Dv), R]`` contiguous -> ``[N, H, Dv]`` in
     ``out_dtype``."""
+    _check("ctx", ctx, w_kv_b, w_kv_b.shape[1] if w_kv_b.dim() == 2 else -1)
     N, H, R = ctx.shape
     Dv = w_kv_b.shape[0] // H - Dn
+    if Dn < 1 or Dv < 1:
+        raise ValueError(f"Dn={Dn} leaves no value rows in w_kv_b's {w_kv_b.shape[0] // H} rows per head")
     out = torch.empty(N, H, Dv, device=ctx.device, dtype=out_dtype)
     bv = min(TILES["BV"], triton.next_power_of_2(Dv))
     _absorb_output_kernel[(H, triton.cdiv(Dv, bv))](

@@ -289,6 +289,24 @@ def test_absorb_kernels_match_matmuls(N, H, Dn, Dv, R):
     assert out.shape == (N, H, Dv) and rel_rms(out, torch.einsum("nhr,hvr->nhv", ctx, w_uv)) < tol
 
 
+def test_absorb_kernels_reject_bad_input():
+    from kimi_linear.ops.latent_absorb_triton import absorb_output, absorb_query
+
+    w = torch.randn(4 * (8 + 6), 16)
+    with pytest.raises(ValueError, match=r"q_nope must be \[N, H"):
+        absorb_query(torch.randn(4, 8), w, torch.float32)
+    with pytest.raises(ValueError, match="w_kv_b must be a contiguous"):
+        absorb_query(torch.randn(1, 3, 8), w, torch.float32)  # 56 rows are not 3 heads' worth
+    with pytest.raises(ValueError, match="rows per head"):
+        absorb_query(torch.randn(1, 4, 14), w, torch.float32)
+    with pytest.raises(ValueError, match="w_kv_b's width"):
+        absorb_output(torch.randn(1, 4, 12), w, 8, torch.float32)
+    with pytest.raises(ValueError, match="no value rows"):
+        absorb_output(torch.randn(1, 4, 16), w, 14, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        absorb_output(torch.randn(1, 4, 16), w.t().contiguous().t(), 8, torch.float32)
+
+
 @pytest.mark.gpu
 def test_absorb_kernels_benchmark_geometry_gpu(cuda_device):
     # bf16 at the benchmark's 32 heads x (128 + 128) x 512, against fp32 matmuls of the same bf16 values
