@@ -40,8 +40,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
         k2 = k.reshape(B * T, H, K).contiguous()
         rq = rk = None
         if qk_l2norm:
-            q2, rq = l2norm_fwd(q2)
-            k2, rk = l2norm_fwd(k2)
+            (q2, rq), (k2, rk) = l2norm_fwd(q2, k2)
         v2 = v.reshape(B * T, HV, V).contiguous()
         g2 = g.reshape(B * T, HV, K).contiguous()
         b2 = beta.reshape(B * T, HV).contiguous()
@@ -74,8 +73,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
             dq = dq.view(B * T, H, HV // H, K).sum(2)
             dk = dk.view(B * T, H, HV // H, K).sum(2)
         if qk_l2norm:
-            dq = l2norm_bwd(q2, rq, dq, q_dtype)
-            dk = l2norm_bwd(k2, rk, dk, k_dtype)
+            dq, dk = l2norm_bwd((q2, rq, dq, q_dtype), (k2, rk, dk, k_dtype))
         return (dq.to(q_dtype).view(B, T, H, K), dk.to(k_dtype).view(B, T, H, K), dv.view(B, T, HV, V),
                 dg.view(B, T, HV, K), dbeta.view(B, T, HV), dA_log, ddt_bias, dh0,
                 None, None, None, None, None)

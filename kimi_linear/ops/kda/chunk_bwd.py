@@ -18,6 +18,8 @@ Stages of the backward:
 |                |                | per 16-row sub-chunk                                              |
 | gate grads     | (NC, HV, K/32) | dg = reverse cumsum of dG over the chunk, fused gate backward     |
 |                |                | (raw gate, A_log, dt_bias partials)                               |
+| gate params    | (HV,)          | dA_log and ddt_bias: the partials summed over chunks               |
+| l2norm         | (rows/16, 2)   | (chunk.py, fused q/k norm) dq and dk through the norm, one launch  |
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.chunk_common import (
+    GATE_FLOOR,
+    LAUNCH,
+    ChunkTable,
+    launch,
+    pow2,
+    scan_halves,
+    scan_launch,
+)
 from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, lower_triangle, softplus_f32
 
 
@@ -85,6 +95,79 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
                 - tl.dot(tl.trans(b_wk), b_dw.to(DT), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dS, mask=m_kv)
+
+
+@triton.jit
+def _state_bwd_halves_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
+                             HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                             HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+                             DW_LOCAL: tl.constexpr):
+    # _state_bwd_kernel with the state gradient held as two [64, BV] key halves (64 < K <= 128) instead
+    # of one [128, BV] tile: the same sums, each product split at key 64, so the halves' updates are
+    # independent chains the scheduler can interleave (launch table "halves"; FLA blocks K this way).
+    DT: tl.constexpr = Wk.dtype.element_ty
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = (i_nh % HV).to(tl.int64)
+    o_k1 = tl.arange(0, 64)
+    o_k2 = 64 + o_k1
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, 64)
+    m_v = o_v < V
+    m_k2 = o_k2 < K
+    m_kv2 = m_k2[:, None] & m_v[None, :]
+    p_s1 = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k1[:, None] * V + o_v[None, :]
+    p_s2 = p_s1 + 64 * V
+    b_dS1 = tl.zeros([64, BV], dtype=tl.float32)
+    b_dS2 = tl.zeros([64, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dS1 = tl.load(dht + p_s1, mask=m_v[None, :], other=0).to(tl.float32)
+        b_dS2 = tl.load(dht + p_s2, mask=m_kv2, other=0).to(tl.float32)
+    c0 = tl.load(chunk_first + i_n)
+    c1 = tl.load(chunk_first + i_n + 1)
+    bos = tl.load(seq_start + i_n).to(tl.int64)
+    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
+    for j in range(0, c1 - c0):
+        c = c1 - 1 - j
+        t0 = bos + (c - c0) * 64
+        n = tl.minimum(eos - t0, 64)
+        p_dh = ((c * HV + i_hv) * K + o_k1[:, None]) * V + o_v[None, :]
+        tl.store(dh + p_dh, b_dS1.to(dh.dtype.element_ty), mask=m_v[None, :])
+        tl.store(dh + p_dh + 64 * V, b_dS2.to(dh.dtype.element_ty), mask=m_kv2)
+        m_t = o_t < n
+        m_tk2 = m_t[:, None] & m_k2[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k1[None, :]
+        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        p_gl = ((t0 + n - 1) * HV + i_hv) * K + o_k1
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+        b_gl1 = tl.load(G + p_gl)
+        b_gl2 = tl.load(G + p_gl + 64, mask=m_k2, other=0)
+        b_kd1 = tl.load(Kd + p_tk, mask=m_t[:, None], other=0)
+        b_kd2 = tl.load(Kd + p_tk + 64, mask=m_tk2, other=0)
+        b_qg1 = tl.load(Qg + p_tk, mask=m_t[:, None], other=0)
+        b_qg2 = tl.load(Qg + p_tk + 64, mask=m_tk2, other=0)
+        b_wk1 = tl.load(Wk + p_tk, mask=m_t[:, None], other=0)
+        b_wk2 = tl.load(Wk + p_tk + 64, mask=m_tk2, other=0)
+        if DW_LOCAL:
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+        else:
+            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
+                          other=0)
+            b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
+        b_dw += tl.dot(b_kd1, b_dS1.to(DT), input_precision=PREC)
+        b_dw += tl.dot(b_kd2, b_dS2.to(DT), input_precision=PREC)
+        tl.store(dW + p_tv, b_dw, mask=m_tv)
+        b_doh = b_do.to(DT)
+        b_dwh = b_dw.to(DT)
+        b_dS1 = (b_dS1 * tl.exp(b_gl1)[:, None] + scale * tl.dot(tl.trans(b_qg1), b_doh, input_precision=PREC)
+                 - tl.dot(tl.trans(b_wk1), b_dwh, input_precision=PREC))
+        b_dS2 = (b_dS2 * tl.exp(b_gl2)[:, None] + scale * tl.dot(tl.trans(b_qg2), b_doh, input_precision=PREC)
+                 - tl.dot(tl.trans(b_wk2), b_dwh, input_precision=PREC))
+    if STORE_DH0:
+        tl.store(dh0 + p_s1, b_dS1, mask=m_v[None, :])
+        tl.store(dh0 + p_s2, b_dS2, mask=m_kv2)
 
 
 @triton.jit
@@ -478,8 +561,33 @@ def _gate_grad_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_st
 
 
 @triton.jit
-def _l2norm_bwd_kernel(y, rstd, dy, dx, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
-    # y = x r, r = (|x|^2 + eps)^-1/2:  dx = r (dy - y <y, dy>)
+def _gate_param_sum_kernel(dalog_part, ddtb_part, dA_log, ddt_bias, NC, HV: tl.constexpr, K: tl.constexpr,
+                           KP: tl.constexpr, NKB: tl.constexpr, NKBP: tl.constexpr, BC: tl.constexpr):
+    # dA_log[h] = sum over chunks and key blocks of dalog_part[c, h, :]; ddt_bias[h, :] = sum over chunks
+    # of ddtb_part[c, h, :]. One program per value head, BC chunks per step (one launch for both sums).
+    i_hv = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, KP)
+    o_b = tl.arange(0, NKBP)
+    acc_dt = tl.zeros([BC, KP], dtype=tl.float32)
+    acc_a = tl.zeros([BC, NKBP], dtype=tl.float32)
+    for c0 in range(0, NC, BC):
+        rows = (c0 + o_c).to(tl.int64)
+        m_c = rows < NC
+        acc_dt += tl.load(ddtb_part + (rows[:, None] * HV + i_hv) * K + o_k[None, :],
+                          mask=m_c[:, None] & (o_k < K)[None, :], other=0)
+        acc_a += tl.load(dalog_part + (rows[:, None] * HV + i_hv) * NKB + o_b[None, :],
+                         mask=m_c[:, None] & (o_b < NKB)[None, :], other=0)
+    tl.store(ddt_bias + i_hv * K + o_k, tl.sum(acc_dt, axis=0), mask=o_k < K)
+    tl.store(dA_log + i_hv, tl.sum(tl.sum(acc_a, axis=1), axis=0))
+
+
+@triton.jit
+def _l2norm_bwd_kernel(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+    # y = x r, r = (|x|^2 + eps)^-1/2:  dx = r (dy - y <y, dy>). Grid axis 1 picks the tensor (q, k).
+    y, rstd, dy, dx = ya, ra, dya, dxa
+    if tl.program_id(1) == 1:
+        y, rstd, dy, dx = yb, rb, dyb, dxb
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
@@ -490,16 +598,23 @@ def _l2norm_bwd_kernel(y, rstd, dy, dx, R, D: tl.constexpr, DP: tl.constexpr, BR
     tl.store(dx + o_r[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
 
 
-def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Gradient of :func:`chunk_fwd.l2norm_fwd` given its output ``y`` and ``rstd``."""
-    D = y.shape[-1]
-    R = rstd.shape[0]
-    dx = chunk_common.alloc(y.shape, out_dtype, y.device)
-    if R > 0:
+def l2norm_bwd(*terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]) -> list[torch.Tensor]:
+    """Gradients of :func:`chunk_fwd.l2norm_fwd`, one per ``(y, rstd, dy, out_dtype)`` (its output ``y``
+    and ``rstd``, the upstream ``dy``); two terms of one shape and dtypes in one launch (q and k)."""
+    dxs = [chunk_common.alloc(y.shape, dt, y.device) for y, _, _, dt in terms]
+    same = (len(terms) == 2 and terms[0][0].shape == terms[1][0].shape and terms[0][0].dtype == terms[1][0].dtype
+            and terms[0][2].dtype == terms[1][2].dtype and terms[0][3] == terms[1][3])
+    groups = [[0, 1]] if same else [[i] for i in range(len(terms))]
+    for idx in groups:
+        y0, r0 = terms[idx[0]][0], terms[idx[0]][1]
+        D, R = y0.shape[-1], r0.shape[0]
+        if R == 0:
+            continue
+        flat = [(terms[i][0].reshape(-1, D), terms[i][1], terms[i][2].reshape(-1, D).contiguous(), dxs[i].view(-1, D))
+                for i in idx]
         BR = 16
-        _l2norm_bwd_kernel[(triton.cdiv(R, BR),)](y.reshape(-1, D), rstd, dy.reshape(-1, D).contiguous(),
-                                                  dx.view(-1, D), R, D=D, DP=pow2(D), BR=BR)
-    return dx
+        _l2norm_bwd_kernel[(triton.cdiv(R, BR), len(idx))](*flat[0], *flat[-1], R, D=D, DP=pow2(D), BR=BR)
+    return dxs
 
 
 def decay_precision(prec: str) -> str:
@@ -551,10 +666,14 @@ def chunk_kda_bwd(
         _dw_local_kernel[(NC, HV, triton.cdiv(V, BVD))](saved["Aqk"], do, dW, cs, cl, scale, HV=HV, V=V, BV=BVD,
                                                         PREC=prec, **launch("dw_local"))
     if N > 0:
-        _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](
-            saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
-            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS,
-            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, DW_LOCAL=dw_local, **scan_kw)
+        scan_args = (saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do,
+                     dht if dht is not None else dW, dh, dW, dh0 if dh0 is not None else dW, table.seq_start, cf, scale)
+        scan_flags = dict(HV=HV, K=K, V=V, BV=BVS, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+                          DW_LOCAL=dw_local, **scan_kw)
+        if scan_halves("state_bwd", K, v.dtype):
+            _state_bwd_halves_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, **scan_flags)
+        else:
+            _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, KP=KP, **scan_flags)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
@@ -595,8 +714,10 @@ def chunk_kda_bwd(
     dA_log = ddt_bias = None
     if gate_raw:
         if NC > 0:
-            dA_log = dalog_part.sum(dim=(0, 2))
-            ddt_bias = ddtb_part.sum(dim=0).reshape(-1)
+            dA_log = chunk_common.alloc((HV,), torch.float32, dev)
+            ddt_bias = chunk_common.alloc((HV * K,), torch.float32, dev)
+            _gate_param_sum_kernel[(HV,)](dalog_part, ddtb_part, dA_log, ddt_bias, NC, HV=HV, K=K, KP=KP, NKB=NKE,
+                                          NKBP=pow2(NKE), BC=16, num_warps=4)
         else:
             dA_log = torch.zeros(HV, dtype=torch.float32, device=dev)
             ddt_bias = torch.zeros(HV * K, dtype=torch.float32, device=dev)
