@@ -30,8 +30,7 @@ KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
     "gram_diag": ("_gram_diag_kernel",),
     "solve": ("_inverse_kernel", "_wu_kernel"),
-    "state_fwd": ("_state_fwd_kernel", "_state_fwd_halves_kernel", "_output_kernel"), "output": ("_output_kernel",),
-    "state_bwd": ("_state_bwd_kernel", "_state_bwd_halves_kernel", "_dw_local_kernel"),
+    "state_fwd": ("_state_fwd_kernel", "_output_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
 }
@@ -45,12 +44,6 @@ SCAN_OUT = [dict(output=o, BV=bv, num_warps=w, num_stages=s)
 # with BV 32 to none; benchmarks/kernel_resources.py)
 SCAN_BWD = ([dict(BV=bv, num_warps=w, num_stages=s, dw_local=1) for w in (8, 4) for bv, s in ((16, 3), (64, 2), (32, 3))]
             + [dict(BV=bv, num_warps=4, num_stages=s, dw_local=0) for bv, s in ((16, 3), (64, 2), (32, 3))])
-# both scans with the state as two [64, BV] key halves (halves=1) or one [128, BV] tile, on 2 warps (mma.sync
-# instead of a warpgroup's wgmma, whose B operand goes through shared memory each step) or 4
-SCAN_HALVES_FWD = [dict(halves=h, output=0, BV=bv, num_warps=w, num_stages=s)
-                   for h in (0, 1) for bv, w, s in ((16, 8, 3), (16, 4, 3), (16, 2, 3), (32, 4, 3), (32, 2, 3), (64, 4, 2))]
-SCAN_HALVES_BWD = [dict(halves=h, dw_local=0, BV=bv, num_warps=w, num_stages=s)
-                   for h in (0, 1) for bv, w, s in ((16, 4, 3), (16, 2, 3), (16, 4, 2), (32, 4, 3), (32, 2, 3))]
 # fewer warps keep a kernel's in-loop reductions inside one warp (shuffles, no shared-memory barriers)
 PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4, 3), (8, 3))]
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
@@ -66,10 +59,7 @@ GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
-              "state_fwd_halves": SCAN_HALVES_FWD, "state_bwd_halves": SCAN_HALVES_BWD}
-# candidate sets named apart from the launch-table entry they set
-ENTRY = {"state_fwd_halves": "state_fwd", "state_bwd_halves": "state_bwd"}
+              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1
@@ -271,14 +261,13 @@ def main() -> None:
             show_profile(rows, "fla_baseline", "FLA exact path per-kernel ms", shape, fla_profile(B, T, H), 20)
         best = {}
         for kname in args.kernels:
-            entry = ENTRY.get(kname, kname)
-            kfun = KERNEL_NAMES[entry]
+            kfun = KERNEL_NAMES[kname]
             results = []
             for cand in CANDIDATES[kname]:
                 if time.time() > shape_deadline:
                     print("   (budget reached)", flush=True)
                     break
-                chunk_common.LAUNCH[entry] = {**base_launch[entry], **cand}
+                chunk_common.LAUNCH[kname] = {**base_launch[kname], **cand}
                 try:
                     got = run_once(xs, do)
                     err = max(rel(a, b) for a, b in zip(got, ref))
@@ -288,7 +277,7 @@ def main() -> None:
                     print(f"   {kname} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 results.append({**cand, "ms": round(ms, 4), "err": err})
                 print(f"   {kname:11s} {cand}  {ms:8.3f} ms  (diff {err:.1e})", flush=True)
-            chunk_common.LAUNCH[entry] = dict(base_launch[entry])
+            chunk_common.LAUNCH[kname] = dict(base_launch[kname])
             ok = [r for r in results if r["ms"] == r["ms"]]
             if ok:
                 b = min(ok, key=lambda r: r["ms"])
@@ -297,8 +286,7 @@ def main() -> None:
                       flush=True)
             rows["sweep"][kname] = results
         for kname, cfg in best.items():
-            entry = ENTRY.get(kname, kname)
-            chunk_common.LAUNCH[entry] = {**base_launch[entry], **cfg}
+            chunk_common.LAUNCH[kname] = {**base_launch[kname], **cfg}
         o_fn, fb_fn = timed_fns(xs, do)
         fwd_best = triton.testing.do_bench(o_fn, warmup=5, rep=40)
         fb_best = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
@@ -311,8 +299,7 @@ def main() -> None:
         print(f"== {shape}: fwd {fwd_base:.3f} -> {fwd_best:.3f} ms, fwd+bwd {fb_base:.3f} -> {fb_best:.3f} ms "
               f"with {best}", flush=True)
         report["shapes"][shape] = rows
-        best_entries = {ENTRY.get(k, k): cfg for k, cfg in best.items()}
-        best_launch = {k: {**base_launch[k], **best_entries.get(k, {})} for k in base_launch}
+        best_launch = {k: {**base_launch[k], **best.get(k, {})} for k in base_launch}
     if args.compare:
         report["compare"] = compare_shapes(args.compare, base_launch, best_launch)
     print(json.dumps(report))

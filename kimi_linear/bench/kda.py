@@ -191,11 +191,31 @@ def _timed_fn(p: Provider, leaves: Leaves, mode: str):
     return fwdbwd
 
 
+def graph_replay(fn, device: torch.device):
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as capture requires);
+    returns the graph's replay. A short input's time is then the GPU's, not the host's launch path,
+    as in a training loop that captures its step (every provider is timed the same way)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: torch.dtype,
-              env: dict[str, object], warmup: int, rep: int, refs: dict | None = None) -> Record:
+              env: dict[str, object], warmup: int, rep: int, refs: dict | None = None,
+              cuda_graph: bool = False) -> Record:
     """Gate, then time, one (provider, shape, mode). ``refs``: forward references of this shape's
-    leaves computed by earlier rows (see :func:`gate_forward`; one dict per shape and setting)."""
+    leaves computed by earlier rows (see :func:`gate_forward`; one dict per shape and setting).
+    ``cuda_graph``: time the call replayed from a CUDA graph (:func:`graph_replay`)."""
     rec = Record(bench="kda", provider=p.name, mode=mode, shape=s.as_dict(), extra={"setting": p.setting})
+    if cuda_graph:
+        rec.extra["timing"] = "cuda_graph"
     why = p.available(device)
     if why is not None:
         rec.status = f"unavailable: {why}"
@@ -214,7 +234,10 @@ def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: 
         if verdict is not None:
             rec.status = verdict
             return rec
-        rec.finish(time_ms(_timed_fn(p, leaves, mode), device, warmup=warmup, rep=rep))
+        fn = _timed_fn(p, leaves, mode)
+        if cuda_graph:
+            fn = graph_replay(fn, device)
+        rec.finish(time_ms(fn, device, warmup=warmup, rep=rep))
     except Exception as exc:  # noqa: BLE001 - a failing provider is reported, the run goes on
         rec.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     finally:
@@ -267,9 +290,13 @@ COLUMNS = [
 
 def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str], *, device: torch.device,
         dtype: torch.dtype, env: dict[str, object], warmup: int = 25, rep: int = 100,
-        extra_providers: dict[str, Provider] | None = None, log=print, on_record=None) -> list[Record]:
+        extra_providers: dict[str, Provider] | None = None, log=print, on_record=None,
+        cuda_graph: bool = False) -> list[Record]:
     """Run every (shape, mode, provider); each row is logged (and handed to ``on_record``) as soon as
-    it is measured, so a run cut short keeps what it measured."""
+    it is measured, so a run cut short keeps what it measured. ``cuda_graph``: every provider's call
+    timed from a CUDA graph (needs a CUDA device)."""
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph timing needs a CUDA device, got {device}")
     registry = {**KDA_PROVIDERS, **(extra_providers or {})}
     unknown = [p for p in providers if p not in registry]
     if unknown:
@@ -284,7 +311,7 @@ def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str],
             for name in providers:
                 p = registry[name]
                 rec = bench_one(p, s, mode, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep,
-                                refs=refs.setdefault(p.setting, {}))
+                                refs=refs.setdefault(p.setting, {}), cuda_graph=cuda_graph)
                 records.append(rec)
                 log(f"  {s.key:18s} {mode:6s} {name:14s} {fmt(rec.ms):>8s} ms  {rec.status}")
                 if on_record is not None:

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--providers", default=None, help="comma list (default: all but 'reference'); see --list")
     k.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
     k.add_argument("--list", action="store_true", help="list providers and exit")
+    k.add_argument("--cuda-graph", action="store_true",
+                   help="time every provider's call replayed from a CUDA graph (GPU time without the host's "
+                        "launch path, as a captured training step runs; short inputs are host-bound otherwise)")
     k.set_defaults(handler=run_kda)
 
     d = sub.add_parser("kda-decode", help="KDA decode step: recurrent kernel, state pool in place")
@@ -119,6 +122,11 @@ def run_kda(args: argparse.Namespace) -> int:
             print(f"{p.name:14s} [{p.setting}] {p.description}")
         return 0
     smoke, device, dtype, env = _setup(args)
+    if args.cuda_graph:
+        if device.type != "cuda":
+            print("--cuda-graph needs a CUDA device", file=sys.stderr)
+            return 2
+        env["timing"] = "each call replayed from a CUDA graph"
     shapes = kda.parse_shapes("smoke" if smoke and args.shapes == "all" else args.shapes)
     providers = _csv(args.providers) if args.providers else (["reference"] if smoke else list(DEFAULT_KDA_PROVIDERS))
     modes = _csv(args.modes)
@@ -126,7 +134,7 @@ def run_kda(args: argparse.Namespace) -> int:
           file=sys.stderr)
     records = kda.run(shapes, providers, modes, device=device, dtype=dtype, env=env, warmup=args.warmup,
                       rep=args.rep, log=lambda s: print(s, file=sys.stderr, flush=True),
-                      on_record=_writer("kda", args, env))
+                      on_record=_writer("kda", args, env), cuda_graph=args.cuda_graph)
     return _finish("kda", args, env, records, kda.table(records), kda.markdown(env, records),
                    lambda path: plot_kda(records, path, title=f"KDA kernels, {env.get('gpu') or device}"))
 

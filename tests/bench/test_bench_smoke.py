@@ -125,6 +125,16 @@ def test_cli_smoke_writes_files_and_one_json_line(command, tmp_path: Path, capsy
     assert (tmp_path / f"{command}_t.md").read_text().count("| ok |") == len(recs)
 
 
+def test_cuda_graph_timing_needs_a_gpu(tmp_path: Path, capsys):
+    # on a machine without one: a clear refusal from the CLI and from kda.run, nothing timed
+    args = ["bench", "kda", "--smoke", "--cuda-graph", "--out", str(tmp_path), "--shapes", "1x16x1x8", "--no-plot"]
+    assert main(args) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        kda.run(TINY, ["reference"], ["fwd"], device=CPU, dtype=torch.float32, env=_env(), cuda_graph=True)
+
+
 def test_parse_shapes():
     assert kda.parse_shapes("fig2")[-1] == kda.Shape(1, 65536, 16)
     assert kda.parse_shapes("train,8x4096x32") == kda.SHAPE_SETS["train"]  # duplicates dropped

@@ -183,24 +183,6 @@ def test_chunk_kda_interpreter_levels_diagonal_extreme_gates(monkeypatch):
     check_extreme("cpu", torch.float32)
 
 
-# K = 80: 64 < K <= 128, so the key-halves scans apply, with the second half partly masked
-HALVES_CASE = (1, 100, 1, 2, 80, 32, [0, 0, 1, 37, 100], True, True)
-
-
-@pytest.mark.parametrize("switches", [dict(halves=1), dict(halves=1, output=1)], ids=["halves", "halves-output"])
-def test_chunk_kda_interpreter_state_fwd_halves(switches, monkeypatch):
-    # the forward scan on two [64, BV] key halves (fp16: the halves kernels take half-precision operands)
-    use_variant(monkeypatch, "state_fwd", **switches)
-    check_case(HALVES_CASE, torch.float16)
-
-
-@pytest.mark.parametrize("switches", [dict(halves=1), dict(halves=1, dw_local=1)], ids=["halves", "halves-dw_local"])
-def test_chunk_kda_interpreter_state_bwd_halves(switches, monkeypatch):
-    # the state-gradient scan on two [64, BV] key halves, with its dO-only term inside and outside
-    use_variant(monkeypatch, "state_bwd", **switches)
-    check_case(HALVES_CASE, torch.float16)
-
-
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float16)],
                          ids=["one-launch", "two-launches"])
 def test_l2norm_pair_matches_autograd(dtypes):
@@ -224,18 +206,6 @@ def test_l2norm_pair_matches_autograd(dtypes):
         assert torch.allclose(y.double(), yr.detach(), atol=tol)
         assert torch.allclose(r.double(), torch.rsqrt((xr.detach() ** 2).sum(-1) + 1e-6).reshape(-1), rtol=tol)
         assert torch.allclose(dx.double(), xr.grad, rtol=tol, atol=tol * 10)  # the zero row: dx = 1e3 dy
-
-
-def test_scan_halves_only_where_the_state_splits(monkeypatch):
-    # the halves kernels hold keys 0-63 unmasked: they must never run for K <= 64, nor for fp32 operands
-    use_variant(monkeypatch, "state_bwd", halves=1)
-    assert chunk_common.scan_halves("state_bwd", 128, torch.bfloat16)
-    assert chunk_common.scan_halves("state_bwd", 65, torch.float16)
-    assert not chunk_common.scan_halves("state_bwd", 64, torch.bfloat16)
-    assert not chunk_common.scan_halves("state_bwd", 129, torch.bfloat16)
-    assert not chunk_common.scan_halves("state_bwd", 128, torch.float32)
-    use_variant(monkeypatch, "state_bwd", halves=0)
-    assert not chunk_common.scan_halves("state_bwd", 128, torch.bfloat16)
 
 
 @pytest.mark.parametrize("precise", [0, 1, 2])
@@ -393,18 +363,6 @@ def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
 def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
     # the scan's dO-only term as its own parallel kernel first (the default keeps it in the scan)
     use_variant(monkeypatch, "state_bwd", dw_local=1)
-    check_fused_varlen(cuda_device, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("variant", [dict(state_fwd=dict(halves=1), state_bwd=dict(halves=1)),
-                                     dict(state_fwd=dict(halves=1, output=1), state_bwd=dict(halves=1, dw_local=1))],
-                         ids=["halves", "halves-output-dw_local"])
-def test_chunk_kda_gpu_scan_halves(cuda_device, dtype, variant, monkeypatch):
-    # both scans on two [64, BV] key halves (the launch table's "halves"), at K = V = 128
-    for kernel, switches in variant.items():
-        use_variant(monkeypatch, kernel, **switches)
     check_fused_varlen(cuda_device, dtype)
 
 

@@ -29,15 +29,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import (
-    GATE_FLOOR,
-    LAUNCH,
-    ChunkTable,
-    launch,
-    pow2,
-    scan_halves,
-    scan_launch,
-)
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, lower_triangle, softplus_f32
 
 
@@ -95,79 +87,6 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
                 - tl.dot(tl.trans(b_wk), b_dw.to(DT), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dS, mask=m_kv)
-
-
-@triton.jit
-def _state_bwd_halves_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk_first, scale,
-                             HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                             HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
-                             DW_LOCAL: tl.constexpr):
-    # _state_bwd_kernel with the state gradient held as two [64, BV] key halves (64 < K <= 128) instead
-    # of one [128, BV] tile: the same sums, each product split at key 64, so the halves' updates are
-    # independent chains the scheduler can interleave (launch table "halves"; FLA blocks K this way).
-    DT: tl.constexpr = Wk.dtype.element_ty
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = (i_nh % HV).to(tl.int64)
-    o_k1 = tl.arange(0, 64)
-    o_k2 = 64 + o_k1
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, 64)
-    m_v = o_v < V
-    m_k2 = o_k2 < K
-    m_kv2 = m_k2[:, None] & m_v[None, :]
-    p_s1 = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k1[:, None] * V + o_v[None, :]
-    p_s2 = p_s1 + 64 * V
-    b_dS1 = tl.zeros([64, BV], dtype=tl.float32)
-    b_dS2 = tl.zeros([64, BV], dtype=tl.float32)
-    if HAS_DHT:
-        b_dS1 = tl.load(dht + p_s1, mask=m_v[None, :], other=0).to(tl.float32)
-        b_dS2 = tl.load(dht + p_s2, mask=m_kv2, other=0).to(tl.float32)
-    c0 = tl.load(chunk_first + i_n)
-    c1 = tl.load(chunk_first + i_n + 1)
-    bos = tl.load(seq_start + i_n).to(tl.int64)
-    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
-    for j in range(0, c1 - c0):
-        c = c1 - 1 - j
-        t0 = bos + (c - c0) * 64
-        n = tl.minimum(eos - t0, 64)
-        p_dh = ((c * HV + i_hv) * K + o_k1[:, None]) * V + o_v[None, :]
-        tl.store(dh + p_dh, b_dS1.to(dh.dtype.element_ty), mask=m_v[None, :])
-        tl.store(dh + p_dh + 64 * V, b_dS2.to(dh.dtype.element_ty), mask=m_kv2)
-        m_t = o_t < n
-        m_tk2 = m_t[:, None] & m_k2[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k1[None, :]
-        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        p_gl = ((t0 + n - 1) * HV + i_hv) * K + o_k1
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0)
-        b_gl1 = tl.load(G + p_gl)
-        b_gl2 = tl.load(G + p_gl + 64, mask=m_k2, other=0)
-        b_kd1 = tl.load(Kd + p_tk, mask=m_t[:, None], other=0)
-        b_kd2 = tl.load(Kd + p_tk + 64, mask=m_tk2, other=0)
-        b_qg1 = tl.load(Qg + p_tk, mask=m_t[:, None], other=0)
-        b_qg2 = tl.load(Qg + p_tk + 64, mask=m_tk2, other=0)
-        b_wk1 = tl.load(Wk + p_tk, mask=m_t[:, None], other=0)
-        b_wk2 = tl.load(Wk + p_tk + 64, mask=m_tk2, other=0)
-        if DW_LOCAL:
-            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
-        else:
-            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0)
-            b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
-        b_dw += tl.dot(b_kd1, b_dS1.to(DT), input_precision=PREC)
-        b_dw += tl.dot(b_kd2, b_dS2.to(DT), input_precision=PREC)
-        tl.store(dW + p_tv, b_dw, mask=m_tv)
-        b_doh = b_do.to(DT)
-        b_dwh = b_dw.to(DT)
-        b_dS1 = (b_dS1 * tl.exp(b_gl1)[:, None] + scale * tl.dot(tl.trans(b_qg1), b_doh, input_precision=PREC)
-                 - tl.dot(tl.trans(b_wk1), b_dwh, input_precision=PREC))
-        b_dS2 = (b_dS2 * tl.exp(b_gl2)[:, None] + scale * tl.dot(tl.trans(b_qg2), b_doh, input_precision=PREC)
-                 - tl.dot(tl.trans(b_wk2), b_dwh, input_precision=PREC))
-    if STORE_DH0:
-        tl.store(dh0 + p_s1, b_dS1, mask=m_v[None, :])
-        tl.store(dh0 + p_s2, b_dS2, mask=m_kv2)
 
 
 @triton.jit
@@ -666,14 +585,10 @@ def chunk_kda_bwd(
         _dw_local_kernel[(NC, HV, triton.cdiv(V, BVD))](saved["Aqk"], do, dW, cs, cl, scale, HV=HV, V=V, BV=BVD,
                                                         PREC=prec, **launch("dw_local"))
     if N > 0:
-        scan_args = (saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do,
-                     dht if dht is not None else dW, dh, dW, dh0 if dh0 is not None else dW, table.seq_start, cf, scale)
-        scan_flags = dict(HV=HV, K=K, V=V, BV=BVS, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-                          DW_LOCAL=dw_local, **scan_kw)
-        if scan_halves("state_bwd", K, v.dtype):
-            _state_bwd_halves_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, **scan_flags)
-        else:
-            _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, KP=KP, **scan_flags)
+        _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](
+            saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
+            dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS,
+            HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, DW_LOCAL=dw_local, **scan_kw)
     dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)

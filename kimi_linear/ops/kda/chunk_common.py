@@ -125,7 +125,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
-    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None, halves=0),
+    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None),
     # 0.645 ms on 2 warps against 0.69 on 8 at 1M tokens x heads (session 7, sweep_v11g)
     "output": dict(num_warps=2, num_stages=2),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk
@@ -135,7 +135,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # other way round: both kernels 2.80 ms against the scan alone 2.55 (B1 T64K H16, BV 16), 1.84
     # (BV 64) against 1.39 (BV 32) at B8 T4K H32; fwd+bwd 20.30 -> 20.06 and 18.69 -> 18.27
     # (session9/sweep_scans_8warps.txt: 8 warps, spill-free for sm_90a at BV 32, were slower)
-    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0, halves=0),
+    "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
     # (3-pass tf32 dots here did not change the gate gradients' error: session7/grad_precision_h100.txt)
@@ -223,12 +223,6 @@ def scan_launch(name: str, rows: int, V: int, KP: int, dtype: torch.dtype, devic
     if KP * bv < 32 * 32:
         warps = min(warps, 4)
     return bv, {"num_warps": warps, "num_stages": int(cfg.get("num_stages") or stages)}
-
-
-def scan_halves(name: str, K: int, dtype: torch.dtype) -> bool:
-    """Whether scan ``name`` runs its two-key-halves kernel (launch table ``halves``; 64 < K <= 128 and
-    half-precision operands only, where the state is two [64, BV] tiles)."""
-    return bool(LAUNCH[name].get("halves")) and 64 < K <= 128 and dtype != torch.float32
 
 
 # Tests set this to True: every buffer the kernels write (outputs and intermediates) then starts

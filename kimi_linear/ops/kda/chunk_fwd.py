@@ -28,15 +28,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
-from kimi_linear.ops.kda.chunk_common import (
-    GATE_FLOOR,
-    LAUNCH,
-    ChunkTable,
-    launch,
-    pow2,
-    scan_halves,
-    scan_launch,
-)
+from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 
 
 @triton.jit
@@ -368,75 +360,6 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
 
 
 @triton.jit
-def _state_fwd_halves_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_first, scale,
-                             HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                             HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr,
-                             PREC: tl.constexpr):
-    # _state_fwd_kernel with the state held as two [64, BV] key halves (64 < K <= 128): each product
-    # split at key 64, the halves' updates independent (launch table "halves").
-    DT: tl.constexpr = Wk.dtype.element_ty
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = (i_nh % HV).to(tl.int64)
-    o_k1 = tl.arange(0, 64)
-    o_k2 = 64 + o_k1
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, 64)
-    m_v = o_v < V
-    m_k2 = o_k2 < K
-    m_kv2 = m_k2[:, None] & m_v[None, :]
-    p_s1 = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k1[:, None] * V + o_v[None, :]
-    p_s2 = p_s1 + 64 * V
-    b_S1 = tl.zeros([64, BV], dtype=tl.float32)
-    b_S2 = tl.zeros([64, BV], dtype=tl.float32)
-    if HAS_INIT:
-        b_S1 = tl.load(h0 + p_s1, mask=m_v[None, :], other=0).to(tl.float32)
-        b_S2 = tl.load(h0 + p_s2, mask=m_kv2, other=0).to(tl.float32)
-    c0 = tl.load(chunk_first + i_n)
-    c1 = tl.load(chunk_first + i_n + 1)
-    bos = tl.load(seq_start + i_n).to(tl.int64)
-    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
-    for c in range(c0, c1):
-        t0 = bos + (c - c0) * 64
-        n = tl.minimum(eos - t0, 64)
-        p_h = ((c * HV + i_hv) * K + o_k1[:, None]) * V + o_v[None, :]
-        tl.store(h + p_h, b_S1.to(h.dtype.element_ty), mask=m_v[None, :])
-        tl.store(h + p_h + 64 * V, b_S2.to(h.dtype.element_ty), mask=m_kv2)
-        m_t = o_t < n
-        m_tk2 = m_t[:, None] & m_k2[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k1[None, :]
-        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        p_gl = ((t0 + n - 1) * HV + i_hv) * K + o_k1
-        b_wk1 = tl.load(Wk + p_tk, mask=m_t[:, None], other=0)
-        b_wk2 = tl.load(Wk + p_tk + 64, mask=m_tk2, other=0)
-        b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_kd1 = tl.load(Kd + p_tk, mask=m_t[:, None], other=0)
-        b_kd2 = tl.load(Kd + p_tk + 64, mask=m_tk2, other=0)
-        b_gl1 = tl.load(G + p_gl)
-        b_gl2 = tl.load(G + p_gl + 64, mask=m_k2, other=0)
-        b_sh1 = b_S1.to(DT)
-        b_sh2 = b_S2.to(DT)
-        b_w = b_u - tl.dot(b_wk1, b_sh1, input_precision=PREC) - tl.dot(b_wk2, b_sh2, input_precision=PREC)
-        tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
-        b_wh = b_w.to(DT)
-        if OUTPUT:
-            b_qg1 = tl.load(Qg + p_tk, mask=m_t[:, None], other=0)
-            b_qg2 = tl.load(Qg + p_tk + 64, mask=m_tk2, other=0)
-            b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0)
-            b_o = (tl.dot(b_qg1, b_sh1, input_precision=PREC) + tl.dot(b_qg2, b_sh2, input_precision=PREC)
-                   + tl.dot(b_a, b_wh.to(tl.float32), input_precision=PREC))
-            tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        b_S1 = b_S1 * tl.exp(b_gl1)[:, None] + tl.dot(tl.trans(b_kd1), b_wh, input_precision=PREC)
-        b_S2 = b_S2 * tl.exp(b_gl2)[:, None] + tl.dot(tl.trans(b_kd2), b_wh, input_precision=PREC)
-    if STORE_FINAL:
-        tl.store(ht + p_s1, b_S1, mask=m_v[None, :])
-        tl.store(ht + p_s2, b_S2, mask=m_kv2)
-
-
-@triton.jit
 def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -562,13 +485,10 @@ def chunk_kda_fwd(
         # the serial path per program grows); H100, session 7, sweep_v11f
         cfg_out = LAUNCH["state_fwd"].get("output")
         fused_output = bool(cfg_out) if cfg_out is not None else (BVS == 64 and KP == 128 and v.dtype != torch.float32)
-        scan_args = (Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start, cf, scale)
-        scan_flags = dict(HV=HV, K=K, V=V, BV=BVS, HAS_INIT=initial_state is not None, STORE_FINAL=ht is not None,
-                          OUTPUT=fused_output, PREC=prec, **scan_kw)
-        if scan_halves("state_fwd", K, v.dtype):
-            _state_fwd_halves_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, **scan_flags)
-        else:
-            _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](*scan_args, KP=KP, **scan_flags)
+        _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
+            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start, cf, scale,
+            HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
+            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, **scan_kw)
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
