@@ -71,7 +71,8 @@ grid|train)
   # the side-by-side table of issues 3 / 7: Figure-2 grid (or the training shapes), ours vs FLA, exact
   # and layer-fused; FLA autotunes each new kernel configuration for minutes, so one stage per call
   shapes=${GRID_SHAPES:-$([ "$STAGE" = grid ] && echo fig2 || echo 8x4096x32,32x2048x16,1x4096x16,1x65536x16)}
-  timeout 560 python3 -m kimi_linear.cli bench kda --shapes $shapes \
+  # BENCH_FLAGS="--cuda-graph": every provider timed replayed from a CUDA graph (GPU time of short inputs)
+  timeout ${BENCH_CAP:-560} python3 -m kimi_linear.cli bench kda --shapes $shapes ${BENCH_FLAGS:-} \
     --providers ${PROVIDERS:-ours,fla_kda,ours_fused,fla_kda_fused,flash} --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -50
   ;;
 gemv)
