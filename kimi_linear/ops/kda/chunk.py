@@ -62,11 +62,8 @@ class _ChunkKDAFunction(torch.autograd.Function):
         saved = dict(zip(ctx.saved_keys, rest))
         B, T, H, HV, K, V = ctx.shape
         has_h0, qk_l2norm, beta_sigmoid, q_dtype, k_dtype = ctx.flags
-        # the kernels write dq / dk in the input dtype unless value heads sharing a q/k head (GVA) still
-        # sum them; also when the l2norm backward follows: it reads them once, the final gradient is
-        # rounded to that dtype anyway, and half the bytes of that round trip (1 KB per token and head)
-        # go (session 14)
-        direct = HV == H and q_dtype == k_dtype
+        # the kernels write dq / dk in the input dtype when nothing (GVA sum, l2norm backward) follows
+        direct = HV == H and not qk_l2norm and q_dtype == k_dtype
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd(
             q2, k2, v2, g2, b2, saved, do.reshape(B * T, HV, V), dht.contiguous() if dht is not None else None,
             scale=ctx.scale, has_initial_state=has_h0, table=ctx.table, A_log=A_log, dt_bias=dt_bias,

@@ -558,7 +558,7 @@ def chunk_kda_bwd(
     """Backward over a packed stream (inputs as for ``chunk_kda_fwd``; ``do [Ttot, HV, V]``).
 
     Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` in ``grad_dtype`` (fp32 when the caller still
-    sums GVA groups; the input dtype otherwise, also ahead of the l2norm backward), ``dv``,
+    sums GVA groups or runs the l2norm backward; the input dtype saves a cast otherwise), ``dv``,
     ``dg`` (of the raw gate when fused), ``dbeta`` (of the logits when fused), ``dh0`` (or None),
     ``dA_log``, ``ddt_bias`` (None unless the gate is fused).
     """
