@@ -33,6 +33,7 @@ KERNEL_NAMES = {
     "state_fwd": ("_state_fwd_kernel", "_output_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
+    "l2norm": ("_decay_grad_kernel", "_l2norm_bwd_kernel"),
 }
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # the forward scan with the output inside (output 1; timed with _output_kernel, which then does not run)
@@ -49,7 +50,8 @@ PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4
 # precise (chunk_bwd.decay_precision): 4 = two passes with the decayed operand split (default), 1 = 3-pass,
 # 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
 # factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0) for w in (2, 4)]
+# (factored = 2: through the sub-chunk's midpoint, spans up to 120)
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0, 2) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
 GRAD = ([c for c in PLAIN if c["num_warps"] >= 4]
         + [dict(num_warps=8, num_stages=s, BK=bk, BV=bv) for bk, bv, s in ((32, 32, 3), (32, 32, 2), (64, 16, 3), (32, 64, 3))])
@@ -59,7 +61,9 @@ GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN}
+              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
+              # dq / dk in the input dtype ahead of the fused l2norm backward (the layer-fused setting only)
+              "l2norm": [dict(half_dy=0), dict(half_dy=1)]}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1

@@ -151,6 +151,8 @@ VARIANTS = [
     # sub-chunk through one reference where its gate span allows: the odd-T case takes that in every
     # sub-chunk, the fused cases' larger gates take both forms; a mutation that drops either fails them)
     ("decay_grad-levels", "decay_grad", dict(factored=0), (1, -2, -1)),
+    # the factored diagonal through each channel's midpoint (spans up to 120 factored)
+    ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
 ]
 
 
@@ -206,6 +208,31 @@ def test_l2norm_pair_matches_autograd(dtypes):
         assert torch.allclose(y.double(), yr.detach(), atol=tol)
         assert torch.allclose(r.double(), torch.rsqrt((xr.detach() ** 2).sum(-1) + 1e-6).reshape(-1), rtol=tol)
         assert torch.allclose(dx.double(), xr.grad, rtol=tol, atol=tol * 10)  # the zero row: dx = 1e3 dy
+
+
+def test_chunk_kda_interpreter_midpoint_diagonal_extreme_gates(monkeypatch):
+    # gates at -1e4 with the midpoint-factored diagonal (sub-chunks spanning > 120 keep the levels)
+    use_variant(monkeypatch, "decay_grad", factored=2)
+    check_extreme("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("half_dy", [0, 1])
+def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
+    # dq / dk in the input dtype (fp16 here) ahead of the fused l2norm backward, or fp32 (the default);
+    # the l2norm backward is watched to see which one it got
+    from kimi_linear.ops.kda import chunk_bwd
+
+    seen = []
+    real = chunk_bwd.l2norm_bwd
+
+    def watch(*terms):
+        seen.extend(t[2].dtype for t in terms)
+        return real(*terms)
+
+    monkeypatch.setattr(chunk_bwd, "l2norm_bwd", watch)
+    use_variant(monkeypatch, "l2norm", half_dy=half_dy)
+    check_case((1, 100, 2, 2, 32, 32, [0, 0, 1, 37, 100], True, True), torch.float16)  # HV == H: no GVA sum
+    assert seen == [torch.float16 if half_dy else torch.float32] * 2
 
 
 @pytest.mark.parametrize("precise", [0, 1, 2])
@@ -278,7 +305,7 @@ def check_graded_gates(device, dtype):
     compare(out, ref, dtype)
 
 
-@pytest.mark.parametrize("factored", [0, 1])
+@pytest.mark.parametrize("factored", [0, 1, 2])
 def test_chunk_kda_interpreter_graded_gates(factored, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored)
     check_graded_gates("cpu", torch.float32)
@@ -318,11 +345,12 @@ def test_chunk_kda_triton_rejects_unsupported():
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def check_fused_varlen(device, dtype):
-    """Odd lengths, an empty sequence, GVA, initial states, the layer's fused gate/norm/beta, K=V=128."""
+def check_fused_varlen(device, dtype, H=4, HV=8):
+    """Odd lengths, an empty sequence, GVA (unless H == HV), initial states, the layer's fused
+    gate/norm/beta, K=V=128."""
     offsets = [0, 1000, 1000, 4133, 4200]
     cu = torch.tensor(offsets, dtype=torch.int32, device=device)
-    inp = make_inputs(1, offsets[-1], 4, 8, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=device)
+    inp = make_inputs(1, offsets[-1], H, HV, 128, 128, N=len(offsets) - 1, fuse=True, h0=True, device=device)
     ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
     out = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
     compare(out, ref, dtype)
@@ -356,6 +384,15 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
     use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1])
     check_fused_varlen(cuda_device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_chunk_kda_gpu_half_dy_ahead_of_l2norm(cuda_device, dtype, monkeypatch):
+    # dq / dk in the input dtype ahead of the fused l2norm backward (launch table l2norm half_dy; only
+    # without GVA, whose group sum keeps fp32)
+    use_variant(monkeypatch, "l2norm", half_dy=1)
+    check_fused_varlen(cuda_device, dtype, H=8, HV=8)
 
 
 @pytest.mark.gpu
@@ -393,7 +430,7 @@ def test_chunk_kda_gpu_levels_diagonal(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("factored", [0, 1])
+@pytest.mark.parametrize("factored", [0, 1, 2])
 def test_chunk_kda_gpu_graded_gates(cuda_device, factored, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored)
     check_graded_gates(cuda_device, torch.float32)

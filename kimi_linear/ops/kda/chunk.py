@@ -62,8 +62,12 @@ class _ChunkKDAFunction(torch.autograd.Function):
         saved = dict(zip(ctx.saved_keys, rest))
         B, T, H, HV, K, V = ctx.shape
         has_h0, qk_l2norm, beta_sigmoid, q_dtype, k_dtype = ctx.flags
-        # the kernels write dq / dk in the input dtype when nothing (GVA sum, l2norm backward) follows
-        direct = HV == H and not qk_l2norm and q_dtype == k_dtype
+        # the kernels write dq / dk in the input dtype when nothing (GVA sum, l2norm backward) follows,
+        # or ahead of the l2norm backward with the launch table's l2norm half_dy (see chunk_common.LAUNCH)
+        from kimi_linear.ops.kda.chunk_common import LAUNCH
+
+        half_dy = bool(LAUNCH["l2norm"].get("half_dy"))
+        direct = HV == H and (not qk_l2norm or half_dy) and q_dtype == k_dtype
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd(
             q2, k2, v2, g2, b2, saved, do.reshape(B * T, HV, V), dht.contiguous() if dht is not None else None,
             scale=ctx.scale, has_initial_state=has_h0, table=ctx.table, A_log=A_log, dt_bias=dt_bias,

@@ -281,13 +281,22 @@ def _pair_products(pair, b_daq, b_da, b_q, b_k, f_t, f_j, b_dq2, b_dk3, b_dk4, b
 
 
 @triton.jit
-def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr):
-    """The diagonal sub-block's pairs j < t through the sub-chunk's top value of G, p (the first row:
-    G does not increase): e^{G_t - G_j} = f_up[t] f_dn[j], f_up = e^{G - G_p} <= 1, f_dn = e^{G_p - G} >= 1.
-    Only taken when the span is <= FACTOR_SPAN, so the clamps below change no valid row; rows past the
-    sequence's end (G loaded as 0) get finite factors and meet zero operands or masked stores."""
-    g_p = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
-    d = tl.minimum(tl.maximum(b_g - g_p[None, :], -FACTOR_SPAN), 0.0)
+def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr,
+                   MID: tl.constexpr):
+    """The diagonal sub-block's pairs j < t through one reference value p of G per channel:
+    e^{G_t - G_j} = f_up[t] f_dn[j], f_up = e^{G - G_p}, f_dn = e^{G_p - G}. MID False: p is the
+    sub-chunk's top value (its first row: G does not increase), f_up <= 1 <= f_dn, taken when the span is
+    <= FACTOR_SPAN; MID True: p is the midpoint of its range, both factors within e^{+-span/2}, taken when
+    the span is <= 2 FACTOR_SPAN. Either way no factor leaves [e^-FACTOR_SPAN, e^FACTOR_SPAN], and each
+    dot's rounding error is bounded by the sum of its true terms' sizes (the factors multiply back
+    to e^{G_t - G_j} <= 1 term by term), as in the direct form. The clamps change no valid row; rows past
+    the sequence's end (G loaded as 0) get finite factors and meet zero operands or masked stores."""
+    g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
+    if MID:
+        g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
+        d = tl.minimum(tl.maximum(b_g - 0.5 * (g_hi + g_lo)[None, :], -FACTOR_SPAN), FACTOR_SPAN)
+    else:
+        d = tl.minimum(tl.maximum(b_g - g_hi[None, :], -FACTOR_SPAN), 0.0)
     f_up = tl.exp(d)
     f_dn = tl.exp(-d)
     return _pair_products(o_s[:, None] > o_s[None, :], b_daq, b_da, b_q, b_k, f_up, f_dn,
@@ -324,8 +333,8 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                     FACTORED: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}
-    (FACTORED: the diagonal block's form, 0 = halving levels, 1 = factored where the span allows else
-    levels):
+    (FACTORED: the diagonal block's form, 0 = halving levels, 1 = factored through the sub-chunk's top
+    where the span allows (<= 60), 2 = through its midpoint (span <= 120), else levels):
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
     Off-diagonal sub-blocks go through a reference token (tl.dot, one earlier or later sub-chunk at
@@ -392,13 +401,13 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     b_dk5 += c_q * b_q
     b_dk3 += c_a * b_k
     b_dk4 += c_a * b_k
-    if FACTORED:
+    if FACTORED > 0:
         # the whole sub-chunk through one reference where its gate span allows (exact there, see
-        # _diag_factored); the halving levels otherwise. The span is the same for every row of the
-        # program, so the branch is uniform.
-        if _sub_chunk_span(b_g, m_r, m_k) <= FACTOR_SPAN:
+        # _diag_factored; FACTORED 2 = the midpoint reference, twice the span); the halving levels
+        # otherwise. The span is the same for every row of the program, so the branch is uniform.
+        if _sub_chunk_span(b_g, m_r, m_k) <= FACTOR_SPAN * FACTORED:
             b_dq2, b_dk3, b_dk4, b_dk5 = _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s,
-                                                        b_dq2, b_dk3, b_dk4, b_dk5, PREC)
+                                                        b_dq2, b_dk3, b_dk4, b_dk5, PREC, FACTORED == 2)
         else:
             b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
                                                       b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
@@ -621,7 +630,7 @@ def chunk_kda_bwd(
                                             HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
-            PREC=decay_precision(prec), FACTORED=bool(LAUNCH["decay_grad"].get("factored")),
+            PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,

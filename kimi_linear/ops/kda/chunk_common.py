@@ -166,8 +166,15 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # did two launches each compiled with one form, programs split by span (session 10, B8 T4K H32:
     # 7.03 ms fused gates against 6.91 / 6.69 for this switch / the levels, 5.15 against 4.93 with
     # Figure-2 gates; session10/sweep_decay_grad_partition*.txt; removed)
+    # factored=2 (session 14, prepared, not yet measured on a GPU): the reference at the midpoint of each
+    # channel's range, so sub-chunks spanning up to 120 take the factored form (chunk_bwd._diag_factored)
     "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1),
     "gate_grad": dict(num_warps=4, num_stages=None),
+    # half_dy=1: with the fused q/k l2norm, the decay products write dq / dk in the input dtype (not
+    # fp32) for the l2norm backward to read: 1 KB less traffic per (token, head) for half inputs. The
+    # final gradient is rounded to that dtype anyway; the intermediate rounding adds an error of the
+    # same size (~2^-9 relative, bf16). Prepared in session 14, not yet measured on a GPU: off.
+    "l2norm": dict(half_dy=0),
 }
 
 
