@@ -13,9 +13,13 @@
 # excess is each launch's ramp and tail, which a persistent whole-step kernel would remove; the latent
 # split kernel at 60-70% of the copy rate at 64K-128K is the other lever (warp-specialised producer /
 # consumer). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, Known gaps): the rewrite that keeps a chunk's intermediates on chip; the
-# vectorised lower-triangle loads measured neutral (session 11). Short inputs are host-bound:
-# benchmarks/host_overhead.py prints host vs GPU time per call.
+# Issue 7 (docs/kernels.md, v14 and Known gaps): first the two switches prepared in session 14, on the
+# layer-fused setting: SWEEP="decay_grad l2norm" FUSED=1 SHAPES="1x4096x16 8x4096x32" (factored=2, the
+# midpoint-factored diagonal; l2norm half_dy=1), with their GPU tests (pytest -m gpu tests/ops/
+# test_chunk_kda.py -k "graded or half_dy"); then `train` with BENCH_FLAGS=--cuda-graph
+# GRID_SHAPES=1x4096x16 against 1.5 ms (1.507 at v14). The route to 8 ms at B8 T4K H32 is still the
+# rewrite that keeps a chunk's intermediates on chip. Short inputs are host-bound eager:
+# benchmarks/host_overhead.py prints host vs GPU time per call; `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
