@@ -51,7 +51,9 @@ PLAIN = [dict(num_warps=w, num_stages=s) for w, s in ((1, 3), (2, 3), (2, 2), (4
 # 2 = one pass on operands rounded to nearest tf32, 0 = one truncating pass
 # factored = 1: the diagonal sub-blocks through one reference where the sub-chunk's gate span allows
 # (factored = 2: through the sub-chunk's midpoint, spans up to 120)
-DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f) for f in (1, 0, 2) for w in (2, 4)]
+# (rolled = 1: the halving levels as a loop; no spills for sm_90a)
+DECAY = ([dict(num_warps=w, num_stages=3, BK=32, precise=4, factored=f, rolled=r)
+          for r in (0, 1) for f in (1, 0, 2) for w in (2, 4)]
          + [dict(num_warps=w, num_stages=3, BK=32, precise=p) for p in (1, 2, 0) for w in (2, 4)])
 GRAD = ([c for c in PLAIN if c["num_warps"] >= 4]
         + [dict(num_warps=8, num_stages=s, BK=bk, BV=bv) for bk, bv, s in ((32, 32, 3), (32, 32, 2), (64, 16, 3), (32, 64, 3))])

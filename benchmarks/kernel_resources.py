@@ -113,8 +113,9 @@ def cases():
                dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32"), 8, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
         for fac in (0, 1, 2):
-            yield (f"decay products {prec} factored={fac}", cb._decay_grad_kernel,
-                   dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac), dg["num_warps"], dg["num_stages"])
+            for rolled in (False, True):
+                yield (f"decay products {prec} factored={fac}{' rolled' if rolled else ''}", cb._decay_grad_kernel,
+                       dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac, ROLLED=rolled), dg["num_warps"], dg["num_stages"])
     yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
     yield "gate parameter sums", cb._gate_param_sum_kernel, dict(HV=16, K=128, KP=128, NKB=4, NKBP=4, BC=16), 4, 3
     yield "l2norm (q and k)", cf._l2norm_fwd_kernel, dict(D=128, DP=128, BR=16), 4, 3

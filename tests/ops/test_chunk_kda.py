@@ -153,6 +153,8 @@ VARIANTS = [
     ("decay_grad-levels", "decay_grad", dict(factored=0), (1, -2, -1)),
     # the factored diagonal through each channel's midpoint (spans up to 120 factored)
     ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
+    # the halving levels as a loop (runtime level sizes) instead of unrolled
+    ("decay_grad-rolled-levels", "decay_grad", dict(factored=0, rolled=1), (1, -1)),
 ]
 
 
@@ -305,9 +307,9 @@ def check_graded_gates(device, dtype):
     compare(out, ref, dtype)
 
 
-@pytest.mark.parametrize("factored", [0, 1, 2])
-def test_chunk_kda_interpreter_graded_gates(factored, monkeypatch):
-    use_variant(monkeypatch, "decay_grad", factored=factored)
+@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1)])
+def test_chunk_kda_interpreter_graded_gates(factored, rolled, monkeypatch):
+    use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
     check_graded_gates("cpu", torch.float32)
 
 
@@ -430,9 +432,9 @@ def test_chunk_kda_gpu_levels_diagonal(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("factored", [0, 1, 2])
-def test_chunk_kda_gpu_graded_gates(cuda_device, factored, monkeypatch):
-    use_variant(monkeypatch, "decay_grad", factored=factored)
+@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)])
+def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
+    use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
     check_graded_gates(cuda_device, torch.float32)
     check_fused_varlen(cuda_device, torch.bfloat16)
 

@@ -304,8 +304,23 @@ def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_
 
 
 @triton.jit
+def _diag_level(s, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
+                HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
+    """One halving level s (8, 4, 2 or 1) of :func:`_diag_levels`."""
+    mid = (o_s // (2 * s)) * (2 * s) + s
+    upper = (o_s & s) != 0
+    b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
+                   mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
+    b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+    f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
+    f_lo = b_f - f_up  # F of the lower rows j
+    pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
+    return _pair_products(pair, b_daq, b_da, b_q, b_k, f_up, f_lo, b_dq2, b_dk3, b_dk4, b_dk5, PREC)
+
+
+@triton.jit
 def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
-                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
+                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr, ROLLED: tl.constexpr):
     """The diagonal sub-block's pairs j < t by halving levels, exact for any gate."""
     # Diagonal sub-block by halving levels: at level s = 8, 4, 2, 1 the pairs j < r of one 2s-aligned
     # group with r in its upper half and j in its lower half factor through the group's midpoint p
@@ -313,25 +328,23 @@ def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b
     # so nothing overflows for any gate, and a factor that underflows bounds a product below it (exact).
     # Every pair j < r has exactly one such level; a row takes one exponential per level and channel
     # (to its own group's midpoint), and the sums run as [16,16] x [16,BK] dots.
-    for lvl in tl.static_range(4):
-        s = 8 >> lvl  # constexpr: 8, 4, 2, 1
-        mid = (o_s // (2 * s)) * (2 * s) + s
-        upper = (o_s & s) != 0
-        b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                       mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-        b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
-        f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
-        f_lo = b_f - f_up  # F of the lower rows j
-        pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
-        b_dq2, b_dk3, b_dk4, b_dk5 = _pair_products(pair, b_daq, b_da, b_q, b_k, f_up, f_lo,
-                                                    b_dq2, b_dk3, b_dk4, b_dk5, PREC)
+    # ROLLED: the four levels as a loop instead of unrolled (session 14: for sm_90a the default decay
+    # kernel then needs 238 registers and no spills instead of 255 and 228 B; not yet timed)
+    if ROLLED:
+        for lvl in range(4):
+            b_dq2, b_dk3, b_dk4, b_dk5 = _diag_level(8 >> lvl, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
+                                                     b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+    else:
+        for lvl in tl.static_range(4):
+            b_dq2, b_dk3, b_dk4, b_dk5 = _diag_level(8 >> lvl, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
+                                                     b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
     return b_dq2, b_dk3, b_dk4, b_dk5
 
 
 @triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                    FACTORED: tl.constexpr):
+                    FACTORED: tl.constexpr, ROLLED: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}
     (FACTORED: the diagonal block's form, 0 = halving levels, 1 = factored through the sub-chunk's top
     where the span allows (<= 60), 2 = through its midpoint (span <= 120), else levels):
@@ -410,17 +423,17 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                                                         b_dq2, b_dk3, b_dk4, b_dk5, PREC, FACTORED == 2)
         else:
             b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
-                                                      b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+                                                      b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC, ROLLED)
     else:
         b_dq2, b_dk3, b_dk4, b_dk5 = _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
-                                                  b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+                                                  b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC, ROLLED)
     return b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5
 
 
 @triton.jit
 def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       FACTORED: tl.constexpr):
+                       FACTORED: tl.constexpr, ROLLED: tl.constexpr):
     # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
     # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
     # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
@@ -442,7 +455,7 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
         m_rk = m_r[:, None] & m_k[None, :]
         p_tk = ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :]
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
-                                                               H, HV, K, BK, PREC, FACTORED)
+                                                               H, HV, K, BK, PREC, FACTORED, ROLLED)
         b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
         b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
@@ -631,6 +644,7 @@ def chunk_kda_bwd(
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
             PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),
+            ROLLED=bool(LAUNCH["decay_grad"].get("rolled")),
             **launch("decay_grad"))
         _gate_grad_kernel[(NC, HV, NKE)](
             dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,

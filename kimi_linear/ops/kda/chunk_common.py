@@ -168,7 +168,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # Figure-2 gates; session10/sweep_decay_grad_partition*.txt; removed)
     # factored=2 (session 14, prepared, not yet measured on a GPU): the reference at the midpoint of each
     # channel's range, so sub-chunks spanning up to 120 take the factored form (chunk_bwd._diag_factored)
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1),
+    # rolled=1 (session 14, prepared, not yet timed): the halving levels as a loop, not unrolled; for
+    # sm_90a 238 registers and no spills instead of 255 and 228 B (benchmarks/kernel_resources.py)
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1, rolled=0),
     "gate_grad": dict(num_warps=4, num_stages=None),
     # half_dy=1: with the fused q/k l2norm, the decay products write dq / dk in the input dtype (not
     # fp32) for the l2norm backward to read: 1 KB less traffic per (token, head) for half inputs. The
