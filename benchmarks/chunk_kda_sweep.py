@@ -35,6 +35,10 @@ KERNEL_NAMES = {
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
     "l2norm": ("_decay_grad_kernel", "_l2norm_bwd_kernel"),
 }
+# candidate sets named apart from the launch-table entry they set, and the kernels they are timed by
+ENTRY = {"gate_merged": "gate", "gate_grad_merged": "gate_grad"}
+KERNEL_NAMES.update(gate_merged=("_gate_cumsum_kernel", "_l2norm_fwd_kernel", "_prologue_kernel"),
+                    gate_grad_merged=("_gate_grad_kernel", "_l2norm_bwd_kernel", "_epilogue_kernel"))
 SCAN = [dict(BV=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product((16, 32, 64), (4, 8), (2, 3))]
 # the forward scan with the output inside (output 1; timed with _output_kernel, which then does not run)
 SCAN_OUT = [dict(output=o, BV=bv, num_warps=w, num_stages=s)
@@ -60,12 +64,16 @@ GRAD = ([c for c in PLAIN if c["num_warps"] >= 4]
 # the solve: the inverse (inverse_warps) and the products over (chunk, head, column block of BV) programs
 SOLVE = [dict(inverse_warps=iw, BV=bv, num_warps=w) for iw, bv, w in ((1, 64, 8), (2, 64, 8), (1, 32, 4), (1, 64, 4))]
 GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 2), (16, 2))]
+# with the q/k norm in the same launch (layer-fused setting; timed with the separate norm kernel when off)
+GATE_MERGED = [dict(merge_l2norm=m, BK=64, num_warps=4) for m in (0, 1)]
+GATE_GRAD_MERGED = [dict(merge_l2norm=m, num_warps=4) for m in (0, 1)]
 GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
               # dq / dk in the input dtype ahead of the fused l2norm backward (the layer-fused setting only)
-              "l2norm": [dict(half_dy=0), dict(half_dy=1)]}
+              "l2norm": [dict(half_dy=0), dict(half_dy=1)],
+              "gate_merged": GATE_MERGED, "gate_grad_merged": GATE_GRAD_MERGED}
 
 
 DEVICE = "cuda"  # "cpu" (with DTYPE fp16) only to check the plumbing under TRITON_INTERPRET=1
@@ -273,7 +281,7 @@ def main() -> None:
                 if time.time() > shape_deadline:
                     print("   (budget reached)", flush=True)
                     break
-                chunk_common.LAUNCH[kname] = {**base_launch[kname], **cand}
+                chunk_common.LAUNCH[ENTRY.get(kname, kname)] = {**base_launch[ENTRY.get(kname, kname)], **cand}
                 try:
                     got = run_once(xs, do)
                     err = max(rel(a, b) for a, b in zip(got, ref))
@@ -283,7 +291,7 @@ def main() -> None:
                     print(f"   {kname} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 results.append({**cand, "ms": round(ms, 4), "err": err})
                 print(f"   {kname:11s} {cand}  {ms:8.3f} ms  (diff {err:.1e})", flush=True)
-            chunk_common.LAUNCH[kname] = dict(base_launch[kname])
+            chunk_common.LAUNCH[ENTRY.get(kname, kname)] = dict(base_launch[ENTRY.get(kname, kname)])
             ok = [r for r in results if r["ms"] == r["ms"]]
             if ok:
                 b = min(ok, key=lambda r: r["ms"])
@@ -292,7 +300,8 @@ def main() -> None:
                       flush=True)
             rows["sweep"][kname] = results
         for kname, cfg in best.items():
-            chunk_common.LAUNCH[kname] = {**base_launch[kname], **cfg}
+            entry = ENTRY.get(kname, kname)
+            chunk_common.LAUNCH[entry] = {**base_launch[entry], **cfg}
         o_fn, fb_fn = timed_fns(xs, do)
         fwd_best = triton.testing.do_bench(o_fn, warmup=5, rep=40)
         fb_best = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
@@ -305,7 +314,8 @@ def main() -> None:
         print(f"== {shape}: fwd {fwd_base:.3f} -> {fwd_best:.3f} ms, fwd+bwd {fb_base:.3f} -> {fb_best:.3f} ms "
               f"with {best}", flush=True)
         report["shapes"][shape] = rows
-        best_launch = {k: {**base_launch[k], **best.get(k, {})} for k in base_launch}
+        best_entries = {ENTRY.get(k, k): cfg for k, cfg in best.items()}
+        best_launch = {k: {**base_launch[k], **best_entries.get(k, {})} for k in base_launch}
     if args.compare:
         report["compare"] = compare_shapes(args.compare, base_launch, best_launch)
     print(json.dumps(report))

@@ -16,8 +16,8 @@
 # Issue 7 (docs/kernels.md, v14 and Known gaps): first the two switches prepared in session 14, on the
 # layer-fused setting: SWEEP="decay_grad l2norm" FUSED=1 SHAPES="1x4096x16 8x4096x32" (factored=2, the
 # midpoint-factored diagonal; rolled=1, the halving levels as a loop, no spills for sm_90a; l2norm
-# half_dy=1), with their GPU tests (pytest -m gpu tests/ops/
-# test_chunk_kda.py -k "graded or half_dy"); then `train` with BENCH_FLAGS=--cuda-graph
+# half_dy=1; and SWEEP="gate_merged gate_grad_merged", the launches merged with the q/k norm), with their
+# GPU tests (pytest -m gpu tests/ops/test_chunk_kda.py -k "graded or half_dy or merged"); then `train` with BENCH_FLAGS=--cuda-graph
 # GRID_SHAPES=1x4096x16 against 1.5 ms (1.507 at v14). The route to 8 ms at B8 T4K H32 is still the
 # rewrite that keeps a chunk's intermediates on chip. Short inputs are host-bound eager:
 # benchmarks/host_overhead.py prints host vs GPU time per call; `--cuda-graph` times GPU time.

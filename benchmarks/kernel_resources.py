@@ -36,7 +36,7 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 # the decode step's folded block norms: norm weights and residuals in the model's dtype
 TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
-TYPES.update(NC="i32")  # the gate parameter sums: a chunk count
+TYPES.update(NC="i32", NGATE="i32")  # chunk and program counts
 # the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides (names
 # such as M are pointers in other kernels: these types apply to the latent kernels only)
 LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32",
@@ -119,6 +119,10 @@ def cases():
     yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
     yield "gate parameter sums", cb._gate_param_sum_kernel, dict(HV=16, K=128, KP=128, NKB=4, NKBP=4, BC=16), 4, 3
     yield "l2norm (q and k)", cf._l2norm_fwd_kernel, dict(D=128, DP=128, BR=16), 4, 3
+    yield ("gate cumsum + l2norm (one launch)", cf._prologue_kernel,
+           dict(HV=16, K=128, BK=64, NKB=2, GATE_FROM_RAW=True, FLOOR=-800.0, D=128, DP=128, BR=16), 4, 3)
+    yield ("gate grads + l2norm backward (one launch)", cb._epilogue_kernel,
+           dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0, D=128, DP=128, BR=16), 4, 3)
     yield "l2norm backward (q and k)", cb._l2norm_bwd_kernel, dict(D=128, DP=128, BR=16), 4, 3
     yield "conv decode step", conv_kernel._conv_update_kernel, dict(W=4, WP=4, BD=128, HAS_BIAS=False, SILU=True), 4, 3
     for win in (False, True):

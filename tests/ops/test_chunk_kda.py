@@ -155,6 +155,9 @@ VARIANTS = [
     ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
     # the halving levels as a loop (runtime level sizes) instead of unrolled
     ("decay_grad-rolled-levels", "decay_grad", dict(factored=0, rolled=1), (1, -1)),
+    # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
+    # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
+    ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
 ]
 
 
@@ -218,20 +221,52 @@ def test_chunk_kda_interpreter_midpoint_diagonal_extreme_gates(monkeypatch):
     check_extreme("cpu", torch.float32)
 
 
+@pytest.mark.parametrize("merge", [(0, 1), (1, 1), (1, 0)], ids=["bwd", "fwd-bwd", "fwd"])
+def test_chunk_kda_interpreter_l2norm_merged_launches(merge, monkeypatch):
+    # the q/k norm in one launch with the gate's cumsum (gate merge_l2norm) and its backward in one launch
+    # with the gate gradients (gate_grad merge_l2norm), on a fused case without GVA; the merged kernels
+    # are watched to have run (and the separate l2norm kernels not)
+    from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
+
+    use_variant(monkeypatch, "gate", merge_l2norm=merge[0])
+    use_variant(monkeypatch, "gate_grad", merge_l2norm=merge[1])
+    ran = []
+    for mod, names in ((chunk_fwd, ("_prologue_kernel", "_l2norm_fwd_kernel")),
+                       (chunk_bwd, ("_epilogue_kernel", "_l2norm_bwd_kernel"))):
+        for name in names:
+            kernel = getattr(mod, name)
+            monkeypatch.setattr(mod, name, _Watched(kernel, name, ran))
+    check_case((1, 100, 2, 2, 32, 32, [0, 0, 1, 37, 100], True, True))
+    expect_fwd = "_prologue_kernel" if merge[0] else "_l2norm_fwd_kernel"
+    expect_bwd = "_epilogue_kernel" if merge[1] else "_l2norm_bwd_kernel"
+    assert sorted(set(ran)) == sorted({expect_fwd, expect_bwd})
+
+
+class _Watched:
+    """A Triton kernel whose launches are recorded by name (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("half_dy", [0, 1])
 def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
     # dq / dk in the input dtype (fp16 here) ahead of the fused l2norm backward, or fp32 (the default);
-    # the l2norm backward is watched to see which one it got
+    # the l2norm backward's plan is watched to see which one it got
     from kimi_linear.ops.kda import chunk_bwd
 
     seen = []
-    real = chunk_bwd.l2norm_bwd
+    real = chunk_bwd._l2norm_bwd_plan
 
-    def watch(*terms):
+    def watch(terms):
         seen.extend(t[2].dtype for t in terms)
-        return real(*terms)
+        return real(terms)
 
-    monkeypatch.setattr(chunk_bwd, "l2norm_bwd", watch)
+    monkeypatch.setattr(chunk_bwd, "_l2norm_bwd_plan", watch)
     use_variant(monkeypatch, "l2norm", half_dy=half_dy)
     check_case((1, 100, 2, 2, 32, 32, [0, 0, 1, 37, 100], True, True), torch.float16)  # HV == H: no GVA sum
     assert seen == [torch.float16 if half_dy else torch.float32] * 2
@@ -386,6 +421,16 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
     use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1])
     check_fused_varlen(cuda_device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_l2norm_merged_launches(cuda_device, dtype, monkeypatch):
+    # the gate's cumsum and the q/k norm in one launch, their backwards likewise (without GVA), K = V = 128
+    use_variant(monkeypatch, "gate", merge_l2norm=1)
+    use_variant(monkeypatch, "gate_grad", merge_l2norm=1)
+    check_fused_varlen(cuda_device, dtype, H=8, HV=8)
+    check_fused_varlen(cuda_device, dtype)  # GVA: the forward merge only
 
 
 @pytest.mark.gpu

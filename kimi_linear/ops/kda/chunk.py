@@ -31,23 +31,23 @@ class _ChunkKDAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets, output_final_state,
                 qk_l2norm, beta_sigmoid):
         from kimi_linear.ops.kda.chunk_common import build_chunk_table
-        from kimi_linear.ops.kda.chunk_fwd import chunk_kda_fwd, l2norm_fwd
+        from kimi_linear.ops.kda.chunk_fwd import chunk_kda_fwd
 
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         table = build_chunk_table(offsets, q.device)
         q2 = q.reshape(B * T, H, K).contiguous()
         k2 = k.reshape(B * T, H, K).contiguous()
-        rq = rk = None
-        if qk_l2norm:
-            (q2, rq), (k2, rk) = l2norm_fwd(q2, k2)
         v2 = v.reshape(B * T, HV, V).contiguous()
         g2 = g.reshape(B * T, HV, K).contiguous()
         b2 = beta.reshape(B * T, HV).contiguous()
         h0 = initial_state.contiguous() if initial_state is not None else None
         o, ht, saved = chunk_kda_fwd(q2, k2, v2, g2, b2, scale=scale, initial_state=h0,
                                      output_final_state=output_final_state, table=table, A_log=A_log,
-                                     dt_bias=dt_bias, beta_sigmoid=beta_sigmoid)
+                                     dt_bias=dt_bias, beta_sigmoid=beta_sigmoid, qk_l2norm=qk_l2norm)
+        # with the fused norm, the backward keeps the normalised q / k (and their rstd), not the raw ones
+        q2, k2 = saved.pop("q", q2), saved.pop("k", k2)
+        rq, rk = saved.pop("rq", None), saved.pop("rk", None)
         ctx.saved_keys = list(saved.keys())
         ctx.save_for_backward(q2, k2, v2, g2, b2, A_log, dt_bias, rq, rk, *saved.values())
         ctx.table, ctx.scale, ctx.shape = table, scale, (B, T, H, HV, K, V)
@@ -63,21 +63,25 @@ class _ChunkKDAFunction(torch.autograd.Function):
         B, T, H, HV, K, V = ctx.shape
         has_h0, qk_l2norm, beta_sigmoid, q_dtype, k_dtype = ctx.flags
         # the kernels write dq / dk in the input dtype when nothing (GVA sum, l2norm backward) follows,
-        # or ahead of the l2norm backward with the launch table's l2norm half_dy (see chunk_common.LAUNCH)
+        # or ahead of the l2norm backward with the launch table's l2norm half_dy (see chunk_common.LAUNCH);
+        # without GVA the l2norm backward runs inside chunk_kda_bwd (with the gate gradients in one launch
+        # when the launch table's gate_grad merge_l2norm is set)
         from kimi_linear.ops.kda.chunk_common import LAUNCH
 
         half_dy = bool(LAUNCH["l2norm"].get("half_dy"))
         direct = HV == H and (not qk_l2norm or half_dy) and q_dtype == k_dtype
+        norm_inside = qk_l2norm and HV == H
         dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd(
             q2, k2, v2, g2, b2, saved, do.reshape(B * T, HV, V), dht.contiguous() if dht is not None else None,
             scale=ctx.scale, has_initial_state=has_h0, table=ctx.table, A_log=A_log, dt_bias=dt_bias,
-            beta_sigmoid=beta_sigmoid, grad_dtype=q_dtype if direct else torch.float32)
-        # value heads sharing a q/k head (GVA) add their gradients
+            beta_sigmoid=beta_sigmoid, grad_dtype=q_dtype if direct else torch.float32,
+            l2norm=(rq, rk, q_dtype, k_dtype) if norm_inside else None)
+        # value heads sharing a q/k head (GVA) add their gradients, then the norm's backward
         if HV != H:
             dq = dq.view(B * T, H, HV // H, K).sum(2)
             dk = dk.view(B * T, H, HV // H, K).sum(2)
-        if qk_l2norm:
-            dq, dk = l2norm_bwd((q2, rq, dq, q_dtype), (k2, rk, dk, k_dtype))
+            if qk_l2norm:
+                dq, dk = l2norm_bwd((q2, rq, dq, q_dtype), (k2, rk, dk, k_dtype))
         return (dq.to(q_dtype).view(B, T, H, K), dk.to(k_dtype).view(B, T, H, K), dv.view(B, T, HV, V),
                 dg.view(B, T, HV, K), dbeta.view(B, T, HV), dA_log, ddt_bias, dh0,
                 None, None, None, None, None)

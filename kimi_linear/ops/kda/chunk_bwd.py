@@ -473,9 +473,15 @@ def _gate_grad_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_st
                       GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
     # G is the chunk's prefix sum of the gate, so dg = reverse cumsum of dG over the chunk's rows;
     # then the fused gate's backward: g = -e^{A_log} softplus(x + dt_bias) (zero below the floor).
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_kb = tl.program_id(2)
+    _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, tl.program_id(0),
+                    tl.program_id(1).to(tl.int64), tl.program_id(2), HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
+
+
+@triton.jit
+def _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, i_c, i_hv, i_kb,
+                    HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                    GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+    """One (chunk, value head, key block) of :func:`_gate_grad_kernel`."""
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
@@ -499,6 +505,27 @@ def _gate_grad_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_st
     else:
         b_dg = tl.where(b_graw >= FLOOR, b_dg, 0.0)
         tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def _epilogue_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len,
+                     ya, ra, dya, dxa, yb, rb, dyb, dxb, R, NGATE,
+                     HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                     GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                     BR: tl.constexpr):
+    # The gate gradients (the first NGATE programs: chunk, value head, key block) and the q / k l2norm
+    # backward (the rest) in one launch: both read only what the decay products wrote (launch table
+    # gate_grad merge_l2norm).
+    pid = tl.program_id(0)
+    if pid < NGATE:
+        i_kb = pid % NKB
+        i_hv = ((pid // NKB) % HV).to(tl.int64)
+        _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, pid // (NKB * HV),
+                        i_hv, i_kb, HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
+    else:
+        p = pid - NGATE
+        nr = tl.cdiv(R, BR)
+        _l2norm_bwd_rows(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, p % nr, p // nr, D, DP, BR)
 
 
 @triton.jit
@@ -526,10 +553,17 @@ def _gate_param_sum_kernel(dalog_part, ddtb_part, dA_log, ddt_bias, NC, HV: tl.c
 @triton.jit
 def _l2norm_bwd_kernel(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
     # y = x r, r = (|x|^2 + eps)^-1/2:  dx = r (dy - y <y, dy>). Grid axis 1 picks the tensor (q, k).
+    _l2norm_bwd_rows(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, tl.program_id(0), tl.program_id(1), D, DP, BR)
+
+
+@triton.jit
+def _l2norm_bwd_rows(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, i_r, i_x, D: tl.constexpr, DP: tl.constexpr,
+                     BR: tl.constexpr):
+    """Rows ``i_r * BR ...`` of tensor ``i_x`` (0: a, 1: b) of :func:`_l2norm_bwd_kernel`."""
     y, rstd, dy, dx = ya, ra, dya, dxa
-    if tl.program_id(1) == 1:
+    if i_x == 1:
         y, rstd, dy, dx = yb, rb, dyb, dxb
-    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     b_y = tl.load(y + o_r[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
@@ -539,22 +573,29 @@ def _l2norm_bwd_kernel(ya, ra, dya, dxa, yb, rb, dyb, dxb, R, D: tl.constexpr, D
     tl.store(dx + o_r[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
 
 
-def l2norm_bwd(*terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]) -> list[torch.Tensor]:
-    """Gradients of :func:`chunk_fwd.l2norm_fwd`, one per ``(y, rstd, dy, out_dtype)`` (its output ``y``
-    and ``rstd``, the upstream ``dy``); two terms of one shape and dtypes in one launch (q and k)."""
+def _l2norm_bwd_plan(terms):
+    """Outputs and launch groups of :func:`l2norm_bwd`: ``(dxs, [(R, D, args) per launch])``; two terms of
+    one shape and dtypes share a launch (args then hold both, else the one term twice)."""
     dxs = [chunk_common.alloc(y.shape, dt, y.device) for y, _, _, dt in terms]
     same = (len(terms) == 2 and terms[0][0].shape == terms[1][0].shape and terms[0][0].dtype == terms[1][0].dtype
             and terms[0][2].dtype == terms[1][2].dtype and terms[0][3] == terms[1][3])
-    groups = [[0, 1]] if same else [[i] for i in range(len(terms))]
-    for idx in groups:
+    launches = []
+    for idx in ([[0, 1]] if same else [[i] for i in range(len(terms))]):
         y0, r0 = terms[idx[0]][0], terms[idx[0]][1]
         D, R = y0.shape[-1], r0.shape[0]
-        if R == 0:
-            continue
         flat = [(terms[i][0].reshape(-1, D), terms[i][1], terms[i][2].reshape(-1, D).contiguous(), dxs[i].view(-1, D))
                 for i in idx]
-        BR = 16
-        _l2norm_bwd_kernel[(triton.cdiv(R, BR), len(idx))](*flat[0], *flat[-1], R, D=D, DP=pow2(D), BR=BR)
+        launches.append((R, D, len(idx), (*flat[0], *flat[-1])))
+    return dxs, launches
+
+
+def l2norm_bwd(*terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]) -> list[torch.Tensor]:
+    """Gradients of :func:`chunk_fwd.l2norm_fwd`, one per ``(y, rstd, dy, out_dtype)`` (its output ``y``
+    and ``rstd``, the upstream ``dy``); two terms of one shape and dtypes in one launch (q and k)."""
+    dxs, launches = _l2norm_bwd_plan(terms)
+    for R, D, n, args in launches:
+        if R > 0:
+            _l2norm_bwd_kernel[(triton.cdiv(R, 16), n)](*args, R, D=D, DP=pow2(D), BR=16)
     return dxs
 
 
@@ -576,13 +617,16 @@ def chunk_kda_bwd(
     saved: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None, *, scale: float,
     has_initial_state: bool, table: ChunkTable, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
     beta_sigmoid: bool, grad_dtype: torch.dtype = torch.float32,
+    l2norm: tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.dtype] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Backward over a packed stream (inputs as for ``chunk_kda_fwd``; ``do [Ttot, HV, V]``).
 
     Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` in ``grad_dtype`` (fp32 when the caller still
     sums GVA groups or runs the l2norm backward; the input dtype saves a cast otherwise), ``dv``,
     ``dg`` (of the raw gate when fused), ``dbeta`` (of the logits when fused), ``dh0`` (or None),
-    ``dA_log``, ``ddt_bias`` (None unless the gate is fused).
+    ``dA_log``, ``ddt_bias`` (None unless the gate is fused). ``l2norm = (rq, rk, q_dtype, k_dtype)``
+    (HV == H only; q and k are then the normalised ones): dq, dk are returned through the norm's
+    backward, in those dtypes.
     """
     Ttot, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
@@ -646,9 +690,27 @@ def chunk_kda_bwd(
             PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),
             ROLLED=bool(LAUNCH["decay_grad"].get("rolled")),
             **launch("decay_grad"))
-        _gate_grad_kernel[(NC, HV, NKE)](
-            dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl,
-            HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate_grad"))
+    norm_plan = None
+    if l2norm is not None:
+        rq, rk, q_dtype, k_dtype = l2norm
+        norm_plan = _l2norm_bwd_plan(((q, rq, dq_out, q_dtype), (k, rk, dk_out, k_dtype)))
+    if NC > 0:
+        gate_args = (dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl)
+        gate_flags = dict(HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
+        if norm_plan is not None and len(norm_plan[1]) == 1 and LAUNCH["gate_grad"].get("merge_l2norm"):
+            # the gate gradients and the q / k norm's backward in one launch
+            R, D, _, norm_args = norm_plan[1][0]
+            ngate = NC * HV * NKE
+            _epilogue_kernel[(ngate + 2 * triton.cdiv(R, 16),)](*gate_args, *norm_args, R, ngate, D=D, DP=pow2(D),
+                                                                BR=16, **gate_flags, **launch("gate_grad"))
+            norm_plan = (norm_plan[0], [])
+        else:
+            _gate_grad_kernel[(NC, HV, NKE)](*gate_args, **gate_flags, **launch("gate_grad"))
+    if norm_plan is not None:
+        for R, D, n, args in norm_plan[1]:
+            if R > 0:
+                _l2norm_bwd_kernel[(triton.cdiv(R, 16), n)](*args, R, D=D, DP=pow2(D), BR=16)
+        dq_out, dk_out = norm_plan[0]
     dA_log = ddt_bias = None
     if gate_raw:
         if NC > 0:

@@ -97,7 +97,9 @@ def pow2(x: int, floor: int = 16) -> int:
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
     # key blocks of 64: 0.297 ms at 1M tokens x heads (whole K: 0.31-0.32, 32: 0.35; session 7, sweep_v11e)
-    "gate": dict(num_warps=4, num_stages=None, BK=64),
+    # merge_l2norm=1 (session 14, prepared, not yet run on a GPU): with the fused q/k norm, the gate's
+    # cumsum and the norms in one launch (chunk_fwd._prologue_kernel)
+    "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:
@@ -171,7 +173,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # rolled=1 (session 14, prepared, not yet timed): the halving levels as a loop, not unrolled; for
     # sm_90a 238 registers and no spills instead of 255 and 228 B (benchmarks/kernel_resources.py)
     "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1, rolled=0),
-    "gate_grad": dict(num_warps=4, num_stages=None),
+    # merge_l2norm=1 (session 14, prepared, not yet run on a GPU): without GVA, the gate gradients and the
+    # q/k norm's backward in one launch (chunk_bwd._epilogue_kernel)
+    "gate_grad": dict(num_warps=4, num_stages=None, merge_l2norm=0),
     # half_dy=1: with the fused q/k l2norm, the decay products write dq / dk in the input dtype (not
     # fp32) for the l2norm backward to read: 1 KB less traffic per (token, head) for half inputs. The
     # final gradient is rounded to that dtype anyway; the intermediate rounding adds an error of the

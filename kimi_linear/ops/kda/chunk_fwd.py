@@ -47,12 +47,19 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
     # Step 0 (fused gate) + step 2: G_t = sum_{j<=t} max(g_j, FLOOR) inside the chunk, fp32, one
     # program per (chunk, value head, key block of BK): memory-bound, so small tiles and many programs
     # (the whole-K [64, 128] tile held 144 registers, 19% occupancy, 75% of DRAM bandwidth).
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1).to(tl.int64)
+    _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, tl.program_id(0), tl.program_id(1).to(tl.int64),
+                      tl.program_id(2), HV, K, BK, GATE_FROM_RAW, FLOOR)
+
+
+@triton.jit
+def _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
+                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+    """One (chunk, value head, key block) of :func:`_gate_cumsum_kernel`."""
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
-    o_k = tl.program_id(2) * BK + tl.arange(0, BK)
+    o_k = i_kb * BK + tl.arange(0, BK)
     m = (o_t[:, None] < n) & (o_k[None, :] < K)
     off = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     b_g = tl.load(g + off, mask=m, other=0).to(tl.float32)
@@ -62,6 +69,26 @@ def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
         b_g = -tl.exp(b_a) * softplus_f32(b_g + b_b[None, :])
     b_g = tl.where(m, tl.maximum(b_g, FLOOR), 0.0)
     tl.store(G + off, tl.cumsum(b_g, axis=0), mask=m)
+
+
+@triton.jit
+def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, xb, yb, rb, R, NGATE,
+                     HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                     GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                     BR: tl.constexpr):
+    # The gate's chunk cumsum (the first NGATE programs: chunk, value head, key block) and the q / k l2norm
+    # (the rest) in one launch: two independent memory-bound steps, one launch's ramp and tail
+    # (launch table gate merge_l2norm).
+    pid = tl.program_id(0)
+    if pid < NGATE:
+        i_kb = pid % NKB
+        i_hv = ((pid // NKB) % HV).to(tl.int64)
+        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, pid // (NKB * HV), i_hv, i_kb,
+                          HV, K, BK, GATE_FROM_RAW, FLOOR)
+    else:
+        p = pid - NGATE
+        nr = tl.cdiv(R, BR)
+        _l2norm_rows(xa, ya, ra, xb, yb, rb, R, p % nr, p // nr, D, DP, BR)
 
 
 @triton.jit
@@ -392,10 +419,16 @@ def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
 def _l2norm_fwd_kernel(xa, ya, ra, xb, yb, rb, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
     # Step 0 (fused q/k norm): y = x / sqrt(sum x^2 + 1e-6) per row of D. Grid axis 1 picks the tensor
     # (q and k in one launch: one launch's ramp and tail instead of two).
+    _l2norm_rows(xa, ya, ra, xb, yb, rb, R, tl.program_id(0), tl.program_id(1), D, DP, BR)
+
+
+@triton.jit
+def _l2norm_rows(xa, ya, ra, xb, yb, rb, R, i_r, i_x, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+    """Rows ``i_r * BR ...`` of tensor ``i_x`` (0: a, 1: b) of :func:`_l2norm_fwd_kernel`."""
     x, y, rstd = xa, ya, ra
-    if tl.program_id(1) == 1:
+    if i_x == 1:
         x, y, rstd = xb, yb, rb
-    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
     b_x = tl.load(x + o_r[:, None] * D + o_d[None, :], mask=m, other=0).to(tl.float32)
@@ -409,12 +442,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _l2norm_outputs(xs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(chunk_common.alloc(x.shape, x.dtype, x.device),
+             chunk_common.alloc((x.numel() // max(x.shape[-1], 1),), torch.float32, x.device)) for x in xs]
+
+
+def _pairable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors can share one l2norm launch (the kernel takes one row count and dtype)."""
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
 def l2norm_fwd(*xs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Row-wise L2 norm of each ``x [..., D]`` (one launch for two tensors of one shape and dtype, such
     as q and k). Returns ``(y, rstd)`` per input, rstd fp32 ``[rows]``."""
-    out = [(chunk_common.alloc(x.shape, x.dtype, x.device),
-            chunk_common.alloc((x.numel() // max(x.shape[-1], 1),), torch.float32, x.device)) for x in xs]
-    groups = [[0, 1]] if len(xs) == 2 and xs[0].shape == xs[1].shape and xs[0].dtype == xs[1].dtype else [[i] for i in range(len(xs))]
+    out = _l2norm_outputs(xs)
+    groups = [[0, 1]] if len(xs) == 2 and _pairable(*xs) else [[i] for i in range(len(xs))]
     for idx in groups:
         x0 = xs[idx[0]]
         D, R = x0.shape[-1], out[idx[0]][1].shape[0]
@@ -431,11 +473,12 @@ def l2norm_fwd(*xs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def chunk_kda_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     *, scale: float, initial_state: torch.Tensor | None, output_final_state: bool, table: ChunkTable,
-    A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, beta_sigmoid: bool,
+    A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, beta_sigmoid: bool, qk_l2norm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Forward over a packed stream. Inputs are ``[Ttot, H|HV, ...]`` contiguous (already L2-normed
-    when that is fused). Returns ``o [Ttot, HV, V]``, the final states ``[N, HV, K, V]`` (or None)
-    and the intermediates the backward reuses."""
+    """Forward over a packed stream. Inputs are ``[Ttot, H|HV, ...]`` contiguous. ``qk_l2norm``: q and
+    k arrive raw and are L2-normed first (the normalised q / k and their ``rstd`` join the returned
+    intermediates as ``q``, ``k``, ``rq``, ``rk``). Returns ``o [Ttot, HV, V]``, the final states
+    ``[N, HV, K, V]`` (or None) and the intermediates the backward reuses."""
     Ttot, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     dev = q.device
@@ -458,11 +501,27 @@ def chunk_kda_fwd(
     ht = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if output_final_state else None
     gate_raw = A_log is not None
     cs, cl, cf = table.chunk_start, table.chunk_len, table.chunk_first
+    BKC = min(int(LAUNCH["gate"].get("BK") or KP), KP)
+    gate_args = (g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl)
+    gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
+    norms = {}
+    if qk_l2norm and NC > 0 and _pairable(q, k) and LAUNCH["gate"].get("merge_l2norm"):
+        # the gate's cumsum and the q / k norms in one launch
+        (qn, rq), (kn, rk) = _l2norm_outputs((q, k))
+        NKB = triton.cdiv(K, BKC)
+        NL = triton.cdiv(Ttot * H, 16)
+        _prologue_kernel[(NC * HV * NKB + 2 * NL,)](
+            *gate_args, q.view(-1, K), qn.view(-1, K), rq, k.view(-1, K), kn.view(-1, K), rk, Ttot * H,
+            NC * HV * NKB, NKB=NKB, D=K, DP=KP, BR=16, **gate_flags, **launch("gate"))
+        norms = dict(q=qn, k=kn, rq=rq, rk=rk)
+    else:
+        if qk_l2norm:
+            (qn, rq), (kn, rk) = l2norm_fwd(q, k)
+            norms = dict(q=qn, k=kn, rq=rq, rk=rk)
+        if NC > 0:
+            _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](*gate_args, **gate_flags, **launch("gate"))
+    q, k = norms.get("q", q), norms.get("k", k)
     if NC > 0:
-        BKC = min(int(LAUNCH["gate"].get("BK") or KP), KP)
-        _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](
-            g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl, HV=HV, K=K, BK=BKC,
-            GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, **launch("gate"))
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
@@ -492,5 +551,5 @@ def chunk_kda_fwd(
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
-    saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd)
+    saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd, **norms)
     return o, ht, saved
