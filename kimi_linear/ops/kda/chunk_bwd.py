@@ -30,7 +30,13 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
-from kimi_linear.ops.kda.chunk_fwd import dot_precision, load_beta, lower_triangle, softplus_f32
+from kimi_linear.ops.kda.chunk_fwd import (
+    chunk_head_block,
+    dot_precision,
+    load_beta,
+    lower_triangle,
+    softplus_f32,
+)
 
 
 @triton.jit
@@ -518,10 +524,9 @@ def _epilogue_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_sta
     # gate_grad merge_l2norm).
     pid = tl.program_id(0)
     if pid < NGATE:
-        i_kb = pid % NKB
-        i_hv = ((pid // NKB) % HV).to(tl.int64)
-        _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, pid // (NKB * HV),
-                        i_hv, i_kb, HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
+        i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
+        _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, i_c, i_hv, i_kb,
+                        HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
     else:
         p = pid - NGATE
         nr = tl.cdiv(R, BR)

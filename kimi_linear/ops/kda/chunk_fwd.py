@@ -72,6 +72,13 @@ def _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i
 
 
 @triton.jit
+def chunk_head_block(pid, HV: tl.constexpr, NKB: tl.constexpr):
+    """(chunk, value head (int64), key block) of program ``pid`` of a flattened (NC, HV, NKB) grid, key
+    block fastest: the per-chunk part of a launch that also does other work."""
+    return pid // (NKB * HV), ((pid // NKB) % HV).to(tl.int64), pid % NKB
+
+
+@triton.jit
 def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, xb, yb, rb, R, NGATE,
                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -81,9 +88,8 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
     # (launch table gate merge_l2norm).
     pid = tl.program_id(0)
     if pid < NGATE:
-        i_kb = pid % NKB
-        i_hv = ((pid // NKB) % HV).to(tl.int64)
-        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, pid // (NKB * HV), i_hv, i_kb,
+        i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
+        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
                           HV, K, BK, GATE_FROM_RAW, FLOOR)
     else:
         p = pid - NGATE
