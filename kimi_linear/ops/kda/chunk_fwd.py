@@ -449,6 +449,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _l2norm_outputs(xs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(y, rstd)`` buffers for each ``x [..., D]``: y like x, rstd fp32 ``[rows]``."""
     return [(chunk_common.alloc(x.shape, x.dtype, x.device),
              chunk_common.alloc((x.numel() // max(x.shape[-1], 1),), torch.float32, x.device)) for x in xs]
 
