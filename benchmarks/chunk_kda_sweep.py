@@ -275,13 +275,14 @@ def main() -> None:
             show_profile(rows, "fla_baseline", "FLA exact path per-kernel ms", shape, fla_profile(B, T, H), 20)
         best = {}
         for kname in args.kernels:
+            entry = ENTRY.get(kname, kname)
             kfun = KERNEL_NAMES[kname]
             results = []
             for cand in CANDIDATES[kname]:
                 if time.time() > shape_deadline:
                     print("   (budget reached)", flush=True)
                     break
-                chunk_common.LAUNCH[ENTRY.get(kname, kname)] = {**base_launch[ENTRY.get(kname, kname)], **cand}
+                chunk_common.LAUNCH[entry] = {**base_launch[entry], **cand}
                 try:
                     got = run_once(xs, do)
                     err = max(rel(a, b) for a, b in zip(got, ref))
@@ -291,7 +292,7 @@ def main() -> None:
                     print(f"   {kname} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 results.append({**cand, "ms": round(ms, 4), "err": err})
                 print(f"   {kname:11s} {cand}  {ms:8.3f} ms  (diff {err:.1e})", flush=True)
-            chunk_common.LAUNCH[ENTRY.get(kname, kname)] = dict(base_launch[ENTRY.get(kname, kname)])
+            chunk_common.LAUNCH[entry] = dict(base_launch[entry])
             ok = [r for r in results if r["ms"] == r["ms"]]
             if ok:
                 b = min(ok, key=lambda r: r["ms"])

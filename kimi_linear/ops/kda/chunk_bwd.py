@@ -19,7 +19,8 @@ Stages of the backward:
 | gate grads     | (NC, HV, K/32) | dg = reverse cumsum of dG over the chunk, fused gate backward     |
 |                |                | (raw gate, A_log, dt_bias partials)                               |
 | gate params    | (HV,)          | dA_log and ddt_bias: the partials summed over chunks               |
-| l2norm         | (rows/16, 2)   | (chunk.py, fused q/k norm) dq and dk through the norm, one launch  |
+| l2norm         | (rows/16, 2)   | fused q/k norm: dq and dk through the norm, one launch (here, or   |
+|                |                | in chunk.py after the GVA sum; merged with the gate grads: option) |
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import triton.language as tl
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 from kimi_linear.ops.kda.chunk_fwd import (
+    L2NORM_ROWS,
     chunk_head_block,
     dot_precision,
     load_beta,
     lower_triangle,
+    same_shape_dtype,
     softplus_f32,
 )
 
@@ -582,8 +585,8 @@ def _l2norm_bwd_plan(terms):
     """Outputs and launch groups of :func:`l2norm_bwd`: ``(dxs, [(R, D, args) per launch])``; two terms of
     one shape and dtypes share a launch (args then hold both, else the one term twice)."""
     dxs = [chunk_common.alloc(y.shape, dt, y.device) for y, _, _, dt in terms]
-    same = (len(terms) == 2 and terms[0][0].shape == terms[1][0].shape and terms[0][0].dtype == terms[1][0].dtype
-            and terms[0][2].dtype == terms[1][2].dtype and terms[0][3] == terms[1][3])
+    same = (len(terms) == 2 and same_shape_dtype(terms[0][0], terms[1][0])
+            and same_shape_dtype(terms[0][2], terms[1][2]) and terms[0][3] == terms[1][3])
     launches = []
     for idx in ([[0, 1]] if same else [[i] for i in range(len(terms))]):
         y0, r0 = terms[idx[0]][0], terms[idx[0]][1]
@@ -598,10 +601,15 @@ def l2norm_bwd(*terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dty
     """Gradients of :func:`chunk_fwd.l2norm_fwd`, one per ``(y, rstd, dy, out_dtype)`` (its output ``y``
     and ``rstd``, the upstream ``dy``); two terms of one shape and dtypes in one launch (q and k)."""
     dxs, launches = _l2norm_bwd_plan(terms)
+    _launch_l2norm_bwd(launches)
+    return dxs
+
+
+def _launch_l2norm_bwd(launches) -> None:
+    """The launches of an :func:`_l2norm_bwd_plan`."""
     for R, D, n, args in launches:
         if R > 0:
-            _l2norm_bwd_kernel[(triton.cdiv(R, 16), n)](*args, R, D=D, DP=pow2(D), BR=16)
-    return dxs
+            _l2norm_bwd_kernel[(triton.cdiv(R, L2NORM_ROWS), n)](*args, R, D=D, DP=pow2(D), BR=L2NORM_ROWS)
 
 
 def decay_precision(prec: str) -> str:
@@ -626,8 +634,9 @@ def chunk_kda_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """Backward over a packed stream (inputs as for ``chunk_kda_fwd``; ``do [Ttot, HV, V]``).
 
-    Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` in ``grad_dtype`` (fp32 when the caller still
-    sums GVA groups or runs the l2norm backward; the input dtype saves a cast otherwise), ``dv``,
+    Returns ``dq, dk`` per value head ``[Ttot, HV, K]`` in ``grad_dtype`` (fp32 when GVA groups still
+    sum or, unless the launch table's l2norm half_dy, the norm's backward follows; the input dtype saves
+    a cast otherwise), ``dv``,
     ``dg`` (of the raw gate when fused), ``dbeta`` (of the logits when fused), ``dh0`` (or None),
     ``dA_log``, ``ddt_bias`` (None unless the gate is fused). ``l2norm = (rq, rk, q_dtype, k_dtype)``
     (HV == H only; q and k are then the normalised ones): dq, dk are returned through the norm's
@@ -706,15 +715,13 @@ def chunk_kda_bwd(
             # the gate gradients and the q / k norm's backward in one launch
             R, D, _, norm_args = norm_plan[1][0]
             ngate = NC * HV * NKE
-            _epilogue_kernel[(ngate + 2 * triton.cdiv(R, 16),)](*gate_args, *norm_args, R, ngate, D=D, DP=pow2(D),
-                                                                BR=16, **gate_flags, **launch("gate_grad"))
+            _epilogue_kernel[(ngate + 2 * triton.cdiv(R, L2NORM_ROWS),)](
+                *gate_args, *norm_args, R, ngate, D=D, DP=pow2(D), BR=L2NORM_ROWS, **gate_flags, **launch("gate_grad"))
             norm_plan = (norm_plan[0], [])
         else:
             _gate_grad_kernel[(NC, HV, NKE)](*gate_args, **gate_flags, **launch("gate_grad"))
     if norm_plan is not None:
-        for R, D, n, args in norm_plan[1]:
-            if R > 0:
-                _l2norm_bwd_kernel[(triton.cdiv(R, 16), n)](*args, R, D=D, DP=pow2(D), BR=16)
+        _launch_l2norm_bwd(norm_plan[1])
         dq_out, dk_out = norm_plan[0]
     dA_log = ddt_bias = None
     if gate_raw:

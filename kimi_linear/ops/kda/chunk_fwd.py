@@ -448,13 +448,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+L2NORM_ROWS = 16  # rows per program of the q/k norm kernels (forward, backward, merged launches)
+
+
 def _l2norm_outputs(xs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(y, rstd)`` buffers for each ``x [..., D]``: y like x, rstd fp32 ``[rows]``."""
     return [(chunk_common.alloc(x.shape, x.dtype, x.device),
              chunk_common.alloc((x.numel() // max(x.shape[-1], 1),), torch.float32, x.device)) for x in xs]
 
 
-def _pairable(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_shape_dtype(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors can share one l2norm launch (the kernel takes one row count and dtype)."""
     return a.shape == b.shape and a.dtype == b.dtype
 
@@ -463,17 +466,15 @@ def l2norm_fwd(*xs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Row-wise L2 norm of each ``x [..., D]`` (one launch for two tensors of one shape and dtype, such
     as q and k). Returns ``(y, rstd)`` per input, rstd fp32 ``[rows]``."""
     out = _l2norm_outputs(xs)
-    groups = [[0, 1]] if len(xs) == 2 and _pairable(*xs) else [[i] for i in range(len(xs))]
+    groups = [[0, 1]] if len(xs) == 2 and same_shape_dtype(*xs) else [[i] for i in range(len(xs))]
     for idx in groups:
         x0 = xs[idx[0]]
         D, R = x0.shape[-1], out[idx[0]][1].shape[0]
         if R == 0:
             continue
         flat = [(xs[i].reshape(-1, D), out[i][0].view(-1, D), out[i][1]) for i in idx]
-        a = flat[0]
-        b = flat[-1]
-        BR = 16
-        _l2norm_fwd_kernel[(triton.cdiv(R, BR), len(idx))](*a, *b, R, D=D, DP=pow2(D), BR=BR)
+        _l2norm_fwd_kernel[(triton.cdiv(R, L2NORM_ROWS), len(idx))](*flat[0], *flat[-1], R, D=D, DP=pow2(D),
+                                                                    BR=L2NORM_ROWS)
     return out
 
 
@@ -512,14 +513,14 @@ def chunk_kda_fwd(
     gate_args = (g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl)
     gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
     norms = {}
-    if qk_l2norm and NC > 0 and _pairable(q, k) and LAUNCH["gate"].get("merge_l2norm"):
+    if qk_l2norm and NC > 0 and same_shape_dtype(q, k) and LAUNCH["gate"].get("merge_l2norm"):
         # the gate's cumsum and the q / k norms in one launch
         (qn, rq), (kn, rk) = _l2norm_outputs((q, k))
         NKB = triton.cdiv(K, BKC)
-        NL = triton.cdiv(Ttot * H, 16)
+        NL = triton.cdiv(Ttot * H, L2NORM_ROWS)
         _prologue_kernel[(NC * HV * NKB + 2 * NL,)](
             *gate_args, q.view(-1, K), qn.view(-1, K), rq, k.view(-1, K), kn.view(-1, K), rk, Ttot * H,
-            NC * HV * NKB, NKB=NKB, D=K, DP=KP, BR=16, **gate_flags, **launch("gate"))
+            NC * HV * NKB, NKB=NKB, D=K, DP=KP, BR=L2NORM_ROWS, **gate_flags, **launch("gate"))
         norms = dict(q=qn, k=kn, rq=rq, rk=rk)
     else:
         if qk_l2norm:
