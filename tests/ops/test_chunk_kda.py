@@ -147,13 +147,14 @@ VARIANTS = [
     ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
     ("solve-BV16", "solve", dict(BV=16), (-2,)),
     ("solve-BV32", "solve", dict(BV=32), (-2,)),
-    # the decay products' diagonal by the halving levels in every sub-chunk (the default factors a
-    # sub-chunk through one reference where its gate span allows: the odd-T case takes that in every
-    # sub-chunk, the fused cases' larger gates take both forms; a mutation that drops either fails them)
-    ("decay_grad-levels", "decay_grad", dict(factored=0), (1, -2, -1)),
-    # the factored diagonal through each channel's midpoint (spans up to 120 factored)
-    ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
-    # the halving levels as a loop (runtime level sizes) instead of unrolled
+    # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default factors
+    # a sub-chunk through each channel's midpoint where its gate span allows, the levels as a loop for the
+    # rest: the odd-T case takes the factored form in every sub-chunk, the fused cases' larger gates take
+    # both forms; a mutation that drops either fails them)
+    ("decay_grad-levels", "decay_grad", dict(factored=0, rolled=0), (1, -2, -1)),
+    # the factored diagonal through one reference (the first row; spans up to 60 factored)
+    ("decay_grad-one-reference", "decay_grad", dict(factored=1), (1, -2, -1)),
+    # the halving levels as a loop (runtime level sizes) in every sub-chunk
     ("decay_grad-rolled-levels", "decay_grad", dict(factored=0, rolled=1), (1, -1)),
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
@@ -215,9 +216,10 @@ def test_l2norm_pair_matches_autograd(dtypes):
         assert torch.allclose(dx.double(), xr.grad, rtol=tol, atol=tol * 10)  # the zero row: dx = 1e3 dy
 
 
-def test_chunk_kda_interpreter_midpoint_diagonal_extreme_gates(monkeypatch):
-    # gates at -1e4 with the midpoint-factored diagonal (sub-chunks spanning > 120 keep the levels)
-    use_variant(monkeypatch, "decay_grad", factored=2)
+def test_chunk_kda_interpreter_one_reference_diagonal_extreme_gates(monkeypatch):
+    # gates at -1e4 with the diagonal factored through one reference (sub-chunks spanning > 60 keep the
+    # levels; the default, factored through the midpoint, is test_chunk_kda_interpreter_extreme_gates...)
+    use_variant(monkeypatch, "decay_grad", factored=1)
     check_extreme("cpu", torch.float32)
 
 
@@ -255,7 +257,7 @@ class _Watched:
 
 @pytest.mark.parametrize("half_dy", [0, 1])
 def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
-    # dq / dk in the input dtype (fp16 here) ahead of the fused l2norm backward, or fp32 (the default);
+    # dq / dk in the input dtype (fp16 here; the default) ahead of the fused l2norm backward, or fp32;
     # the l2norm backward's plan is watched to see which one it got
     from kimi_linear.ops.kda import chunk_bwd
 
@@ -426,19 +428,20 @@ def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_l2norm_merged_launches(cuda_device, dtype, monkeypatch):
-    # the gate's cumsum and the q/k norm in one launch, their backwards likewise (without GVA), K = V = 128
+    # the gate's cumsum and the q/k norm in one launch, their backwards in separate launches: the two
+    # forms the default (separate forward launches, merged backward without GVA) leaves out, K = V = 128
     use_variant(monkeypatch, "gate", merge_l2norm=1)
-    use_variant(monkeypatch, "gate_grad", merge_l2norm=1)
+    use_variant(monkeypatch, "gate_grad", merge_l2norm=0)
     check_fused_varlen(cuda_device, dtype, H=8, HV=8)
     check_fused_varlen(cuda_device, dtype)  # GVA: the forward merge only
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_chunk_kda_gpu_half_dy_ahead_of_l2norm(cuda_device, dtype, monkeypatch):
-    # dq / dk in the input dtype ahead of the fused l2norm backward (launch table l2norm half_dy; only
-    # without GVA, whose group sum keeps fp32)
-    use_variant(monkeypatch, "l2norm", half_dy=1)
+def test_chunk_kda_gpu_fp32_dy_ahead_of_l2norm(cuda_device, dtype, monkeypatch):
+    # dq / dk in fp32 ahead of the fused l2norm backward (launch table l2norm half_dy=0; the default
+    # hands over the input dtype without GVA, whose group sum keeps fp32)
+    use_variant(monkeypatch, "l2norm", half_dy=0)
     check_fused_varlen(cuda_device, dtype, H=8, HV=8)
 
 

@@ -97,8 +97,9 @@ def pow2(x: int, floor: int = 16) -> int:
 # settings without editing launch sites.
 LAUNCH: dict[str, dict[str, int | None]] = {
     # key blocks of 64: 0.297 ms at 1M tokens x heads (whole K: 0.31-0.32, 32: 0.35; session 7, sweep_v11e)
-    # merge_l2norm=1 (session 14, prepared, not yet run on a GPU): with the fused q/k norm, the gate's
-    # cumsum and the norms in one launch (chunk_fwd._prologue_kernel)
+    # merge_l2norm=1: with the fused q/k norm, the gate's cumsum and the norms in one launch
+    # (chunk_fwd._prologue_kernel): 0.048 ms either way at B1 T4K H16, 0.694 -> 0.706 at B8 T4K H32
+    # (H100, session15/sweep_fused.txt); off unless the whole call in GPU time says otherwise
     "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
@@ -168,19 +169,24 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # did two launches each compiled with one form, programs split by span (session 10, B8 T4K H32:
     # 7.03 ms fused gates against 6.91 / 6.69 for this switch / the levels, 5.15 against 4.93 with
     # Figure-2 gates; session10/sweep_decay_grad_partition*.txt; removed)
-    # factored=2 (session 14, prepared, not yet measured on a GPU): the reference at the midpoint of each
-    # channel's range, so sub-chunks spanning up to 120 take the factored form (chunk_bwd._diag_factored)
-    # rolled=1 (session 14, prepared, not yet timed): the halving levels as a loop, not unrolled; for
-    # sm_90a 238 registers and no spills instead of 255 and 228 B (benchmarks/kernel_resources.py)
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=1, rolled=0),
-    # merge_l2norm=1 (session 14, prepared, not yet run on a GPU): without GVA, the gate gradients and the
-    # q/k norm's backward in one launch (chunk_bwd._epilogue_kernel)
-    "gate_grad": dict(num_warps=4, num_stages=None, merge_l2norm=0),
+    # factored=2: the reference at the midpoint of each channel's range, so sub-chunks spanning up to 120
+    # take the factored form (chunk_bwd._diag_factored); rolled=1: the halving levels as a loop, not
+    # unrolled (for sm_90a 238 registers and no spills instead of 255 and 228 B). H100, session 15, the
+    # layer-fused benchmark's gates: 0.455 -> 0.416 ms at B1 T4K H16, 6.894 -> 6.429 at B8 T4K H32 (each
+    # alone: 0.425 / 0.451 and 6.687 / 6.833; 4 warps slower everywhere); 5.4e-5 from the levels' output
+    # (session15/sweep_fused.txt)
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=2, rolled=1),
+    # merge_l2norm=1: without GVA, the gate gradients and the q/k norm's backward in one launch
+    # (chunk_bwd._epilogue_kernel): 0.089 -> 0.083 ms at B1 T4K H16, 1.327 -> 1.285 at B8 T4K H32 for the
+    # two kernels' work (H100, session15/sweep_fused.txt)
+    "gate_grad": dict(num_warps=4, num_stages=None, merge_l2norm=1),
     # half_dy=1: with the fused q/k l2norm, the decay products write dq / dk in the input dtype (not
     # fp32) for the l2norm backward to read: 1 KB less traffic per (token, head) for half inputs. The
     # final gradient is rounded to that dtype anyway; the intermediate rounding adds an error of the
-    # same size (~2^-9 relative, bf16). Prepared in session 14, not yet measured on a GPU: off.
-    "l2norm": dict(half_dy=0),
+    # same size (~2^-9 relative, bf16; 2.8e-3 relative from the fp32 hand-over). H100, session 15: the
+    # decay products and the norm's backward 0.499 -> 0.480 ms at B1 T4K H16, 7.587 -> 7.330 at B8 T4K
+    # H32 (session15/sweep_fused.txt)
+    "l2norm": dict(half_dy=1),
 }
 
 

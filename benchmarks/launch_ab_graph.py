@@ -1,0 +1,100 @@
+"""A/B of chunked-KDA launch-table settings in GPU time: each variant gated, then timed replayed from a
+CUDA graph, the variants alternating over rounds so that clock drift hits them alike.
+
+The kernel sweep (chunk_kda_sweep.py) times one kernel at a time; a setting that removes a launch
+(the merged prologue / epilogue) saves most of its time between kernels, which only the whole call,
+replayed from a graph, shows. Each variant is a list of ``ENTRY.KEY=INT`` edits of
+``chunk_common.LAUNCH``; ``base`` is the table as committed.
+
+    PYTHONPATH=. python benchmarks/launch_ab_graph.py --shape 1x4096x16 \
+        --variant base --variant gate.merge_l2norm=1 [--provider ours_fused] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def parse_variant(spec: str) -> dict[tuple[str, str], int]:
+    """``"a.b=1,c.d=0"`` -> {("a", "b"): 1, ("c", "d"): 0}; ``"base"`` -> {} (names checked later)."""
+    if spec == "base":
+        return {}
+    edits = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        entry, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"variant part {part!r} is not ENTRY.KEY=INT")
+        edits[(entry, field)] = int(value)
+    return edits
+
+
+def apply(edits: dict[tuple[str, str], int]) -> dict[tuple[str, str], object]:
+    """Write ``edits`` into the launch table; returns the old values for :func:`restore`."""
+    from kimi_linear.ops.kda.chunk_common import LAUNCH
+
+    old = {}
+    for (entry, field), value in edits.items():
+        if entry not in LAUNCH or field not in LAUNCH[entry]:
+            raise SystemExit(f"launch table has no {entry}.{field}")
+        old[(entry, field)] = LAUNCH[entry][field]
+        LAUNCH[entry][field] = value
+    return old
+
+
+def restore(old: dict[tuple[str, str], object]) -> None:
+    from kimi_linear.ops.kda.chunk_common import LAUNCH
+
+    for (entry, field), value in old.items():
+        LAUNCH[entry][field] = value
+
+
+def main() -> None:
+    from kimi_linear.bench import kda
+    from kimi_linear.bench.common import environment
+    from kimi_linear.bench.registry import KDA_PROVIDERS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", required=True, help="BxTxH (repeatable)")
+    ap.add_argument("--variant", action="append", required=True, help="base or ENTRY.KEY=INT[,...] (repeatable)")
+    ap.add_argument("--provider", default="ours_fused", choices=[n for n, p in KDA_PROVIDERS.items() if p.ours])
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("launch_ab_graph.py times CUDA graphs: it needs a CUDA device")
+    device = torch.device("cuda")
+    env = environment(device)
+    variants = {spec: parse_variant(spec) for spec in args.variant}
+    p = KDA_PROVIDERS[args.provider]
+    for spec in args.shape:
+        shape = kda.parse_shapes(spec)[0]
+        for mode in args.modes.split(","):
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            refs: dict = {}
+            for _ in range(args.rounds):
+                for name, edits in variants.items():
+                    old = apply(edits)
+                    try:
+                        rec = kda.bench_one(p, shape, mode, device=device, dtype=torch.bfloat16, env=env,
+                                            warmup=25, rep=200, refs=refs, cuda_graph=True)
+                    finally:
+                        restore(old)
+                    if not rec.ok:
+                        raise SystemExit(f"{spec} {mode} {name}: {rec.status}")
+                    times[name].append(rec.ms)
+            base = statistics.median(next(iter(times.values())))
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                print(f"{spec:12s} {mode:6s} {name:40s} median {med:.4f} ms  ({med / base:.3f}x first)  "
+                      f"rounds {' '.join(f'{t:.4f}' for t in ts)}")
+                print(json.dumps({"shape": spec, "mode": mode, "variant": name, "provider": args.provider,
+                                  "ms": ts, "gpu": env.get("gpu"), "src_sha": env.get("src_sha")}))
+
+
+if __name__ == "__main__":
+    main()
