@@ -5,7 +5,7 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counts half its held time): `tests` first
+# Order for the next session (30 device minutes; the H100 counted its whole held time in sessions 14-15): `tests` first
 # (the whole GPU suite at the session's start commit). Issue 5 (docs/decode.md "Where the remaining time
 # is (session 13)", results/decode/README.md session 13): TPOT 2.87 / 2.94 / 3.12 / 3.37 ms at 4K / 16K /
 # 64K / 128K against the 3 ms target. Fusing launches within one kernel per operation lost twice in
@@ -13,14 +13,16 @@
 # excess is each launch's ramp and tail, which a persistent whole-step kernel would remove; the latent
 # split kernel at 60-70% of the copy rate at 64K-128K is the other lever (warp-specialised producer /
 # consumer). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v14 and Known gaps): first the two switches prepared in session 14, on the
-# layer-fused setting: SWEEP="decay_grad l2norm" FUSED=1 SHAPES="1x4096x16 8x4096x32" (factored=2, the
-# midpoint-factored diagonal; rolled=1, the halving levels as a loop, no spills for sm_90a; l2norm
-# half_dy=1; and SWEEP="gate_merged gate_grad_merged", the launches merged with the q/k norm), with their
-# GPU tests (pytest -m gpu tests/ops/test_chunk_kda.py -k "graded or half_dy or merged"); then `train` with BENCH_FLAGS=--cuda-graph
-# GRID_SHAPES=1x4096x16 against 1.5 ms (1.507 at v14). The route to 8 ms at B8 T4K H32 is still the
-# rewrite that keeps a chunk's intermediates on chip. Short inputs are host-bound eager:
-# benchmarks/host_overhead.py prints host vs GPU time per call; `--cuda-graph` times GPU time.
+# Issue 7 (docs/kernels.md, v15 and Known gaps): B1 T4K H16 met in GPU time (fwd+bwd 1.44 ms replayed
+# from a CUDA graph, session 15). Standing: the forward 5% behind FLA's at B8 T4K H32 (4.30 against 4.10;
+# the diagonal gram, 1.01 ms, is the outlier) and 1.6% at B1 T4K H16; fwd+bwd 17.0 / 20.0 (layer-fused)
+# at B8 T4K H32 against flash attention's 8.14 -- the route there is the rewrite that keeps a chunk's
+# intermediates on chip. The other two training shapes (32x2048x16, 1x65536x16) have not been re-run
+# since session 9: `train` with GRID_SHAPES=32x2048x16,1x65536x16 (FLA autotunes its H32 / new-shape
+# kernels for minutes without the carried cache). Launch-table A/B of the whole call in GPU time:
+# benchmarks/launch_ab_graph.py --shape 1x4096x16 --variant base --variant ENTRY.KEY=INT.
+# Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
+# `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
 # none).
 # Kernel stage knobs: SWEEP="solve gram_diag ..." (kernels to sweep), SHAPES, PROFILES="--fla-profile
