@@ -27,20 +27,22 @@ def parse_variant(spec: str) -> dict[tuple[str, str], int]:
     for part in spec.split(","):
         key, sep, value = part.partition("=")
         entry, dot, field = key.partition(".")
-        if not sep or not dot:
+        if not sep or not dot or not value.lstrip("-").isdigit():
             raise SystemExit(f"variant part {part!r} is not ENTRY.KEY=INT")
         edits[(entry, field)] = int(value)
     return edits
 
 
 def apply(edits: dict[tuple[str, str], int]) -> dict[tuple[str, str], object]:
-    """Write ``edits`` into the launch table; returns the old values for :func:`restore`."""
+    """Write ``edits`` into the launch table (all checked first, so a bad one writes none); returns the
+    old values for :func:`restore`."""
     from kimi_linear.ops.kda.chunk_common import LAUNCH
 
-    old = {}
-    for (entry, field), value in edits.items():
+    for entry, field in edits:
         if entry not in LAUNCH or field not in LAUNCH[entry]:
             raise SystemExit(f"launch table has no {entry}.{field}")
+    old = {}
+    for (entry, field), value in edits.items():
         old[(entry, field)] = LAUNCH[entry][field]
         LAUNCH[entry][field] = value
     return old
