@@ -20,7 +20,9 @@
 # intermediates on chip. The other two training shapes (32x2048x16, 1x65536x16) have not been re-run
 # since session 9: `train` with GRID_SHAPES=32x2048x16,1x65536x16 (FLA autotunes its H32 / new-shape
 # kernels for minutes without the carried cache). Launch-table A/B of the whole call in GPU time:
-# benchmarks/launch_ab_graph.py --shape 1x4096x16 --variant base --variant ENTRY.KEY=INT.
+# benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS). Next for the B1 T4K
+# forward (0.379 against FLA's 0.373 in GPU time): its default variants, the output inside the scan and
+# with the gate's merged launch (the output kernel is 0.048 ms there; each launch's ramp a few us).
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
@@ -81,6 +83,14 @@ grid|train)
   # BENCH_FLAGS="--cuda-graph": every provider timed replayed from a CUDA graph (GPU time of short inputs)
   timeout ${BENCH_CAP:-560} python3 -m kimi_linear.cli bench kda --shapes $shapes ${BENCH_FLAGS:-} \
     --providers ${PROVIDERS:-ours,fla_kda,ours_fused,fla_kda_fused,flash} --modes fwd,fwdbwd --out "$OUT/kda" 2>&1 | tail -50
+  ;;
+kda-ab)
+  # launch-table variants of the whole chunked-KDA call (layer-fused), replayed from a CUDA graph and
+  # alternating over rounds: KDA_AB_SHAPES (BxTxH ...), KDA_AB_VARIANTS (base and ENTRY.KEY=INT[,...])
+  args=""; for s in ${KDA_AB_SHAPES:-1x4096x16}; do args="$args --shape $s"; done
+  for v in ${KDA_AB_VARIANTS:-base state_fwd.output=1 gate.merge_l2norm=1,state_fwd.output=1}; do args="$args --variant $v"; done
+  timeout ${KDA_AB_CAP:-200} python3 benchmarks/launch_ab_graph.py $args ${KDA_AB_MODES:+--modes $KDA_AB_MODES} 2>&1 \
+    | tee "$OUT/kda_ab.txt" | grep -v '^{'
   ;;
 gemv)
   # batch-1 decode products: fused_linear and the single-token MoE kernels against cuBLAS / the
@@ -147,6 +157,6 @@ ab)
   done
   ;;
 *)
-  echo "stage must be kernels, tests, grid, train, gemv, profile, pdl, prefill, ncu, latent, ncu-latent, ab or decode, got $STAGE" >&2; exit 2 ;;
+  echo "stage must be kernels, tests, grid, train, kda-ab, gemv, profile, pdl, prefill, ncu, latent, ncu-latent, ab or decode, got $STAGE" >&2; exit 2 ;;
 esac
 done
