@@ -35,42 +35,74 @@ PROVIDER_STYLE: dict[str, dict[str, str]] = {
 def plot_kda(records: Sequence[Record], path: str | Path, title: str = "") -> str | None:
     """The paper's Figure 2 with every provider: ms against T (B=1, H=16), one panel per mode.
 
-    Falls back to one point per shape (x = shape) when the run holds no Figure 2 shapes.
-    Returns the written path, or None when nothing was timed.
+    A run without two Figure 2 lengths (one training shape, or a few unrelated ones) is drawn as bars
+    instead: per shape one bar per provider, labelled with its ms, and the KDA floor of that shape as a
+    dashed tick (max(bytes / copy bandwidth, FLOPs / matmul rate); flash attention's floor differs and
+    is in the table). Returns the written path, or None when nothing was timed.
     """
     timed = [r for r in records if r.ok]
     if not timed:
         return None
     fig2 = [r for r in timed if r.shape["B"] == 1 and r.shape["H"] == 16]
+    if len({r.shape["T"] for r in fig2}) < 2:
+        fig2 = []
     use = fig2 or timed
     modes = [m for m in ("fwd", "fwdbwd") if any(r.mode == m for r in use)]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.6), squeeze=False)
-    keys = sorted({(r.shape["B"], r.shape["T"], r.shape["H"]) for r in use})
     for ax, mode in zip(axes[0], modes):
-        for provider in dict.fromkeys(r.provider for r in use if r.mode == mode):
-            rows = sorted((r for r in use if r.mode == mode and r.provider == provider), key=lambda r: r.shape["T"])
-            if fig2:
-                xs = [r.shape["T"] for r in rows]
-            else:
-                xs = [keys.index((r.shape["B"], r.shape["T"], r.shape["H"])) for r in rows]
-            ax.plot(xs, [r.ms for r in rows], label=provider, **PROVIDER_STYLE.get(provider, {"marker": "o"}))
-        ax.set_yscale("log")
+        rows = [r for r in use if r.mode == mode]
         if fig2:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length T (B=1, H=16, K=V=128)")
+            _figure2_lines(ax, rows)
         else:
-            ax.set_xticks(range(len(keys)), [f"B{b} T{t} H{h}" for b, t, h in keys], rotation=20)
+            _shape_bars(ax, rows)
         ax.set_ylabel("ms (median)")
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({} if fig2 else dict(loc="upper center", ncol=3)))
     fig.suptitle(title or "KDA kernels (Figure 2 redrawn with every provider)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def _figure2_lines(ax, rows: Sequence[Record]) -> None:
+    """ms against T on log-log axes, one line per provider."""
+    for provider in dict.fromkeys(r.provider for r in rows):
+        mine = sorted((r for r in rows if r.provider == provider), key=lambda r: r.shape["T"])
+        ax.plot([r.shape["T"] for r in mine], [r.ms for r in mine], label=provider,
+                **PROVIDER_STYLE.get(provider, {"marker": "o"}))
+    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T (B=1, H=16, K=V=128)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _shape_bars(ax, rows: Sequence[Record]) -> None:
+    """Grouped bars: per shape one bar per provider (ms written on it), the KDA floor as a dashed tick."""
+    keys = sorted({(r.shape["B"], r.shape["T"], r.shape["H"]) for r in rows})
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    width = 0.8 / len(providers)
+    for i, provider in enumerate(providers):
+        for r in rows:
+            if r.provider != provider:
+                continue
+            x = keys.index((r.shape["B"], r.shape["T"], r.shape["H"])) - 0.4 + (i + 0.5) * width
+            color = PROVIDER_STYLE.get(provider, {}).get("color")
+            ax.bar(x, r.ms, width, color=color, label=provider if r is next(
+                q for q in rows if q.provider == provider) else None)
+            ax.annotate(f"{r.ms:.3g}", (x, r.ms), ha="center", va="bottom", fontsize=7)
+    floor_label = "KDA floor"
+    for j, key in enumerate(keys):
+        floors = [r.floor_ms for r in rows if (r.shape["B"], r.shape["T"], r.shape["H"]) == key
+                  and r.floor_ms and r.extra.get("setting") in ("kda", "kda_layer")]
+        if floors:
+            ax.hlines(min(floors), j - 0.45, j + 0.45, colors="gray", linestyles="--", label=floor_label)
+            floor_label = None
+    ax.set_xticks(range(len(keys)), [f"B{b} T{t} H{h}" for b, t, h in keys])
+    ax.set_ylim(0, 1.3 * max(r.ms for r in rows))  # headroom for the legend above the bars
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def plot_decode(records: Sequence[Record], path: str | Path, copy_tbps: float | None, title: str = "") -> str | None:
