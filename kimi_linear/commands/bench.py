@@ -136,7 +136,8 @@ def run_kda(args: argparse.Namespace) -> int:
                       rep=args.rep, log=lambda s: print(s, file=sys.stderr, flush=True),
                       on_record=_writer("kda", args, env), cuda_graph=args.cuda_graph)
     return _finish("kda", args, env, records, kda.table(records), kda.markdown(env, records),
-                   lambda path: plot_kda(records, path, title=f"KDA kernels, {env.get('gpu') or device}"))
+                   lambda path: plot_kda(records, path, title=f"KDA kernels, {env.get('gpu') or device}, "
+                                         + ("replayed from a CUDA graph" if args.cuda_graph else "eager")))
 
 
 def run_decode(args: argparse.Namespace) -> int:
