@@ -99,7 +99,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # key blocks of 64: 0.297 ms at 1M tokens x heads (whole K: 0.31-0.32, 32: 0.35; session 7, sweep_v11e)
     # merge_l2norm=1: with the fused q/k norm, the gate's cumsum and the norms in one launch
     # (chunk_fwd._prologue_kernel): 0.048 ms either way at B1 T4K H16, 0.694 -> 0.706 at B8 T4K H32
-    # (H100, session15/sweep_fused.txt); off unless the whole call in GPU time says otherwise
+    # (H100, session15/sweep_switches_fused_22e628e.txt); the whole call replayed from a CUDA graph at
+    # B1 T4K H16: fwd 0.379 -> 0.377, fwd+bwd 1.434 -> 1.438 ms (launch_ab_graph_c1d9c35.txt): off
     "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
@@ -174,18 +175,18 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # unrolled (for sm_90a 238 registers and no spills instead of 255 and 228 B). H100, session 15, the
     # layer-fused benchmark's gates: 0.455 -> 0.416 ms at B1 T4K H16, 6.894 -> 6.429 at B8 T4K H32 (each
     # alone: 0.425 / 0.451 and 6.687 / 6.833; 4 warps slower everywhere); 5.4e-5 from the levels' output
-    # (session15/sweep_fused.txt)
+    # (session15/sweep_switches_fused_22e628e.txt)
     "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=2, rolled=1),
     # merge_l2norm=1: without GVA, the gate gradients and the q/k norm's backward in one launch
     # (chunk_bwd._epilogue_kernel): 0.089 -> 0.083 ms at B1 T4K H16, 1.327 -> 1.285 at B8 T4K H32 for the
-    # two kernels' work (H100, session15/sweep_fused.txt)
+    # two kernels' work (H100, session15/sweep_switches_fused_22e628e.txt)
     "gate_grad": dict(num_warps=4, num_stages=None, merge_l2norm=1),
     # half_dy=1: with the fused q/k l2norm, the decay products write dq / dk in the input dtype (not
     # fp32) for the l2norm backward to read: 1 KB less traffic per (token, head) for half inputs. The
     # final gradient is rounded to that dtype anyway; the intermediate rounding adds an error of the
     # same size (~2^-9 relative, bf16; 2.8e-3 relative from the fp32 hand-over). H100, session 15: the
     # decay products and the norm's backward 0.499 -> 0.480 ms at B1 T4K H16, 7.587 -> 7.330 at B8 T4K
-    # H32 (session15/sweep_fused.txt)
+    # H32 (session15/sweep_switches_fused_22e628e.txt)
     "l2norm": dict(half_dy=1),
 }
 
