@@ -67,7 +67,7 @@ GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 
 # with the q/k norm in the same launch (layer-fused setting; timed with the separate norm kernel when off)
 GATE_MERGED = [dict(merge_l2norm=m, BK=64, num_warps=4) for m in (0, 1)]
 GATE_GRAD_MERGED = [dict(merge_l2norm=m, num_warps=4) for m in (0, 1)]
-GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
+GRAM_DIAG = [dict(BH=bh, num_warps=w, guard=g) for g in (1, 0) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,

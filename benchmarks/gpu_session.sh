@@ -23,6 +23,9 @@
 # benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS). Next for the B1 T4K
 # forward (0.379 against FLA's 0.373 in GPU time): its default variants, the output inside the scan and
 # with the gate's merged launch (the output kernel is 0.048 ms there; each launch's ramp a few us).
+# For the B8 T4K H32 forward (4.30 against FLA's 4.10): SWEEP=gram_diag SHAPES="8x4096x32 1x4096x16"
+# BENCH_SHAPES=none (guard=0: the diagonal gram's exponent unclamped, 8 fewer instructions per column;
+# its GPU test: pytest -m gpu tests/ops/test_chunk_kda.py -k unguarded).
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write

@@ -138,6 +138,8 @@ VARIANTS = [
     # may read different q/k heads) with sequences ending mid-sub-chunk
     ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
     ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
+    # the diagonal blocks' exponent not clamped to <= 0 (G's own rounding may leave it an ulp above)
+    ("gram_diag-unguarded", "gram_diag", dict(guard=0), (1, -1)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
@@ -214,6 +216,12 @@ def test_l2norm_pair_matches_autograd(dtypes):
         assert torch.allclose(y.double(), yr.detach(), atol=tol)
         assert torch.allclose(r.double(), torch.rsqrt((xr.detach() ** 2).sum(-1) + 1e-6).reshape(-1), rtol=tol)
         assert torch.allclose(dx.double(), xr.grad, rtol=tol, atol=tol * 10)  # the zero row: dx = 1e3 dy
+
+
+def test_chunk_kda_interpreter_unguarded_gram_diag_extreme_gates(monkeypatch):
+    # gates at -1e4 with the diagonal gram's exponent unclamped: still finite and equal to the reference
+    use_variant(monkeypatch, "gram_diag", guard=0)
+    check_extreme("cpu", torch.float32)
 
 
 def test_chunk_kda_interpreter_one_reference_diagonal_extreme_gates(monkeypatch):
@@ -423,6 +431,15 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
     use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1])
     check_fused_varlen(cuda_device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_gram_diag_unguarded(cuda_device, dtype, monkeypatch):
+    # the diagonal gram's exponent unclamped (launch table gram_diag guard=0): fused varlen, extreme gates
+    use_variant(monkeypatch, "gram_diag", guard=0)
+    check_fused_varlen(cuda_device, dtype)
+    check_extreme(cuda_device, dtype)
 
 
 @pytest.mark.gpu

@@ -119,7 +119,12 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # (1.5-4.2 ms) both lost to it and were removed; every column stored as it is made instead of
     # accumulated in registers: 0.887 ms with BH 2 on 1 warp against 1.07 for the accumulating form at
     # BH 4 (fewer registers, more programs per SM; session 7, sweep_v11c)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
+    # guard=0 (session 15, prepared, not yet timed): no clamp of G_r - G_j to <= 0 before the exponential
+    # (the difference is <= 0 up to G's rounding): the sm_90a PTX loop body (a thread's 8 (pair, channel)
+    # elements per column) 112 -> 104 instructions, fp32 arithmetic 56 -> 48 (FLA's token-parallel kernel
+    # has neither the clamp nor the natural-log scale: its G is in base 2); for the kernel's 1.01 ms
+    # against FLA's 0.85 at B8 T4K H32 (session 9 profiles)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, guard=1),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),

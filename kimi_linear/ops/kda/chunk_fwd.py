@@ -148,7 +148,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
+                      GUARD: tl.constexpr = True):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -176,8 +177,13 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         for j in range(a0, r + 1):
             b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
             b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
-            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r (the min only guards it)
-            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
+            # parallel prefix sum need not be monotone by an ulp); GUARD clamps that to 0, one instruction
+            # per (pair, channel) of this kernel's few (launch table gram_diag guard)
+            b_d = b_gr - b_gj
+            if GUARD:
+                b_d = tl.minimum(b_d, 0.0)
+            b_e = tl.exp(b_d) * b_kj
             p_j = ((t0 + r) * HV + o_hv) * 64 + j
             tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
             tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
@@ -535,7 +541,8 @@ def chunk_kda_fwd(
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                         BH=BH, **launch("gram_diag"))
+                                                         BH=BH, GUARD=bool(LAUNCH["gram_diag"].get("guard", 1)),
+                                                         **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
