@@ -435,15 +435,6 @@ def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_gram_diag_unguarded(cuda_device, dtype, monkeypatch):
-    # the diagonal gram's exponent unclamped (launch table gram_diag guard=0): fused varlen, extreme gates
-    use_variant(monkeypatch, "gram_diag", guard=0)
-    check_fused_varlen(cuda_device, dtype)
-    check_extreme(cuda_device, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_l2norm_merged_launches(cuda_device, dtype, monkeypatch):
     # the gate's cumsum and the q/k norm in one launch, their backwards in separate launches: the two
     # forms the default (separate forward launches, merged backward without GVA) leaves out, K = V = 128
@@ -487,11 +478,19 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
     check_fused_varlen(cuda_device, dtype)
 
 
+# launch-table forms off the default path, each on the fused varlen case and with extreme gates: the
+# decay products' halving levels in every sub-chunk (the default factors where the span allows), and the
+# diagonal gram's exponent unclamped (guard=0)
+GPU_EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
+                        "gram_diag_unguarded": ("gram_diag", dict(guard=0))}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_chunk_kda_gpu_levels_diagonal(cuda_device, dtype, monkeypatch):
-    # the decay products' halving levels in every sub-chunk (the default factors where the span allows)
-    use_variant(monkeypatch, "decay_grad", factored=0)
+@pytest.mark.parametrize("variant", list(GPU_EXTREME_VARIANTS))
+def test_chunk_kda_gpu_variant_fused_and_extreme(cuda_device, variant, dtype, monkeypatch):
+    kernel, switches = GPU_EXTREME_VARIANTS[variant]
+    use_variant(monkeypatch, kernel, **switches)
     check_fused_varlen(cuda_device, dtype)
     check_extreme(cuda_device, dtype)
 
