@@ -61,21 +61,28 @@ def main() -> None:
     from kimi_linear.bench.registry import KDA_PROVIDERS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", required=True, help="BxTxH (repeatable)")
+    ap.add_argument("--shape", action="append", required=True, help="BxTxH or a named set (repeatable)")
     ap.add_argument("--variant", action="append", required=True, help="base or ENTRY.KEY=INT[,...] (repeatable)")
     ap.add_argument("--provider", default="ours_fused", choices=[n for n, p in KDA_PROVIDERS.items() if p.ours])
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if any(m not in kda.MODES for m in modes) or args.rounds < 1:
+        ap.error(f"--modes takes {','.join(kda.MODES)} (got {args.modes!r}); --rounds >= 1 (got {args.rounds})")
+    try:
+        shapes = [s for spec in args.shape for s in kda.parse_shapes(spec)]
+    except ValueError as exc:
+        ap.error(str(exc))
+    variants = {spec: parse_variant(spec) for spec in args.variant}  # malformed specs fail before the GPU
     if not torch.cuda.is_available():
         raise SystemExit("launch_ab_graph.py times CUDA graphs: it needs a CUDA device")
     device = torch.device("cuda")
     env = environment(device)
-    variants = {spec: parse_variant(spec) for spec in args.variant}
     p = KDA_PROVIDERS[args.provider]
-    for spec in args.shape:
-        shape = kda.parse_shapes(spec)[0]
-        for mode in args.modes.split(","):
+    for shape in shapes:
+        spec = shape.key
+        for mode in modes:
             times: dict[str, list[float]] = {v: [] for v in variants}
             refs: dict = {}
             for _ in range(args.rounds):

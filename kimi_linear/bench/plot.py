@@ -58,7 +58,6 @@ def plot_kda(records: Sequence[Record], path: str | Path, title: str = "") -> st
             _shape_bars(ax, rows)
         ax.set_ylabel("ms (median)")
         ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward"}[mode])
-        ax.legend(fontsize=8, **({} if fig2 else dict(loc="upper center", ncol=3)))
     fig.suptitle(title or "KDA kernels (Figure 2 redrawn with every provider)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -77,32 +76,31 @@ def _figure2_lines(ax, rows: Sequence[Record]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T (B=1, H=16, K=V=128)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _shape_bars(ax, rows: Sequence[Record]) -> None:
     """Grouped bars: per shape one bar per provider (ms written on it), the KDA floor as a dashed tick."""
-    keys = sorted({(r.shape["B"], r.shape["T"], r.shape["H"]) for r in rows})
+    def key(r: Record) -> tuple[int, int, int]:
+        return r.shape["B"], r.shape["T"], r.shape["H"]
+
+    keys = sorted({key(r) for r in rows})
     providers = list(dict.fromkeys(r.provider for r in rows))
     width = 0.8 / len(providers)
     for i, provider in enumerate(providers):
-        for r in rows:
-            if r.provider != provider:
-                continue
-            x = keys.index((r.shape["B"], r.shape["T"], r.shape["H"])) - 0.4 + (i + 0.5) * width
-            color = PROVIDER_STYLE.get(provider, {}).get("color")
-            ax.bar(x, r.ms, width, color=color, label=provider if r is next(
-                q for q in rows if q.provider == provider) else None)
+        mine = [r for r in rows if r.provider == provider]
+        xs = [keys.index(key(r)) - 0.4 + (i + 0.5) * width for r in mine]
+        ax.bar(xs, [r.ms for r in mine], width, color=PROVIDER_STYLE.get(provider, {}).get("color"), label=provider)
+        for x, r in zip(xs, mine):
             ax.annotate(f"{r.ms:.3g}", (x, r.ms), ha="center", va="bottom", fontsize=7)
-    floor_label = "KDA floor"
-    for j, key in enumerate(keys):
-        floors = [r.floor_ms for r in rows if (r.shape["B"], r.shape["T"], r.shape["H"]) == key
-                  and r.floor_ms and r.extra.get("setting") in ("kda", "kda_layer")]
+    for j, k in enumerate(keys):
+        floors = [r.floor_ms for r in rows if key(r) == k and r.floor_ms and r.extra.get("setting") in ("kda", "kda_layer")]
         if floors:
-            ax.hlines(min(floors), j - 0.45, j + 0.45, colors="gray", linestyles="--", label=floor_label)
-            floor_label = None
+            ax.hlines(min(floors), j - 0.45, j + 0.45, colors="gray", linestyles="--", label="KDA floor" if j == 0 else None)
     ax.set_xticks(range(len(keys)), [f"B{b} T{t} H{h}" for b, t, h in keys])
     ax.set_ylim(0, 1.3 * max(r.ms for r in rows))  # headroom for the legend above the bars
     ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
 
 
 def plot_decode(records: Sequence[Record], path: str | Path, copy_tbps: float | None, title: str = "") -> str | None:

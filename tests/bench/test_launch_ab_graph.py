@@ -1,5 +1,6 @@
 """benchmarks/launch_ab_graph.py: variant specs parse, write into the launch table and come back out;
-unknown entries or keys and malformed specs are refused with a message (not silently timed as base)."""
+unknown entries or keys, malformed specs, modes, rounds and shapes are refused with a message before any
+device work (not silently timed as base)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def test_unknown_entry_or_key_refused_and_table_untouched(spec):
     with pytest.raises(SystemExit, match="launch table has no"):
         ab.apply(ab.parse_variant(spec))
     assert LAUNCH == before
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--shape", "1x4096x16", "--variant", "base", "--modes", "fwdx"], "--modes takes"),
+    (["--shape", "1x4096x16", "--variant", "base", "--rounds", "0"], "--rounds >= 1"),
+    (["--shape", "4096", "--variant", "base"], "nor BxTxH"),
+    (["--shape", "1x4096x16", "--variant", "gate.x"], "is not ENTRY.KEY=INT"),
+])
+def test_bad_arguments_refused_before_any_device_work(argv, msg, monkeypatch, capsys):
+    # the checks run before the CUDA check, so they answer the same on this CPU-only machine
+    monkeypatch.setattr(sys, "argv", ["launch_ab_graph.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        ab.main()
+    assert msg in (str(exc.value.code) + capsys.readouterr().err)

@@ -186,13 +186,6 @@ def test_chunk_kda_interpreter_half_inputs():
     check_case(HALF_CASE, torch.float16)
 
 
-def test_chunk_kda_interpreter_levels_diagonal_extreme_gates(monkeypatch):
-    # gates at -1e4 mixed with ordinary ones with the halving levels in every sub-chunk (the default
-    # case, test_chunk_kda_interpreter_extreme_gates_and_beta, takes both diagonal forms in one run)
-    use_variant(monkeypatch, "decay_grad", factored=0)
-    check_extreme("cpu", torch.float32)
-
-
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float16)],
                          ids=["one-launch", "two-launches"])
 def test_l2norm_pair_matches_autograd(dtypes):
@@ -216,19 +209,6 @@ def test_l2norm_pair_matches_autograd(dtypes):
         assert torch.allclose(y.double(), yr.detach(), atol=tol)
         assert torch.allclose(r.double(), torch.rsqrt((xr.detach() ** 2).sum(-1) + 1e-6).reshape(-1), rtol=tol)
         assert torch.allclose(dx.double(), xr.grad, rtol=tol, atol=tol * 10)  # the zero row: dx = 1e3 dy
-
-
-def test_chunk_kda_interpreter_unguarded_gram_diag_extreme_gates(monkeypatch):
-    # gates at -1e4 with the diagonal gram's exponent unclamped: still finite and equal to the reference
-    use_variant(monkeypatch, "gram_diag", guard=0)
-    check_extreme("cpu", torch.float32)
-
-
-def test_chunk_kda_interpreter_one_reference_diagonal_extreme_gates(monkeypatch):
-    # gates at -1e4 with the diagonal factored through one reference (sub-chunks spanning > 60 keep the
-    # levels; the default, factored through the midpoint, is test_chunk_kda_interpreter_extreme_gates...)
-    use_variant(monkeypatch, "decay_grad", factored=1)
-    check_extreme("cpu", torch.float32)
 
 
 @pytest.mark.parametrize("merge", [(0, 1), (1, 1), (1, 0)], ids=["bwd", "fwd-bwd", "fwd"])
@@ -331,6 +311,22 @@ def check_extreme(device, dtype):
 
 
 def test_chunk_kda_interpreter_extreme_gates_and_beta():
+    check_extreme("cpu", torch.float32)
+
+
+# launch-table forms off the default path that treat large gates differently, each with gates at -1e4
+# (the default, above, factors the decay products' diagonal through the midpoint where the span allows
+# and keeps the halving levels for the rest): the levels in every sub-chunk, the diagonal factored
+# through one reference (spans > 60 keep the levels), the diagonal gram's exponent unclamped (guard=0)
+EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
+                    "one_reference_diagonal": ("decay_grad", dict(factored=1)),
+                    "gram_diag_unguarded": ("gram_diag", dict(guard=0))}
+
+
+@pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))
+def test_chunk_kda_interpreter_variant_extreme_gates(variant, monkeypatch):
+    kernel, switches = EXTREME_VARIANTS[variant]
+    use_variant(monkeypatch, kernel, **switches)
     check_extreme("cpu", torch.float32)
 
 
@@ -478,18 +474,12 @@ def test_chunk_kda_gpu_output_in_scan(cuda_device, dtype, monkeypatch):
     check_fused_varlen(cuda_device, dtype)
 
 
-# launch-table forms off the default path, each on the fused varlen case and with extreme gates: the
-# decay products' halving levels in every sub-chunk (the default factors where the span allows), and the
-# diagonal gram's exponent unclamped (guard=0)
-GPU_EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
-                        "gram_diag_unguarded": ("gram_diag", dict(guard=0))}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("variant", list(GPU_EXTREME_VARIANTS))
+@pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))
 def test_chunk_kda_gpu_variant_fused_and_extreme(cuda_device, variant, dtype, monkeypatch):
-    kernel, switches = GPU_EXTREME_VARIANTS[variant]
+    # EXTREME_VARIANTS at K = V = 128 on the fused varlen case and with gates at -1e4
+    kernel, switches = EXTREME_VARIANTS[variant]
     use_variant(monkeypatch, kernel, **switches)
     check_fused_varlen(cuda_device, dtype)
     check_extreme(cuda_device, dtype)
