@@ -161,6 +161,10 @@ VARIANTS = [
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
+    # both gram parts in one launch by halving levels over the chunk (gram_levels.py), one program or
+    # three per (chunk, head) with 16-wide key blocks (GVA, sequences ending mid-level)
+    ("gram_levels", "gram_levels", dict(on=1), (1, -2, -1)),
+    ("gram_levels-split3", "gram_levels", dict(on=1, split=3, BK=16), (3,)),
 ]
 
 
@@ -320,7 +324,8 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # through one reference (spans > 60 keep the levels), the diagonal gram's exponent unclamped (guard=0)
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
-                    "gram_diag_unguarded": ("gram_diag", dict(guard=0))}
+                    "gram_diag_unguarded": ("gram_diag", dict(guard=0)),
+                    "gram_levels": ("gram_levels", dict(on=1))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))

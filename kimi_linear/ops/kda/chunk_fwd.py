@@ -7,6 +7,7 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 | gate + cumsum    | (NC, HV, K/BK)    | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
 | gram (off-diag.) | (NC*4, HV)        | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
 | gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
+| (or both gram parts by halving levels, one launch: gram_levels.py, launch entry ``gram_levels``)      |
 | solve: inverse   | (NC, HV)          | Araw, beta                 | M = (I + Diag(beta) Araw)^-1 (step 4)|
 | solve: products  | (NC*K/BV, HV)     | M, beta, q, k, v, G        | U, Wk, Qg, Kd (steps 4, 5, 7)        |
 | state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last (+Qg, Aqk)| h [NC, HV, K, V], W, final state (6-7); o where the scan is wide |
@@ -29,6 +30,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.gram_levels import gram_levels
 
 
 @triton.jit
@@ -535,7 +537,9 @@ def chunk_kda_fwd(
         if NC > 0:
             _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](*gate_args, **gate_flags, **launch("gate"))
     q, k = norms.get("q", q), norms.get("k", k)
-    if NC > 0:
+    if NC > 0 and LAUNCH["gram_levels"].get("on"):
+        gram_levels(q, k, G, Araw, Aqk, table, prec=prec, cfg=LAUNCH["gram_levels"])  # both parts, one launch
+    elif NC > 0:
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
@@ -543,6 +547,7 @@ def chunk_kda_fwd(
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
                                                          BH=BH, GUARD=bool(LAUNCH["gram_diag"].get("guard", 1)),
                                                          **launch("gram_diag"))
+    if NC > 0:
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
