@@ -75,7 +75,7 @@ GRAM_LEVELS = ([dict(on=0)]
                + [dict(on=1, num_warps=w, num_stages=st, BK=bk, split=sp)
                   for w, st, bk, sp in ((4, 2, 32, 1), (4, 2, 32, 2), (4, 2, 32, 3), (4, 2, 64, 1),
                                         (2, 2, 32, 1), (8, 2, 64, 1), (4, 3, 32, 6), (2, 2, 32, 3))]
-               + [dict(on=1, guard=0)])
+               + [dict(on=1, guard=0), dict(on=1, half=1), dict(on=1, half=1, BK=64, num_warps=8)])
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
               "gram_diag": GRAM_DIAG, "gram_levels": GRAM_LEVELS, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
               # dq / dk in the input dtype ahead of the fused l2norm backward (the layer-fused setting only)

@@ -184,9 +184,13 @@ def test_chunk_kda_interpreter_value_heads_not_a_power_of_two():
 HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
 
 
-def test_chunk_kda_interpreter_half_inputs():
+@pytest.mark.parametrize("gram", ["default", "levels_half"])
+def test_chunk_kda_interpreter_half_inputs(gram, monkeypatch):
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
-    # interpreter computes bf16 dots wrongly).
+    # interpreter computes bf16 dots wrongly); levels_half: the gram by halving levels with its dots on
+    # fp16-rounded decayed operands
+    if gram == "levels_half":
+        use_variant(monkeypatch, "gram_levels", on=1, half=1)
     check_case(HALF_CASE, torch.float16)
 
 
@@ -325,7 +329,8 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
                     "gram_diag_unguarded": ("gram_diag", dict(guard=0)),
-                    "gram_levels": ("gram_levels", dict(on=1))}
+                    "gram_levels": ("gram_levels", dict(on=1)),
+                    "gram_levels_half": ("gram_levels", dict(on=1, half=1))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))

@@ -128,8 +128,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # on=1: both parts of the gram (off-diagonal and diagonal blocks) in one launch, every pair through
     # its halving level's group midpoint over the whole chunk (gram_levels.py): 6 exponentials per
     # (row, channel), [32, K] x [K, 32] tensor-core dots per level; split programs per (chunk, head),
-    # BK the key block. Session 16, prepared: not yet timed
-    "gram_levels": dict(on=0, num_warps=4, num_stages=2, BK=32, split=1, guard=1),
+    # BK the key block; half=1: the dots on decayed operands rounded to half inputs' dtype (2^-9 against
+    # tf32's 2^-11). Session 16, prepared: not yet timed
+    "gram_levels": dict(on=0, num_warps=4, num_stages=2, BK=32, split=1, guard=1, half=0),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),
