@@ -29,8 +29,6 @@ from chunk_kda_timing import fla_provider, make, ours  # noqa: E402
 KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
     "gram_diag": ("_gram_diag_kernel",),
-    # both gram launches against the one-launch halving levels (on=1)
-    "gram_levels": ("_gram_kernel", "_gram_diag_kernel", "_gram_levels_kernel"),
     "solve": ("_inverse_kernel", "_wu_kernel"),
     "state_fwd": ("_state_fwd_kernel", "_output_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
@@ -69,15 +67,10 @@ GATE = [dict(BK=bk, num_warps=w) for bk, w in ((32, 4), (128, 4), (64, 4), (32, 
 # with the q/k norm in the same launch (layer-fused setting; timed with the separate norm kernel when off)
 GATE_MERGED = [dict(merge_l2norm=m, BK=64, num_warps=4) for m in (0, 1)]
 GATE_GRAD_MERGED = [dict(merge_l2norm=m, num_warps=4) for m in (0, 1)]
-GRAM_DIAG = [dict(BH=bh, num_warps=w, guard=g) for g in (1, 0) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2))]
+GRAM_DIAG = [dict(BH=bh, num_warps=w) for bh, w in ((2, 1), (4, 1), (1, 1), (2, 2), (4, 2), (8, 2), (8, 4), (4, 4))]
 WARPS = [dict(num_warps=w) for w in (1, 2, 4, 8)]
-GRAM_LEVELS = ([dict(on=0)]
-               + [dict(on=1, num_warps=w, num_stages=st, BK=bk, split=sp)
-                  for w, st, bk, sp in ((4, 2, 32, 1), (4, 2, 32, 2), (4, 2, 32, 3), (4, 2, 64, 1),
-                                        (2, 2, 32, 1), (8, 2, 64, 1), (4, 3, 32, 6), (2, 2, 32, 3))]
-               + [dict(on=1, guard=0), dict(on=1, half=1), dict(on=1, half=1, BK=64, num_warps=8)])
 CANDIDATES = {"state_fwd": SCAN_OUT, "state_bwd": SCAN_BWD, "decay_grad": DECAY, "chunk_grad": GRAD, "gram": PLAIN,
-              "gram_diag": GRAM_DIAG, "gram_levels": GRAM_LEVELS, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
+              "gram_diag": GRAM_DIAG, "gate": GATE, "gate_grad": WARPS, "solve": SOLVE, "output": PLAIN,
               # dq / dk in the input dtype ahead of the fused l2norm backward (the layer-fused setting only)
               "l2norm": [dict(half_dy=0), dict(half_dy=1)],
               "gate_merged": GATE_MERGED, "gate_grad_merged": GATE_GRAD_MERGED}

@@ -94,10 +94,6 @@ def cases():
     dg, gd = LAUNCH["decay_grad"], LAUNCH["gram_diag"]
     yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
     yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
-    from kimi_linear.ops.kda import gram_levels as gl
-    for bk, sp, w, st in ((32, 1, 4, 2), (64, 1, 4, 2), (32, 3, 2, 2), (64, 1, 8, 2)):
-        yield (f"gram by levels BK={bk} split={sp}", gl._gram_levels_kernel,
-               dict(hk, KP=128, BK=bk, SPLIT=sp, PREC="tf32", GUARD=True, HALF=False), w, st)
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):

@@ -138,8 +138,6 @@ VARIANTS = [
     # may read different q/k heads) with sequences ending mid-sub-chunk
     ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
     ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
-    # the diagonal blocks' exponent not clamped to <= 0 (G's own rounding may leave it an ulp above)
-    ("gram_diag-unguarded", "gram_diag", dict(guard=0), (1, -1)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
@@ -161,10 +159,6 @@ VARIANTS = [
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
-    # both gram parts in one launch by halving levels over the chunk (gram_levels.py), one program or
-    # three per (chunk, head) with 16-wide key blocks (GVA, sequences ending mid-level)
-    ("gram_levels", "gram_levels", dict(on=1), (1, -2, -1)),
-    ("gram_levels-split3", "gram_levels", dict(on=1, split=3, BK=16), (3,)),
 ]
 
 
@@ -184,13 +178,9 @@ def test_chunk_kda_interpreter_value_heads_not_a_power_of_two():
 HALF_CASE = (1, 100, 1, 2, 32, 32, [0, 0, 1, 37, 100], True, True)
 
 
-@pytest.mark.parametrize("gram", ["default", "levels_half"])
-def test_chunk_kda_interpreter_half_inputs(gram, monkeypatch):
+def test_chunk_kda_interpreter_half_inputs():
     # fp16 takes the half-precision operand path of the scans (bf16 is GPU-only here: Triton 3.6's
-    # interpreter computes bf16 dots wrongly); levels_half: the gram by halving levels with its dots on
-    # fp16-rounded decayed operands
-    if gram == "levels_half":
-        use_variant(monkeypatch, "gram_levels", on=1, half=1)
+    # interpreter computes bf16 dots wrongly).
     check_case(HALF_CASE, torch.float16)
 
 
@@ -325,12 +315,9 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # launch-table forms off the default path that treat large gates differently, each with gates at -1e4
 # (the default, above, factors the decay products' diagonal through the midpoint where the span allows
 # and keeps the halving levels for the rest): the levels in every sub-chunk, the diagonal factored
-# through one reference (spans > 60 keep the levels), the diagonal gram's exponent unclamped (guard=0)
+# through one reference (spans > 60 keep the levels)
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
-                    "one_reference_diagonal": ("decay_grad", dict(factored=1)),
-                    "gram_diag_unguarded": ("gram_diag", dict(guard=0)),
-                    "gram_levels": ("gram_levels", dict(on=1)),
-                    "gram_levels_half": ("gram_levels", dict(on=1, half=1))}
+                    "one_reference_diagonal": ("decay_grad", dict(factored=1))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))

@@ -119,18 +119,15 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # (1.5-4.2 ms) both lost to it and were removed; every column stored as it is made instead of
     # accumulated in registers: 0.887 ms with BH 2 on 1 warp against 1.07 for the accumulating form at
     # BH 4 (fewer registers, more programs per SM; session 7, sweep_v11c)
-    # guard=0 (session 15, prepared, not yet timed): no clamp of G_r - G_j to <= 0 before the exponential
-    # (the difference is <= 0 up to G's rounding): the sm_90a PTX loop body (a thread's 8 (pair, channel)
-    # elements per column) 112 -> 104 instructions, fp32 arithmetic 56 -> 48 (FLA's token-parallel kernel
-    # has neither the clamp nor the natural-log scale: its G is in base 2); for the kernel's 1.01 ms
-    # against FLA's 0.85 at B8 T4K H32 (session 9 profiles)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, guard=1),
-    # on=1: both parts of the gram (off-diagonal and diagonal blocks) in one launch, every pair through
-    # its halving level's group midpoint over the whole chunk (gram_levels.py): 6 exponentials per
-    # (row, channel), [32, K] x [K, 32] tensor-core dots per level; split programs per (chunk, head),
-    # BK the key block; half=1: the dots on decayed operands rounded to half inputs' dtype (2^-9 against
-    # tf32's 2^-11). Session 16, prepared: not yet timed
-    "gram_levels": dict(on=0, num_warps=4, num_stages=2, BK=32, split=1, guard=1, half=0),
+    # (session 16, H100, layer-fused, sweep_gram_levels_gram_diag_fused_2feb3fa.txt: the exponent
+    # unclamped (G_r - G_j is <= 0 up to G's rounding; 8 fewer PTX instructions per column) measured
+    # 1.006 against 1.003 ms at B8 T4K H32 and 0.067 against 0.067 at B1 T4K H16: no gain, removed. BH 4
+    # on 2 warps: 0.978 / 0.069, within 3% either way. The whole gram in one launch by halving levels
+    # over the 64-token chunk (every pair through its level's group midpoint, [32, K] x [K, 32] dots, 6
+    # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
+    # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
+    # removed -- the third loss of the levels in the forward)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),

@@ -7,7 +7,6 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 | gate + cumsum    | (NC, HV, K/BK)    | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
 | gram (off-diag.) | (NC*4, HV)        | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
 | gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
-| (or both gram parts by halving levels, one launch: gram_levels.py, launch entry ``gram_levels``)      |
 | solve: inverse   | (NC, HV)          | Araw, beta                 | M = (I + Diag(beta) Araw)^-1 (step 4)|
 | solve: products  | (NC*K/BV, HV)     | M, beta, q, k, v, G        | U, Wk, Qg, Kd (steps 4, 5, 7)        |
 | state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last (+Qg, Aqk)| h [NC, HV, K, V], W, final state (6-7); o where the scan is wide |
@@ -30,7 +29,6 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
-from kimi_linear.ops.kda.gram_levels import gram_levels
 
 
 @triton.jit
@@ -150,8 +148,7 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                      GUARD: tl.constexpr = True):
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -180,12 +177,9 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
             b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
             # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
-            # parallel prefix sum need not be monotone by an ulp); GUARD clamps that to 0, one instruction
-            # per (pair, channel) of this kernel's few (launch table gram_diag guard)
-            b_d = b_gr - b_gj
-            if GUARD:
-                b_d = tl.minimum(b_d, 0.0)
-            b_e = tl.exp(b_d) * b_kj
+            # parallel prefix sum need not be monotone by an ulp): the clamp absorbs that (without it:
+            # no faster, session 16)
+            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
             p_j = ((t0 + r) * HV + o_hv) * 64 + j
             tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
             tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
@@ -537,17 +531,13 @@ def chunk_kda_fwd(
         if NC > 0:
             _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](*gate_args, **gate_flags, **launch("gate"))
     q, k = norms.get("q", q), norms.get("k", k)
-    if NC > 0 and LAUNCH["gram_levels"].get("on"):
-        gram_levels(q, k, G, Araw, Aqk, table, prec=prec, cfg=LAUNCH["gram_levels"])  # both parts, one launch
-    elif NC > 0:
+    if NC > 0:
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
                                   **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                         BH=BH, GUARD=bool(LAUNCH["gram_diag"].get("guard", 1)),
-                                                         **launch("gram_diag"))
-    if NC > 0:
+                                                         BH=BH, **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
