@@ -40,6 +40,7 @@ from kimi_linear.ops.kda.chunk_fwd import (
     same_shape_dtype,
     softplus_f32,
 )
+from kimi_linear.ops.kda.fast_exp import exp
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
             b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
         b_dw += tl.dot(b_kd, b_dS.to(DT), input_precision=PREC)
         tl.store(dW + p_tv, b_dw, mask=m_tv)
-        b_dS = (b_dS * tl.exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
+        b_dS = (b_dS * exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
                 - tl.dot(tl.trans(b_wk), b_dw.to(DT), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0 + p_state, b_dS, mask=m_kv)
@@ -178,8 +179,8 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     b_g = tl.load(G + p_tk, mask=m_tk, other=0)
     b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
     b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0).to(tl.float32)
-    b_eg = tl.where(m_tk, tl.exp(b_g), 0.0)
-    b_ed = tl.where(m_tk, tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0)), 0.0)
+    b_eg = tl.where(m_tk, exp(b_g), 0.0)
+    b_ed = tl.where(m_tk, exp(tl.minimum(b_gl[None, :] - b_g, 0.0)), 0.0)
     # Wk = M (beta e^G k)
     b_dxk = tl.dot(tl.trans(b_M), b_dwk, input_precision=PREC)
     b_da -= tl.dot(b_dxk, tl.trans(b_wk), input_precision=PREC)
@@ -188,7 +189,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     b_dk = b_dkd * b_ed
     b_t = b_dkd * b_k * b_ed
     b_dG -= b_t
-    b_dgl = tl.sum(b_t, axis=0) + tl.exp(b_gl) * b_dgl
+    b_dgl = tl.sum(b_t, axis=0) + exp(b_gl) * b_dgl
     b_xk = b_k * b_eg
     b_dk += b_beta[:, None] * b_eg * b_dxk
     b_dG += b_beta[:, None] * b_dxk * b_xk
@@ -306,8 +307,8 @@ def _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s, b_dq2, b_dk3, b_dk4, b_
         d = tl.minimum(tl.maximum(b_g - 0.5 * (g_hi + g_lo)[None, :], -FACTOR_SPAN), FACTOR_SPAN)
     else:
         d = tl.minimum(tl.maximum(b_g - g_hi[None, :], -FACTOR_SPAN), 0.0)
-    f_up = tl.exp(d)
-    f_dn = tl.exp(-d)
+    f_up = exp(d)
+    f_dn = exp(-d)
     return _pair_products(o_s[:, None] > o_s[None, :], b_daq, b_da, b_q, b_k, f_up, f_dn,
                           b_dq2, b_dk3, b_dk4, b_dk5, PREC)
 
@@ -320,7 +321,7 @@ def _diag_level(s, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da,
     upper = (o_s & s) != 0
     b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
                    mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-    b_f = tl.exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
+    b_f = exp(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0))
     f_up = tl.where(upper[:, None], b_f, 0.0)  # F of the upper rows t
     f_lo = b_f - f_up  # F of the lower rows j
     pair = ((o_s[:, None] // (2 * s)) == (o_s[None, :] // (2 * s))) & upper[:, None] & (~upper)[None, :]
@@ -381,13 +382,13 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         cols = b * 16 + o_s
         p_ck = ((t0 + cols[:, None]) * H + i_h) * K + o_k[None, :]
         b_gp = tl.load(G + ((t0 + cols[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_k[None, :], other=0)
-        b_x = tl.load(k + p_ck, mask=m_k[None, :], other=0).to(tl.float32) * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+        b_x = tl.load(k + p_ck, mask=m_k[None, :], other=0).to(tl.float32) * exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
         m_pc = m_r[:, None]
         b_paq = tl.load(dAqk + p_rows_cc + cols[None, :], mask=m_pc, other=0)
         b_pa = tl.load(dA + p_rows_cc + cols[None, :], mask=m_pc, other=0)
         b_dq2 += _pdot(b_paq, b_x, PREC)
         b_dk3 += _pdot(b_pa, b_x, PREC)
-    b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+    b_dec = exp(tl.minimum(b_g - b_gr[None, :], 0.0))
     b_dq2 = b_dq2 * b_dec
     b_dk3 = b_dk3 * b_dec
     # later sub-chunks b > a (rows t of dk4/dk5) through the reference token 16a+15 (or the last row)
@@ -398,7 +399,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         m_l = trow < n
         m_p = m_l[:, None] & m_k[None, :]
         b_gp = tl.load(G + ((t0 + trow[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-        b_dec = tl.exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
+        b_dec = exp(tl.minimum(b_gp - b_gr[None, :], 0.0))
         p_x = ((t0 + trow[:, None]) * H + i_h) * K + o_k[None, :]
         b_xk = tl.load(k + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
         b_xq = tl.load(q + p_x, mask=m_p, other=0).to(tl.float32) * b_dec
@@ -407,7 +408,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         b_paq = tl.load(dAqk + p_cols, mask=m_l[:, None], other=0)
         b_dk4 += _pdot(tl.trans(b_pa), b_xk, PREC)
         b_dk5 += _pdot(tl.trans(b_paq), b_xq, PREC)
-    b_dec = tl.exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
+    b_dec = exp(tl.minimum(b_gr[None, :] - b_g, 0.0))
     b_dk4 = b_dk4 * b_dec
     b_dk5 = b_dk5 * b_dec
     p_rk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
+from kimi_linear.ops.kda.fast_exp import exp
 
 
 @triton.jit
@@ -134,8 +135,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             m_p = m_prev[:, None] & m_k[None, :]
             b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
             b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-            b_kp = b_kp * tl.exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-            b_dec = tl.exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+            b_kp = b_kp * exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
+            b_dec = exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
@@ -179,7 +180,7 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
             # parallel prefix sum need not be monotone by an ulp): the clamp absorbs that (without it:
             # no faster, session 16)
-            b_e = tl.exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+            b_e = exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
             p_j = ((t0 + r) * HV + o_hv) * 64 + j
             tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
             tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
@@ -328,9 +329,9 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
         b_u = tl.dot(b_M, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
         tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
     if cb < K:
-        b_eg = tl.exp(b_g)
+        b_eg = exp(b_g)
         tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
-        tl.store(Kd + p_g, (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+        tl.store(Kd + p_g, (b_k * exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
         b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
         tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
 
@@ -389,7 +390,7 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
             # gives the same o alone and inside a pack that takes the other path)
             b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(tl.float32), input_precision=PREC)
             tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        b_S = b_S * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
+        b_S = b_S * exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
         tl.store(ht + p_state, b_S, mask=m_kv)
 
