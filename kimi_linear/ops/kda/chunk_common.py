@@ -122,7 +122,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # (session 16, H100, layer-fused, sweep_gram_levels_gram_diag_fused_2feb3fa.txt: the exponent
     # unclamped (G_r - G_j is <= 0 up to G's rounding; 8 fewer PTX instructions per column) measured
     # 1.006 against 1.003 ms at B8 T4K H32 and 0.067 against 0.067 at B1 T4K H16: no gain, removed. BH 4
-    # on 2 warps: 0.978 / 0.069, within 3% either way. The whole gram in one launch by halving levels
+    # on 2 warps: 0.978 / 0.069, within 3% either way; BH 8 on 2 or 4 warps 0.992-0.996 against 0.987
+    # (sweep_exp_ftz_fused_fa18273.txt). The whole gram in one launch by halving levels
     # over the 64-token chunk (every pair through its level's group midpoint, [32, K] x [K, 32] dots, 6
     # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
     # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
