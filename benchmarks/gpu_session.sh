@@ -21,7 +21,10 @@
 # 1x65536x16) have not been re-run since session 9: `train` with GRID_SHAPES=32x2048x16,1x65536x16
 # (FLA's autotuning results for H16 / H32 at K = 128 are committed, see TRITON_CACHE_DIR below, so FLA
 # should not re-tune for minutes). Launch-table A/B of the whole call in GPU time:
-# benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS).
+# benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS). First for the B8 T4K H32
+# forward (prepared in session 16, off): the inference forward without the scan's h / W stores --
+# KDA_AB_SHAPES=8x4096x32 KDA_AB_VARIANTS="base state_fwd.skip_saved=1" KDA_AB_MODES=fwd kda-ab, with
+# pytest -m gpu tests/ops/test_chunk_kda.py -k no_grad; if it wins, make it the default and re-run `train`.
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write

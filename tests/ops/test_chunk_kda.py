@@ -9,6 +9,8 @@ NaN (``chunk_common.POISON``), so an unwritten element cannot pass; tolerances c
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -351,6 +353,41 @@ def test_chunk_kda_interpreter_graded_gates(factored, rolled, monkeypatch):
     check_graded_gates("cpu", torch.float32)
 
 
+def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
+    """A forward no backward follows (inputs needing no gradient, under torch.no_grad) gives the same o
+    and final state, bit for bit, as one that keeps its intermediates, with and without ``state_fwd
+    skip_saved`` (output inside the scan). With it, the forward allocates exactly the per-chunk states h
+    [NC, HV, K, V] and W [Ttot, HV, V] less; the scan's store of h, were it not skipped, would land in o
+    (its stand-in) and fail the comparison. Returns the no-grad output with skip_saved."""
+    use_variant(monkeypatch, "state_fwd", output=1)
+    inp = make_inputs(1, T, 1, HV, K, V, h0=True, fuse=True, device=device, seed=7)
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
+    args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
+    kw = dict(initial_state=inp["h0"], output_final_state=True, fusion=fusion, backend="triton")
+    with_grad = chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)
+    real_alloc = chunk_common.alloc
+    shapes = {0: Counter(), 1: Counter()}
+    for skip in (0, 1):
+        use_variant(monkeypatch, "state_fwd", skip_saved=skip)
+
+        def counting_alloc(shape, dt, dev, skip=skip):
+            shapes[skip][tuple(shape)] += 1
+            return real_alloc(shape, dt, dev)
+
+        monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
+        with torch.no_grad():
+            no_grad = chunk_kda(*args, **kw)
+        for a, b in zip(no_grad, with_grad):
+            assert torch.equal(a, b.detach())
+    assert shapes[1] - shapes[0] == Counter()
+    assert shapes[0] - shapes[1] == Counter({(-(-T // 64), HV, K, V): 1, (T, HV, V): 1})
+    return no_grad
+
+
+def test_chunk_kda_interpreter_no_grad_forward(monkeypatch):
+    check_no_grad_forward("cpu", torch.float32, monkeypatch)
+
+
 def test_chunk_kda_interpreter_empty_and_causal():
     # T == 0: no tokens; the final state is the initial state and its gradient passes straight through.
     inp = make_inputs(2, 0, 1, 1, 16, 16, h0=True)
@@ -452,6 +489,20 @@ def test_chunk_kda_gpu_state_bwd_dw_local(cuda_device, dtype, monkeypatch):
     # the scan's dO-only term as its own parallel kernel first (the default keeps it in the scan)
     use_variant(monkeypatch, "state_bwd", dw_local=1)
     check_fused_varlen(cuda_device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_no_grad_forward(cuda_device, dtype, monkeypatch):
+    # the inference forward at K = V = 128 with the scan's saved stores skipped, against the fp64 reference
+    # and bit for bit against the forward that keeps them
+    o, ht = check_no_grad_forward(cuda_device, dtype, monkeypatch, K=128, V=128, T=300, HV=4)
+    inp = make_inputs(1, 300, 1, 4, 128, 128, h0=True, fuse=True, device=cuda_device, seed=7)
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"].double(), dt_bias=inp["dt_bias"].double())
+    ref_o, ref_ht = chunk_kda_ref(*[inp[n].double() for n in ("q", "k", "v", "g", "beta")],
+                                  initial_state=inp["h0"].double(), output_final_state=True, fusion=fusion)
+    assert rel_rms(o, ref_o) <= tolerance("kernel_fwd", dtype)
+    assert rel_rms(ht, ref_ht) <= tolerance("kernel_fwd", dtype)
 
 
 @pytest.mark.gpu

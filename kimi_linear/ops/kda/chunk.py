@@ -42,9 +42,14 @@ class _ChunkKDAFunction(torch.autograd.Function):
         g2 = g.reshape(B * T, HV, K).contiguous()
         b2 = beta.reshape(B * T, HV).contiguous()
         h0 = initial_state.contiguous() if initial_state is not None else None
+        # no input needs a gradient (inference, prefill, torch.no_grad): nothing is kept for a backward
+        for_backward = any(ctx.needs_input_grad)
         o, ht, saved = chunk_kda_fwd(q2, k2, v2, g2, b2, scale=scale, initial_state=h0,
                                      output_final_state=output_final_state, table=table, A_log=A_log,
-                                     dt_bias=dt_bias, beta_sigmoid=beta_sigmoid, qk_l2norm=qk_l2norm)
+                                     dt_bias=dt_bias, beta_sigmoid=beta_sigmoid, qk_l2norm=qk_l2norm,
+                                     for_backward=for_backward)
+        if not for_backward:
+            return o.view(B, T, HV, V), ht
         # with the fused norm, the backward keeps the normalised q / k (and their rstd), not the raw ones
         q2, k2 = saved.pop("q", q2), saved.pop("k", k2)
         rq, rk = saved.pop("rq", None), saved.pop("rk", None)

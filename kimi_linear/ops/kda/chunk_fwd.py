@@ -340,11 +340,14 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
 def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_first, scale,
                       HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                      STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, PREC: tl.constexpr):
+                      STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, PREC: tl.constexpr,
+                      STORE_SAVED: tl.constexpr = True):
     # Steps 6-7 for one [K, BV] column tile of one (sequence, value head): a scan over chunks.
     # Matrix operands in the input dtype (fp32 accumulation), the state itself in fp32.
     # OUTPUT: step 5 inside the scan (o = scale (Qg S_0 + Aqk W) per chunk, off the state's serial
     # path), so _output_kernel and its read of h go away (h is still stored for the backward).
+    # STORE_SAVED False (a forward with no backward to follow, output inside the scan): h and W, which
+    # only the backward reads then, are not stored (768 of the scan's ~2.2 KB per (token, head) moved).
     DT: tl.constexpr = Wk.dtype.element_ty
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -368,8 +371,9 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
     for c in range(c0, c1):
         t0 = bos + (c - c0) * 64
         n = tl.minimum(eos - t0, 64)
-        tl.store(h + ((c * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
-                 b_S.to(h.dtype.element_ty), mask=m_kv)
+        if STORE_SAVED:
+            tl.store(h + ((c * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
+                     b_S.to(h.dtype.element_ty), mask=m_kv)
         m_t = o_t < n
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -381,7 +385,8 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
         b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_k, mask=m_k, other=0)
         b_sh = b_S.to(DT)
         b_w = b_u - tl.dot(b_wk, b_sh, input_precision=PREC)  # step 6
-        tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
+        if STORE_SAVED:
+            tl.store(W + p_tv, b_w.to(W.dtype.element_ty), mask=m_tv)
         if OUTPUT:
             b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
@@ -485,11 +490,14 @@ def chunk_kda_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     *, scale: float, initial_state: torch.Tensor | None, output_final_state: bool, table: ChunkTable,
     A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, beta_sigmoid: bool, qk_l2norm: bool = False,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward over a packed stream. Inputs are ``[Ttot, H|HV, ...]`` contiguous. ``qk_l2norm``: q and
     k arrive raw and are L2-normed first (the normalised q / k and their ``rstd`` join the returned
     intermediates as ``q``, ``k``, ``rq``, ``rk``). Returns ``o [Ttot, HV, V]``, the final states
-    ``[N, HV, K, V]`` (or None) and the intermediates the backward reuses."""
+    ``[N, HV, K, V]`` (or None) and the intermediates the backward reuses. ``for_backward`` False (no
+    backward will run: inference, prefill): the intermediates are not returned, and with the launch
+    table's ``state_fwd skip_saved`` the scan does not store what only the backward reads."""
     Ttot, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     dev = q.device
@@ -504,10 +512,8 @@ def chunk_kda_fwd(
     M = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
     U = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     Wk = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
-    W = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     Qg = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
     Kd = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
-    h = chunk_common.alloc((max(NC, 1), HV, K, V), v.dtype, dev)
     o = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     ht = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if output_final_state else None
     gate_raw = A_log is not None
@@ -555,12 +561,19 @@ def chunk_kda_fwd(
         # the serial path per program grows); H100, session 7, sweep_v11f
         cfg_out = LAUNCH["state_fwd"].get("output")
         fused_output = bool(cfg_out) if cfg_out is not None else (BVS == 64 and KP == 128 and v.dtype != torch.float32)
+    # per-chunk states h and the scan's W: read by the output kernel (unless the scan makes o) and the backward
+    store_saved = for_backward or not fused_output or not LAUNCH["state_fwd"].get("skip_saved")
+    h = chunk_common.alloc((max(NC, 1), HV, K, V), v.dtype, dev) if store_saved else o
+    W = chunk_common.alloc((Ttot, HV, V), v.dtype, dev) if store_saved else o
+    if N > 0:
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start, cf, scale,
             HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, **scan_kw)
+            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, STORE_SAVED=store_saved, **scan_kw)
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
+    if not for_backward:
+        return o, ht, {}
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd, **norms)
     return o, ht, saved
