@@ -13,7 +13,6 @@ fwd / fwd+bwd times with all of them applied, and one JSON line.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import os
@@ -187,9 +186,9 @@ def fla_timed_fns(xs, do):
     return o_fn, fb_fn
 
 
-def compare_shapes(shapes: list[str], base_launch: dict, best_launch: dict) -> dict:
-    """fwd / fwd+bwd ms of ours with the baseline and the best settings, and FLA's exact path, per
-    shape, all in this run (ours must match the baseline's outputs and gradients first)."""
+def compare_shapes(shapes: list[str], best: dict[str, dict]) -> dict:
+    """fwd / fwd+bwd ms of ours with the baseline and the best settings (launch-table edits), and FLA's
+    exact path, per shape, all in this run (ours must match the baseline's outputs and gradients first)."""
     import triton
 
     from kimi_linear.ops.kda import chunk_common
@@ -199,24 +198,21 @@ def compare_shapes(shapes: list[str], base_launch: dict, best_launch: dict) -> d
         B, T, H = (int(x) for x in shape.split("x"))
         xs, do = inputs(B, T, H)
         row = {}
-        for label, cfg in (("base", base_launch), ("best", best_launch)):
-            chunk_common.LAUNCH.clear()
-            chunk_common.LAUNCH.update(copy.deepcopy(cfg))
-            got = run_once(xs, do)
-            if label == "base":
-                ref = got
-            err = max(rel(a, b) for a, b in zip(got, ref))
-            o_fn, fb_fn = timed_fns(xs, do)
-            row[label] = dict(fwd=triton.testing.do_bench(o_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
-                              fwdbwd=triton.testing.do_bench(fb_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
-                              err=err)
+        for label, edits in (("base", {}), ("best", best)):
+            with chunk_common.launch_overrides(edits):
+                got = run_once(xs, do)
+                if label == "base":
+                    ref = got
+                err = max(rel(a, b) for a, b in zip(got, ref))
+                o_fn, fb_fn = timed_fns(xs, do)
+                row[label] = dict(fwd=triton.testing.do_bench(o_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
+                                  fwdbwd=triton.testing.do_bench(fb_fn, warmup=5, rep=40) if err < 1e-2 else float("nan"),
+                                  err=err)
         fla = fla_timed_fns(xs, do)
         if fla is not None:
             fla_err = rel(fla[0]().float(), ref[0])
             row["fla"] = dict(fwd=triton.testing.do_bench(fla[0], warmup=5, rep=40),
                               fwdbwd=triton.testing.do_bench(fla[1], warmup=5, rep=40), err=fla_err)
-        chunk_common.LAUNCH.clear()
-        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
         print(f"== compare {shape}: " + ", ".join(f"{k} fwd {v['fwd']:.3f} fwd+bwd {v['fwdbwd']:.3f} (diff {v['err']:.1e})"
                                                   for k, v in row.items()), flush=True)
         out[shape] = row
@@ -255,7 +251,7 @@ def main() -> None:
     global FUSED
     FUSED = args.fused
     t_start = time.time()
-    base_launch = copy.deepcopy(chunk_common.LAUNCH)
+    best_entries: dict[str, dict] = {}
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
               "setting": "kda_layer" if FUSED else "kda",
               "shapes": {}}
@@ -263,8 +259,6 @@ def main() -> None:
         shape_deadline = t_start + args.budget * (i_shape + 1) / len(args.shapes)
         B, T, H = (int(x) for x in shape.split("x"))
         xs, do = inputs(B, T, H)
-        chunk_common.LAUNCH.clear()
-        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
         ref = run_once(xs, do)
         base = per_kernel_ms(xs, do)
         rows = {"sweep": {}}
@@ -282,17 +276,16 @@ def main() -> None:
                 if time.time() > shape_deadline:
                     print("   (budget reached)", flush=True)
                     break
-                chunk_common.LAUNCH[entry] = {**base_launch[entry], **cand}
                 try:
-                    got = run_once(xs, do)
-                    err = max(rel(a, b) for a, b in zip(got, ref))
-                    ms = kernel_sum(per_kernel_ms(xs, do), kfun) if err < 1e-2 else float("nan")
+                    with chunk_common.launch_overrides({entry: cand}):
+                        got = run_once(xs, do)
+                        err = max(rel(a, b) for a, b in zip(got, ref))
+                        ms = kernel_sum(per_kernel_ms(xs, do), kfun) if err < 1e-2 else float("nan")
                 except Exception as e:  # noqa: BLE001 (a setting that does not compile or fit is skipped)
                     err, ms = float("nan"), float("nan")
                     print(f"   {kname} {cand}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 results.append({**cand, "ms": round(ms, 4), "err": err})
                 print(f"   {kname:11s} {cand}  {ms:8.3f} ms  (diff {err:.1e})", flush=True)
-            chunk_common.LAUNCH[entry] = dict(base_launch[entry])
             ok = [r for r in results if r["ms"] == r["ms"]]
             if ok:
                 b = min(ok, key=lambda r: r["ms"])
@@ -300,14 +293,13 @@ def main() -> None:
                 print(f"   -> {kname}: best {best[kname]} {b['ms']:.3f} ms (baseline {kernel_sum(base, kfun):.3f})",
                       flush=True)
             rows["sweep"][kname] = results
-        for kname, cfg in best.items():
-            entry = ENTRY.get(kname, kname)
-            chunk_common.LAUNCH[entry] = {**base_launch[entry], **cfg}
+        best_entries = {}
+        for kname, cfg in best.items():  # candidate sets of one entry: the later set's best wins
+            best_entries[ENTRY.get(kname, kname)] = cfg
         o_fn, fb_fn = timed_fns(xs, do)
-        fwd_best = triton.testing.do_bench(o_fn, warmup=5, rep=40)
-        fb_best = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
-        chunk_common.LAUNCH.clear()
-        chunk_common.LAUNCH.update(copy.deepcopy(base_launch))
+        with chunk_common.launch_overrides(best_entries):
+            fwd_best = triton.testing.do_bench(o_fn, warmup=5, rep=40)
+            fb_best = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
         fwd_base = triton.testing.do_bench(o_fn, warmup=5, rep=40)
         fb_base = triton.testing.do_bench(fb_fn, warmup=5, rep=40)
         rows.update(best=best, fwd_ms_base=round(fwd_base, 4), fwdbwd_ms_base=round(fb_base, 4),
@@ -315,10 +307,8 @@ def main() -> None:
         print(f"== {shape}: fwd {fwd_base:.3f} -> {fwd_best:.3f} ms, fwd+bwd {fb_base:.3f} -> {fb_best:.3f} ms "
               f"with {best}", flush=True)
         report["shapes"][shape] = rows
-        best_entries = {ENTRY.get(k, k): cfg for k, cfg in best.items()}
-        best_launch = {k: {**base_launch[k], **best_entries.get(k, {})} for k in base_launch}
     if args.compare:
-        report["compare"] = compare_shapes(args.compare, base_launch, best_launch)
+        report["compare"] = compare_shapes(args.compare, best_entries)
     print(json.dumps(report))
 
 

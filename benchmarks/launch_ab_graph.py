@@ -19,46 +19,31 @@ import statistics
 import torch
 
 
-def parse_variant(spec: str) -> dict[tuple[str, str], int]:
-    """``"a.b=1,c.d=0"`` -> {("a", "b"): 1, ("c", "d"): 0}; ``"base"`` -> {} (names checked later)."""
+def parse_variant(spec: str) -> dict[str, dict[str, int]]:
+    """``"a.b=1,c.d=0"`` -> ``{"a": {"b": 1}, "c": {"d": 0}}`` (launch-table edits for
+    ``chunk_common.launch_overrides``); ``"base"`` -> {}. Malformed parts and names the table does not
+    have are refused here, before any device work."""
+    from kimi_linear.ops.kda.chunk_common import LAUNCH
+
     if spec == "base":
         return {}
-    edits = {}
+    edits: dict[str, dict[str, int]] = {}
     for part in spec.split(","):
         key, sep, value = part.partition("=")
         entry, dot, field = key.partition(".")
         if not sep or not dot or not value.lstrip("-").isdigit():
             raise SystemExit(f"variant part {part!r} is not ENTRY.KEY=INT")
-        edits[(entry, field)] = int(value)
-    return edits
-
-
-def apply(edits: dict[tuple[str, str], int]) -> dict[tuple[str, str], object]:
-    """Write ``edits`` into the launch table (all checked first, so a bad one writes none); returns the
-    old values for :func:`restore`."""
-    from kimi_linear.ops.kda.chunk_common import LAUNCH
-
-    for entry, field in edits:
         if entry not in LAUNCH or field not in LAUNCH[entry]:
             raise SystemExit(f"launch table has no {entry}.{field}")
-    old = {}
-    for (entry, field), value in edits.items():
-        old[(entry, field)] = LAUNCH[entry][field]
-        LAUNCH[entry][field] = value
-    return old
-
-
-def restore(old: dict[tuple[str, str], object]) -> None:
-    from kimi_linear.ops.kda.chunk_common import LAUNCH
-
-    for (entry, field), value in old.items():
-        LAUNCH[entry][field] = value
+        edits.setdefault(entry, {})[field] = int(value)
+    return edits
 
 
 def main() -> None:
     from kimi_linear.bench import kda
     from kimi_linear.bench.common import environment
     from kimi_linear.bench.registry import KDA_PROVIDERS
+    from kimi_linear.ops.kda.chunk_common import launch_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", required=True, help="BxTxH or a named set (repeatable)")
@@ -87,12 +72,9 @@ def main() -> None:
             refs: dict = {}
             for _ in range(args.rounds):
                 for name, edits in variants.items():
-                    old = apply(edits)
-                    try:
+                    with launch_overrides(edits):
                         rec = kda.bench_one(p, shape, mode, device=device, dtype=torch.bfloat16, env=env,
                                             warmup=25, rep=200, refs=refs, cuda_graph=True)
-                    finally:
-                        restore(old)
                     if not rec.ok:
                         raise SystemExit(f"{spec} {mode} {name}: {rec.status}")
                     times[name].append(rec.ms)

@@ -14,20 +14,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import launch_ab_graph as ab  # noqa: E402
 
-from kimi_linear.ops.kda.chunk_common import LAUNCH  # noqa: E402
+from kimi_linear.ops.kda.chunk_common import LAUNCH, launch_overrides  # noqa: E402
 
 
 def test_variant_parses_and_round_trips():
     assert ab.parse_variant("base") == {}
-    edits = ab.parse_variant("gate.merge_l2norm=1,decay_grad.factored=0")
-    assert edits == {("gate", "merge_l2norm"): 1, ("decay_grad", "factored"): 0}
+    edits = ab.parse_variant("gate.merge_l2norm=1,decay_grad.factored=0,decay_grad.rolled=0")
+    assert edits == {"gate": {"merge_l2norm": 1}, "decay_grad": {"factored": 0, "rolled": 0}}
     before = {e: dict(v) for e, v in LAUNCH.items()}
-    flipped = {key: 1 - int(LAUNCH[key[0]][key[1]]) for key in edits}  # values that differ from the table's
-    old = ab.apply(flipped)
-    try:
-        assert all(LAUNCH[e][f] == v for (e, f), v in flipped.items())
-    finally:
-        ab.restore(old)
+    # values that differ from the table's, so the check below sees the edit
+    flipped = {e: {f: 1 - int(LAUNCH[e][f]) for f in kv} for e, kv in edits.items()}
+    with launch_overrides(flipped):
+        assert all(LAUNCH[e][f] == v for e, kv in flipped.items() for f, v in kv.items())
+    assert LAUNCH == before
+
+
+def test_overrides_restored_when_the_block_raises():
+    before = {e: dict(v) for e, v in LAUNCH.items()}
+    with pytest.raises(RuntimeError), launch_overrides({"gate": {"merge_l2norm": 1}}):
+        raise RuntimeError("a candidate that does not compile")
     assert LAUNCH == before
 
 
@@ -41,7 +46,10 @@ def test_malformed_variant_refused(spec):
 def test_unknown_entry_or_key_refused_and_table_untouched(spec):
     before = {e: dict(v) for e, v in LAUNCH.items()}
     with pytest.raises(SystemExit, match="launch table has no"):
-        ab.apply(ab.parse_variant(spec))
+        ab.parse_variant(spec)
+    with pytest.raises(KeyError, match="launch table has no"):  # the context manager checks on its own
+        with launch_overrides({"gate": {"merge_l2norm": 1}, spec.split(".")[0]: {"nosuch": 1}}):
+            pass
     assert LAUNCH == before
 
 
@@ -50,6 +58,7 @@ def test_unknown_entry_or_key_refused_and_table_untouched(spec):
     (["--shape", "1x4096x16", "--variant", "base", "--rounds", "0"], "--rounds >= 1"),
     (["--shape", "4096", "--variant", "base"], "nor BxTxH"),
     (["--shape", "1x4096x16", "--variant", "gate.x"], "is not ENTRY.KEY=INT"),
+    (["--shape", "1x4096x16", "--variant", "gate.nosuch=1"], "launch table has no"),
 ])
 def test_bad_arguments_refused_before_any_device_work(argv, msg, monkeypatch, capsys):
     # the checks run before the CUDA check, so they answer the same on this CPU-only machine

@@ -9,6 +9,7 @@ chunks ``chunk_first[n] .. chunk_first[n+1]-1`` in order.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +204,25 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # H32 (session15/sweep_switches_fused_22e628e.txt)
     "l2norm": dict(half_dy=1),
 }
+
+
+@contextmanager
+def launch_overrides(edits: dict[str, dict[str, int | None]]):
+    """:data:`LAUNCH` with ``edits`` (``{entry: {key: value}}``) in force for a ``with`` block, restored
+    after it, also when it raises. Unknown entries or keys are refused (``KeyError`` naming them) before
+    anything is written. The sweep and the A/B scripts set their candidates through this."""
+    unknown = [f"{e}.{k}" for e, kv in edits.items() for k in kv if e not in LAUNCH or k not in LAUNCH[e]]
+    if unknown:
+        raise KeyError(f"launch table has no {', '.join(unknown)}")
+    old = {e: dict(LAUNCH[e]) for e in edits}
+    try:
+        for e, kv in edits.items():
+            LAUNCH[e].update(kv)
+        yield
+    finally:
+        for e, entry in old.items():
+            LAUNCH[e].clear()
+            LAUNCH[e].update(entry)
 
 
 def launch(name: str, tile: tuple[int, int] | None = None) -> dict[str, int]:
