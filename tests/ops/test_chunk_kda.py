@@ -354,7 +354,12 @@ def test_chunk_kda_interpreter_graded_gates(factored, rolled, monkeypatch):
 
 
 def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
-    """A forward no backward follows (inputs needing no gradient, under torch.no_grad) gives the same o
+    """A forward no backward follows (under torch.no_grad; here with inputs that require a gradient, whose
+    autograd.Function still reports needs_input_grad) gives the same o and final state, bit for bit, as
+    one that keeps its intermediates, with and without ``state_fwd skip_saved`` (output inside the scan).
+    With it, the forward allocates exactly the per-chunk states h [NC, HV, K, V] and W [Ttot, HV, V]
+    less; the scan's store of h, were it not skipped, would land in o (its stand-in) and fail the
+    comparison. Returns the no-grad output with skip_saved."""A forward no backward follows (under torch.no_grad, here with inputs that require a gradient) gives the same o
     and final state, bit for bit, as one that keeps its intermediates, with and without ``state_fwd
     skip_saved`` (output inside the scan). With it, the forward allocates exactly the per-chunk states h
     [NC, HV, K, V] and W [Ttot, HV, V] less; the scan's store of h, were it not skipped, would land in o
@@ -376,7 +381,7 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
 
         monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
         with torch.no_grad():
-            no_grad = chunk_kda(*args, **kw)
+            no_grad = chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)
         for a, b in zip(no_grad, with_grad):
             assert torch.equal(a, b.detach())
     assert shapes[1] - shapes[0] == Counter()

@@ -29,7 +29,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets, output_final_state,
-                qk_l2norm, beta_sigmoid):
+                qk_l2norm, beta_sigmoid, for_backward):
         from kimi_linear.ops.kda.chunk_common import build_chunk_table
         from kimi_linear.ops.kda.chunk_fwd import chunk_kda_fwd
 
@@ -42,8 +42,8 @@ class _ChunkKDAFunction(torch.autograd.Function):
         g2 = g.reshape(B * T, HV, K).contiguous()
         b2 = beta.reshape(B * T, HV).contiguous()
         h0 = initial_state.contiguous() if initial_state is not None else None
-        # no input needs a gradient (inference, prefill, torch.no_grad): nothing is kept for a backward
-        for_backward = any(ctx.needs_input_grad)
+        # for_backward False (grad mode off, or no input needs a gradient: inference, prefill): nothing is
+        # kept for a backward
         o, ht, saved = chunk_kda_fwd(q2, k2, v2, g2, b2, scale=scale, initial_state=h0,
                                      output_final_state=output_final_state, table=table, A_log=A_log,
                                      dt_bias=dt_bias, beta_sigmoid=beta_sigmoid, qk_l2norm=qk_l2norm,
@@ -89,7 +89,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
                 dq, dk = l2norm_bwd((q2, rq, dq, q_dtype), (k2, rk, dk, k_dtype))
         return (dq.to(q_dtype).view(B, T, H, K), dk.to(k_dtype).view(B, T, H, K), dv.view(B, T, HV, V),
                 dg.view(B, T, HV, K), dbeta.view(B, T, HV), dA_log, ddt_bias, dh0,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _chunk_kda_triton(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, fusion):
@@ -117,8 +117,12 @@ def _chunk_kda_triton(q, k, v, g, beta, *, scale, initial_state, output_final_st
         dt_bias = b.reshape(-1).float().contiguous()
     qk_l2norm = fusion is not None and fusion.qk_l2norm
     beta_sigmoid = fusion is not None and fusion.beta_sigmoid
+    # (decided here: inside an autograd.Function's forward grad mode is always off, and its
+    # needs_input_grad reports requires_grad even under torch.no_grad)
+    for_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     o, ht = _ChunkKDAFunction.apply(q, k, v, g, beta, A_log, dt_bias, initial_state, scale, offsets,
-                                    output_final_state, qk_l2norm, beta_sigmoid)
+                                    output_final_state, qk_l2norm, beta_sigmoid, for_backward)
     return o, ht
 
 
