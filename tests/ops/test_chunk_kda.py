@@ -359,11 +359,7 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
     one that keeps its intermediates, with and without ``state_fwd skip_saved`` (output inside the scan).
     With it, the forward allocates exactly the per-chunk states h [NC, HV, K, V] and W [Ttot, HV, V]
     less; the scan's store of h, were it not skipped, would land in o (its stand-in) and fail the
-    comparison. Returns the no-grad output with skip_saved."""A forward no backward follows (under torch.no_grad, here with inputs that require a gradient) gives the same o
-    and final state, bit for bit, as one that keeps its intermediates, with and without ``state_fwd
-    skip_saved`` (output inside the scan). With it, the forward allocates exactly the per-chunk states h
-    [NC, HV, K, V] and W [Ttot, HV, V] less; the scan's store of h, were it not skipped, would land in o
-    (its stand-in) and fail the comparison. Returns the no-grad output with skip_saved."""
+    comparison. Returns the no-grad output with skip_saved."""
     use_variant(monkeypatch, "state_fwd", output=1)
     inp = make_inputs(1, T, 1, HV, K, V, h0=True, fuse=True, device=device, seed=7)
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
