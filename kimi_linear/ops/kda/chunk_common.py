@@ -139,11 +139,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
-    # skip_saved=1: a forward with no backward to follow (no input needs a gradient) and the output
-    # inside the scan does not store the per-chunk states h (512 B per (token, head) in bf16) and W
-    # (256 B), which only the backward reads then: predicted ~0.25 ms of the scan's 1.09 at B8 T4K H32,
-    # the forward 4.27 -> ~4.0 against FLA's 4.10 (whose output kernel reads its stored h). Session 16,
-    # prepared (interpreter-tested), not yet timed or GPU-tested
+    # skip_saved=1: a forward with no backward to follow (grad mode off, or no input needs a gradient)
+    # and the output inside the scan does not store the per-chunk states h (512 B per (token, head) in
+    # bf16) and W (256 B), which only the backward reads then: predicted ~0.25 ms of the scan's 1.09 at
+    # B8 T4K H32, the forward 4.27 -> ~4.0 against FLA's 4.10 (whose output kernel reads its stored h).
+    # Session 16, prepared (interpreter-tested), not yet timed or GPU-tested
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None, skip_saved=0),
     # 0.645 ms on 2 warps against 0.69 on 8 at 1M tokens x heads (session 7, sweep_v11g)
     "output": dict(num_warps=2, num_stages=2),
