@@ -25,6 +25,9 @@
 # forward (prepared in session 16, off): the inference forward without the scan's h / W stores --
 # KDA_AB_SHAPES=8x4096x32 KDA_AB_VARIANTS="base state_fwd.skip_saved=1" KDA_AB_MODES=fwd kda-ab, with
 # pytest -m gpu tests/ops/test_chunk_kda.py -k no_grad; if it wins, make it the default and re-run `train`.
+# Then for B1 T64K H16 (prepared in session 16, off): the forward scan split into segments --
+# KDA_AB_SHAPES=1x65536x16 KDA_AB_VARIANTS="base state_fwd.split=4 state_fwd.split=8" KDA_AB_MODES=fwd,fwdbwd
+# (its GPU test: pytest -m gpu tests/ops/test_chunk_kda.py -k split).
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
