@@ -38,6 +38,8 @@ from kimi_linear.ops.kda.chunk_fwd import (
     load_beta,
     lower_triangle,
     same_shape_dtype,
+    scan_program,
+    sequence_chunks,
     softplus_f32,
 )
 from kimi_linear.ops.kda.fast_exp import exp
@@ -52,23 +54,14 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
     # DW_LOCAL: dW already holds scale Aqk^T dO (_dw_local_kernel, fully parallel), so the sequential
     # loop neither loads the fp32 Aqk tile nor runs its dot.
     DT: tl.constexpr = Wk.dtype.element_ty
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = (i_nh % HV).to(tl.int64)
-    o_k = tl.arange(0, KP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, 64)
+    i_n, i_hv, o_k, o_v, o_t = scan_program(HV, KP, BV)
     m_k = o_k < K
     m_kv = m_k[:, None] & (o_v < V)[None, :]
     p_state = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
     b_dS = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dS = tl.load(dht + p_state, mask=m_kv, other=0).to(tl.float32)
-    c0 = tl.load(chunk_first + i_n)
-    c1 = tl.load(chunk_first + i_n + 1)
-    bos = tl.load(seq_start + i_n).to(tl.int64)
-    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
+    c0, c1, bos, eos = sequence_chunks(seq_start, chunk_first, i_n)
     for j in range(0, c1 - c0):
         c = c1 - 1 - j
         t0 = bos + (c - c0) * 64

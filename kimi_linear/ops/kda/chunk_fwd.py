@@ -30,7 +30,6 @@ import triton.language as tl
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 from kimi_linear.ops.kda.fast_exp import exp
-from kimi_linear.ops.kda.split_scan import combine_segments, segment_scan, split_table
 
 
 @triton.jit
@@ -204,6 +203,25 @@ def _store_block(base, x, t0, n, i_hv, HV: tl.constexpr, a: tl.constexpr, b: tl.
 
 
 @triton.jit
+def scan_program(HV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+    """Where a state-scan program works (grid (V-tiles, sequences x value heads)): its sequence ``i_n``,
+    value head, and key / column / chunk-row ranges."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    return i_nh // HV, (i_nh % HV).to(tl.int64), tl.arange(0, KP), i_v * BV + tl.arange(0, BV), tl.arange(0, 64)
+
+
+@triton.jit
+def sequence_chunks(seq_start, chunk_first, i_n):
+    """Sequence ``i_n``'s chunks ``c0 .. c1 - 1`` and tokens ``bos .. eos - 1``: consecutive 64-token
+    blocks from ``bos``, so a scan's addresses follow from the chunk index alone (no dependent loads in
+    its loop: the next chunk's loads can be issued early)."""
+    c0 = tl.load(chunk_first + i_n)
+    c1 = tl.load(chunk_first + i_n + 1)
+    return c0, c1, tl.load(seq_start + i_n).to(tl.int64), tl.load(seq_start + i_n + 1).to(tl.int64)
+
+
+@triton.jit
 def lower_triangle(o_t, n):
     """Mask of the entries (t, i <= t), t < n, of a per-chunk [64, 64] matrix: the kernels store nothing
     above the diagonal of Araw, Aqk and M, so every reader masks with this."""
@@ -350,25 +368,14 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
     # STORE_SAVED False (a forward with no backward to follow, output inside the scan): h and W, which
     # only the backward reads then, are not stored (768 of the scan's ~2.2 KB per (token, head) moved).
     DT: tl.constexpr = Wk.dtype.element_ty
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = (i_nh % HV).to(tl.int64)
-    o_k = tl.arange(0, KP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, 64)
+    i_n, i_hv, o_k, o_v, o_t = scan_program(HV, KP, BV)
     m_k = o_k < K
     m_kv = m_k[:, None] & (o_v < V)[None, :]
     p_state = (i_n.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
     b_S = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_INIT:
         b_S = tl.load(h0 + p_state, mask=m_kv, other=0).to(tl.float32)
-    c0 = tl.load(chunk_first + i_n)
-    c1 = tl.load(chunk_first + i_n + 1)
-    # chunks of a sequence are consecutive 64-token blocks: addresses follow from c alone (no
-    # dependent loads in the scan, so the loads of the next chunk can be issued early)
-    bos = tl.load(seq_start + i_n).to(tl.int64)
-    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
+    c0, c1, bos, eos = sequence_chunks(seq_start, chunk_first, i_n)
     for c in range(c0, c1):
         t0 = bos + (c - c0) * 64
         n = tl.minimum(eos - t0, 64)
@@ -561,6 +568,9 @@ def chunk_kda_fwd(
     parts = int(LAUNCH["state_fwd"].get("split") or 0)
     scan_table, scan_h0 = table, initial_state
     if N > 0 and parts > 1:
+        # (a late import: split_scan imports this module)
+        from kimi_linear.ops.kda.split_scan import combine_segments, segment_scan, split_table
+
         seg = split_table(table, offsets if offsets is not None else table.seq_start.tolist(), parts)
         scan_h0, final = combine_segments(segment_scan(Kd, G, U, Wk, seg, HV=HV, K=K, V=V, prec=prec),
                                           initial_state, parts)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.kda.chunk_common import CHUNK, ChunkTable, build_chunk_table
+from kimi_linear.ops.kda.chunk_fwd import scan_program, sequence_chunks
 from kimi_linear.ops.kda.fast_exp import exp
 
 
@@ -51,21 +52,12 @@ def _segment_scan_kernel(Kd, G, U, Wk, S_out, seq_start, chunk_first,
     # phase 1 for one [K, BV] column tile of the [K, V + K] augmented state of one (segment, value head)
     DT: tl.constexpr = Wk.dtype.element_ty
     VA: tl.constexpr = V + K
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
-    i_n = i_nh // HV
-    i_hv = (i_nh % HV).to(tl.int64)
-    o_k = tl.arange(0, KP)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, 64)
+    i_n, i_hv, o_k, o_v, o_t = scan_program(HV, KP, BV)
     m_k = o_k < K
     m_u = o_v < V  # columns of the state proper; the rest carry the transition
     # [0 | I]: zero in the state's columns, column V + j of the identity in the transition's
     b_S = tl.where((o_k[:, None] == (o_v - V)[None, :]) & m_k[:, None], 1.0, 0.0)
-    c0 = tl.load(chunk_first + i_n)
-    c1 = tl.load(chunk_first + i_n + 1)
-    bos = tl.load(seq_start + i_n).to(tl.int64)
-    eos = tl.load(seq_start + i_n + 1).to(tl.int64)
+    c0, c1, bos, eos = sequence_chunks(seq_start, chunk_first, i_n)
     for c in range(c0, c1):
         t0 = bos + (c - c0) * 64
         n = tl.minimum(eos - t0, 64)
