@@ -145,7 +145,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # B8 T4K H32, the forward 4.27 -> ~4.0 against FLA's 4.10 (whose output kernel reads its stored h).
     # Session 16, prepared (interpreter-tested), not yet timed or GPU-tested
     # split=P: the scan split into P segments of whole chunks per sequence, run in parallel (split_scan.py:
-    # each segment's transition and zero-start state in a [K, V + K] scan, a host combine, then the
+    # each segment's transition and zero-start state in a [K, V + K] scan, a torch combine in fp64, then the
     # ordinary scan from the segments' true starting states); for few long sequences (B1 T64K H16: 128
     # programs walk 1,024 chunks each, scan 1.27 ms). Session 16, prepared (interpreter-tested), not timed
     "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None, skip_saved=0, split=0),

@@ -1,4 +1,4 @@
-"""The forward state scan split along the sequence (Triton + a small host combine).
+"""The forward state scan split along the sequence (Triton + a small torch combine).
 
 The scan (steps 6-7 of docs/kda.md) is serial over a sequence's chunks: at B=1 and a long sequence it
 runs N x HV x V-tiles programs (128 at H=16, V=128 with 16-wide tiles) each walking 1,024 chunks at
@@ -13,7 +13,7 @@ whole chunks:
 1. ``_segment_scan_kernel``: every segment at once, one ``[K, V + K]`` scan from ``[0 | I]``: columns
    ``[0, V)`` follow the state with the segment's U (giving ``S_loc``), columns ``[V, V + K)`` see
    U = 0 and so follow ``x -> A_c x`` from the identity (giving ``P``).
-2. ``combine_segments`` (host, fp32): segment by segment, ``S_start(p+1) = P_p S_start(p) + S_loc_p``
+2. ``combine_segments`` (torch, fp64): segment by segment, ``S_start(p+1) = P_p S_start(p) + S_loc_p``
    from the sequence's initial state; the last one is the final state.
 3. the ordinary scan over the segments with those starting states (it stores h, W and o as before, so
    the backward is unchanged).
@@ -92,22 +92,18 @@ def segment_scan(Kd, G, U, Wk, seg: ChunkTable, *, HV: int, K: int, V: int, prec
 def combine_segments(seg_states: torch.Tensor, h0: torch.Tensor | None, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2: from ``[N * parts, HV, K, V + K]`` segment results and the initial states ``[N, HV, K, V]``
     (None: zero), each segment's starting state ``[N * parts, HV, K, V]`` and the final states ``[N, HV,
-    K, V]``, in fp32 (full-precision matmuls: TF32 would round the transitions)."""
+    K, V]`` (fp32). The chain runs in fp64: a few small matmuls per segment, and no TF32 setting of the
+    caller's can round the transitions."""
     NP, HV, K, VA = seg_states.shape
     V = VA - K
     N = NP // parts
-    s = seg_states.view(N, parts, HV, K, VA)
-    S = h0.float() if h0 is not None else torch.zeros((N, HV, K, V), dtype=torch.float32, device=s.device)
+    s = seg_states.view(N, parts, HV, K, VA).double()
+    S = h0.double() if h0 is not None else torch.zeros((N, HV, K, V), dtype=torch.float64, device=s.device)
     starts = torch.empty((N, parts, HV, K, V), dtype=torch.float32, device=s.device)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        for p in range(parts):
-            starts[:, p] = S
-            S = torch.matmul(s[:, p, :, :, V:], S) + s[:, p, :, :, :V]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    return starts.view(NP, HV, K, V), S
+    for p in range(parts):
+        starts[:, p] = S
+        S = torch.matmul(s[:, p, :, :, V:], S) + s[:, p, :, :, :V]
+    return starts.view(NP, HV, K, V), S.float()
 
 
 def split_table(table: ChunkTable, offsets: list[int], parts: int) -> ChunkTable:
