@@ -29,7 +29,7 @@ KERNEL_NAMES = {
     "gate": ("_gate_cumsum_kernel",), "gram": ("_gram_kernel",),
     "gram_diag": ("_gram_diag_kernel",),
     "solve": ("_inverse_kernel", "_wu_kernel"),
-    "state_fwd": ("_state_fwd_kernel", "_output_kernel", "_segment_scan_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
+    "state_fwd": ("_state_fwd_kernel", "_output_kernel"), "output": ("_output_kernel",), "state_bwd": ("_state_bwd_kernel", "_dw_local_kernel"),
     "chunk_grad": ("_chunk_grad_kernel",), "grad_finish": ("_chunk_grad_finish_kernel",),
     "decay_grad": ("_decay_grad_kernel",), "gate_grad": ("_gate_grad_kernel",),
     "l2norm": ("_decay_grad_kernel", "_l2norm_bwd_kernel"),

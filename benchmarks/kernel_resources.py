@@ -103,10 +103,6 @@ def cases():
         for out in (0, 1):
             yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,
                    dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_INIT=False, STORE_FINAL=False, OUTPUT=out, PREC="tf32"), w, s)
-    from kimi_linear.ops.kda import split_scan as ss
-    for bv, w in ((16, 8), (64, 4)):  # the split scan's first phase, [K, V + K] columns in BV tiles
-        yield (f"split scan phase 1 BV={bv}", ss._segment_scan_kernel,
-               dict(HV=16, K=128, V=128, KP=128, BV=bv, PREC="tf32"), w, 2)
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):
         for d in (0, 1):
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,

@@ -161,11 +161,6 @@ VARIANTS = [
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
-    # the forward scan split into segments per sequence (split_scan.py): 2 on the odd-T case (17 tokens:
-    # one chunk, an empty segment) and the fused two-sequence case, 3 on the varlen cases (sequences of
-    # 0, 1, 36 and 63 tokens: empty segments everywhere; with an initial state) and 130 tokens (3 chunks)
-    ("state_fwd-split2", "state_fwd", dict(split=2), (1, 2)),
-    ("state_fwd-split3", "state_fwd", dict(split=3), (3, 4, 5)),
 ]
 
 
@@ -175,23 +170,6 @@ VARIANTS = [
 def test_chunk_kda_interpreter_launch_variant(name, kernel, switches, case, monkeypatch):
     use_variant(monkeypatch, kernel, **switches)
     check_case(case)
-
-
-@pytest.mark.parametrize("parts", [2, 3, 5])
-def test_chunk_kda_interpreter_split_scan_long_sequence(parts, monkeypatch):
-    # 400 tokens = 7 chunks in 2 to 5 segments of several chunks each, with an initial state, against the
-    # fp64 reference (o, final state and every gradient: the backward reads the h and W the split made)
-    use_variant(monkeypatch, "state_fwd", split=parts)
-    inp = make_inputs(1, 400, 1, 2, 16, 16, h0=True, seed=11, gate_scale=0.3)  # small gates: state carries
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref)
-    compare(run_case(inp, dtype=torch.float32, fn=chunk_kda, backend="triton"), ref, torch.float32)
-
-
-def test_split_scan_segments_are_whole_chunks_in_order():
-    from kimi_linear.ops.kda.split_scan import segment_offsets
-
-    # sequences of 1, 199 (4 chunks) and 130 (3 chunks) tokens in 3 segments each
-    assert segment_offsets([0, 1, 200, 330], 3) == [0, 0, 0, 1, 65, 129, 200, 264, 328, 330]
 
 
 def test_chunk_kda_interpreter_value_heads_not_a_power_of_two():

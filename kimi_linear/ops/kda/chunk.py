@@ -47,7 +47,7 @@ class _ChunkKDAFunction(torch.autograd.Function):
         o, ht, saved = chunk_kda_fwd(q2, k2, v2, g2, b2, scale=scale, initial_state=h0,
                                      output_final_state=output_final_state, table=table, A_log=A_log,
                                      dt_bias=dt_bias, beta_sigmoid=beta_sigmoid, qk_l2norm=qk_l2norm,
-                                     for_backward=for_backward, offsets=offsets)
+                                     for_backward=for_backward)
         if not for_backward:
             return o.view(B, T, HV, V), ht
         # with the fused norm, the backward keeps the normalised q / k (and their rstd), not the raw ones

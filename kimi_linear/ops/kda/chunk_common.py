@@ -145,11 +145,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # B8 T4K H32). Measured on the H100 (session 17, layer-fused, graph-replayed, no_grad, alternating
     # rounds; results/kda/session17/kda_ab_skip_saved_h100.txt): fwd 4.653 -> 4.459 ms at B8 T4K H32.
     # On by default; 0 keeps the stores (A/B)
-    # split=P: the scan split into P segments of whole chunks per sequence, run in parallel (split_scan.py:
-    # each segment's transition and zero-start state in a [K, V + K] scan, a torch combine in fp64, then the
-    # ordinary scan from the segments' true starting states); for few long sequences (B1 T64K H16: 128
-    # programs walk 1,024 chunks each, scan 1.27 ms). Session 16, prepared (interpreter-tested), not timed
-    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None, skip_saved=1, split=0),
+    "state_fwd": dict(num_warps=None, num_stages=None, BV=None, output=None, skip_saved=1),
     # 0.645 ms on 2 warps against 0.69 on 8 at 1M tokens x heads (session 7, sweep_v11g)
     "output": dict(num_warps=2, num_stages=2),
     # dw_local=1: the scan's dO-only term (scale Aqk^T dO, an fp32 [64,64] tile and a tf32 dot per chunk

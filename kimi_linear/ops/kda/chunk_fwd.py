@@ -498,16 +498,14 @@ def chunk_kda_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     *, scale: float, initial_state: torch.Tensor | None, output_final_state: bool, table: ChunkTable,
     A_log: torch.Tensor | None, dt_bias: torch.Tensor | None, beta_sigmoid: bool, qk_l2norm: bool = False,
-    for_backward: bool = True, offsets: list[int] | None = None,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward over a packed stream. Inputs are ``[Ttot, H|HV, ...]`` contiguous. ``qk_l2norm``: q and
     k arrive raw and are L2-normed first (the normalised q / k and their ``rstd`` join the returned
     intermediates as ``q``, ``k``, ``rq``, ``rk``). Returns ``o [Ttot, HV, V]``, the final states
     ``[N, HV, K, V]`` (or None) and the intermediates the backward reuses. ``for_backward`` False (no
     backward will run: inference, prefill): the intermediates are not returned, and with the launch
-    table's ``state_fwd skip_saved`` the scan does not store what only the backward reads. ``offsets``:
-    the sequence boundaries the table was built from (the split scan's segments; read from the table,
-    a device sync, when not given)."""
+    table's ``state_fwd skip_saved`` the scan does not store what only the backward reads."""
     Ttot, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     dev = q.device
@@ -563,24 +561,9 @@ def chunk_kda_fwd(
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
                                   BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
     fused_output = False
-    # the scan runs over the sequences, or over `split` segments of each (split_scan.py): then the
-    # segments' starting states and the final states come from the split's first two phases
-    parts = int(LAUNCH["state_fwd"].get("split") or 0)
-    scan_table, scan_h0 = table, initial_state
-    if N > 0 and parts > 1:
-        # (a late import: split_scan imports this module)
-        from kimi_linear.ops.kda.split_scan import combine_segments, segment_scan, split_table
-
-        seg = split_table(table, offsets if offsets is not None else table.seq_start.tolist(), parts)
-        scan_h0, final = combine_segments(segment_scan(Kd, G, U, Wk, seg, HV=HV, K=K, V=V, prec=prec),
-                                          initial_state, parts)
-        scan_table = seg
-        if ht is not None:
-            ht.copy_(final)
-    NS = scan_table.N
     if N > 0:
-        h0 = scan_h0 if scan_h0 is not None else G
-        BVS, scan_kw = scan_launch("state_fwd", NS * HV, V, KP, v.dtype, dev)
+        h0 = initial_state if initial_state is not None else G
+        BVS, scan_kw = scan_launch("state_fwd", N * HV, V, KP, v.dtype, dev)
         # the output inside the scan pays where the scan has many programs (64-wide tiles: B8 T4K H32
         # fwd scan + output 1.28 -> 1.06 ms) and costs where it has few (B1 T64K H16: 1.94 -> 2.85 ms,
         # the serial path per program grows); H100, session 7, sweep_v11f
@@ -591,11 +574,10 @@ def chunk_kda_fwd(
     h = chunk_common.alloc((max(NC, 1), HV, K, V), v.dtype, dev) if store_saved else o
     W = chunk_common.alloc((Ttot, HV, V), v.dtype, dev) if store_saved else o
     if N > 0:
-        _state_fwd_kernel[(triton.cdiv(V, BVS), NS * HV)](
-            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, scan_table.seq_start,
-            scan_table.chunk_first, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=scan_h0 is not None,
-            STORE_FINAL=ht is not None and scan_table is table, OUTPUT=fused_output, PREC=prec,
-            STORE_SAVED=store_saved, **scan_kw)
+        _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
+            Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start,
+            table.chunk_first, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
+            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, STORE_SAVED=store_saved, **scan_kw)
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))
