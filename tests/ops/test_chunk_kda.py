@@ -262,6 +262,45 @@ def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
     assert seen == [torch.float16 if half_dy else torch.float32] * 2
 
 
+HALF_STORE_CASES = {"aqk": ({"aqk"}, {}), "dw": ({"dw"}, {}), "dw-local": ({"dw"}, {"dw_local": 1})}
+
+
+@pytest.mark.parametrize("case", list(HALF_STORE_CASES))
+def test_chunk_kda_interpreter_half_stored_intermediates(case, monkeypatch):
+    # Aqk or dW kept in half precision (bf16 on a GPU for bf16 inputs; the interpreter runs fp16, so the
+    # rule is widened to fp16 here): every reader casts it back, and o, the states and every gradient stay
+    # inside the half tolerances against the fp64 reference (a reader without its cast fails to
+    # compile: fp16 x fp32 dot). The forward and backward allocate exactly that buffer in half instead
+    # of fp32, so the half path really ran.
+    half, extra = HALF_STORE_CASES[case]
+    if extra:
+        use_variant(monkeypatch, "state_bwd", **extra)
+    real_alloc = chunk_common.alloc
+    seen = {0: Counter(), 1: Counter()}
+    for on in (0, 1):
+        rule = (lambda what, dt: dt if what in half else torch.float32) if on else (lambda what, dt: torch.float32)
+        monkeypatch.setattr(chunk_common, "stored_dtype", rule)
+
+        def counting_alloc(shape, dt, dev, on=on):
+            seen[on][(tuple(shape), dt)] += 1
+            return real_alloc(shape, dt, dev)
+
+        monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
+        check_case((1, 100, 2, 2, 32, 16, [0, 0, 1, 37, 100], True, True), torch.float16)
+    shape = (100, 2, 64) if "aqk" in half else (100, 2, 16)
+    assert seen[1] - seen[0] == Counter({(shape, torch.float16): 1})
+    assert seen[0] - seen[1] == Counter({(shape, torch.float32): 1})
+
+
+def test_stored_dtype_is_bf16_only_for_bf16_inputs_when_switched_on(monkeypatch):
+    use_variant(monkeypatch, "half_store", aqk=1, dw=0)
+    rule = chunk_common.stored_dtype
+    assert rule("aqk", torch.bfloat16) == torch.bfloat16
+    assert rule("aqk", torch.float16) == torch.float32  # fp16's range could overflow an unnormalised q.k
+    assert rule("aqk", torch.float32) == torch.float32
+    assert rule("dw", torch.bfloat16) == torch.float32
+
+
 @pytest.mark.parametrize("precise", [0, 1, 2])
 def test_chunk_kda_interpreter_half_inputs_decay_precision(precise, monkeypatch):
     # the decay products' other dot precisions for half inputs (the default, 4 = two passes with the
@@ -540,6 +579,20 @@ def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
     check_graded_gates(cuda_device, torch.float32)
     check_fused_varlen(cuda_device, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(HALF_STORE_CASES))
+def test_chunk_kda_gpu_half_stored_intermediates(cuda_device, case, monkeypatch):
+    # Aqk / dW in bf16 at K = V = 128: the fused varlen case, gates at -1e4, and the inference forward
+    # (the output inside the scan reads the bf16 Aqk) bit for bit against the keeping forward
+    half, extra = HALF_STORE_CASES[case]
+    if extra:
+        use_variant(monkeypatch, "state_bwd", **extra)
+    use_variant(monkeypatch, "half_store", **{w: int(w in half) for w in ("aqk", "dw")})
+    check_fused_varlen(cuda_device, torch.bfloat16)
+    check_extreme(cuda_device, torch.bfloat16)
+    check_no_grad_forward(cuda_device, torch.bfloat16, monkeypatch, K=128, V=128, T=300, HV=4)
 
 
 @pytest.mark.gpu

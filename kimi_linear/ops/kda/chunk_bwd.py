@@ -79,10 +79,10 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
         b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
         b_wk = tl.load(Wk + p_tk, mask=m_tk, other=0)
         if DW_LOCAL:
-            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
         else:
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0)
+                          other=0).to(tl.float32)
             b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
         b_dw += tl.dot(b_kd, b_dS.to(DT), input_precision=PREC)
         tl.store(dW + p_tv, b_dw, mask=m_tv)
@@ -106,7 +106,8 @@ def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
     m_t = o_t < n
     m_tv = m_t[:, None] & (o_v < V)[None, :]
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n), other=0)
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
+                  other=0).to(tl.float32)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0)
     tl.store(dW + p_tv, scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC), mask=m_tv)
 
@@ -149,7 +150,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
         b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
         b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
         b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
@@ -650,7 +651,7 @@ def chunk_kda_bwd(
     cs, cl, cf = table.chunk_start, table.chunk_len, table.chunk_first
     do = do.contiguous()
     dh = chunk_common.alloc((max(NC, 1), HV, K, V), saved["h"].dtype, dev)
-    dW = chunk_common.alloc((Ttot, HV, V), torch.float32, dev)
+    dW = chunk_common.alloc((Ttot, HV, V), chunk_common.stored_dtype("dw", v.dtype), dev)
     dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
     # dw_local=1: the scan's dO-only term as a parallel kernel first (launch-table variant, see LAUNCH)
     dw_local = bool(LAUNCH["state_bwd"].get("dw_local")) and NC > 0

@@ -204,7 +204,21 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # decay products and the norm's backward 0.499 -> 0.480 ms at B1 T4K H16, 7.587 -> 7.330 at B8 T4K
     # H32 (session15/sweep_switches_fused_22e628e.txt)
     "l2norm": dict(half_dy=1),
+    # fp32 intermediates kept in bf16 when the inputs are bf16 (as FLA 0.6.0 keeps them): aqk=1 the
+    # per-chunk q.k products Aqk [Ttot, HV, 64] (written by the two grams; read by the output, the
+    # state-gradient scan and dw_local: 128 B less per (token, head) per pass); dw=1 the state-gradient
+    # scan's dW [Ttot, HV, V] (read by the chunk-gradient kernel, once per key block: 256 B less per
+    # (token, head) per pass; the scan already carries dW in bf16 into its state update, so the
+    # chunk-gradient kernel then reads exactly what the recurrence used). fp16 inputs keep fp32 (range).
+    # Session 17, prepared
+    "half_store": dict(aqk=0, dw=0),
 }
+
+
+def stored_dtype(what: str, input_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of intermediate ``what`` ("aqk" or "dw") for inputs of ``input_dtype``: bf16 where
+    the inputs are bf16 and the launch table's ``half_store`` says so, else fp32."""
+    return torch.bfloat16 if input_dtype == torch.bfloat16 and LAUNCH["half_store"][what] else torch.float32
 
 
 @contextmanager

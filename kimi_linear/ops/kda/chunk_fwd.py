@@ -398,7 +398,7 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
         if OUTPUT:
             b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0)
+                          other=0).to(tl.float32)
             # W rounded as stored, so that o has the bits of the separate output kernel's (a sequence
             # gives the same o alone and inside a pack that takes the other path)
             b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(tl.float32), input_precision=PREC)
@@ -430,7 +430,8 @@ def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
     b_qg = tl.load(Qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
     b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
                   mask=m_k[:, None] & (o_v < V)[None, :], other=0)
-    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n), other=0)
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
+                  other=0).to(tl.float32)
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
     b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
     b_o = tl.dot(b_qg, b_h, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
@@ -516,7 +517,7 @@ def chunk_kda_fwd(
     NC, N = table.NC, table.N
     G = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     Araw = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
-    Aqk = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
+    Aqk = chunk_common.alloc((Ttot, HV, 64), chunk_common.stored_dtype("aqk", v.dtype), dev)
     M = chunk_common.alloc((Ttot, HV, 64), torch.float32, dev)
     U = chunk_common.alloc((Ttot, HV, V), v.dtype, dev)
     Wk = chunk_common.alloc((Ttot, HV, K), v.dtype, dev)
