@@ -210,8 +210,12 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # scan's dW [Ttot, HV, V] (read by the chunk-gradient kernel, once per key block: 256 B less per
     # (token, head) per pass; the scan already carries dW in bf16 into its state update, so the
     # chunk-gradient kernel then reads exactly what the recurrence used). fp16 inputs keep fp32 (range).
-    # Session 17, prepared
-    "half_store": dict(aqk=0, dw=0),
+    # H100, session 17, layer-fused, graph-replayed (results/kda/session17/kda_ab_half_store_h100.txt):
+    # dw=1 fwd+bwd 19.40 -> 19.13 ms at B8 T4K H32, 1.399 -> 1.387 at B1 T4K H16 (forward unchanged): on.
+    # aqk=1 split by shape: B1 T4K H16 fwd 0.374 -> 0.365, fwd+bwd -> 1.377, but B8 T4K H32 fwd 4.459 ->
+    # 4.563 and fwd+bwd -> 19.98 (there the output runs inside the scan, which converts the bf16 tile
+    # back on every chunk): off
+    "half_store": dict(aqk=0, dw=1),
 }
 
 
