@@ -82,8 +82,9 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
             b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
         else:
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0).to(tl.float32)
-            b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC)
+                          other=0)
+            # (in Aqk's storage type: fp32, or bf16 with half_store aqk)
+            b_dw = scale * tl.dot(tl.trans(b_a), b_do.to(b_a.dtype), input_precision=PREC)
         b_dw += tl.dot(b_kd, b_dS.to(DT), input_precision=PREC)
         tl.store(dW + p_tv, b_dw, mask=m_tv)
         b_dS = (b_dS * exp(b_gl)[:, None] + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
@@ -106,10 +107,9 @@ def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
     m_t = o_t < n
     m_tv = m_t[:, None] & (o_v < V)[None, :]
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                  other=0).to(tl.float32)
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n), other=0)
     b_do = tl.load(do + p_tv, mask=m_tv, other=0)
-    tl.store(dW + p_tv, scale * tl.dot(tl.trans(b_a), b_do.to(tl.float32), input_precision=PREC), mask=m_tv)
+    tl.store(dW + p_tv, scale * tl.dot(tl.trans(b_a), b_do.to(b_a.dtype), input_precision=PREC), mask=m_tv)
 
 
 @triton.jit

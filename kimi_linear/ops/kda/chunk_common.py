@@ -212,9 +212,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # chunk-gradient kernel then reads exactly what the recurrence used). fp16 inputs keep fp32 (range).
     # H100, session 17, layer-fused, graph-replayed (results/kda/session17/kda_ab_half_store_h100.txt):
     # dw=1 fwd+bwd 19.40 -> 19.13 ms at B8 T4K H32, 1.399 -> 1.387 at B1 T4K H16 (forward unchanged): on.
-    # aqk=1 split by shape: B1 T4K H16 fwd 0.374 -> 0.365, fwd+bwd -> 1.377, but B8 T4K H32 fwd 4.459 ->
-    # 4.563 and fwd+bwd -> 19.98 (there the output runs inside the scan, which converts the bf16 tile
-    # back on every chunk): off
+    # aqk=1 split by shape: with its readers converting the tile to fp32, B1 T4K H16 fwd 0.374 -> 0.365,
+    # fwd+bwd -> 1.377, but B8 T4K H32 fwd 4.459 -> 4.563, fwd+bwd -> 19.98; with the readers' dots in
+    # bf16 (as now: exact products of the stored values, the fp32 path's code unchanged) fwd 0.373 ->
+    # 0.366 and 4.465 -> 4.447, but fwd+bwd 1.379 -> 1.392 and 19.14 -> 19.46
+    # (kda_ab_half_store_aqk_dot_h100.txt): off
     "half_store": dict(aqk=0, dw=1),
 }
 

@@ -398,10 +398,11 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
         if OUTPUT:
             b_qg = tl.load(Qg + p_tk, mask=m_tk, other=0)
             b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                          other=0).to(tl.float32)
+                          other=0)
             # W rounded as stored, so that o has the bits of the separate output kernel's (a sequence
-            # gives the same o alone and inside a pack that takes the other path)
-            b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(tl.float32), input_precision=PREC)
+            # gives the same o alone and inside a pack that takes the other path); the dot in Aqk's
+            # storage type (fp32, or bf16 with half_store aqk: exact products of the stored values)
+            b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(b_a.dtype), input_precision=PREC)
             tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
         b_S = b_S * exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
@@ -430,11 +431,11 @@ def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
     b_qg = tl.load(Qg + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0)
     b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :],
                   mask=m_k[:, None] & (o_v < V)[None, :], other=0)
-    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n),
-                  other=0).to(tl.float32)
+    b_a = tl.load(Aqk + ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :], mask=lower_triangle(o_t, n), other=0)
     p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
-    b_o = tl.dot(b_qg, b_h, input_precision=PREC) + tl.dot(b_a, b_w, input_precision=PREC)
+    b_w = tl.load(W + p_tv, mask=m_tv, other=0)
+    # (the second dot in Aqk's storage type: fp32, or bf16 with half_store aqk)
+    b_o = tl.dot(b_qg, b_h, input_precision=PREC) + tl.dot(b_a, b_w.to(b_a.dtype), input_precision=PREC)
     tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
 
 
