@@ -5,29 +5,22 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 67-100% of its held time in sessions
-# 14-16; a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md
+# Order for the next session (30 device minutes; the H100 counted 50-100% of its held time in sessions
+# 14-17; a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md
 # "Where the remaining time is (session 13)", results/decode/README.md session 13): TPOT 2.87 / 2.94 / 3.12 /
 # 3.37 ms at 4K / 16K / 64K / 128K against the 3 ms target. Fusing launches within one kernel per operation
 # lost twice in session 13: the remaining excess is each launch's ramp and tail, which a persistent
 # whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
 # other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
 # ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v16 and Known gaps): B1 T4K H16 met in GPU time (fwd+bwd 1.40 ms layer-fused
-# replayed from a CUDA graph, session 16; forward level with FLA's). Standing: the forward 4% behind FLA's
-# at B8 T4K H32 (4.27 against 4.10; FLA keeps the solve's inverse in bf16 and forms q e^G in its output
-# kernel); fwd+bwd 17.0 / 19.5 (layer-fused) against flash attention's 7.92 -- the route there is the
-# rewrite that keeps a chunk's intermediates on chip. The other two training shapes (32x2048x16,
-# 1x65536x16) have not been re-run since session 9: `train` with GRID_SHAPES=32x2048x16,1x65536x16
-# (FLA's autotuning results for H16 / H32 at K = 128 are committed, see TRITON_CACHE_DIR below, so FLA
-# should not re-tune for minutes). Launch-table A/B of the whole call in GPU time:
-# benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS). First for the B8 T4K H32
-# forward (prepared in session 16, off): the inference forward without the scan's h / W stores --
-# KDA_AB_SHAPES=8x4096x32 KDA_AB_VARIANTS="base state_fwd.skip_saved=1" KDA_AB_MODES=fwd kda-ab, with
-# pytest -m gpu tests/ops/test_chunk_kda.py -k no_grad; if it wins, make it the default and re-run `train`.
-# Then for B1 T64K H16 (prepared in session 16, off): the forward scan split into segments --
-# KDA_AB_SHAPES=1x65536x16 KDA_AB_VARIANTS="base state_fwd.split=4 state_fwd.split=8" KDA_AB_MODES=fwd,fwdbwd
-# (its GPU test: pytest -m gpu tests/ops/test_chunk_kda.py -k split).
+# Issue 7 (docs/kernels.md, v17 and Known gaps): our forward is level with FLA's at every training shape
+# since session 17 (the inference forward skips the scan's h / W stores), fwd+bwd 1.16-1.29x ahead; against
+# flash attention fwd 4.08 / 1.90 and fwd+bwd 16.8-19.5 / 7.93 at B8 T4K H32 -- the route there is the
+# rewrite that keeps a chunk's intermediates on chip. `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16,
+# ~550 s with FLA's autotuning seeded from the committed archive, see TRITON_CACHE_DIR below) gives the
+# side-by-side table. Launch-table A/B of the whole call in GPU time: benchmarks/launch_ab_graph.py, stage
+# `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
+# KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base half_store.aqk=1" KDA_AB_MODES=fwd,fwdbwd.
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
