@@ -21,6 +21,9 @@
 # side-by-side table. Launch-table A/B of the whole call in GPU time: benchmarks/launch_ab_graph.py, stage
 # `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
 # KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base half_store.aqk=1" KDA_AB_MODES=fwd,fwdbwd.
+# First (prepared in session 17, off): the chunk-gradient kernel's dq / dk parts in bf16 --
+# KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base half_store.dqk=1" KDA_AB_MODES=fwdbwd kda-ab,
+# with pytest -m gpu tests/ops/test_chunk_kda.py -k half_stored; if it wins, default on, then `train`.
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write

@@ -262,23 +262,38 @@ def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
     assert seen == [torch.float16 if half_dy else torch.float32] * 2
 
 
-HALF_STORE_CASES = {"aqk": ({"aqk"}, {}), "dw": ({"dw"}, {}), "dw-local": ({"dw"}, {"dw_local": 1})}
+HALF_STORE_CASES = {"aqk": ({"aqk"}, {}), "dw": ({"dw"}, {}), "dw-local": ({"dw"}, {"dw_local": 1}),
+                    "dqk": ({"dqk"}, {}), "dqk-gva": ({"dqk"}, {})}
+F16, F32 = torch.float16, torch.float32
+# the interpreter case of each (T = 100 over 4 sequences, HV = 2, K = 32, V = 16; "dqk-gva" on one q/k
+# head, so dq / dk still sum over the group in fp32 afterwards) and the buffers the switch must change:
+# (case, allocated in half instead, no longer allocated, newly allocated)
+HALF_STORE_CPU = {
+    "aqk": ((1, 100, 2, 2, 32, 16), {(100, 2, 64): 1}, {(100, 2, 64): 1}, {}),
+    "dw": ((1, 100, 2, 2, 32, 16), {(100, 2, 16): 1}, {(100, 2, 16): 1}, {}),
+    "dw-local": ((1, 100, 2, 2, 32, 16), {(100, 2, 16): 1}, {(100, 2, 16): 1}, {}),
+    # fp16 dq / dk (half_dy) completed in place: the two fp32 parts go, the fp16 outputs are the parts
+    "dqk": ((1, 100, 2, 2, 32, 16), {}, {(100, 2, 32): 2}, {}),
+    # fp32 outputs for the group sum: the parts in half, the outputs allocated apart
+    "dqk-gva": ((1, 100, 1, 2, 32, 16), {(100, 2, 32): 2}, {}, {(100, 2, 32): 2}),
+}
 
 
 @pytest.mark.parametrize("case", list(HALF_STORE_CASES))
 def test_chunk_kda_interpreter_half_stored_intermediates(case, monkeypatch):
-    # Aqk or dW kept in half precision (bf16 on a GPU for bf16 inputs; the interpreter runs fp16, so the
-    # rule is widened to fp16 here): every reader casts it back, and o, the states and every gradient stay
-    # inside the half tolerances against the fp64 reference (a reader without its cast fails to
-    # compile: fp16 x fp32 dot). The forward and backward allocate exactly that buffer in half instead
-    # of fp32, so the half path really ran.
+    # Aqk, dW or the chunk-gradient kernel's dq / dk parts kept in half precision (bf16 on a GPU for
+    # bf16 inputs; the interpreter runs fp16, so the rule is widened to fp16 here): every reader casts
+    # back, and o, the states and every gradient stay inside the half tolerances against the fp64
+    # reference (a reader without its cast fails to compile: fp16 x fp32 dot). The forward and backward
+    # allocate exactly the buffers the switch changes (HALF_STORE_CPU), so the half path really ran.
     half, extra = HALF_STORE_CASES[case]
+    shape, to_half, gone_f32, new_f32 = HALF_STORE_CPU[case]
     if extra:
         use_variant(monkeypatch, "state_bwd", **extra)
     real_alloc = chunk_common.alloc
     seen = {0: Counter(), 1: Counter()}
     for on in (0, 1):
-        rule = (lambda what, dt: dt if what in half else torch.float32) if on else (lambda what, dt: torch.float32)
+        rule = (lambda what, dt: dt if what in half else F32) if on else (lambda what, dt: F32)
         monkeypatch.setattr(chunk_common, "stored_dtype", rule)
 
         def counting_alloc(shape, dt, dev, on=on):
@@ -286,10 +301,11 @@ def test_chunk_kda_interpreter_half_stored_intermediates(case, monkeypatch):
             return real_alloc(shape, dt, dev)
 
         monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
-        check_case((1, 100, 2, 2, 32, 16, [0, 0, 1, 37, 100], True, True), torch.float16)
-    shape = (100, 2, 64) if "aqk" in half else (100, 2, 16)
-    assert seen[1] - seen[0] == Counter({(shape, torch.float16): 1})
-    assert seen[0] - seen[1] == Counter({(shape, torch.float32): 1})
+        check_case((*shape, [0, 0, 1, 37, 100], True, True), F16)
+    added = Counter({(s, F16): n for s, n in to_half.items()}) + Counter({(s, F32): n for s, n in new_f32.items()})
+    removed = Counter({(s, F32): n for s, n in {**to_half, **gone_f32}.items()})
+    assert seen[1] - seen[0] == added - removed
+    assert seen[0] - seen[1] == removed - added
 
 
 def test_stored_dtype_is_bf16_only_for_bf16_inputs_when_switched_on(monkeypatch):
@@ -582,7 +598,7 @@ def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(HALF_STORE_CASES))
+@pytest.mark.parametrize("case", [c for c in HALF_STORE_CASES if c != "dqk-gva"])  # (the GPU case has GVA)
 def test_chunk_kda_gpu_half_stored_intermediates(cuda_device, case, monkeypatch):
     # Aqk / dW in bf16 at K = V = 128: the fused varlen case, gates at -1e4, and the inference forward
     # (the output inside the scan reads the bf16 Aqk) bit for bit against the keeping forward

@@ -461,8 +461,8 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
         b_q, b_k, b_dq2, b_dk3, b_dk4, b_dk5 = _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                                                                H, HV, K, BK, PREC, FACTORED, ROLLED)
         b_gl = tl.load(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, mask=m_k, other=0)
-        b_dq = tl.load(dq + p_tk, mask=m_rk, other=0) + b_dq2
-        b_dk = tl.load(dk + p_tk, mask=m_rk, other=0) + b_dk3 + b_dk4 + b_dk5
+        b_dq = tl.load(dq + p_tk, mask=m_rk, other=0).to(tl.float32) + b_dq2
+        b_dk = tl.load(dk + p_tk, mask=m_rk, other=0).to(tl.float32) + b_dk3 + b_dk4 + b_dk5
         b_dG = tl.load(dG + p_tk, mask=m_rk, other=0) + b_q * b_dq2 + b_k * (b_dk3 - b_dk4 - b_dk5)
         b_dG += tl.where((rows == n - 1)[:, None], b_gl[None, :], 0.0)
         # dq_out / dk_out: dq / dk themselves, or the caller's final gradients in the input dtype
@@ -664,8 +664,11 @@ def chunk_kda_bwd(
             saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
             dh0 if dh0 is not None else dW, table.seq_start, cf, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS,
             HAS_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, DW_LOCAL=dw_local, **scan_kw)
-    dq = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
-    dk = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
+    # the chunk-gradient kernel's parts of dq / dk, which the decay products complete (bf16 with
+    # half_store dqk)
+    dqk_dtype = chunk_common.stored_dtype("dqk", v.dtype)
+    dq = chunk_common.alloc((Ttot, HV, K), dqk_dtype, dev)
+    dk = chunk_common.alloc((Ttot, HV, K), dqk_dtype, dev)
     dG = chunk_common.alloc((Ttot, HV, K), torch.float32, dev)
     dGl = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev)
     dv = chunk_common.alloc(v.shape, v.dtype, dev)
@@ -681,7 +684,7 @@ def chunk_kda_bwd(
     dalog_part = chunk_common.alloc((max(NC, 1), HV, NKE), torch.float32, dev) if gate_raw else dGl
     ddtb_part = chunk_common.alloc((max(NC, 1), HV, K), torch.float32, dev) if gate_raw else dGl
     dq_out, dk_out = dq, dk  # the last writer of dq / dk (the decay products) stores them here
-    if grad_dtype != torch.float32:
+    if grad_dtype != dqk_dtype:
         dq_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
         dk_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
     if NC > 0:

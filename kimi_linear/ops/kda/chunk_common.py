@@ -217,12 +217,17 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # bf16 (as now: exact products of the stored values, the fp32 path's code unchanged) fwd 0.373 ->
     # 0.366 and 4.465 -> 4.447, but fwd+bwd 1.379 -> 1.392 and 19.14 -> 19.46
     # (kda_ab_half_store_aqk_dot_h100.txt): off
-    "half_store": dict(aqk=0, dw=1),
+    # dqk=1: the chunk-gradient kernel's parts of dq and dk (fp32 [Ttot, HV, K] each, completed by the
+    # decay products) in bf16: 2 x 256 B less written and read per (token, head), predicted ~0.35 ms of
+    # B8 T4K H32's fwd+bwd; the parts are rounded once more before the decay products add theirs (an
+    # error of the size half_dy adds). With half_dy and no GVA sum the decay products then complete them
+    # in place. Session 17, prepared (interpreter-tested in fp16), not yet timed or GPU-tested
+    "half_store": dict(aqk=0, dw=1, dqk=0),
 }
 
 
 def stored_dtype(what: str, input_dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of intermediate ``what`` ("aqk" or "dw") for inputs of ``input_dtype``: bf16 where
+    """Storage dtype of intermediate ``what`` ("aqk", "dw" or "dqk") for inputs of ``input_dtype``: bf16 where
     the inputs are bf16 and the launch table's ``half_store`` says so, else fp32."""
     return torch.bfloat16 if input_dtype == torch.bfloat16 and LAUNCH["half_store"][what] else torch.float32
 
