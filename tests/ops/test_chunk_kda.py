@@ -109,6 +109,19 @@ CPU_CASES = [
 ]
 
 
+_ALLOC = chunk_common.alloc
+
+
+def count_allocations(monkeypatch, tally: Counter) -> None:
+    """From here on in this test, every buffer the kernels' callers allocate is tallied in ``tally`` by
+    (shape, dtype) (a later call switches to its own tally)."""
+    def counting(shape, dtype, device):
+        tally[(tuple(shape), dtype)] += 1
+        return _ALLOC(shape, dtype, device)
+
+    monkeypatch.setattr(chunk_common, "alloc", counting)
+
+
 def use_variant(monkeypatch, kernel: str, **switches) -> None:
     """Select a launch-table variant of one kernel (e.g. state_bwd dw_local=1) for this test."""
     monkeypatch.setitem(chunk_common.LAUNCH, kernel, {**chunk_common.LAUNCH[kernel], **switches})
@@ -284,23 +297,17 @@ def test_chunk_kda_interpreter_half_stored_intermediates(case, monkeypatch):
     # Aqk, dW or the chunk-gradient kernel's dq / dk parts kept in half precision (bf16 on a GPU for
     # bf16 inputs; the interpreter runs fp16, so the rule is widened to fp16 here): every reader casts
     # back, and o, the states and every gradient stay inside the half tolerances against the fp64
-    # reference (a reader without its cast fails to compile: fp16 x fp32 dot). The forward and backward
+    # reference (a dot reader without its cast fails to compile: fp16 x fp32). The forward and backward
     # allocate exactly the buffers the switch changes (HALF_STORE_CPU), so the half path really ran.
     half, extra = HALF_STORE_CASES[case]
     shape, to_half, gone_f32, new_f32 = HALF_STORE_CPU[case]
     if extra:
         use_variant(monkeypatch, "state_bwd", **extra)
-    real_alloc = chunk_common.alloc
     seen = {0: Counter(), 1: Counter()}
     for on in (0, 1):
         rule = (lambda what, dt: dt if what in half else F32) if on else (lambda what, dt: F32)
         monkeypatch.setattr(chunk_common, "stored_dtype", rule)
-
-        def counting_alloc(shape, dt, dev, on=on):
-            seen[on][(tuple(shape), dt)] += 1
-            return real_alloc(shape, dt, dev)
-
-        monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
+        count_allocations(monkeypatch, seen[on])
         check_case((*shape, [0, 0, 1, 37, 100], True, True), F16)
     added = Counter({(s, F16): n for s, n in to_half.items()}) + Counter({(s, F32): n for s, n in new_f32.items()})
     removed = Counter({(s, F32): n for s, n in {**to_half, **gone_f32}.items()})
@@ -421,22 +428,16 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
     args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
     kw = dict(initial_state=inp["h0"], output_final_state=True, fusion=fusion, backend="triton")
     with_grad = chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)
-    real_alloc = chunk_common.alloc
-    shapes = {0: Counter(), 1: Counter()}
+    seen = {0: Counter(), 1: Counter()}
     for skip in (0, 1):
         use_variant(monkeypatch, "state_fwd", skip_saved=skip)
-
-        def counting_alloc(shape, dt, dev, skip=skip):
-            shapes[skip][tuple(shape)] += 1
-            return real_alloc(shape, dt, dev)
-
-        monkeypatch.setattr(chunk_common, "alloc", counting_alloc)
+        count_allocations(monkeypatch, seen[skip])
         with torch.no_grad():
             no_grad = chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)
         for a, b in zip(no_grad, with_grad):
             assert torch.equal(a, b.detach())
-    assert shapes[1] - shapes[0] == Counter()
-    assert shapes[0] - shapes[1] == Counter({(-(-T // 64), HV, K, V): 1, (T, HV, V): 1})
+    assert seen[1] - seen[0] == Counter()
+    assert seen[0] - seen[1] == Counter({((-(-T // 64), HV, K, V), dtype): 1, ((T, HV, V), dtype): 1})
     return no_grad
 
 
@@ -600,8 +601,8 @@ def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in HALF_STORE_CASES if c != "dqk-gva"])  # (the GPU case has GVA)
 def test_chunk_kda_gpu_half_stored_intermediates(cuda_device, case, monkeypatch):
-    # Aqk / dW in bf16 at K = V = 128: the fused varlen case, gates at -1e4, and the inference forward
-    # (the output inside the scan reads the bf16 Aqk) bit for bit against the keeping forward
+    # Aqk / dW / the dq-dk parts in bf16 at K = V = 128: the fused varlen case, gates at -1e4, and the
+    # inference forward (the output inside the scan reads the bf16 Aqk) bit for bit against the keeping one
     half, extra = HALF_STORE_CASES[case]
     if extra:
         use_variant(monkeypatch, "state_bwd", **extra)

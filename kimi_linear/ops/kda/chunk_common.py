@@ -209,7 +209,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # state-gradient scan and dw_local: 128 B less per (token, head) per pass); dw=1 the state-gradient
     # scan's dW [Ttot, HV, V] (read by the chunk-gradient kernel, once per key block: 256 B less per
     # (token, head) per pass; the scan already carries dW in bf16 into its state update, so the
-    # chunk-gradient kernel then reads exactly what the recurrence used). fp16 inputs keep fp32 (range).
+    # chunk-gradient kernel then reads exactly what the recurrence used; with state_bwd dw_local the
+    # parallel kernel's dO term is rounded once before the scan adds its part). fp16 inputs keep fp32.
     # H100, session 17, layer-fused, graph-replayed (results/kda/session17/kda_ab_half_store_h100.txt):
     # dw=1 fwd+bwd 19.40 -> 19.13 ms at B8 T4K H32, 1.399 -> 1.387 at B1 T4K H16 (forward unchanged): on.
     # aqk=1 split by shape: with its readers converting the tile to fp32, B1 T4K H16 fwd 0.374 -> 0.365,
