@@ -128,11 +128,12 @@ decode)
   timeout 560 python3 -m kimi_linear.cli bench decode --out "$OUT/decode" 2>&1 | tail -60
   ;;
 ncu)
-  # Nsight Compute on one forward of ours and of FLA's exact path (NCU_ARGS: the shape, default T=64K)
+  # Nsight Compute on one forward of ours and of FLA's exact path (NCU_ARGS: the shape, default T=64K;
+  # --backward profiles one backward, --fused the layer-fused options; NCU_NAME: the output file name)
   S="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
   timeout ${NCU_CAP:-280} ncu --clock-control none --profile-from-start off $S --section MemoryWorkloadAnalysis \
-    python3 benchmarks/ncu_kda_fwd.py ${NCU_ARGS:---T 65536 --fla} > "$OUT/ncu_fwd.txt" 2>&1
-  grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/ncu_fwd.txt" | head -200
+    python3 benchmarks/ncu_kda_fwd.py ${NCU_ARGS:---T 65536 --fla} > "$OUT/${NCU_NAME:-ncu_fwd}.txt" 2>&1
+  grep -E "^  [_a-zA-Z].*\(|Duration|Registers Per|Achieved Occupancy|Issue Slots Busy|DRAM Throughput|Compute \(SM\) Throughput|Theoretical Occ|L1/TEX Hit|L2 Hit" "$OUT/${NCU_NAME:-ncu_fwd}.txt" | head -${NCU_LINES:-200}
   ;;
 latent)
   # the absorbed-MLA decode call's launch settings and kernels (LATENT_ROUND: the sweep's candidate list),

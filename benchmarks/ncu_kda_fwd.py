@@ -1,6 +1,7 @@
-"""One forward of our chunk_kda and of FLA's exact chunk_kda, bracketed for Nsight Compute.
+"""One forward (or backward) of our chunk_kda and of FLA's exact chunk_kda, bracketed for Nsight Compute.
 
-Compiles and warms both first, then opens the CUDA profiler range around one forward of each, so
+Compiles and warms both first, then opens the CUDA profiler range around one forward of each (with
+``--backward``: one backward, its forward run before the range opens), so
 ``ncu --profile-from-start off`` sees only those kernels:
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \\
@@ -17,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chunk_kda_timing import make  # noqa: E402
+from chunk_kda_timing import fla_provider, make, ours  # noqa: E402
 
 
 def main() -> None:
@@ -26,29 +27,44 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--fla", action="store_true", help="also FLA's forward")
+    ap.add_argument("--backward", action="store_true", help="profile the backward (the forward runs outside the range)")
+    ap.add_argument("--fused", action="store_true", help="the layer-fused options (l2norm, softplus gate, beta sigmoid)")
     ap.add_argument("--launch", default="{}", help='launch-table overrides, e.g. \'{"gram_diag": {"levels": 1}}\'')
     args = ap.parse_args()
     from kimi_linear.ops.kda import chunk_common
-    from kimi_linear.ops.kda.chunk import chunk_kda
 
     for name, cfg in json.loads(args.launch).items():
         chunk_common.LAUNCH[name] = {**chunk_common.LAUNCH[name], **cfg}
 
-    inp, _ = make(args.T, args.H, 128, fused=False, B=args.B)
-    fns = {"ours": lambda: chunk_kda(*inp.values(), backend="triton")[0]}
+    inp, extra = make(args.T, args.H, 128, fused=args.fused, B=args.B)
+    if args.backward:
+        for x in (*inp.values(), *extra.values()):
+            x.requires_grad_(True)
+    fwds = {"ours": ours(inp, extra, args.fused)}
     if args.fla:
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
+        fwds["fla"] = fla_provider(inp, extra, args.fused)
+    do = torch.randn_like(inp["v"])
 
-        fns["fla"] = lambda: fla_chunk_kda(*inp.values())[0]
-    for fn in fns.values():  # compile, autotune, warm
+    def run(fwd, profiled: bool) -> None:
+        if not args.backward:
+            if profiled:
+                torch.cuda.cudart().cudaProfilerStart()
+            fwd()
+        else:
+            o = fwd()
+            torch.cuda.synchronize()
+            if profiled:
+                torch.cuda.cudart().cudaProfilerStart()
+            o.backward(do)
+        torch.cuda.synchronize()
+        if profiled:
+            torch.cuda.cudart().cudaProfilerStop()
+
+    for fwd in fwds.values():  # compile, autotune, warm
         for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+            run(fwd, False)
+    for fwd in fwds.values():
+        run(fwd, True)
 
 
 if __name__ == "__main__":
