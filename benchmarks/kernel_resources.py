@@ -108,9 +108,9 @@ def cases():
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,
                    dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_DHT=False, STORE_DH0=False, PREC="tf32", DW_LOCAL=d), w, s)
     yield "dw_local", cb._dw_local_kernel, dict(HV=16, V=128, BV=64, PREC="tf32"), 4, 3
-    for bk, bv in ((64, 32), (32, 32)):
-        yield (f"chunk grads BK={bk} BV={bv}", cb._chunk_grad_kernel,
-               dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32"), 8, 3)
+    for bk, bv, apart, w in ((64, 32, 0, 8), (32, 32, 0, 8), (64, 32, 1, 8), (64, 32, 1, 4), (64, 64, 1, 8)):
+        yield (f"chunk grads BK={bk} BV={bv}{' v_apart' if apart else ''}", cb._chunk_grad_kernel,
+               dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32", V_APART=apart), w, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
         for fac in (0, 1, 2):
             for rolled in (False, True):

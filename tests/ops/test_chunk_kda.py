@@ -160,6 +160,10 @@ VARIANTS = [
     # the chunk-gradient kernel on two key blocks of 16 (partial sums of dA / dbeta across blocks, the
     # V-only work on block 0) and 16-wide V tiles
     ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
+    # the V-only work in a program of its own (one more partial-sum slot), at the default tiles and at
+    # two key blocks of 16
+    ("chunk_grad-v_apart", "chunk_grad", dict(v_apart=1), (3, -1)),
+    ("chunk_grad-v_apart-BK16", "chunk_grad", dict(BK=16, BV=16, v_apart=1), (3, -1)),
     ("solve-BV16", "solve", dict(BV=16), (-2,)),
     ("solve-BV32", "solve", dict(BV=32), (-2,)),
     # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default factors
@@ -379,9 +383,10 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # launch-table forms off the default path that treat large gates differently, each with gates at -1e4
 # (the default, above, factors the decay products' diagonal through the midpoint where the span allows
 # and keeps the halving levels for the rest): the levels in every sub-chunk, the diagonal factored
-# through one reference (spans > 60 keep the levels)
+# through one reference (spans > 60 keep the levels); the chunk-gradient kernel's V-only work apart
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
-                    "one_reference_diagonal": ("decay_grad", dict(factored=1))}
+                    "one_reference_diagonal": ("decay_grad", dict(factored=1)),
+                    "chunk_grad_v_apart": ("chunk_grad", dict(v_apart=1))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))
@@ -606,7 +611,8 @@ def test_chunk_kda_gpu_half_stored_intermediates(cuda_device, case, monkeypatch)
     half, extra = HALF_STORE_CASES[case]
     if extra:
         use_variant(monkeypatch, "state_bwd", **extra)
-    use_variant(monkeypatch, "half_store", **{w: int(w in half) for w in ("aqk", "dw")})
+    # each case with its own switch alone (every key named: a case must not inherit another's default)
+    use_variant(monkeypatch, "half_store", **{w: int(w in half) for w in chunk_common.LAUNCH["half_store"]})
     check_fused_varlen(cuda_device, torch.bfloat16)
     check_extreme(cuda_device, torch.bfloat16)
     check_no_grad_forward(cuda_device, torch.bfloat16, monkeypatch, K=128, V=128, T=300, HV=4)

@@ -113,26 +113,62 @@ def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
 
 
 @triton.jit
-def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
-                       dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    # One (chunk, value head, key block of BK channels). Key-block 0 also does the V-only work
-    # (dv, dAqk and the U-part of dA / dbeta). dA and dbeta leave as per-key-block partial sums.
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_kb = tl.program_id(2)
-    i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
-    o_t = tl.arange(0, 64)
+def _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da, b_db, PREC: tl.constexpr):
+    """The V-only terms of one [64, BV] V tile: dAqk += dO W^T; U = M (beta V), so dX_v = M^T dU (dU = dW),
+    dv = beta dX_v (stored here), dbeta += <dX_v, v> and dA -= dX_v U^T."""
+    b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
+    b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
+    b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
+    b_dxv = tl.dot(tl.trans(b_M), b_dw, input_precision=PREC)
+    tl.store(dv + p_tv, (b_dxv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+    b_db += tl.sum(b_dxv * b_v, axis=1)
+    b_da -= tl.dot(b_dxv, tl.trans(b_u), input_precision=PREC)
+    return b_daqk, b_da, b_db
+
+
+@triton.jit
+def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t, p_part, scale,
+                    HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                    PREC: tl.constexpr):
+    """``chunk_grad v_apart``: the V-only work of a (chunk, value head) in a program of its own -- dv,
+    dAqk, and the U-parts of dA and dbeta (into partial-sum slot ``p_part``)."""
+    m_t = o_t < n
+    p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
+    b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
+    b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
+    b_daqk = tl.zeros([64, 64], dtype=tl.float32)
+    b_da = tl.zeros([64, 64], dtype=tl.float32)
+    b_db = tl.zeros([64], dtype=tl.float32)
+    for vb in range(0, V, BV):
+        o_v = vb + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
+        b_daqk, b_da, b_db = _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da, b_db,
+                                           PREC)
+    tl.store(dA_part + p_part * 64 + p_cc, b_da, mask=m_t[:, None])
+    tl.store(db_part + p_part + (t0 + o_t) * HV + i_hv, b_db, mask=m_t)
+    tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+
+
+@triton.jit
+def _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk,
+                       i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, WITH_V: tl.constexpr, PREC: tl.constexpr):
+    """The work of one key block of BK channels: the dense parts of dq / dk / dG and the Wk-parts of dA
+    and dbeta (partial-sum slot ``p_part``). WITH_V: key block 0 also does the V-only work, its V tiles
+    shared with the key-block products (otherwise ``_v_only_program`` does it)."""
     o_k = i_kb * BK + tl.arange(0, BK)
     m_t = o_t < n
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     first = i_kb == 0
     p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
-    b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
+    if WITH_V:
+        b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
     b_beta = load_beta(beta, t0, o_t, n, i_hv, HV, BETA_SIGMOID)
     b_dqg = tl.zeros([64, BK], dtype=tl.float32)  # d(e^G q) / scale
     b_dkd = tl.zeros([64, BK], dtype=tl.float32)  # d(Kd)
@@ -157,15 +193,12 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
         b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
         b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
         b_dgl += tl.sum(b_h * b_dh, axis=1)
-        if first:
-            b_daqk += tl.dot(b_do, tl.trans(b_w), input_precision=PREC)
-            # U = M (beta V): dX_v = M^T dU (dU = dW), dv = beta dX_v, dbeta += <dX_v, v>, dM -> dA
-            b_u = tl.load(U + p_tv, mask=m_tv, other=0).to(tl.float32)
-            b_v = tl.load(v + p_tv, mask=m_tv, other=0).to(tl.float32)
-            b_dxv = tl.dot(tl.trans(b_M), b_dw, input_precision=PREC)
-            tl.store(dv + p_tv, (b_dxv * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-            b_db += tl.sum(b_dxv * b_v, axis=1)
-            b_da -= tl.dot(b_dxv, tl.trans(b_u), input_precision=PREC)
+        if WITH_V:
+            if first:
+                b_daqk, b_da, b_db = _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da,
+                                                   b_db, PREC)
+    if not WITH_V:
+        b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
     p_qk = ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     p_tk = ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
@@ -195,8 +228,41 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     tl.store(dk + p_tk, b_dk, mask=m_tk)
     tl.store(dG + p_tk, b_dG, mask=m_tk)
     tl.store(dGl + (i_c.to(tl.int64) * HV + i_hv) * K + o_k, b_dgl, mask=m_k)
-    if first:
-        tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+    if WITH_V:
+        if first:
+            tl.store(dAqk + p_cc, scale * tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0), mask=m_t[:, None])
+
+
+@triton.jit
+def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
+                       dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+                       V_APART: tl.constexpr):
+    # One (chunk, value head, key block of BK channels); dA and dbeta leave as partial sums, one slot per
+    # program. Key block 0 also does the V-only work (dv, dAqk and the U-parts of dA / dbeta) with the V
+    # tiles it loads anyway; with V_APART that work is a program of its own (grid dimension 2 has one
+    # more program, slot NKB), so no key-block program carries its accumulators or its loads.
+    NKB: tl.constexpr = (K + BK - 1) // BK
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_kb = tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    n = tl.load(chunk_len + i_c)
+    o_t = tl.arange(0, 64)
+    if V_APART:
+        if i_kb == NKB:
+            _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t,
+                            i_kb.to(tl.int64) * TOT, scale, HV, V, BV, BETA_SIGMOID, PREC)
+        else:
+            _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part,
+                               dAqk, i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
+                               H, HV, K, V, BK, BV, BETA_SIGMOID, False, PREC)
+    else:
+        _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk,
+                           i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
+                           H, HV, K, V, BK, BV, BETA_SIGMOID, True, PREC)
 
 
 @triton.jit
@@ -688,15 +754,17 @@ def chunk_kda_bwd(
         dq_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
         dk_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
     if NC > 0:
-        dA_part = chunk_common.alloc((NKG, Ttot, HV, 64), torch.float32, dev)
-        db_part = chunk_common.alloc((NKG, Ttot, HV), torch.float32, dev)
-        _chunk_grad_kernel[(NC, HV, NKG)](
+        v_apart = bool(cg.get("v_apart"))
+        n_part = NKG + v_apart  # dA / dbeta partial-sum slots: one per chunk-gradient program of a chunk
+        dA_part = chunk_common.alloc((n_part, Ttot, HV, 64), torch.float32, dev)
+        db_part = chunk_common.alloc((n_part, Ttot, HV), torch.float32, dev)
+        _chunk_grad_kernel[(NC, HV, n_part)](
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
-            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, V_APART=v_apart,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
-                                            HV=HV, NKB=NKG, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
+                                            HV=HV, NKB=n_part, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
             PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),

@@ -163,7 +163,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # spills, none at BK 32 / BV 32 on 8 warps -- yet that measured 8.99 ms against 5.75 (twice the key
     # blocks re-read dO, W and dW), BK 64 / BV 16 7.37 (H100, 1M tokens x heads, session 9:
     # session9/sweep_chunk_grad_tiles.txt)
-    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None),
+    # v_apart=1: key block 0's V-only work (dv, dAqk, the U-parts of dA / dbeta) as one more program per
+    # (chunk, head), so no key-block program carries its accumulators (chunk_bwd._v_only_program); it
+    # re-reads dO, W, dW and M (~1 KB per (token, head)). Session 18: Nsight Compute at B8 T4K H32 had the
+    # kernel at 255 registers, one 8-warp program per SM, 15M spill requests, DRAM 42%
+    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=0),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
@@ -222,8 +226,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # decay products) in bf16: 2 x 256 B less written and read per (token, head), predicted ~0.35 ms of
     # B8 T4K H32's fwd+bwd; the parts are rounded once more before the decay products add theirs (an
     # error of the size half_dy adds). With half_dy and no GVA sum the decay products then complete them
-    # in place. Session 17, prepared (interpreter-tested in fp16), not yet timed or GPU-tested
-    "half_store": dict(aqk=0, dw=1, dqk=0),
+    # in place. H100, session 18, layer-fused, graph-replayed, alternating rounds
+    # (results/kda/session18/kda_ab_half_store_dqk_h100.txt): fwd+bwd 19.13 -> 18.68 ms at B8 T4K H32,
+    # 1.382 -> 1.356 at B1 T4K H16; its GPU tests (K = V = 128, extreme gates) passed: on
+    "half_store": dict(aqk=0, dw=1, dqk=1),
 }
 
 
