@@ -157,15 +157,14 @@ VARIANTS = [
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
     # default 64 (one block wider than K = 32 / V = 16: masked columns)
-    # the chunk-gradient kernel on two key blocks of 16 (partial sums of dA / dbeta across blocks, the
-    # V-only work on block 0) and 16-wide V tiles
-    ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
-    # the V-only work in a program of its own (one more partial-sum slot), at the default tiles and at
-    # two key blocks of 16
-    ("chunk_grad-v_apart", "chunk_grad", dict(v_apart=1), (3, -1)),
-    ("chunk_grad-v_apart-BK16", "chunk_grad", dict(BK=16, BV=16, v_apart=1), (3, -1)),
     ("solve-BV16", "solve", dict(BV=16), (-2,)),
     ("solve-BV32", "solve", dict(BV=32), (-2,)),
+    # the chunk-gradient kernel on two key blocks of 16 and 16-wide V tiles (partial sums of dA / dbeta
+    # across blocks and the V-only program's slot), and with the V-only work inside key block 0's program
+    # (v_apart=0; the default gives it a program of its own), at the default tiles and at BK 16
+    ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
+    ("chunk_grad-v_in_block0", "chunk_grad", dict(v_apart=0), (3, -1)),
+    ("chunk_grad-v_in_block0-BK16", "chunk_grad", dict(BK=16, BV=16, v_apart=0), (3, -1)),
     # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default factors
     # a sub-chunk through each channel's midpoint where its gate span allows, the levels as a loop for the
     # rest: the odd-T case takes the factored form in every sub-chunk, the fused cases' larger gates take
@@ -383,10 +382,11 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # launch-table forms off the default path that treat large gates differently, each with gates at -1e4
 # (the default, above, factors the decay products' diagonal through the midpoint where the span allows
 # and keeps the halving levels for the rest): the levels in every sub-chunk, the diagonal factored
-# through one reference (spans > 60 keep the levels); the chunk-gradient kernel's V-only work apart
+# through one reference (spans > 60 keep the levels); the chunk-gradient kernel's V-only work inside key
+# block 0's program
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
-                    "chunk_grad_v_apart": ("chunk_grad", dict(v_apart=1))}
+                    "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))
@@ -519,9 +519,10 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [(32, 32), (64, 16)], ids=["BK32-BV32", "BK64-BV16"])
+@pytest.mark.parametrize("tiles", [(32, 32, 1), (64, 16, 1), (64, 32, 1), (64, 32, 0)],
+                         ids=["BK32-BV32", "BK64-BV16", "BK64-BV32", "BK64-BV32-v_in_block0"])
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
-    use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1])
+    use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1], v_apart=tiles[2])
     check_fused_varlen(cuda_device, torch.bfloat16)
 
 

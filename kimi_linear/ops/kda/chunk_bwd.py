@@ -11,8 +11,9 @@ Stages of the backward:
 |----------------|----------------|-------------------------------------------------------------------|
 | dW local       | (NC, HV, V/64) | optional (launch table dw_local): dW = scale Aqk^T dO ahead of the scan |
 | state scan     | (V/BV, N*HV)   | dS from the last chunk to the first: dh per chunk, dW, dh0        |
-| chunk grads    | (NC, HV, K/64) | dense parts of dq/dk/dG per key block; key block 0 also dv, dAqk; |
-|                |                | dA and dbeta as per-key-block partial sums                        |
+| chunk grads    | (NC, HV,       | dense parts of dq/dk/dG per key block; one more program per chunk |
+|                |  K/64 + 1)     | for dv, dAqk (v_apart; else key block 0 does them); dA and dbeta  |
+|                |                | as per-program partial sums                                       |
 | finish         | (NC, HV)       | sums the partials; dbeta (+ sigmoid'), dAraw = beta dA            |
 | decay products | (4NC, HV, K/BK)| the Araw/Aqk parts of dq/dk/dG (exact sub-chunk form), one program |
 |                |                | per 16-row sub-chunk                                              |
@@ -708,7 +709,11 @@ def chunk_kda_bwd(
     dev = q.device
     KP = pow2(K)
     cg = LAUNCH["chunk_grad"]
-    BV = min(int(cg.get("BV") or (64 if K <= 64 else 32)), pow2(V))  # V tile of the chunk-gradient kernel
+    v_apart = bool(cg.get("v_apart"))
+    # V tile of the chunk-gradient kernel: 64 where it fits (K <= 64; with v_apart its three [64, 64]-row
+    # pipelined tiles take ~147 KB of shared memory at K = 128, which an H100 has), else 32
+    wide = K <= 64 or (v_apart and chunk_common.max_shared_memory(dev) >= 160 * 1024)
+    BV = min(int(cg.get("BV") or (64 if wide else 32)), pow2(V))
     BVS, scan_kw = scan_launch("state_bwd", table.N * HV, V, KP, v.dtype, dev)
     BK = min(int(LAUNCH["decay_grad"].get("BK") or 32), KP)  # key block of the decay products
     NKB = triton.cdiv(K, BK)
@@ -754,7 +759,6 @@ def chunk_kda_bwd(
         dq_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
         dk_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
     if NC > 0:
-        v_apart = bool(cg.get("v_apart"))
         n_part = NKG + v_apart  # dA / dbeta partial-sum slots: one per chunk-gradient program of a chunk
         dA_part = chunk_common.alloc((n_part, Ttot, HV, 64), torch.float32, dev)
         db_part = chunk_common.alloc((n_part, Ttot, HV), torch.float32, dev)

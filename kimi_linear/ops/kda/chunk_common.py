@@ -165,9 +165,12 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # session9/sweep_chunk_grad_tiles.txt)
     # v_apart=1: key block 0's V-only work (dv, dAqk, the U-parts of dA / dbeta) as one more program per
     # (chunk, head), so no key-block program carries its accumulators (chunk_bwd._v_only_program); it
-    # re-reads dO, W, dW and M (~1 KB per (token, head)). Session 18: Nsight Compute at B8 T4K H32 had the
-    # kernel at 255 registers, one 8-warp program per SM, 15M spill requests, DRAM 42%
-    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=0),
+    # re-reads dO, W, dW and M (~1 KB per (token, head)), and BV None then means 64 where shared memory
+    # allows. Session 18, H100, Nsight Compute at B8 T4K H32 (results/kda/session18/): 5.92 ms, 255
+    # registers (one 8-warp program per SM), 15M spill requests, DRAM 42%; v_apart with BV 32: 5.83 ms,
+    # 1M spill requests, occupancy unchanged. Whole layer-fused call, graph-replayed, alternating rounds:
+    # fwd+bwd 18.69 -> 19.04 (BV 32) / 18.54 (BV 64) ms at B8 T4K H32, 1.356 -> 1.363 / 1.347 at B1 T4K H16
+    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
@@ -282,6 +285,22 @@ def sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use on ``device``, in bytes (Triton's own figure, the limit it
+    checks at launch; 227 KB, an H100's, assumed for the interpreter)."""
+    if device.type != "cuda":
+        return 227 * 1024
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SHARED_MEMORY:
+        import triton  # (this module is imported without Triton too)
+
+        _SHARED_MEMORY[idx] = int(triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"])
+    return _SHARED_MEMORY[idx]
 
 
 def scan_launch(name: str, rows: int, V: int, KP: int, dtype: torch.dtype, device: torch.device) -> tuple[int, dict]:
