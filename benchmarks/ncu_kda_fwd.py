@@ -51,6 +51,8 @@ def main() -> None:
                 torch.cuda.cudart().cudaProfilerStart()
             fwd()
         else:
+            for x in (*inp.values(), *extra.values()):
+                x.grad = None  # (accumulating into the warm-up's gradients would add PyTorch add kernels)
             o = fwd()
             torch.cuda.synchronize()
             if profiled:
