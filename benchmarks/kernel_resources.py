@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 # pointer arguments that are not fp32 at the benchmark shapes (bf16 inputs); everything else that is
 # not a constexpr is an fp32 pointer, except the scalars listed here
-TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg",
+TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg", "dW",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
 TYPES.update(tab_ptr="*i64", conv_tab="*i64", OUT="i32", SX="i32")
@@ -108,9 +108,10 @@ def cases():
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,
                    dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_DHT=False, STORE_DH0=False, PREC="tf32", DW_LOCAL=d), w, s)
     yield "dw_local", cb._dw_local_kernel, dict(HV=16, V=128, BV=64, PREC="tf32"), 4, 3
-    for bk, bv, apart, w in ((64, 32, 0, 8), (32, 32, 0, 8), (64, 32, 1, 8), (64, 32, 1, 4), (64, 64, 1, 8)):
-        yield (f"chunk grads BK={bk} BV={bv}{' v_apart' if apart else ''}", cb._chunk_grad_kernel,
-               dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32", V_APART=apart), w, 3)
+    for bk, bv, apart, half in ((64, 32, 0, 0), (32, 32, 0, 0), (64, 32, 1, 0), (64, 64, 1, 0), (64, 64, 1, 1)):
+        yield (f"chunk grads BK={bk} BV={bv}{' v_apart' if apart else ''}{' half_dots' if half else ''}",
+               cb._chunk_grad_kernel,
+               dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32", V_APART=apart, HALF_DOTS=half), 8, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
         for fac in (0, 1, 2):
             for rolled in (False, True):

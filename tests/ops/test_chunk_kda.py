@@ -24,6 +24,7 @@ from tests.numerics import rel_rms, tolerance
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from kimi_linear.ops.kda import chunk_bwd  # noqa: E402
 from kimi_linear.ops.kda.chunk_bwd import tf32_nearest  # noqa: E402
 
 
@@ -232,7 +233,7 @@ def test_chunk_kda_interpreter_l2norm_merged_launches(merge, monkeypatch):
     # the q/k norm in one launch with the gate's cumsum (gate merge_l2norm) and its backward in one launch
     # with the gate gradients (gate_grad merge_l2norm), on a fused case without GVA; the merged kernels
     # are watched to have run (and the separate l2norm kernels not)
-    from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
+    from kimi_linear.ops.kda import chunk_fwd
 
     use_variant(monkeypatch, "gate", merge_l2norm=merge[0])
     use_variant(monkeypatch, "gate_grad", merge_l2norm=merge[1])
@@ -245,18 +246,21 @@ def test_chunk_kda_interpreter_l2norm_merged_launches(merge, monkeypatch):
     check_case((1, 100, 2, 2, 32, 32, [0, 0, 1, 37, 100], True, True))
     expect_fwd = "_prologue_kernel" if merge[0] else "_l2norm_fwd_kernel"
     expect_bwd = "_epilogue_kernel" if merge[1] else "_l2norm_bwd_kernel"
-    assert sorted(set(ran)) == sorted({expect_fwd, expect_bwd})
+    assert sorted({name for name, _ in ran}) == sorted({expect_fwd, expect_bwd})
 
 
 class _Watched:
-    """A Triton kernel whose launches are recorded by name (``kernel[grid](...)``)."""
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded in ``log`` as (name, keywords)."""
 
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 @pytest.mark.parametrize("half_dy", [0, 1])
@@ -316,6 +320,19 @@ def test_chunk_kda_interpreter_half_stored_intermediates(case, monkeypatch):
     removed = Counter({(s, F32): n for s, n in {**to_half, **gone_f32}.items()})
     assert seen[1] - seen[0] == added - removed
     assert seen[0] - seen[1] == removed - added
+
+
+@pytest.mark.parametrize("half_dots", [0, 1])
+def test_chunk_kda_interpreter_chunk_grad_half_dots(half_dots, monkeypatch):
+    # the chunk-gradient kernel's V-loop products on the stored half tiles (fp16 here; on a GPU bf16,
+    # where dW is stored in bf16 too -- here the half-store rule is widened to fp16 for dW so that every
+    # operand is half): against the fp64 reference, and the half path really ran only when switched on
+    use_variant(monkeypatch, "chunk_grad", half_dots=half_dots)
+    monkeypatch.setattr(chunk_common, "stored_dtype", lambda what, dt: dt if what == "dw" else F32)
+    ran = []
+    monkeypatch.setattr(chunk_bwd, "_chunk_grad_kernel", _Watched(chunk_bwd._chunk_grad_kernel, "chunk_grad", ran))
+    check_case(HALF_CASE, F16)
+    assert [kw["HALF_DOTS"] for _, kw in ran] == [bool(half_dots)]
 
 
 def test_stored_dtype_is_bf16_only_for_bf16_inputs_when_switched_on(monkeypatch):
@@ -519,11 +536,14 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [(32, 32, 1), (64, 16, 1), (64, 32, 1), (64, 32, 0)],
-                         ids=["BK32-BV32", "BK64-BV16", "BK64-BV32", "BK64-BV32-v_in_block0"])
+@pytest.mark.parametrize("tiles", [(32, 32, 1, 0), (64, 16, 1, 0), (64, 32, 1, 0), (64, 32, 0, 0), (None, None, 1, 1)],
+                         ids=["BK32-BV32", "BK64-BV16", "BK64-BV32", "BK64-BV32-v_in_block0", "half_dots"])
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
-    use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1], v_apart=tiles[2])
+    # (half_dots: the V loop's products on the stored bf16 tiles, also with gates at -1e4)
+    use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1], v_apart=tiles[2], half_dots=tiles[3])
     check_fused_varlen(cuda_device, torch.bfloat16)
+    if tiles[3]:
+        check_extreme(cuda_device, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -130,9 +130,10 @@ def _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_
 @triton.jit
 def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t, p_part, scale,
                     HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``chunk_grad v_apart``: the V-only work of a (chunk, value head) in a program of its own -- dv,
-    dAqk, and the U-parts of dA and dbeta (into partial-sum slot ``p_part``)."""
+    dAqk, and the U-parts of dA and dbeta (into partial-sum slot ``p_part``). HALF_DOTS: dO W^T on the
+    stored half tiles (see ``_key_block_program``)."""
     m_t = o_t < n
     p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
     b_M = tl.load(M + p_cc, mask=lower_triangle(o_t, n), other=0)
@@ -144,9 +145,13 @@ def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n,
         o_v = vb + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
+        if HALF_DOTS:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0)
+        else:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_daqk, b_da, b_db = _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da, b_db,
                                            PREC)
     tl.store(dA_part + p_part * 64 + p_cc, b_da, mask=m_t[:, None])
@@ -158,10 +163,14 @@ def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n,
 def _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk,
                        i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, WITH_V: tl.constexpr, PREC: tl.constexpr):
+                       BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, WITH_V: tl.constexpr, PREC: tl.constexpr,
+                       HALF_DOTS: tl.constexpr):
     """The work of one key block of BK channels: the dense parts of dq / dk / dG and the Wk-parts of dA
     and dbeta (partial-sum slot ``p_part``). WITH_V: key block 0 also does the V-only work, its V tiles
-    shared with the key-block products (otherwise ``_v_only_program`` does it)."""
+    shared with the key-block products (otherwise ``_v_only_program`` does it). HALF_DOTS (without
+    WITH_V; dO, W, dW, h and dh all in one half dtype): the V loop's three products take the stored
+    tiles as they are -- the same exact products as tf32 on the widened values (a half value fits
+    tf32's mantissa), fp32 sums, but no widened copies in registers and shared memory."""
     o_k = i_kb * BK + tl.arange(0, BK)
     m_t = o_t < n
     m_k = o_k < K
@@ -185,15 +194,26 @@ def _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG,
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
-        b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
-        b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
-        b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
-        b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
-        b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
-        b_dgl += tl.sum(b_h * b_dh, axis=1)
+        if HALF_DOTS:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0)
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
+            b_dqg += tl.dot(b_do, tl.trans(b_h))
+            b_dkd += tl.dot(b_w, tl.trans(b_dh))
+            b_dwk -= tl.dot(b_dw, tl.trans(b_h))
+            b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+        else:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
+            b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
+            b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
+            b_dgl += tl.sum(b_h * b_dh, axis=1)
         if WITH_V:
             if first:
                 b_daqk, b_da, b_db = _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da,
@@ -239,7 +259,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
                        dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-                       V_APART: tl.constexpr):
+                       V_APART: tl.constexpr, HALF_DOTS: tl.constexpr):
     # One (chunk, value head, key block of BK channels); dA and dbeta leave as partial sums, one slot per
     # program. Key block 0 also does the V-only work (dv, dAqk and the U-parts of dA / dbeta) with the V
     # tiles it loads anyway; with V_APART that work is a program of its own (grid dimension 2 has one
@@ -255,15 +275,15 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     if V_APART:
         if i_kb == NKB:
             _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t,
-                            i_kb.to(tl.int64) * TOT, scale, HV, V, BV, BETA_SIGMOID, PREC)
+                            i_kb.to(tl.int64) * TOT, scale, HV, V, BV, BETA_SIGMOID, PREC, HALF_DOTS)
         else:
             _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part,
                                dAqk, i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
-                               H, HV, K, V, BK, BV, BETA_SIGMOID, False, PREC)
+                               H, HV, K, V, BK, BV, BETA_SIGMOID, False, PREC, HALF_DOTS)
     else:
         _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk,
                            i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
-                           H, HV, K, V, BK, BV, BETA_SIGMOID, True, PREC)
+                           H, HV, K, V, BK, BV, BETA_SIGMOID, True, PREC, False)
 
 
 @triton.jit
@@ -759,6 +779,9 @@ def chunk_kda_bwd(
         dq_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
         dk_out = chunk_common.alloc((Ttot, HV, K), grad_dtype, dev)
     if NC > 0:
+        # half_dots: the V loop's products on the stored tiles, where they share one half dtype
+        half_dots = (v_apart and bool(cg.get("half_dots")) and do.dtype in (torch.bfloat16, torch.float16)
+                     and all(t.dtype == do.dtype for t in (saved["W"], dW, saved["h"], dh)))
         n_part = NKG + v_apart  # dA / dbeta partial-sum slots: one per chunk-gradient program of a chunk
         dA_part = chunk_common.alloc((n_part, Ttot, HV, 64), torch.float32, dev)
         db_part = chunk_common.alloc((n_part, Ttot, HV), torch.float32, dev)
@@ -766,6 +789,7 @@ def chunk_kda_bwd(
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
             H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, V_APART=v_apart,
+            HALF_DOTS=half_dots,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=n_part, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
