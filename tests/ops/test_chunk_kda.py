@@ -536,13 +536,13 @@ def test_chunk_kda_gpu_extreme(cuda_device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [(32, 32, 1, 0), (64, 16, 1, 0), (64, 32, 1, 0), (64, 32, 0, 0), (None, None, 1, 1)],
-                         ids=["BK32-BV32", "BK64-BV16", "BK64-BV32", "BK64-BV32-v_in_block0", "half_dots"])
+@pytest.mark.parametrize("tiles", [(32, 32, 1, 1), (64, 16, 1, 1), (64, 32, 1, 1), (64, 32, 0, 0), (None, None, 1, 0)],
+                         ids=["BK32-BV32", "BK64-BV16", "BK64-BV32", "BK64-BV32-v_in_block0", "tf32_dots"])
 def test_chunk_kda_gpu_chunk_grad_tiles(cuda_device, tiles, monkeypatch):
-    # (half_dots: the V loop's products on the stored bf16 tiles, also with gates at -1e4)
+    # (tf32_dots: the V loop's products on widened fp32 copies, as before half_dots; also with gates at -1e4)
     use_variant(monkeypatch, "chunk_grad", BK=tiles[0], BV=tiles[1], v_apart=tiles[2], half_dots=tiles[3])
     check_fused_varlen(cuda_device, torch.bfloat16)
-    if tiles[3]:
+    if not tiles[3]:
         check_extreme(cuda_device, torch.bfloat16)
 
 

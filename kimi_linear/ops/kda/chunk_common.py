@@ -171,8 +171,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # 1M spill requests, occupancy unchanged. Whole layer-fused call, graph-replayed, alternating rounds:
     # fwd+bwd 18.69 -> 19.04 (BV 32) / 18.54 (BV 64) ms at B8 T4K H32, 1.356 -> 1.363 / 1.347 at B1 T4K H16
     # half_dots=1 (with v_apart): the V loop's products dO h^T, W dh^T, dW h^T (and dO W^T) on the stored
-    # half tiles instead of tf32 on widened copies (the same exact products; fp32 sums)
-    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=0),
+    # half tiles instead of tf32 on widened copies (the same exact products; fp32 sums). Session 18, same
+    # A/B (results/kda/session18/kda_ab_half_dots_scan_stages_h100.txt): fwd+bwd 18.59 -> 18.21 ms at B8
+    # T4K H32, 18.55 -> 18.22 at B32 T2K H16 (with state_fwd num_stages=1, neutral in fwd+bwd alone)
+    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
