@@ -155,6 +155,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # other way round: both kernels 2.80 ms against the scan alone 2.55 (B1 T64K H16, BV 16), 1.84
     # (BV 64) against 1.39 (BV 32) at B8 T4K H32; fwd+bwd 20.30 -> 20.06 and 18.69 -> 18.27
     # (session9/sweep_scans_8warps.txt: 8 warps, spill-free for sm_90a at BV 32, were slower)
+    # (session 18, H100, bf16: num_stages=1 for either scan -- 2 CTAs per SM instead of one with ~150-220
+    # KB of pipeline buffers -- gave the no-grad forward 4.46 -> 4.38 ms at B8 T4K H32 (state_fwd), but
+    # faulted with an illegal address in the state-gradient scan at B8 T4K H32 (BV 32, 4 warps) and in
+    # the forward scan at B1 H16 (BV 16, 8 warps); not understood, not used: results/kda/session18/
+    # scan_one_stage_fault_h100.txt. fp32 inputs run one stage at BV 32 on 8 warps and pass their tests)
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
@@ -173,7 +178,8 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # half_dots=1 (with v_apart): the V loop's products dO h^T, W dh^T, dW h^T (and dO W^T) on the stored
     # half tiles instead of tf32 on widened copies (the same exact products; fp32 sums). Session 18, same
     # A/B (results/kda/session18/kda_ab_half_dots_scan_stages_h100.txt): fwd+bwd 18.59 -> 18.21 ms at B8
-    # T4K H32, 18.55 -> 18.22 at B32 T2K H16 (with state_fwd num_stages=1, neutral in fwd+bwd alone)
+    # T4K H32, 18.55 -> 18.22 at B32 T2K H16 (with state_fwd num_stages=1, neutral in fwd+bwd alone),
+    # 1.353 -> 1.318 at B1 T4K H16, 20.38 -> 20.01 at B1 T64K H16 (kda_ab_half_dots_b1_h100.txt)
     "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
