@@ -13,17 +13,19 @@
 # whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
 # other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
 # ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v17 and Known gaps): our forward is level with FLA's at every training shape
-# since session 17 (the inference forward skips the scan's h / W stores), fwd+bwd 1.16-1.29x ahead; against
-# flash attention fwd 4.08 / 1.90 and fwd+bwd 16.8-19.5 / 7.93 at B8 T4K H32 -- the route there is the
-# rewrite that keeps a chunk's intermediates on chip. `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16,
-# ~550 s with FLA's autotuning seeded from the committed archive, see TRITON_CACHE_DIR below) gives the
-# side-by-side table. Launch-table A/B of the whole call in GPU time: benchmarks/launch_ab_graph.py, stage
-# `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
-# KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base half_store.aqk=1" KDA_AB_MODES=fwd,fwdbwd.
-# First (prepared in session 17, off): the chunk-gradient kernel's dq / dk parts in bf16 --
-# KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base half_store.dqk=1" KDA_AB_MODES=fwdbwd kda-ab,
-# with pytest -m gpu tests/ops/test_chunk_kda.py -k half_stored; if it wins, default on, then `train`.
+# Issue 7 (docs/kernels.md, v18 and Known gaps): forward level with FLA's at every training shape, fwd+bwd
+# 1.2-1.35x ahead (session 18: bf16 dq/dk parts, the chunk-gradient kernel's V-only program, its V loop
+# on the stored bf16 tiles); against flash attention fwd 4.09 / 2.09 and fwd+bwd ~18.2 (layer-fused) /
+# 8.18 at B8 T4K H32. Nsight Compute (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the
+# chunk-gradient and decay-product kernels latency-bound at one program per SM (255 / 231 registers):
+# the route is still fewer bytes per (token, head), i.e. the rewrite that keeps a chunk on chip.
+# `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16, ~550 s with FLA's autotuning seeded from the
+# committed archive, see TRITON_CACHE_DIR below) gives the side-by-side table: first thing next session
+# (session 18's table predates half_dots). Launch-table A/B of the whole call in GPU time:
+# benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
+# KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base chunk_grad.half_dots=0" KDA_AB_MODES=fwd,fwdbwd.
+# Do not time scans with num_stages=1 in bf16 in a process whose later rows matter: they faulted
+# (illegal address) in session 18 and a fault ends the process.
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
