@@ -730,8 +730,8 @@ def chunk_kda_bwd(
     KP = pow2(K)
     cg = LAUNCH["chunk_grad"]
     v_apart = bool(cg.get("v_apart"))
-    # V tile of the chunk-gradient kernel: 64 where it fits (K <= 64; with v_apart its three [64, 64]-row
-    # pipelined tiles take ~147 KB of shared memory at K = 128, which an H100 has), else 32
+    # V tile of the chunk-gradient kernel: 64 where it fits (K <= 64; with v_apart its pipelined tiles
+    # take 123-147 KB of shared memory at K = 128 for sm_90a, which an H100 has), else 32
     wide = K <= 64 or (v_apart and chunk_common.max_shared_memory(dev) >= 160 * 1024)
     BV = min(int(cg.get("BV") or (64 if wide else 32)), pow2(V))
     BVS, scan_kw = scan_launch("state_bwd", table.N * HV, V, KP, v.dtype, dev)
