@@ -159,7 +159,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # KB of pipeline buffers -- gave the no-grad forward 4.46 -> 4.38 ms at B8 T4K H32 (state_fwd), but
     # faulted with an illegal address in the state-gradient scan at B8 T4K H32 (BV 32, 4 warps) and in
     # the forward scan at B1 H16 (BV 16, 8 warps); not understood, not used: results/kda/session18/
-    # scan_one_stage_fault_h100.txt. fp32 inputs run one stage at BV 32 on 8 warps and pass their tests)
+    # scan_one_stage_fault_h100.txt. fp32 inputs run one stage at BV 32 on 8 warps and pass their tests.
+    # Possibly the Triton fault reported for sm_90 kernels with several dots, triton-lang/triton#10486 and
+    # #11366 (an invalid shared-memory read by wgmma); not confirmed here)
     "state_bwd": dict(num_warps=None, num_stages=None, BV=None, dw_local=0),
     "dw_local": dict(num_warps=4, num_stages=None),
     # chunk grads: 8 warps 5.76 ms, 4 warps 7.7 (dots on the stored half operands: 5.74, no gain, removed)
