@@ -20,8 +20,10 @@
 # chunk-gradient and decay-product kernels latency-bound at one program per SM (255 / 231 registers):
 # the route is still fewer bytes per (token, head), i.e. the rewrite that keeps a chunk on chip.
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16, ~550 s with FLA's autotuning seeded from the
-# committed archive, see TRITON_CACHE_DIR below) gives the side-by-side table: first thing next session
-# (session 18's table predates half_dots). Launch-table A/B of the whole call in GPU time:
+# committed archive, see TRITON_CACHE_DIR below) gives the side-by-side table: first thing next session,
+# with FLA's bounded-gate path too (PROVIDERS=ours,fla_kda,ours_fused,fla_kda_fused,fla_kda_safe,flash:
+# issue 7's "never slower than FLA's bounded-gate path" has no same-run number since session 9, when FLA's
+# was 4.05 ms fwd at B8 T4K H32 against our layer-fused 4.47 today). Launch-table A/B of the whole call in GPU time:
 # benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
 # KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base chunk_grad.half_dots=0" KDA_AB_MODES=fwd,fwdbwd.
 # Do not time scans with num_stages=1 in bf16 in a process whose later rows matter: they faulted
