@@ -26,8 +26,8 @@
 # was 4.05 ms fwd at B8 T4K H32 against our layer-fused 4.47 today). Launch-table A/B of the whole call in GPU time:
 # benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
 # KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base chunk_grad.half_dots=0" KDA_AB_MODES=fwd,fwdbwd.
-# Do not time scans with num_stages=1 in bf16 in a process whose later rows matter: they faulted
-# (illegal address) in session 18 and a fault ends the process.
+# Scans with num_stages=1 in bf16 faulted (illegal address) in session 18, and a fault ends the process;
+# the kda-ab stage now checks each variant in a child process first (--preflight) and drops those.
 # Short inputs are host-bound eager: benchmarks/host_overhead.py prints host vs GPU time per call;
 # `--cuda-graph` times GPU time.
 # Copy $OUT/triton-autotune.tar.gz back only when it is not empty (stages that run no FLA kernel write
@@ -94,8 +94,10 @@ grid|train)
   ;;
 kda-ab)
   # launch-table variants of the whole chunked-KDA call (layer-fused), replayed from a CUDA graph and
-  # alternating over rounds: KDA_AB_SHAPES (BxTxH ...), KDA_AB_VARIANTS (base and ENTRY.KEY=INT[,...])
+  # alternating over rounds: KDA_AB_SHAPES (BxTxH ...), KDA_AB_VARIANTS (base and ENTRY.KEY=INT[,...]);
+  # a variant whose one-call check faults in a child process is dropped first (KDA_AB_PREFLIGHT=0: not)
   args=""; for s in ${KDA_AB_SHAPES:-1x4096x16}; do args="$args --shape $s"; done
+  [ "${KDA_AB_PREFLIGHT:-1}" = 1 ] && args="$args --preflight"
   for v in ${KDA_AB_VARIANTS:-base state_fwd.output=1 gate.merge_l2norm=1,state_fwd.output=1}; do args="$args --variant $v"; done
   timeout ${KDA_AB_CAP:-200} python3 benchmarks/launch_ab_graph.py $args ${KDA_AB_MODES:+--modes $KDA_AB_MODES} 2>&1 \
     | tee "$OUT/kda_ab.txt" | grep -v '^{'

@@ -7,7 +7,12 @@ replayed from a graph, shows. Each variant is a list of ``ENTRY.KEY=INT`` edits 
 ``chunk_common.LAUNCH``; ``base`` is the table as committed.
 
     PYTHONPATH=. python benchmarks/launch_ab_graph.py --shape 1x4096x16 \
-        --variant base --variant gate.merge_l2norm=1 [--provider ours_fused] [--rounds 3]
+        --variant base --variant gate.merge_l2norm=1 [--provider ours_fused] [--rounds 3] [--preflight]
+
+A kernel fault (an illegal address) ends the process's CUDA context and with it every later row
+(session 18 lost two runs to one variant so). ``--preflight`` first runs each variant other than base
+once per shape and mode in a child process and drops, with the child's last error line, the ones whose
+child fails or hangs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 
 import torch
 
@@ -39,6 +46,42 @@ def parse_variant(spec: str) -> dict[str, dict[str, int]]:
     return edits
 
 
+def preflight(variants: dict, argv_common: list[str], timeout: float, run=subprocess.run) -> dict:
+    """The variants whose check child (this script with ``--check``: one eager call per shape and mode,
+    synchronised) exits cleanly within ``timeout`` seconds; base is kept unchecked. Each dropped one is
+    reported with the child's last error line."""
+    keep = {}
+    for name, edits in variants.items():
+        if name == "base":
+            keep[name] = edits
+            continue
+        cmd = [sys.executable, __file__, "--check", "--variant", name, *argv_common]
+        try:
+            done = run(cmd, capture_output=True, text=True, timeout=timeout)
+            why = None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            why = f"no answer in {timeout:.0f} s"
+        if why is None:
+            keep[name] = edits
+        else:
+            print(f"preflight: variant {name} dropped: {why}", flush=True)
+    return keep
+
+
+def check(p, shapes, modes, variants, device) -> None:
+    """One eager call of each (shape, mode) under each variant, synchronised (the preflight's child)."""
+    from kimi_linear.bench import kda
+    from kimi_linear.ops.kda.chunk_common import launch_overrides
+
+    for edits in variants.values():
+        with launch_overrides(edits):
+            for shape in shapes:
+                leaves = kda.make_leaves(p.setting, shape, dtype=torch.bfloat16, device=device)
+                for mode in modes:
+                    kda._timed_fn(p, leaves, mode)()
+                torch.cuda.synchronize(device)
+
+
 def main() -> None:
     from kimi_linear.bench import kda
     from kimi_linear.bench.common import environment
@@ -51,6 +94,9 @@ def main() -> None:
     ap.add_argument("--provider", default="ours_fused", choices=[n for n, p in KDA_PROVIDERS.items() if p.ours])
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--preflight", action="store_true", help="drop variants whose one-call check faults (child process)")
+    ap.add_argument("--preflight-timeout", type=float, default=180.0, help="seconds per variant's check")
+    ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)  # the preflight's child
     args = ap.parse_args()
     modes = args.modes.split(",")
     if any(m not in kda.MODES for m in modes) or args.rounds < 1:
@@ -63,8 +109,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("launch_ab_graph.py times CUDA graphs: it needs a CUDA device")
     device = torch.device("cuda")
-    env = environment(device)
     p = KDA_PROVIDERS[args.provider]
+    if args.check:
+        check(p, shapes, modes, variants, device)
+        return
+    if args.preflight:
+        common = ["--provider", args.provider, "--modes", args.modes] + [a for s in args.shape for a in ("--shape", s)]
+        variants = preflight(variants, common, args.preflight_timeout)
+    env = environment(device)
     for shape in shapes:
         spec = shape.key
         for mode in modes:

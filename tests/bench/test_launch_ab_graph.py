@@ -1,9 +1,10 @@
 """benchmarks/launch_ab_graph.py: variant specs parse, write into the launch table and come back out;
 unknown entries or keys, malformed specs, modes, rounds and shapes are refused with a message before any
-device work (not silently timed as base)."""
+device work (not silently timed as base); the preflight drops variants whose check child fails or hangs."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,28 @@ def test_bad_arguments_refused_before_any_device_work(argv, msg, monkeypatch, ca
     with pytest.raises(SystemExit) as exc:
         ab.main()
     assert msg in (str(exc.value.code) + capsys.readouterr().err)
+
+
+def test_preflight_drops_faulting_and_hanging_variants(capsys):
+    # the child's outcome per variant: clean, an illegal-address fault, no answer in time; base unchecked
+    calls = []
+
+    def fake_run(cmd, capture_output, text, timeout):
+        calls.append(cmd)
+        name = cmd[cmd.index("--variant") + 1]
+        assert "--check" in cmd and cmd[-2:] == ["--shape", "8x4096x32"] and timeout == 5.0
+        if name == "state_bwd.num_stages=1":
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\ntorch.AcceleratorError: CUDA error: an illegal memory access was encountered\n")
+        if name == "gate.merge_l2norm=1":
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    specs = ["base", "chunk_grad.half_dots=0", "state_bwd.num_stages=1", "gate.merge_l2norm=1"]
+    variants = {s: ab.parse_variant(s) for s in specs}
+    kept = ab.preflight(variants, ["--modes", "fwdbwd", "--shape", "8x4096x32"], 5.0, run=fake_run)
+    assert list(kept) == ["base", "chunk_grad.half_dots=0"]
+    assert kept["chunk_grad.half_dots=0"] == {"chunk_grad": {"half_dots": 0}}
+    assert len(calls) == 3  # base is not checked
+    out = capsys.readouterr().out
+    assert "variant state_bwd.num_stages=1 dropped: torch.AcceleratorError: CUDA error: an illegal memory access" in out
+    assert "variant gate.merge_l2norm=1 dropped: no answer in 5 s" in out
