@@ -24,9 +24,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# pointer arguments that are not fp32 at the benchmark shapes (bf16 inputs); everything else that is
-# not a constexpr is an fp32 pointer, except the scalars listed here
-TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg", "dW",
+# pointer arguments that are not fp32 at the benchmark shapes (bf16 inputs, the launch table's defaults:
+# dW and the dq / dk parts bf16 by half_store); everything else that is not a constexpr is an fp32
+# pointer, except the scalars listed here
+TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U", "W", "h", "do", "dh", "dv", "dg", "dW", "dq", "dk",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
 TYPES.update(tab_ptr="*i64", conv_tab="*i64", OUT="i32", SX="i32")
