@@ -208,9 +208,9 @@ def test_chunk_kda_interpreter_half_inputs():
 def test_l2norm_pair_matches_autograd(dtypes):
     # q and k normalised (and their gradients) in one launch when shape and dtype agree, else one each;
     # against torch autograd of the same formula, with rows > one program's 16 and a zero row
-    from kimi_linear.ops.kda.chunk_bwd import l2norm_bwd
     from kimi_linear.ops.kda.chunk_fwd import l2norm_fwd
 
+    l2norm_bwd = chunk_bwd.l2norm_bwd
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(37, 2, 24, generator=gen).to(dt) for dt in dtypes]
     xs[1][5, 1] = 0
@@ -267,8 +267,6 @@ class _Watched:
 def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
     # dq / dk in the input dtype (fp16 here; the default) ahead of the fused l2norm backward, or fp32;
     # the l2norm backward's plan is watched to see which one it got
-    from kimi_linear.ops.kda import chunk_bwd
-
     seen = []
     real = chunk_bwd._l2norm_bwd_plan
 
