@@ -95,9 +95,11 @@ grid|train)
 kda-ab)
   # launch-table variants of the whole chunked-KDA call (layer-fused), replayed from a CUDA graph and
   # alternating over rounds: KDA_AB_SHAPES (BxTxH ...), KDA_AB_VARIANTS (base and ENTRY.KEY=INT[,...]);
-  # a variant whose one-call check faults in a child process is dropped first (KDA_AB_PREFLIGHT=0: not)
+  # a variant whose one-call check faults in a child process is dropped first (KDA_AB_PREFLIGHT=0: not);
+  # KDA_AB_PROFILE=1: each variant's per-kernel times (one eager call) before the timed rounds
   args=""; for s in ${KDA_AB_SHAPES:-1x4096x16}; do args="$args --shape $s"; done
   [ "${KDA_AB_PREFLIGHT:-1}" = 1 ] && args="$args --preflight"
+  [ "${KDA_AB_PROFILE:-0}" = 1 ] && args="$args --profile"  # per-kernel times of each variant first
   for v in ${KDA_AB_VARIANTS:-base state_fwd.output=1 gate.merge_l2norm=1,state_fwd.output=1}; do args="$args --variant $v"; done
   timeout ${KDA_AB_CAP:-200} python3 benchmarks/launch_ab_graph.py $args ${KDA_AB_MODES:+--modes $KDA_AB_MODES} 2>&1 \
     | tee "$OUT/kda_ab.txt" | grep -v '^{'

@@ -37,7 +37,7 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 # the decode step's folded block norms: norm weights and residuals in the model's dtype
 TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
-TYPES.update(NC="i32", NGATE="i32")  # chunk and program counts
+TYPES.update(NC="i32", NGATE="i32", TT="i32")  # chunk and program counts, tokens
 # the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides (names
 # such as M are pointers in other kernels: these types apply to the latent kernels only)
 LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32",
@@ -93,13 +93,16 @@ def cases():
 
     hk = dict(H=16, HV=16, K=128)
     dg, gd = LAUNCH["decay_grad"], LAUNCH["gram_diag"]
-    yield "gram (off-diagonal)", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32"), 4, 3
-    yield f"gram diagonal BH={gd['BH']}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"]), gd["num_warps"], 3
+    for norm in (0, 1):  # NORM: the fused q/k norm applied on load (l2norm on_load)
+        yield f"gram (off-diagonal) norm={norm}", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32", NORM=norm), 4, 3
+        yield (f"gram diagonal BH={gd['BH']} norm={norm}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"], NORM=norm),
+               gd["num_warps"], 3)
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):
-        yield (f"solve: products BV={bv}", cf._wu_kernel,
-               dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32"), w, 1)
+        for norm in (0, 1):
+            yield (f"solve: products BV={bv} norm={norm}", cf._wu_kernel,
+                   dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32", NORM=norm), w, 1)
     for bv, w, s in ((16, 8, 3), (64, 4, 2)):
         for out in (0, 1):
             yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,
@@ -121,6 +124,7 @@ def cases():
     yield "gate grads", cb._gate_grad_kernel, dict(HV=16, K=128, BK=32, NKB=4, GATE_FROM_RAW=True, FLOOR=-800.0), 4, 3
     yield "gate parameter sums", cb._gate_param_sum_kernel, dict(HV=16, K=128, KP=128, NKB=4, NKBP=4, BC=16), 4, 3
     yield "l2norm (q and k)", cf._l2norm_fwd_kernel, dict(D=128, DP=128, BR=16), 4, 3
+    yield "q/k norms' rstd (norm on load)", cf._rstd_kernel, dict(H=16, K=128, KP=128, BT=cf.RSTD_ROWS), 4, 3
     yield ("gate cumsum + l2norm (one launch)", cf._prologue_kernel,
            dict(HV=16, K=128, BK=64, NKB=2, GATE_FROM_RAW=True, FLOOR=-800.0, D=128, DP=128, BR=16), 4, 3)
     yield ("gate grads + l2norm backward (one launch)", cb._epilogue_kernel,

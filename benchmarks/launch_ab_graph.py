@@ -13,6 +13,9 @@ A kernel fault (an illegal address) ends the process's CUDA context and with it 
 (session 18 lost two runs to one variant so). ``--preflight`` first runs each variant other than base
 once per shape and mode in a child process and drops, with the child's last error line, the ones whose
 child fails or hangs.
+
+``--profile`` prints, before the timed rounds, each (shape, mode)'s per-kernel GPU time (torch.profiler,
+one eager call) under every variant side by side: which kernels a setting moved.
 """
 
 from __future__ import annotations
@@ -82,6 +85,28 @@ def check(p, shapes, modes, variants, device) -> None:
                 torch.cuda.synchronize(device)
 
 
+def profile(p, shape, mode, variants, device) -> str:
+    """Per-kernel ms of one eager call of ``p`` at (shape, mode) under each variant, one column each, with
+    the last column minus the first; a kernel a variant does not launch shows as 0."""
+    from kimi_linear.bench import kda
+    from kimi_linear.bench.common import kernel_times
+    from kimi_linear.ops.kda.chunk_common import launch_overrides
+
+    cols = {}
+    for name, edits in variants.items():
+        with launch_overrides(edits):
+            leaves = kda.make_leaves(p.setting, shape, dtype=torch.bfloat16, device=device)
+            cols[name] = {k: ms for k, (ms, _) in kernel_times(kda._timed_fn(p, leaves, mode), device).items()}
+    names = sorted(set().union(*cols.values()), key=lambda k: -max(c.get(k, 0.0) for c in cols.values()))
+    first, last = next(iter(cols)), list(cols)[-1]
+    head = f"{'kernel (' + shape.key + ' ' + mode + ', ms)':48s}" + "".join(f"{v[:22]:>24s}" for v in cols) + f"{'last - first':>14s}"
+    rows = [head]
+    for k in names + ["total"]:
+        vals = {v: (sum(c.values()) if k == "total" else c.get(k, 0.0)) for v, c in cols.items()}
+        rows.append(f"{k[:48]:48s}" + "".join(f"{vals[v]:24.4f}" for v in cols) + f"{vals[last] - vals[first]:+14.4f}")
+    return "\n".join(rows)
+
+
 def main() -> None:
     from kimi_linear.bench import kda
     from kimi_linear.bench.common import environment
@@ -96,6 +121,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--preflight", action="store_true", help="drop variants whose one-call check faults (child process)")
     ap.add_argument("--preflight-timeout", type=float, default=180.0, help="seconds per variant's check")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of each variant first (torch.profiler)")
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)  # the preflight's child
     args = ap.parse_args()
     modes = args.modes.split(",")
@@ -117,6 +143,10 @@ def main() -> None:
         common = ["--provider", args.provider, "--modes", args.modes] + [a for s in args.shape for a in ("--shape", s)]
         variants = preflight(variants, common, args.preflight_timeout)
     env = environment(device)
+    if args.profile:
+        for shape in shapes:
+            for mode in modes:
+                print(profile(p, shape, mode, variants, device), flush=True)
     for shape in shapes:
         spec = shape.key
         for mode in modes:

@@ -92,3 +92,33 @@ def test_preflight_drops_faulting_and_hanging_variants(capsys):
     out = capsys.readouterr().out
     assert "variant state_bwd.num_stages=1 dropped: torch.AcceleratorError: CUDA error: an illegal memory access" in out
     assert "variant gate.merge_l2norm=1 dropped: no answer in 5 s" in out
+
+
+def test_profile_table_has_every_kernel_of_every_variant(monkeypatch):
+    # --profile: one column per variant, each variant's kernels timed with its launch-table edits in force,
+    # a kernel one variant does not launch shown as 0, the last column minus the first
+    import torch
+
+    from kimi_linear.bench import common, kda
+    from kimi_linear.bench.registry import KDA_PROVIDERS
+
+    def fake_times(fn, device):
+        fn()
+        if LAUNCH["l2norm"]["on_load"]:
+            return {"_rstd_kernel": (0.19, 1), "_gram_kernel": (0.78, 1)}
+        return {"_l2norm_fwd_kernel": (0.36, 1), "_gram_kernel": (0.74, 1)}
+
+    monkeypatch.setattr(common, "kernel_times", fake_times)
+    monkeypatch.setattr(kda, "_timed_fn", lambda p, leaves, mode: (lambda: None))
+    monkeypatch.setattr(kda, "make_leaves", lambda *a, **k: {})
+    shape = kda.parse_shapes("1x64x2")[0]
+    variants = {"base": {}, "l2norm.on_load=0": ab.parse_variant("l2norm.on_load=0")}
+    out = ab.profile(KDA_PROVIDERS["ours_fused"], shape, "fwd", variants, torch.device("cpu")).splitlines()
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out[1:]}
+    base_on = LAUNCH["l2norm"]["on_load"]
+    assert base_on == 1 and "base" in out[0] and "l2norm.on_load=0" in out[0]
+    assert rows["_gram_kernel"] == pytest.approx([0.78, 0.74, -0.04])
+    assert rows["_l2norm_fwd_kernel"] == pytest.approx([0.0, 0.36, 0.36])
+    assert rows["_rstd_kernel"] == pytest.approx([0.19, 0.0, -0.19])
+    assert rows["total"] == pytest.approx([0.97, 1.10, 0.13])
+    assert list(rows)[0] == "_gram_kernel"  # the largest first

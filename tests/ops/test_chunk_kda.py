@@ -441,7 +441,10 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
     one that keeps its intermediates, with and without ``state_fwd skip_saved`` (output inside the scan).
     With it, the forward allocates exactly the per-chunk states h [NC, HV, K, V] and W [Ttot, HV, V]
     less; the scan's store of h, were it not skipped, would land in o (its stand-in) and fail the
-    comparison. Returns the no-grad output with skip_saved."""
+    comparison. Both forwards normalise q / k by a kernel of its own (bit for bit needs the same norm; the
+    norm on load, which only a no-grad forward takes: :func:`check_norm_on_load`). Returns the no-grad
+    output with skip_saved."""
+    use_variant(monkeypatch, "l2norm", on_load=0)
     use_variant(monkeypatch, "state_fwd", output=1)
     inp = make_inputs(1, T, 1, HV, K, V, h0=True, fuse=True, device=device, seed=7)
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
@@ -463,6 +466,42 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
 
 def test_chunk_kda_interpreter_no_grad_forward(monkeypatch):
     check_no_grad_forward("cpu", torch.float32, monkeypatch)
+
+
+def check_norm_on_load(case, dtype, monkeypatch, device="cpu"):
+    """A no-grad layer-fused forward normalises q / k on load (launch table l2norm on_load): the rstd
+    kernel runs, no normalised copy is made, the three readers of q / k get NORM; o and the final state
+    match the fp64 reference, and a forward that keeps intermediates still makes the copies."""
+    from kimi_linear.ops.kda import chunk_fwd
+
+    B, T, H, HV, K, V, offsets, h0, _ = case
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=True, h0=h0, device=device)
+    inp = {n: (t.to(device) if t is not None else None) for n, t in inp.items()}
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
+    args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
+    kw = dict(initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu, fusion=fusion, backend="triton")
+    names = ("_rstd_kernel", "_l2norm_fwd_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel", "_wu_kernel")
+    ran = []
+    for name in names:
+        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    use_variant(monkeypatch, "l2norm", on_load=1)
+    with torch.no_grad():
+        o, ht = chunk_kda(*args, **kw)
+    compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype)
+    assert {name for name, _ in ran} == {"_rstd_kernel", "_gram_kernel", "_gram_diag_kernel", "_wu_kernel"}
+    assert all(kw["NORM"] for name, kw in ran if name != "_rstd_kernel")
+    ran.clear()
+    chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: the copies)
+    assert "_l2norm_fwd_kernel" in {name for name, _ in ran} and not any(kw.get("NORM") for _, kw in ran)
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["gva-varlen-h0", "varlen"])
+def test_chunk_kda_interpreter_norm_on_load(case, monkeypatch):
+    # GVA (two value heads per q/k head: one rstd per q/k head), sequences ending mid-sub-chunk and
+    # an empty one, an initial state
+    check_norm_on_load(case, torch.float32, monkeypatch)
 
 
 def test_chunk_kda_interpreter_empty_and_causal():
@@ -584,6 +623,14 @@ def test_chunk_kda_gpu_no_grad_forward(cuda_device, dtype, monkeypatch):
                                   initial_state=inp["h0"].double(), output_final_state=True, fusion=fusion)
     assert rel_rms(o, ref_o) <= tolerance("kernel_fwd", dtype)
     assert rel_rms(ht, ref_ht) <= tolerance("kernel_fwd", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_norm_on_load(cuda_device, dtype, monkeypatch):
+    # the inference forward's q/k norm on load at K = V = 128: GVA with varlen, and H = HV = 8
+    check_norm_on_load((1, 300, 2, 4, 128, 128, [0, 0, 1, 77, 300], True, True), dtype, monkeypatch, cuda_device)
+    check_norm_on_load((2, 200, 8, 8, 128, 128, None, False, True), dtype, monkeypatch, cuda_device)
 
 
 @pytest.mark.gpu

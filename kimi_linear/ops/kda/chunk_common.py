@@ -222,7 +222,18 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # same size (~2^-9 relative, bf16; 2.8e-3 relative from the fp32 hand-over). H100, session 15: the
     # decay products and the norm's backward 0.499 -> 0.480 ms at B1 T4K H16, 7.587 -> 7.330 at B8 T4K
     # H32 (session15/sweep_switches_fused_22e628e.txt)
-    "l2norm": dict(half_dy=1),
+    # on_load=1: in a forward no backward follows (inference, prefill), the fused q/k norm applied on load
+    # by the kernels that read q / k (gram, diagonal gram, solve products) from its rstd alone, written
+    # head-major by chunk_fwd._rstd_kernel (reads q / k once, 8 B out per (token, head)), instead of
+    # normalised copies (512 B more written per (token, head)). H100, session 19, the whole call
+    # graph-replayed (session19/kda_ab_norm_on_load_v2_h100.txt): fwd 4.463 -> 4.407 ms at B8 T4K H32,
+    # 4.424 -> 4.372 at B32 T2K H16, 5.423 -> 5.366 at B1 T64K H16, 0.375 -> 0.374 at B1 T4K H16 (the
+    # rstd kernel 0.19 ms against the norm kernel's 0.36; its readers 0.12 ms slower). With the backward's
+    # readers normalising on load too (no copies in training either) fwd+bwd measured 0.2-0.4% slower
+    # (18.27 against 18.20 at B8 T4K H32; the decay products and chunk gradients 0.06-0.1 ms slower):
+    # not kept. A first form (the rstd summed inside the gram from its own loads, stored token-major,
+    # read strided) measured 1-2% slower in both modes (session19/kda_ab_norm_on_load_v1_h100.txt)
+    "l2norm": dict(half_dy=1, on_load=1),
     # fp32 intermediates kept in bf16 when the inputs are bf16 (as FLA 0.6.0 keeps them): aqk=1 the
     # per-chunk q.k products Aqk [Ttot, HV, 64] (written by the two grams; read by the output, the
     # state-gradient scan and dw_local: 128 B less per (token, head) per pass); dw=1 the state-gradient

@@ -99,14 +99,17 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
 
 
 @triton.jit
-def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
+def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr):
+                 BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
     # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
     # each reads are L2 hits (with the sub-chunk as the slowest grid axis they came from DRAM: 18% L2
     # hit rate, 75% of DRAM bandwidth in Nsight Compute)
+    # NORM (the fused q/k L2 norm applied on load in a forward no backward follows, launch table l2norm
+    # on_load): q and k arrive raw with their rstd rq / rk head-major [H, TT] (_rstd_kernel); the norm
+    # is a row scaling of both products, so the accumulators are scaled once at the end.
     i_c = tl.program_id(0) // 4
     a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
@@ -139,6 +142,10 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
             b_dec = exp(tl.minimum(b_g - b_gr[None, :], 0.0))
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
+        if NORM:  # both products scale by the norms' rstd of their row and of their column
+            b_r = tl.load(rk + i_h * TT + t0 + o_t, mask=m_prev, other=0)
+            b_aq = b_aq * tl.load(rq + i_h * TT + t0 + rows, mask=m_r, other=0)[:, None] * b_r[None, :]
+            b_ak = b_ak * tl.load(rk + i_h * TT + t0 + rows, mask=m_r, other=0)[:, None] * b_r[None, :]
         p_row = ((t0 + rows[:, None]) * HV + i_hv) * 64
         m_off = m_r[:, None] & (o_t[None, :] < a * 16)
         # (nothing above the diagonal is stored: every reader masks to the lower triangle)
@@ -148,14 +155,16 @@ def _gram_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
 
 
 @triton.jit
-def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr):
+def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
+                      NORM: tl.constexpr):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
     # needed columns are evaluated (a [16, K] tile per row spent half its exponentials on masked
     # entries: 1.56 ms against 1.105 at 1M tokens x heads on an H100, sweep_v10_gram_diag_h100.txt), and
-    # BH heads per program share the loop's addressing. No serial chain across rows.
+    # BH heads per program share the loop's addressing. No serial chain across rows. NORM: q / k raw,
+    # scaled on load by their rstd rq / rk [H, TT].
     i_c = tl.program_id(0) // 64
     r = tl.program_id(0) % 64
     o_hv = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
@@ -171,19 +180,25 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, chunk_start, chunk_len,
         b_qr = tl.load(q + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
         b_kr = tl.load(k + (t0 + r) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
         b_gr = tl.load(G + (t0 + r) * HV * K + p_g, mask=m_hk, other=0)
+        m_h = o_hv < HV
+        if NORM:
+            b_qr = b_qr * tl.load(rq + o_h * TT + t0 + r, mask=m_h, other=0)[:, None]
+            b_kr = b_kr * tl.load(rk + o_h * TT + t0 + r, mask=m_h, other=0)[:, None]
         # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
         # registers, more programs per SM: 0.89 ms against 1.07-1.11 on an H100 at 1M tokens x heads);
         # nothing above the diagonal is stored (every reader masks to the lower triangle)
         for j in range(a0, r + 1):
             b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+            if NORM:
+                b_kj = b_kj * tl.load(rk + o_h * TT + t0 + j, mask=m_h, other=0)[:, None]
             b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
             # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
             # parallel prefix sum need not be monotone by an ulp): the clamp absorbs that (without it:
             # no faster, session 16)
             b_e = exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
             p_j = ((t0 + r) * HV + o_hv) * 64 + j
-            tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=o_hv < HV)
-            tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=o_hv < HV)
+            tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
+            tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
 
 
 @triton.jit
@@ -314,14 +329,15 @@ def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BET
 
 
 @triton.jit
-def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
+def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_len, TT,
                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+               BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+               NORM: tl.constexpr):
     # Step 4's products, one program per (chunk, value head, column block of BV): U = M Diag(beta) V,
     # Wk = M Diag(beta) (e^G k), and the decayed q and k the scans and the output use: Qg = e^G q
     # (step 5), Kd = e^{G_last - G} k (step 7). Memory-bound: every load is issued before the first
     # product, so they are in flight together. A chunk's column blocks are adjacent programs (the
-    # second read of M is an L2 hit).
+    # second read of M is an L2 hit). NORM: q / k raw, scaled on load by their rstd rq / rk [H, TT].
     i_c = tl.program_id(0) // NB
     cb = (tl.program_id(0) % NB) * BV
     i_hv = tl.program_id(1).to(tl.int64)
@@ -342,6 +358,10 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, chunk_start, chunk_len,
     b_v = tl.load(v + p_v, mask=m_tv, other=0)
     b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
     b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
+    if NORM:
+        p_r = i_h * TT + t0 + o_t
+        b_k = b_k * tl.load(rk + p_r, mask=m_t, other=0)[:, None]
+        b_q = b_q * tl.load(rq + p_r, mask=m_t, other=0)[:, None]
     b_g = tl.load(G + p_g, mask=m_tk, other=0)
     b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_c, mask=m_k, other=0)
     if cb < V:
@@ -461,12 +481,30 @@ def _l2norm_rows(xa, ya, ra, xb, yb, rb, R, i_r, i_x, D: tl.constexpr, DP: tl.co
     tl.store(rstd + o_r, b_r, mask=o_r < R)
 
 
+@triton.jit
+def _rstd_kernel(q, k, rq, rk, TT, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    # The fused q/k norm's rstd alone, r = (sum x^2 + 1e-6)^-1/2 per (token, head), head-major [H, TT] so
+    # that a chunk's rows are contiguous for the kernels that normalise on load (launch table l2norm
+    # on_load). Grid (TT / BT, H, 2): axis 2 picks q or k. Reads x once, writes 4 bytes per row.
+    x, r = q, rq
+    if tl.program_id(2) == 1:
+        x, r = k, rk
+    i_h = tl.program_id(1)
+    o_t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, KP)
+    m_t = o_t < TT
+    b_x = tl.load(x + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                  other=0).to(tl.float32)
+    tl.store(r + i_h * TT + o_t, tl.rsqrt(tl.sum(b_x * b_x, axis=1) + 1e-6), mask=m_t)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get 3-pass tf32 (about fp32 accuracy); half inputs the single-pass tf32 dot."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 L2NORM_ROWS = 16  # rows per program of the q/k norm kernels (forward, backward, merged launches)
+RSTD_ROWS = 32  # tokens per program of _rstd_kernel (one head of q or k)
 
 
 def _l2norm_outputs(xs) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -503,8 +541,10 @@ def chunk_kda_fwd(
     for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Forward over a packed stream. Inputs are ``[Ttot, H|HV, ...]`` contiguous. ``qk_l2norm``: q and
-    k arrive raw and are L2-normed first (the normalised q / k and their ``rstd`` join the returned
-    intermediates as ``q``, ``k``, ``rq``, ``rk``). Returns ``o [Ttot, HV, V]``, the final states
+    k arrive raw and are L2-normalised: first by a kernel of its own (the normalised copies and their
+    rstd ``[Ttot * H]`` join the returned intermediates as ``q``, ``k``, ``rq``, ``rk``), or, without
+    ``for_backward`` and with the launch table's ``l2norm on_load``, by the kernels that read them, from
+    the rstd alone (``_rstd_kernel``). Returns ``o [Ttot, HV, V]``, the final states
     ``[N, HV, K, V]`` (or None) and the intermediates the backward reuses. ``for_backward`` False (no
     backward will run: inference, prefill): the intermediates are not returned, and with the launch
     table's ``state_fwd skip_saved`` the scan does not store what only the backward reads."""
@@ -532,7 +572,10 @@ def chunk_kda_fwd(
     gate_args = (g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl)
     gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
     norms = {}
-    if qk_l2norm and NC > 0 and same_shape_dtype(q, k) and LAUNCH["gate"].get("merge_l2norm"):
+    # on_load (no backward follows): the norm applied by the kernels that read q / k, from the rstd alone,
+    # so no normalised copy is written (a backward reads the copies: see LAUNCH's l2norm entry)
+    on_load = qk_l2norm and not for_backward and bool(LAUNCH["l2norm"].get("on_load"))
+    if qk_l2norm and not on_load and NC > 0 and same_shape_dtype(q, k) and LAUNCH["gate"].get("merge_l2norm"):
         # the gate's cumsum and the q / k norms in one launch
         (qn, rq), (kn, rk) = _l2norm_outputs((q, k))
         NKB = triton.cdiv(K, BKC)
@@ -542,26 +585,32 @@ def chunk_kda_fwd(
             NC * HV * NKB, NKB=NKB, D=K, DP=KP, BR=L2NORM_ROWS, **gate_flags, **launch("gate"))
         norms = dict(q=qn, k=kn, rq=rq, rk=rk)
     else:
-        if qk_l2norm:
+        if on_load:
+            rq, rk = (chunk_common.alloc((H, Ttot), torch.float32, dev) for _ in range(2))
+            if Ttot > 0:
+                _rstd_kernel[(triton.cdiv(Ttot, RSTD_ROWS), H, 2)](q, k, rq, rk, Ttot, H=H, K=K, KP=KP, BT=RSTD_ROWS)
+            norms = dict(rq=rq, rk=rk)
+        elif qk_l2norm:
             (qn, rq), (kn, rk) = l2norm_fwd(q, k)
             norms = dict(q=qn, k=kn, rq=rq, rk=rk)
         if NC > 0:
             _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](*gate_args, **gate_flags, **launch("gate"))
     q, k = norms.get("q", q), norms.get("k", k)
+    r_args = (norms["rq"], norms["rk"]) if on_load else (G, G)
     if NC > 0:
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                  **launch("gram"))
+        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
+                                  NORM=on_load, **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, cs, cl, H=H, HV=HV, K=K, KP=KP,
-                                                         BH=BH, **launch("gram_diag"))
+        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
+                                                         KP=KP, BH=BH, NORM=on_load, **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
-        _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, cs, cl, H=H, HV=HV, K=K, V=V, BV=BVV, NB=NB,
-                                  BETA_SIGMOID=beta_sigmoid, PREC=prec, **launch("solve"))
+        _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, V=V, BV=BVV,
+                                  NB=NB, BETA_SIGMOID=beta_sigmoid, PREC=prec, NORM=on_load, **launch("solve"))
     fused_output = False
     if N > 0:
         h0 = initial_state if initial_state is not None else G
