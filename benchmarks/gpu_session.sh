@@ -13,17 +13,19 @@
 # whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
 # other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
 # ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v18 and Known gaps): forward level with FLA's at every training shape, fwd+bwd
-# 1.2-1.35x ahead (session 18: bf16 dq/dk parts, the chunk-gradient kernel's V-only program, its V loop
-# on the stored bf16 tiles); against flash attention fwd 4.09 / 2.09 and fwd+bwd ~18.2 (layer-fused) /
-# 8.18 at B8 T4K H32. Nsight Compute (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the
+# Issue 7 (docs/kernels.md, v19 and Known gaps): fwd+bwd 1.24-1.27x ahead of FLA's exact path and
+# 1.03-1.05x ahead of its bounded-gate path at the three training shapes (session 19, same run); the
+# layer-fused forward 8% / 2% / 6% behind the bounded path (4.43 against 4.05 ms at B8 T4K H32; our
+# log-decay-input forward 4.08 is level with it), flash attention 2.04 fwd / 8.03 fwd+bwd. The inference
+# forward normalises q/k on load since session 19 (l2norm on_load); the rest of the layer-fused
+# forward's gap is its prologue (gate softplus + cumsum 0.35 ms, rstd 0.19) and the readers' row
+# scaling (~0.12). Nsight Compute (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the
 # chunk-gradient and decay-product kernels latency-bound at one program per SM (255 / 231 registers):
-# the route is still fewer bytes per (token, head), i.e. the rewrite that keeps a chunk on chip.
-# `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16, ~550 s with FLA's autotuning seeded from the
-# committed archive, see TRITON_CACHE_DIR below) gives the side-by-side table: first thing next session,
-# with FLA's bounded-gate path too (PROVIDERS=ours,fla_kda,ours_fused,fla_kda_fused,fla_kda_safe,flash:
-# issue 7's "never slower than FLA's bounded-gate path" has no same-run number since session 9, when FLA's
-# was 4.05 ms fwd at B8 T4K H32 against our layer-fused 4.47 today). Launch-table A/B of the whole call in GPU time:
+# the route to flash attention's time is still fewer bytes per (token, head), i.e. the on-chip rewrite.
+# `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16, PROVIDERS=ours,fla_kda,ours_fused,fla_kda_fused,
+# fla_kda_safe,flash) took 310 s in session 19 with .triton-autotune.tar.gz carried (FLA's bounded path
+# tunes for minutes without it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
+# Launch-table A/B of the whole call in GPU time:
 # benchmarks/launch_ab_graph.py, stage `kda-ab` (KDA_AB_SHAPES, KDA_AB_VARIANTS, KDA_AB_MODES), e.g.
 # KDA_AB_SHAPES="8x4096x32 1x4096x16" KDA_AB_VARIANTS="base chunk_grad.half_dots=0" KDA_AB_MODES=fwd,fwdbwd.
 # Scans with num_stages=1 in bf16 faulted (illegal address) in session 18, and a fault ends the process;
@@ -52,7 +54,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1 FLA_DISABLE_BA
 # the repo root as .triton-autotune.tar.gz (git-ignored) and add it to `carry` to reuse them.
 export TRITON_CACHE_DIR=/tmp/triton-cache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
-# benchmarks/fla_autotune_h100.tar.gz (committed, session 16: FLA 0.6.0's kernels at K = V = 128, H 16 / 32,
+# benchmarks/fla_autotune_h100.tar.gz (committed, session 16, the bounded-gate path added in session 19: FLA
+# 0.6.0's kernels at K = V = 128, H 16 / 32,
 # Triton 3.6.0, this H100) seeds the cache in a fresh checkout; a session's own archive goes on top
 for archive in benchmarks/fla_autotune_h100.tar.gz .triton-autotune.tar.gz; do
   [ -f "$archive" ] && tar -xzf "$archive" -C "$TRITON_CACHE_DIR"
