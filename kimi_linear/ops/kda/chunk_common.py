@@ -226,9 +226,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # by the kernels that read q / k (gram, diagonal gram, solve products) from its rstd alone, written
     # head-major by chunk_fwd._rstd_kernel (reads q / k once, 8 B out per (token, head)), instead of
     # normalised copies (512 B more written per (token, head)). H100, session 19, the whole call
-    # graph-replayed (session19/kda_ab_norm_on_load_v2_h100.txt): fwd 4.463 -> 4.407 ms at B8 T4K H32,
-    # 4.424 -> 4.372 at B32 T2K H16, 5.423 -> 5.366 at B1 T64K H16, 0.375 -> 0.374 at B1 T4K H16 (the
-    # rstd kernel 0.19 ms against the norm kernel's 0.36; its readers 0.12 ms slower). With the backward's
+    # graph-replayed (session19/kda_ab_norm_on_load_v3_h100.txt): fwd 4.471 -> 4.362 ms at B8 T4K H32,
+    # 4.445 -> 4.321 at B32 T2K H16, 5.424 -> 5.312 at B1 T64K H16, 0.375 -> 0.372 at B1 T4K H16 (the
+    # rstd kernel 0.19 ms against the norm kernel's 0.35; the grams 0.07 ms slower; the solve products
+    # level once the rstd joined their row scales: 0.06 ms slower when it scaled the loaded q / k tiles,
+    # 86 registers and two programs per SM, session19/kda_ab_norm_on_load_v2_h100.txt). With the backward's
     # readers normalising on load too (no copies in training either) fwd+bwd measured 0.2-0.4% slower
     # (18.27 against 18.20 at B8 T4K H32; the decay products and chunk gradients 0.06-0.1 ms slower):
     # not kept. A first form (the rstd summed inside the gram from its own loads, stored token-major,

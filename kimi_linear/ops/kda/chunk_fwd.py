@@ -358,10 +358,6 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_le
     b_v = tl.load(v + p_v, mask=m_tv, other=0)
     b_k = tl.load(k + p_qk, mask=m_tk, other=0).to(tl.float32)
     b_q = tl.load(q + p_qk, mask=m_tk, other=0).to(tl.float32)
-    if NORM:
-        p_r = i_h * TT + t0 + o_t
-        b_k = b_k * tl.load(rk + p_r, mask=m_t, other=0)[:, None]
-        b_q = b_q * tl.load(rq + p_r, mask=m_t, other=0)[:, None]
     b_g = tl.load(G + p_g, mask=m_tk, other=0)
     b_gl = tl.load(G + ((t0 + n - 1) * HV + i_hv) * K + o_c, mask=m_k, other=0)
     if cb < V:
@@ -369,9 +365,19 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_le
         tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
     if cb < K:
         b_eg = exp(b_g)
-        tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
-        tl.store(Kd + p_g, (b_k * exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
-        b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
+        if NORM:  # the rows' rstd folded into the row scales the products take anyway (80 registers at
+            # 8 warps for sm_90a, three programs per SM; scaling the loaded q / k tiles took 86, two per SM)
+            p_r = i_h * TT + t0 + o_t
+            b_rk = tl.load(rk + p_r, mask=m_t, other=0)
+            tl.store(Qg + p_g, (b_q * b_eg * tl.load(rq + p_r, mask=m_t, other=0)[:, None]).to(Qg.dtype.element_ty),
+                     mask=m_tk)
+            b_ed = exp(tl.minimum(b_gl[None, :] - b_g, 0.0)) * b_rk[:, None]
+            tl.store(Kd + p_g, (b_k * b_ed).to(Kd.dtype.element_ty), mask=m_tk)
+            b_wk = tl.dot(b_M, b_k * b_eg * (b_beta * b_rk)[:, None], input_precision=PREC)
+        else:
+            tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
+            tl.store(Kd + p_g, (b_k * exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+            b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
         tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
 
 
