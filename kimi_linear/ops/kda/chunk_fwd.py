@@ -337,7 +337,7 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_le
     # Wk = M Diag(beta) (e^G k), and the decayed q and k the scans and the output use: Qg = e^G q
     # (step 5), Kd = e^{G_last - G} k (step 7). Memory-bound: every load is issued before the first
     # product, so they are in flight together. A chunk's column blocks are adjacent programs (the
-    # second read of M is an L2 hit). NORM: q / k raw, scaled on load by their rstd rq / rk [H, TT].
+    # second read of M is an L2 hit). NORM: q / k raw, their rows scaled by their rstd rq / rk [H, TT].
     i_c = tl.program_id(0) // NB
     cb = (tl.program_id(0) % NB) * BV
     i_hv = tl.program_id(1).to(tl.int64)
@@ -495,7 +495,7 @@ def _rstd_kernel(q, k, rq, rk, TT, H: tl.constexpr, K: tl.constexpr, KP: tl.cons
     x, r = q, rq
     if tl.program_id(2) == 1:
         x, r = k, rk
-    i_h = tl.program_id(1)
+    i_h = tl.program_id(1).to(tl.int64)
     o_t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     o_k = tl.arange(0, KP)
     m_t = o_t < TT
