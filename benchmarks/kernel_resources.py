@@ -125,6 +125,8 @@ def cases():
     yield "gate parameter sums", cb._gate_param_sum_kernel, dict(HV=16, K=128, KP=128, NKB=4, NKBP=4, BC=16), 4, 3
     yield "l2norm (q and k)", cf._l2norm_fwd_kernel, dict(D=128, DP=128, BR=16), 4, 3
     yield "q/k norms' rstd (norm on load)", cf._rstd_kernel, dict(H=16, K=128, KP=128, BT=cf.RSTD_ROWS), 4, 3
+    yield ("gate cumsum + rstd (one launch)", cf._rstd_prologue_kernel,
+           dict(HV=16, K=128, BK=64, NKB=2, GATE_FROM_RAW=True, FLOOR=-800.0, H=16, KP=128, BT=cf.RSTD_ROWS), 4, 3)
     yield ("gate cumsum + l2norm (one launch)", cf._prologue_kernel,
            dict(HV=16, K=128, BK=64, NKB=2, GATE_FROM_RAW=True, FLOOR=-800.0, D=128, DP=128, BR=16), 4, 3)
     yield ("gate grads + l2norm backward (one launch)", cb._epilogue_kernel,

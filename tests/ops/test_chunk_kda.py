@@ -468,10 +468,11 @@ def test_chunk_kda_interpreter_no_grad_forward(monkeypatch):
     check_no_grad_forward("cpu", torch.float32, monkeypatch)
 
 
-def check_norm_on_load(case, dtype, monkeypatch, device="cpu"):
+def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     """A no-grad layer-fused forward normalises q / k on load (launch table l2norm on_load): the rstd
-    kernel runs, no normalised copy is made, the three readers of q / k get NORM; o and the final state
-    match the fp64 reference, and a forward that keeps intermediates still makes the copies."""
+    kernel runs (``merge``: in one launch with the gate's cumsum, gate merge_rstd), no normalised copy is
+    made, the three readers of q / k get NORM; o and the final state match the fp64 reference, and a
+    forward that keeps intermediates still makes the copies."""
     from kimi_linear.ops.kda import chunk_fwd
 
     B, T, H, HV, K, V, offsets, h0, _ = case
@@ -482,26 +483,30 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu"):
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
     args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
     kw = dict(initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu, fusion=fusion, backend="triton")
-    names = ("_rstd_kernel", "_l2norm_fwd_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel", "_wu_kernel")
+    names = ("_rstd_kernel", "_rstd_prologue_kernel", "_gate_cumsum_kernel", "_l2norm_fwd_kernel", "_prologue_kernel",
+             "_gram_kernel", "_gram_diag_kernel", "_wu_kernel")
     ran = []
     for name in names:
         monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
     use_variant(monkeypatch, "l2norm", on_load=1)
+    use_variant(monkeypatch, "gate", merge_rstd=merge)
     with torch.no_grad():
         o, ht = chunk_kda(*args, **kw)
     compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype)
-    assert {name for name, _ in ran} == {"_rstd_kernel", "_gram_kernel", "_gram_diag_kernel", "_wu_kernel"}
-    assert all(kw["NORM"] for name, kw in ran if name != "_rstd_kernel")
+    prologue = {"_rstd_prologue_kernel"} if merge else {"_rstd_kernel", "_gate_cumsum_kernel"}
+    assert {name for name, _ in ran} == prologue | {"_gram_kernel", "_gram_diag_kernel", "_wu_kernel"}
+    assert all(kw["NORM"] for name, kw in ran if name not in prologue)
     ran.clear()
     chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: the copies)
     assert "_l2norm_fwd_kernel" in {name for name, _ in ran} and not any(kw.get("NORM") for _, kw in ran)
 
 
+@pytest.mark.parametrize("merge", [0, 1], ids=["rstd-apart", "rstd-with-gate"])
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["gva-varlen-h0", "varlen"])
-def test_chunk_kda_interpreter_norm_on_load(case, monkeypatch):
+def test_chunk_kda_interpreter_norm_on_load(case, merge, monkeypatch):
     # GVA (two value heads per q/k head: one rstd per q/k head), sequences ending mid-sub-chunk and
-    # an empty one, an initial state
-    check_norm_on_load(case, torch.float32, monkeypatch)
+    # an empty one, an initial state; the rstd apart or in one launch with the gate's cumsum
+    check_norm_on_load(case, torch.float32, monkeypatch, merge=merge)
 
 
 def test_chunk_kda_interpreter_empty_and_causal():
@@ -628,9 +633,12 @@ def test_chunk_kda_gpu_no_grad_forward(cuda_device, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_norm_on_load(cuda_device, dtype, monkeypatch):
-    # the inference forward's q/k norm on load at K = V = 128: GVA with varlen, and H = HV = 8
-    check_norm_on_load((1, 300, 2, 4, 128, 128, [0, 0, 1, 77, 300], True, True), dtype, monkeypatch, cuda_device)
-    check_norm_on_load((2, 200, 8, 8, 128, 128, None, False, True), dtype, monkeypatch, cuda_device)
+    # the inference forward's q/k norm on load at K = V = 128: GVA with varlen, and H = HV = 8; the rstd
+    # apart and in one launch with the gate's cumsum
+    for merge in (0, 1):
+        check_norm_on_load((1, 300, 2, 4, 128, 128, [0, 0, 1, 77, 300], True, True), dtype, monkeypatch, cuda_device,
+                           merge)
+        check_norm_on_load((2, 200, 8, 8, 128, 128, None, False, True), dtype, monkeypatch, cuda_device, merge)
 
 
 @pytest.mark.gpu

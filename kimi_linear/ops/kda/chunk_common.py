@@ -102,7 +102,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # (chunk_fwd._prologue_kernel): 0.048 ms either way at B1 T4K H16, 0.694 -> 0.706 at B8 T4K H32
     # (H100, session15/sweep_switches_fused_22e628e.txt); the whole call replayed from a CUDA graph at
     # B1 T4K H16: fwd 0.379 -> 0.377, fwd+bwd 1.434 -> 1.438 ms (launch_ab_graph_c1d9c35.txt): off
-    "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0),
+    # merge_rstd=1: in the forward that normalises q / k on load (l2norm on_load), the gate's cumsum and
+    # the rstd in one launch (chunk_fwd._rstd_prologue_kernel): H100, session 19, the whole no-grad call
+    # graph-replayed (session19/kda_ab_merge_rstd_h100.txt): 0.3707 -> 0.3693 ms at B1 T4K H16 (rounds
+    # apart), 4.368 -> 4.367 at B8 T4K H32, 4.321 -> 4.317 at B32 T2K H16, 5.327 -> 5.318 at B1 T64K H16
+    "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0, merge_rstd=1),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:

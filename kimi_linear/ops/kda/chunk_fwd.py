@@ -99,6 +99,24 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
 
 
 @triton.jit
+def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq, rk, TT, NGATE,
+                          HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
+                          GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, H: tl.constexpr, KP: tl.constexpr,
+                          BT: tl.constexpr):
+    # The gate's chunk cumsum (the first NGATE programs) and the q / k rstd of the norm on load (the
+    # rest: token block fastest, then head, then q / k) in one launch (launch table gate merge_rstd).
+    pid = tl.program_id(0)
+    if pid < NGATE:
+        i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
+        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
+                          HV, K, BK, GATE_FROM_RAW, FLOOR)
+    else:
+        p = pid - NGATE
+        nt = tl.cdiv(TT, BT)
+        _rstd_tile(q, k, rq, rk, TT, p % nt, ((p // nt) % H).to(tl.int64), p // (nt * H), H, K, KP, BT)
+
+
+@triton.jit
 def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                  BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr):
@@ -492,11 +510,16 @@ def _rstd_kernel(q, k, rq, rk, TT, H: tl.constexpr, K: tl.constexpr, KP: tl.cons
     # The fused q/k norm's rstd alone, r = (sum x^2 + 1e-6)^-1/2 per (token, head), head-major [H, TT] so
     # that a chunk's rows are contiguous for the kernels that normalise on load (launch table l2norm
     # on_load). Grid (TT / BT, H, 2): axis 2 picks q or k. Reads x once, writes 4 bytes per row.
+    _rstd_tile(q, k, rq, rk, TT, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2), H, K, KP, BT)
+
+
+@triton.jit
+def _rstd_tile(q, k, rq, rk, TT, i_t, i_h, i_x, H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    """Tokens ``i_t * BT ...`` of head ``i_h`` of q (``i_x`` 0) or k (1) of :func:`_rstd_kernel`."""
     x, r = q, rq
-    if tl.program_id(2) == 1:
+    if i_x == 1:
         x, r = k, rk
-    i_h = tl.program_id(1).to(tl.int64)
-    o_t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    o_t = i_t.to(tl.int64) * BT + tl.arange(0, BT)
     o_k = tl.arange(0, KP)
     m_t = o_t < TT
     b_x = tl.load(x + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
@@ -591,15 +614,23 @@ def chunk_kda_fwd(
             NC * HV * NKB, NKB=NKB, D=K, DP=KP, BR=L2NORM_ROWS, **gate_flags, **launch("gate"))
         norms = dict(q=qn, k=kn, rq=rq, rk=rk)
     else:
+        gate_done = False
         if on_load:
             rq, rk = (chunk_common.alloc((H, Ttot), torch.float32, dev) for _ in range(2))
-            if Ttot > 0:
-                _rstd_kernel[(triton.cdiv(Ttot, RSTD_ROWS), H, 2)](q, k, rq, rk, Ttot, H=H, K=K, KP=KP, BT=RSTD_ROWS)
+            NT = triton.cdiv(Ttot, RSTD_ROWS)
+            if NC > 0 and LAUNCH["gate"].get("merge_rstd"):  # (NC > 0 exactly when Ttot > 0)
+                NKB = triton.cdiv(K, BKC)
+                _rstd_prologue_kernel[(NC * HV * NKB + NT * H * 2,)](
+                    *gate_args, q, k, rq, rk, Ttot, NC * HV * NKB, NKB=NKB, H=H, KP=KP, BT=RSTD_ROWS, **gate_flags,
+                    **launch("gate"))
+                gate_done = True
+            elif Ttot > 0:
+                _rstd_kernel[(NT, H, 2)](q, k, rq, rk, Ttot, H=H, K=K, KP=KP, BT=RSTD_ROWS)
             norms = dict(rq=rq, rk=rk)
         elif qk_l2norm:
             (qn, rq), (kn, rk) = l2norm_fwd(q, k)
             norms = dict(q=qn, k=kn, rq=rq, rk=rk)
-        if NC > 0:
+        if NC > 0 and not gate_done:
             _gate_cumsum_kernel[(NC, HV, triton.cdiv(K, BKC))](*gate_args, **gate_flags, **launch("gate"))
     q, k = norms.get("q", q), norms.get("k", k)
     r_args = (norms["rq"], norms["rk"]) if on_load else (G, G)
