@@ -5,6 +5,7 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 | stage            | grid              | reads                      | writes                               |
 |------------------|-------------------|----------------------------|--------------------------------------|
 | gate + cumsum    | (NC, HV, K/BK)    | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
+| q/k norm         | rows              | q, k                       | normalised q, k; or, in a forward no backward follows, only rq, rk [H, Ttot] (the readers scale rows on load; in the gate's launch) |
 | gram (off-diag.) | (NC*4, HV)        | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
 | gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
 | solve: inverse   | (NC, HV)          | Araw, beta                 | M = (I + Diag(beta) Araw)^-1 (step 4)|
