@@ -630,6 +630,28 @@ def test_chunk_kda_gpu_no_grad_forward(cuda_device, dtype, monkeypatch):
     assert rel_rms(ht, ref_ht) <= tolerance("kernel_fwd", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_chunk_kda_interpreter_norm_on_load_extreme(dtype, monkeypatch):
+    # the norm on load with q / k rows of zero (rstd 1e3), of 1e-3 and of 1e2 in size, and raw gate
+    # logits of 1e4 (the gate at its floor) on 30% of positions: finite, and equal to the fp64
+    # reference (fp16: half operands on the interpreter, as bf16 is GPU-only here)
+    use_variant(monkeypatch, "l2norm", on_load=1)
+    T, H, HV, K = 150, 1, 2, 32
+    inp = make_inputs(1, T, H, HV, K, K, fuse=True, h0=True, seed=5)
+    scale = torch.ones(1, T, H, 1)
+    scale[:, 3::7], scale[:, 5::11], scale[:, 8::13] = 0.0, 1e-3, 1e2
+    inp["q"], inp["k"] = inp["q"] * scale, inp["k"] * scale.roll(1, dims=1)
+    inp["g"] = torch.where(torch.rand(inp["g"].shape, generator=torch.Generator().manual_seed(6)) < 0.3,
+                           torch.full_like(inp["g"], 1e4), inp["g"])
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, fuse=True)
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
+    with torch.no_grad():
+        o, ht = chunk_kda(*[inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")], initial_state=inp["h0"],
+                          output_final_state=True, fusion=fusion, backend="triton")
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype, interp_tol=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_chunk_kda_gpu_norm_on_load(cuda_device, dtype, monkeypatch):
