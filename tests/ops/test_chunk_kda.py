@@ -478,7 +478,6 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     B, T, H, HV, K, V, offsets, h0, _ = case
     cu = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
     inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=True, h0=h0, device=device)
-    inp = {n: (t.to(device) if t is not None else None) for n, t in inp.items()}
     ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
     args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
