@@ -249,6 +249,63 @@ def test_triton_merge_kernel_against_full_softmax(S, dtype):
     assert rel_rms(out, ref) < tol
 
 
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
+def test_triton_softmax_rescale_with_rising_and_falling_scores(keys_major, monkeypatch):
+    """The split kernels' online softmax (running max, accumulator rescaled as it grows). Keys whose
+    scores rise by ~40 (natural units) per 16-key tile for one head and fall for another, ~400 over the
+    cache: a kernel that skipped a needed rescale overflows (inf / NaN), one that rescaled wrongly
+    drifts; a third head's scores rise slowly. fp32 against the expanded reference, every row finite."""
+    device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0 if keys_major else 1 << 62)
+    B, T, H, Dn, Dr, Dv, R, L = 2, 1, 3, 16, 16, 16, 32, 160
+    g = torch.Generator().manual_seed(5)
+    q_nope, q_rope, latent, k_rope, w = inputs(B=B, T=T, H=H, Dn=Dn, Dr=Dr, Dv=Dv, R=R, L=L)
+    # the shared key part carries the trend: head h's rope query along one direction, keys growing along it
+    ramp = torch.arange(L, dtype=torch.float32) / 16  # 1 per 16-key tile
+    q_rope.zero_()
+    q_rope[:, 0, 0, 0], q_rope[:, 0, 1, 0], q_rope[:, 0, 2, 0] = 10.0, -10.0, 0.5
+    k_rope[:, :, 0] = ramp * 16.0 * (1 + 0.1 * torch.randn(B, L, generator=g))
+    args = [a.to(device) for a in (q_nope, q_rope, latent, k_rope, w)]
+    lengths = torch.tensor([L, 100], device=device)
+    out = lt.latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=2)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    assert torch.isfinite(out).all()
+    tol = 2e-3 if torch.cuda.is_available() else 1e-5
+    for b in range(B):
+        for h in range(H):
+            assert rel_rms(out[b, 0, h], ref[b, 0, h]) < tol, (b, h)
+
+
+@pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
+def test_triton_ignores_cache_beyond_lengths_and_future_keys(keys_major, monkeypatch):
+    """Cache rows past a sequence's length hold NaN (a reused or unwritten cache): the output is bit-for-bit
+    the one of a clean cache, with T = 3 queries (causal: the last two keys seen by later queries only)
+    and whole tiles up to the length (L = 64, 16-key tiles), so both the unmasked tiles and the masked
+    remainder run; and keys a query may not see yet change nothing for it."""
+    device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0 if keys_major else 1 << 62)
+    args = [a.to(device) for a in inputs(B=3, T=3, H=2, Dn=16, Dr=16, Dv=16, R=32, L=80)]
+    lengths = torch.tensor([64, 48, 35], device=device)
+    clean = lt.latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=2)
+    poisoned = [a.clone() for a in args]
+    for b, n in enumerate(lengths.tolist()):
+        poisoned[2][b, n:] = float("nan")
+        poisoned[3][b, n:] = float("nan")
+    got = lt.latent_attention_triton(*poisoned, lengths=lengths, block_n=16, num_splits=2)
+    assert torch.equal(got, clean)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    assert rel_rms(clean, ref) < (2e-3 if torch.cuda.is_available() else 1e-5)
+    # the first query of row 0 sees keys < 62: a changed key 62 or 63 must not move it
+    future = [a.clone() for a in args]
+    future[2][0, 62:64] += 5.0
+    moved = lt.latent_attention_triton(*future, lengths=lengths, block_n=16, num_splits=2)
+    assert torch.equal(moved[0, 0], clean[0, 0]) and not torch.equal(moved[0, 2], clean[0, 2])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
