@@ -30,6 +30,7 @@ from kimi_linear.bench.common import (
     format_table,
     gate_errors,
     gate_verdict,
+    kernel_times,
     markdown_table,
     time_ms,
 )
@@ -209,10 +210,12 @@ def graph_replay(fn, device: torch.device):
 
 def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: torch.dtype,
               env: dict[str, object], warmup: int, rep: int, refs: dict | None = None,
-              cuda_graph: bool = False) -> Record:
+              cuda_graph: bool = False, profile: bool = False) -> Record:
     """Gate, then time, one (provider, shape, mode). ``refs``: forward references of this shape's
     leaves computed by earlier rows (see :func:`gate_forward`; one dict per shape and setting).
-    ``cuda_graph``: time the call replayed from a CUDA graph (:func:`graph_replay`)."""
+    ``cuda_graph``: time the call replayed from a CUDA graph (:func:`graph_replay`). ``profile``: after
+    timing, each kernel's time per call (eager call, torch.profiler) into ``extra["kernels_ms"]``
+    (on a CPU smoke run, the ops' self CPU time)."""
     rec = Record(bench="kda", provider=p.name, mode=mode, shape=s.as_dict(), extra={"setting": p.setting})
     if cuda_graph:
         rec.extra["timing"] = "cuda_graph"
@@ -235,9 +238,11 @@ def bench_one(p: Provider, s: Shape, mode: str, *, device: torch.device, dtype: 
             rec.status = verdict
             return rec
         fn = _timed_fn(p, leaves, mode)
-        if cuda_graph:
-            fn = graph_replay(fn, device)
-        rec.finish(time_ms(fn, device, warmup=warmup, rep=rep))
+        timed = graph_replay(fn, device) if cuda_graph else fn
+        rec.finish(time_ms(timed, device, warmup=warmup, rep=rep))
+        if profile:
+            rec.extra["kernels_ms"] = {name: round(ms, 4) for name, (ms, _) in sorted(
+                kernel_times(fn, device).items(), key=lambda kv: -kv[1][0])}
     except Exception as exc:  # noqa: BLE001 - a failing provider is reported, the run goes on
         rec.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     finally:
@@ -291,10 +296,11 @@ COLUMNS = [
 def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str], *, device: torch.device,
         dtype: torch.dtype, env: dict[str, object], warmup: int = 25, rep: int = 100,
         extra_providers: dict[str, Provider] | None = None, log=print, on_record=None,
-        cuda_graph: bool = False) -> list[Record]:
+        cuda_graph: bool = False, profile: bool = False) -> list[Record]:
     """Run every (shape, mode, provider); each row is logged (and handed to ``on_record``) as soon as
     it is measured, so a run cut short keeps what it measured. ``cuda_graph``: every provider's call
-    timed from a CUDA graph (needs a CUDA device)."""
+    timed from a CUDA graph (needs a CUDA device). ``profile``: per-kernel times of each timed row
+    (:func:`bench_one`), listed by :func:`markdown`."""
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph timing needs a CUDA device, got {device}")
     registry = {**KDA_PROVIDERS, **(extra_providers or {})}
@@ -311,7 +317,7 @@ def run(shapes: Sequence[Shape], providers: Sequence[str], modes: Sequence[str],
             for name in providers:
                 p = registry[name]
                 rec = bench_one(p, s, mode, device=device, dtype=dtype, env=env, warmup=warmup, rep=rep,
-                                refs=refs.setdefault(p.setting, {}), cuda_graph=cuda_graph)
+                                refs=refs.setdefault(p.setting, {}), cuda_graph=cuda_graph, profile=profile)
                 records.append(rec)
                 log(f"  {s.key:18s} {mode:6s} {name:14s} {fmt(rec.ms):>8s} ms  {rec.status}")
                 if on_record is not None:
@@ -336,7 +342,28 @@ def markdown(env: dict[str, object], records: Sequence[Record]) -> str:
             pairs = ", ".join(f"{k} {v:.2f}x" for k, v in r.extra["speedup_vs"].items())
             lines.append(f"- B{r.shape['B']} T{r.shape['T']} H{r.shape['H']} {r.mode} {r.provider}: {pairs}")
         lines.append("")
+    profiled = [r for r in records if r.extra.get("kernels_ms")]
+    if profiled:
+        lines += ["## Where each call's time goes (`--profile`)", "",
+                  "Per kernel, ms per call (torch.profiler over eager calls after the timing; the sum can exceed "
+                  "the timed ms where kernels overlap and falls short of it by host gaps). Kernels under 1% of "
+                  "the row's sum are folded into `other`.", ""]
+        for r in profiled:
+            lines.append(f"- B{r.shape['B']} T{r.shape['T']} H{r.shape['H']} {r.mode} {r.provider} "
+                         f"({fmt(r.ms)} ms timed): {kernel_summary(r.extra['kernels_ms'])}")
+        lines.append("")
     return "\n".join(lines)
+
+
+def kernel_summary(kernels_ms: dict[str, float], keep: float = 0.01) -> str:
+    """``name ms, ...`` largest first, the kernels under ``keep`` of the total folded into ``other``,
+    then the total."""
+    total = sum(kernels_ms.values())
+    rows = sorted(kernels_ms.items(), key=lambda kv: -kv[1])
+    big = [(n, ms) for n, ms in rows if ms >= keep * total]
+    rest = total - sum(ms for _, ms in big)
+    parts = [f"{n} {ms:.3f}" for n, ms in big] + ([f"other {rest:.3f}"] if rest > 0 else [])
+    return ", ".join(parts) + f"; sum {total:.3f}"
 
 
 def table(records: Sequence[Record]) -> str:

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--cuda-graph", action="store_true",
                    help="time every provider's call replayed from a CUDA graph (GPU time without the host's "
                         "launch path, as a captured training step runs; short inputs are host-bound otherwise)")
+    k.add_argument("--profile", action="store_true",
+                   help="also each timed row's per-kernel times (torch.profiler), in the JSONL and the markdown")
     k.set_defaults(handler=run_kda)
 
     d = sub.add_parser("kda-decode", help="KDA decode step: recurrent kernel, state pool in place")
@@ -134,7 +136,7 @@ def run_kda(args: argparse.Namespace) -> int:
           file=sys.stderr)
     records = kda.run(shapes, providers, modes, device=device, dtype=dtype, env=env, warmup=args.warmup,
                       rep=args.rep, log=lambda s: print(s, file=sys.stderr, flush=True),
-                      on_record=_writer("kda", args, env), cuda_graph=args.cuda_graph)
+                      on_record=_writer("kda", args, env), cuda_graph=args.cuda_graph, profile=args.profile)
     return _finish("kda", args, env, records, kda.table(records), kda.markdown(env, records),
                    lambda path: plot_kda(records, path, title=f"KDA kernels, {env.get('gpu') or device}, "
                                          + ("replayed from a CUDA graph" if args.cuda_graph else "eager")))

@@ -168,3 +168,24 @@ def test_speedups_only_between_comparable_settings():
     assert rows[0].extra["speedup_vs"] == {"fla_kda": 3.0, "fla_gdn": 5.0, "flash": 6.0}
     assert rows[1].extra["speedup_vs"] == {"fla_kda_safe": 2.0, "fla_gdn": 2.5, "flash": 3.0}
     assert "speedup_vs" not in rows[2].extra, "peers get no ratios of their own"
+
+
+def test_profile_lists_each_timed_rows_kernels(tmp_path: Path):
+    """``bench kda --profile``: every timed row carries its per-kernel (here: per-op CPU) times, largest
+    first, in the JSONL, and the markdown lists them; a row that failed its gate has none."""
+    from kimi_linear.bench.kda import kernel_summary
+
+    recs = kda.run(TINY, ["reference"], ["fwd"], device=CPU, dtype=torch.float32, env=_env(), profile=True)
+    kernels = recs[0].extra["kernels_ms"]
+    assert recs[0].ok and kernels and all(v >= 0 for v in kernels.values())
+    assert list(kernels.values()) == sorted(kernels.values(), reverse=True)
+    md = kda.markdown(_env(), recs)
+    assert "--profile" in md and "reference" in md.split("--profile")[1]
+    assert kernel_summary({"a": 0.5, "b": 0.499, "c": 0.001}) == "a 0.500, b 0.499, other 0.001; sum 1.000"
+    assert "kernels_ms" not in kda.run(TINY, ["reference"], ["fwd"], device=CPU, dtype=torch.float32,
+                                       env=_env())[0].extra
+    rc = main(["bench", "kda", "--smoke", "--profile", "--out", str(tmp_path), "--shapes", "1x16x1x8", "--no-plot",
+               "--modes", "fwd"])
+    assert rc == 0
+    jsonl = next(tmp_path.glob("kda_*.jsonl")).read_text()
+    assert "kernels_ms" in jsonl
