@@ -93,16 +93,19 @@ def cases():
 
     hk = dict(H=16, HV=16, K=128)
     dg, gd = LAUNCH["decay_grad"], LAUNCH["gram_diag"]
-    for norm in (0, 1):  # NORM: the fused q/k norm applied on load (l2norm on_load)
-        yield f"gram (off-diagonal) norm={norm}", cf._gram_kernel, dict(hk, KP=128, BK=32, PREC="tf32", NORM=norm), 4, 3
-        yield (f"gram diagonal BH={gd['BH']} norm={norm}", cf._gram_diag_kernel, dict(hk, KP=128, BH=gd["BH"], NORM=norm),
-               gd["num_warps"], 3)
+    # NORM: the fused q/k norm applied on load (l2norm on_load); BASE2: G in units of log2 (gate base2), both
+    # only in a forward without backward, so the inference forward's kernels have both
+    for norm, b2 in ((0, 0), (1, 0), (1, 1)):
+        yield (f"gram (off-diagonal) norm={norm} base2={b2}", cf._gram_kernel,
+               dict(hk, KP=128, BK=32, PREC="tf32", NORM=norm, BASE2=b2), 4, 3)
+        yield (f"gram diagonal BH={gd['BH']} norm={norm} base2={b2}", cf._gram_diag_kernel,
+               dict(hk, KP=128, BH=gd["BH"], NORM=norm, BASE2=b2), gd["num_warps"], 3)
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bv, w in ((32, 4), (64, 4), (64, 8)):
-        for norm in (0, 1):
-            yield (f"solve: products BV={bv} norm={norm}", cf._wu_kernel,
-                   dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32", NORM=norm), w, 1)
+        for norm, b2 in ((0, 0), (1, 0), (1, 1)):
+            yield (f"solve: products BV={bv} norm={norm} base2={b2}", cf._wu_kernel,
+                   dict(hk, V=128, BV=bv, NB=128 // bv, BETA_SIGMOID=False, PREC="tf32", NORM=norm, BASE2=b2), w, 1)
     for bv, w, s in ((16, 8, 3), (64, 4, 2)):
         for out in (0, 1):
             yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,

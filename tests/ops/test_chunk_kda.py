@@ -442,9 +442,11 @@ def check_no_grad_forward(device, dtype, monkeypatch, K=32, V=16, T=150, HV=2):
     With it, the forward allocates exactly the per-chunk states h [NC, HV, K, V] and W [Ttot, HV, V]
     less; the scan's store of h, were it not skipped, would land in o (its stand-in) and fail the
     comparison. Both forwards normalise q / k by a kernel of its own (bit for bit needs the same norm; the
-    norm on load, which only a no-grad forward takes: :func:`check_norm_on_load`). Returns the no-grad
-    output with skip_saved."""
+    norm on load, which only a no-grad forward takes: :func:`check_norm_on_load`), and both cumulate the
+    gates in natural units (the base-2 gates of a no-grad forward: :func:`check_base2_gates`). Returns the
+    no-grad output with skip_saved."""
     use_variant(monkeypatch, "l2norm", on_load=0)
+    use_variant(monkeypatch, "gate", base2=0)
     use_variant(monkeypatch, "state_fwd", output=1)
     inp = make_inputs(1, T, 1, HV, K, V, h0=True, fuse=True, device=device, seed=7)
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
@@ -498,6 +500,46 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     ran.clear()
     chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: the copies)
     assert "_l2norm_fwd_kernel" in {name for name, _ in ran} and not any(kw.get("NORM") for _, kw in ran)
+
+
+def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
+    """A no-grad forward cumulates the gates in units of log2 (launch table gate base2): the gate's cumsum
+    and the four readers of G (grams, products, scan) get BASE2 and take 2^x of its differences. o and
+    the final state match the fp64 reference and the natural-unit forward (to rounding: not bit for bit,
+    exp2 of a scaled difference rounds differently); a forward a backward may follow keeps G natural."""
+    from kimi_linear.ops.kda import chunk_fwd
+
+    B, T, H, HV, K, V, offsets, h0, _ = case
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
+    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=True, h0=h0, device=device)
+    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
+    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
+    args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
+    kw = dict(initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu, fusion=fusion, backend="triton")
+    readers = ("_gram_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
+    names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel") + readers
+    ran = []
+    for name in names:
+        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    out = {}
+    for base2 in (1, 0):
+        use_variant(monkeypatch, "gate", base2=base2)
+        ran.clear()
+        with torch.no_grad():
+            out[base2] = chunk_kda(*args, **kw)
+        assert {name for name, _ in ran} >= set(readers)
+        assert all(kw["BASE2"] == bool(base2) for _, kw in ran), ran
+    compare({"o": out[1][0], "ht": out[1][1]}, {"o": ref["o"], "ht": ref["ht"]}, dtype)
+    compare({"o": out[1][0], "ht": out[1][1]}, {"o": out[0][0].double(), "ht": out[0][1].double()}, dtype)
+    use_variant(monkeypatch, "gate", base2=1)
+    ran.clear()
+    chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: natural units)
+    assert ran and not any(kw["BASE2"] for _, kw in ran)
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["gva-varlen-h0", "varlen"])
+def test_chunk_kda_interpreter_base2_gates(case, monkeypatch):
+    check_base2_gates(case, torch.float32, monkeypatch)
 
 
 @pytest.mark.parametrize("merge", [0, 1], ids=["rstd-apart", "rstd-with-gate"])
@@ -649,6 +691,14 @@ def test_chunk_kda_interpreter_norm_on_load_extreme(dtype, monkeypatch):
                           output_final_state=True, fusion=fusion, backend="triton")
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype, interp_tol=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_base2_gates(cuda_device, dtype, monkeypatch):
+    # the no-grad forward's base-2 gates at K = V = 128: GVA with varlen and an initial state, and H = HV = 8
+    check_base2_gates((1, 300, 2, 4, 128, 128, [0, 0, 1, 77, 300], True, True), dtype, monkeypatch, cuda_device)
+    check_base2_gates((2, 200, 8, 8, 128, 128, None, False, True), dtype, monkeypatch, cuda_device)
 
 
 @pytest.mark.gpu

@@ -106,7 +106,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # the rstd in one launch (chunk_fwd._rstd_prologue_kernel): H100, session 19, the whole no-grad call
     # graph-replayed (session19/kda_ab_merge_rstd_h100.txt): 0.3707 -> 0.3693 ms at B1 T4K H16 (rounds
     # apart), 4.368 -> 4.367 at B8 T4K H32, 4.321 -> 4.317 at B32 T2K H16, 5.327 -> 5.318 at B1 T64K H16
-    "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0, merge_rstd=1),
+    # base2=1: in a forward without backward, G cumulated in units of log2 (times log2(e) before the
+    # cumsum), so every decay its readers form is one exp2 of a difference, one FMUL per element less
+    # (the diagonal gram forms 8.5 K of them per (token, head); FLA's token-parallel diagonal, the same
+    # pairwise work with G in base 2, measured 0.848 ms against our 1.008 at B8 T4K H32, session 20)
+    "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0, merge_rstd=1, base2=1),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
     # levels measured 3.3-3.4 ms for both parts against 2.5 with a separate diagonal kernel:

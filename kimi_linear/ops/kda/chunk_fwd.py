@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
-from kimi_linear.ops.kda.fast_exp import exp
+from kimi_linear.ops.kda.fast_exp import exp_g
 
 
 @triton.jit
@@ -45,19 +45,20 @@ def softplus_f32(x):
 @triton.jit
 def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
                         HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                        GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+                        GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr = False):
     # Step 0 (fused gate) + step 2: G_t = sum_{j<=t} max(g_j, FLOOR) inside the chunk, fp32, one
     # program per (chunk, value head, key block of BK): memory-bound, so small tiles and many programs
     # (the whole-K [64, 128] tile held 144 registers, 19% occupancy, 75% of DRAM bandwidth).
     _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, tl.program_id(0), tl.program_id(1).to(tl.int64),
-                      tl.program_id(2), HV, K, BK, GATE_FROM_RAW, FLOOR)
+                      tl.program_id(2), HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
 
 
 @triton.jit
 def _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
                       HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
-    """One (chunk, value head, key block) of :func:`_gate_cumsum_kernel`."""
+                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr):
+    """One (chunk, value head, key block) of :func:`_gate_cumsum_kernel`. ``BASE2``: G in units of
+    log2 (``G log2(e)``), for readers that take ``2^x`` of its differences (:func:`fast_exp.exp_g`)."""
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     o_t = tl.arange(0, 64)
@@ -70,6 +71,8 @@ def _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i
         b_b = tl.load(dt_bias + i_hv * K + o_k, mask=o_k < K, other=0).to(tl.float32)
         b_g = -tl.exp(b_a) * softplus_f32(b_g + b_b[None, :])
     b_g = tl.where(m, tl.maximum(b_g, FLOOR), 0.0)
+    if BASE2:
+        b_g = b_g * 1.4426950408889634
     tl.store(G + off, tl.cumsum(b_g, axis=0), mask=m)
 
 
@@ -84,7 +87,7 @@ def chunk_head_block(pid, HV: tl.constexpr, NKB: tl.constexpr):
 def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, xb, yb, rb, R, NGATE,
                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     BR: tl.constexpr):
+                     BR: tl.constexpr, BASE2: tl.constexpr = False):
     # The gate's chunk cumsum (the first NGATE programs: chunk, value head, key block) and the q / k l2norm
     # (the rest) in one launch: two independent memory-bound steps, one launch's ramp and tail
     # (launch table gate merge_l2norm).
@@ -92,7 +95,7 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
     if pid < NGATE:
         i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
         _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR)
+                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
     else:
         p = pid - NGATE
         nr = tl.cdiv(R, BR)
@@ -103,14 +106,14 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
 def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq, rk, TT, NGATE,
                           HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                           GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, H: tl.constexpr, KP: tl.constexpr,
-                          BT: tl.constexpr):
+                          BT: tl.constexpr, BASE2: tl.constexpr = False):
     # The gate's chunk cumsum (the first NGATE programs) and the q / k rstd of the norm on load (the
     # rest: token block fastest, then head, then q / k) in one launch (launch table gate merge_rstd).
     pid = tl.program_id(0)
     if pid < NGATE:
         i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
         _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR)
+                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
     else:
         p = pid - NGATE
         nt = tl.cdiv(TT, BT)
@@ -120,7 +123,7 @@ def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq
 @triton.jit
 def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr):
+                 BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, BASE2: tl.constexpr = False):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
     # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
@@ -157,8 +160,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
             m_p = m_prev[:, None] & m_k[None, :]
             b_kp = tl.load(k + ((t0 + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_p, other=0).to(tl.float32)
             b_gp = tl.load(G + ((t0 + o_t[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_p, other=0)
-            b_kp = b_kp * exp(tl.minimum(b_gr[None, :] - b_gp, 0.0))
-            b_dec = exp(tl.minimum(b_g - b_gr[None, :], 0.0))
+            b_kp = b_kp * exp_g(tl.minimum(b_gr[None, :] - b_gp, 0.0), BASE2)
+            b_dec = exp_g(tl.minimum(b_g - b_gr[None, :], 0.0), BASE2)
             b_aq += tl.dot(b_q * b_dec, tl.trans(b_kp), input_precision=PREC)
             b_ak += tl.dot(b_k * b_dec, tl.trans(b_kp), input_precision=PREC)
         if NORM:  # both products scale by the norms' rstd of their row and of their column
@@ -176,7 +179,7 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                      NORM: tl.constexpr):
+                      NORM: tl.constexpr, BASE2: tl.constexpr = False):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -214,7 +217,7 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
             # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
             # parallel prefix sum need not be monotone by an ulp): the clamp absorbs that (without it:
             # no faster, session 16)
-            b_e = exp(tl.minimum(b_gr - b_gj, 0.0)) * b_kj
+            b_e = exp_g(tl.minimum(b_gr - b_gj, 0.0), BASE2) * b_kj
             p_j = ((t0 + r) * HV + o_hv) * 64 + j
             tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
             tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
@@ -351,7 +354,7 @@ def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BET
 def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_len, TT,
                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, BASE2: tl.constexpr = False):
     # Step 4's products, one program per (chunk, value head, column block of BV): U = M Diag(beta) V,
     # Wk = M Diag(beta) (e^G k), and the decayed q and k the scans and the output use: Qg = e^G q
     # (step 5), Kd = e^{G_last - G} k (step 7). Memory-bound: every load is issued before the first
@@ -383,19 +386,20 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_le
         b_u = tl.dot(b_M, b_v.to(tl.float32) * b_beta[:, None], input_precision=PREC)
         tl.store(U + p_v, b_u.to(U.dtype.element_ty), mask=m_tv)
     if cb < K:
-        b_eg = exp(b_g)
+        b_eg = exp_g(b_g, BASE2)
         if NORM:  # the rows' rstd folded into the row scales the products take anyway (80 registers at
             # 8 warps for sm_90a, three programs per SM; scaling the loaded q / k tiles took 86, two per SM)
             p_r = i_h * TT + t0 + o_t
             b_rk = tl.load(rk + p_r, mask=m_t, other=0)
             tl.store(Qg + p_g, (b_q * b_eg * tl.load(rq + p_r, mask=m_t, other=0)[:, None]).to(Qg.dtype.element_ty),
                      mask=m_tk)
-            b_ed = exp(tl.minimum(b_gl[None, :] - b_g, 0.0)) * b_rk[:, None]
+            b_ed = exp_g(tl.minimum(b_gl[None, :] - b_g, 0.0), BASE2) * b_rk[:, None]
             tl.store(Kd + p_g, (b_k * b_ed).to(Kd.dtype.element_ty), mask=m_tk)
             b_wk = tl.dot(b_M, b_k * b_eg * (b_beta * b_rk)[:, None], input_precision=PREC)
         else:
             tl.store(Qg + p_g, (b_q * b_eg).to(Qg.dtype.element_ty), mask=m_tk)
-            tl.store(Kd + p_g, (b_k * exp(tl.minimum(b_gl[None, :] - b_g, 0.0))).to(Kd.dtype.element_ty), mask=m_tk)
+            tl.store(Kd + p_g, (b_k * exp_g(tl.minimum(b_gl[None, :] - b_g, 0.0), BASE2)).to(Kd.dtype.element_ty),
+                     mask=m_tk)
             b_wk = tl.dot(b_M, b_k * b_eg * b_beta[:, None], input_precision=PREC)
         tl.store(Wk + p_g, b_wk.to(Wk.dtype.element_ty), mask=m_tk)
 
@@ -405,7 +409,7 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
                       HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       KP: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                       STORE_FINAL: tl.constexpr, OUTPUT: tl.constexpr, PREC: tl.constexpr,
-                      STORE_SAVED: tl.constexpr = True):
+                      STORE_SAVED: tl.constexpr = True, BASE2: tl.constexpr = False):
     # Steps 6-7 for one [K, BV] column tile of one (sequence, value head): a scan over chunks.
     # Matrix operands in the input dtype (fp32 accumulation), the state itself in fp32.
     # OUTPUT: step 5 inside the scan (o = scale (Qg S_0 + Aqk W) per chunk, off the state's serial
@@ -449,7 +453,7 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
             # storage type (fp32, or bf16 with half_store aqk: exact products of the stored values)
             b_o = tl.dot(b_qg, b_sh, input_precision=PREC) + tl.dot(b_a, b_w.to(DT).to(b_a.dtype), input_precision=PREC)
             tl.store(o + p_tv, (scale * b_o).to(o.dtype.element_ty), mask=m_tv)
-        b_S = b_S * exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
+        b_S = b_S * exp_g(b_gl, BASE2)[:, None] + tl.dot(tl.trans(b_kd), b_w.to(DT), input_precision=PREC)  # step 7
     if STORE_FINAL:
         tl.store(ht + p_state, b_S, mask=m_kv)
 
@@ -600,7 +604,10 @@ def chunk_kda_fwd(
     cs, cl = table.chunk_start, table.chunk_len
     BKC = min(int(LAUNCH["gate"].get("BK") or KP), KP)
     gate_args = (g, G, A_log if gate_raw else G, dt_bias if gate_raw else G, cs, cl)
-    gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
+    # base2 (no backward follows; launch table gate base2): G cumulated in units of log2, so that every
+    # reader's decay is one exp2 of a difference (the backward reads G in natural units)
+    base2 = not for_backward and bool(LAUNCH["gate"].get("base2"))
+    gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, BASE2=base2)
     norms = {}
     # on_load (no backward follows): the norm applied by the kernels that read q / k, from the rstd alone,
     # so no normalised copy is written (a backward reads the copies: see LAUNCH's l2norm entry)
@@ -638,17 +645,18 @@ def chunk_kda_fwd(
     if NC > 0:
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                  NORM=on_load, **launch("gram"))
+                                  NORM=on_load, BASE2=base2, **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
-                                                         KP=KP, BH=BH, NORM=on_load, **launch("gram_diag"))
+                                                         KP=KP, BH=BH, NORM=on_load, BASE2=base2, **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, V=V, BV=BVV,
-                                  NB=NB, BETA_SIGMOID=beta_sigmoid, PREC=prec, NORM=on_load, **launch("solve"))
+                                  NB=NB, BETA_SIGMOID=beta_sigmoid, PREC=prec, NORM=on_load, BASE2=base2,
+                                  **launch("solve"))
     fused_output = False
     if N > 0:
         h0 = initial_state if initial_state is not None else G
@@ -666,7 +674,8 @@ def chunk_kda_fwd(
         _state_fwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             Kd, G, U, Wk, W, h, h0, ht if ht is not None else G, Qg, Aqk, o, table.seq_start,
             table.chunk_first, scale, HV=HV, K=K, V=V, KP=KP, BV=BVS, HAS_INIT=initial_state is not None,
-            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, STORE_SAVED=store_saved, **scan_kw)
+            STORE_FINAL=ht is not None, OUTPUT=fused_output, PREC=prec, STORE_SAVED=store_saved, BASE2=base2,
+            **scan_kw)
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
                                                      KP=KP, BV=BV, PREC=prec, **launch("output"))

@@ -31,3 +31,13 @@ def exp(x):
         return tl.math.exp2(x * 1.4426950408889634)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def exp_g(x, BASE2: tl.constexpr):
+    """The decay of an exponent ``x`` formed from cumulated gates: ``2^x`` when the gates were cumulated
+    in base 2 (``BASE2``: ``x`` is already ``x_e * log2(e)``, one FMUL per element less), else ``e^x``."""
+    if BASE2:
+        return tl.math.exp2(x)
+    else:
+        return exp(x)
