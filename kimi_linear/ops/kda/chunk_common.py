@@ -107,9 +107,13 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # graph-replayed (session19/kda_ab_merge_rstd_h100.txt): 0.3707 -> 0.3693 ms at B1 T4K H16 (rounds
     # apart), 4.368 -> 4.367 at B8 T4K H32, 4.321 -> 4.317 at B32 T2K H16, 5.327 -> 5.318 at B1 T64K H16
     # base2=1: in a forward without backward, G cumulated in units of log2 (times log2(e) before the
-    # cumsum), so every decay its readers form is one exp2 of a difference, one FMUL per element less
-    # (the diagonal gram forms 8.5 K of them per (token, head); FLA's token-parallel diagonal, the same
-    # pairwise work with G in base 2, measured 0.848 ms against our 1.008 at B8 T4K H32, session 20)
+    # cumsum), so every decay its readers form is one exp2 of a difference, one FMUL per element less.
+    # H100, session 20, the whole no-grad call graph-replayed, alternating rounds
+    # (session20/kda_ab_base2_h100.txt): 4.365 -> 4.349 ms at B8 T4K H32, 4.317 -> 4.302 at B32 T2K
+    # H16, 5.320 -> 5.289 at B1 T64K H16, 0.3694 -> 0.3673 at B1 T4K H16: on. The gain is in the
+    # off-diagonal gram and the products (-0.015 ms each at B8 T4K H32); the diagonal gram did not move
+    # (1.013 against 1.015), so FLA's faster token-parallel diagonal (0.848 ms, G in base 2) is not
+    # faster for its exponentials
     "gate": dict(num_warps=4, num_stages=None, BK=64, merge_l2norm=0, merge_rstd=1, base2=1),
     # the off-diagonal blocks; 0.95 ms at 1M tokens x heads, 0.74-0.76 once a chunk's four sub-chunk
     # programs ran next to each other (session 7; the diagonal blocks inside this kernel by halving
