@@ -58,6 +58,9 @@ ALIGNED = False
 
 def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
     options = dict(num_warps=num_warps, num_stages=num_stages)
+    # constexpr parameters with a default take it, as a launch that does not pass them does (typed as
+    # pointers they would not compile)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     if "PDL" in fn.arg_names and "PDL" not in constexprs:  # decode kernels: as launched on Hopper (ops/pdl.py)
         constexprs = dict(constexprs, PDL=True)
         options["launch_pdl"] = True
