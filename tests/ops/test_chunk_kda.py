@@ -537,6 +537,32 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
     assert ran and not any(kw["BASE2"] for _, kw in ran)
 
 
+def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
+    """Where every sequence's length is a multiple of 64 (``ChunkTable.full``) the diagonal gram places its
+    chunks from their index (launch table gram_diag full): it gets FULL exactly then, and the forward and
+    its gradients are bit for bit those of the table-reading launch; a stream with a part chunk keeps
+    reading the table."""
+    from kimi_linear.ops.kda import chunk_fwd
+
+    ran = []
+    monkeypatch.setattr(chunk_fwd, "_gram_diag_kernel", _Watched(chunk_fwd._gram_diag_kernel, "diag", ran))
+    for offsets, full in (([0, 64, 192], True), ([0, 64, 150], False)):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        inp = make_inputs(1, offsets[-1], 1, 2, K, V, N=len(offsets) - 1, fuse=True, h0=True, device=device)
+        out = {}
+        for flag in (1, 0):
+            use_variant(monkeypatch, "gram_diag", full=flag)
+            ran.clear()
+            out[flag] = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+            assert ran and all(kw["FULL"] == (full and bool(flag)) for _, kw in ran)
+        for name in out[1]:
+            assert torch.equal(out[1][name], out[0][name]), name
+
+
+def test_chunk_kda_interpreter_full_chunks(monkeypatch):
+    check_full_chunks("cpu", torch.float32, monkeypatch)
+
+
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["gva-varlen-h0", "varlen"])
 def test_chunk_kda_interpreter_base2_gates(case, monkeypatch):
     check_base2_gates(case, torch.float32, monkeypatch)
@@ -691,6 +717,12 @@ def test_chunk_kda_interpreter_norm_on_load_extreme(dtype, monkeypatch):
                           output_final_state=True, fusion=fusion, backend="triton")
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype, interp_tol=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_chunk_kda_gpu_full_chunks(cuda_device, dtype, monkeypatch):
+    check_full_chunks(cuda_device, dtype, monkeypatch, K=128, V=128)
 
 
 @pytest.mark.gpu

@@ -31,6 +31,9 @@ class ChunkTable:
     | chunk_len    | ``[NC]``  | tokens in chunk c (1..64)                        |
     | chunk_first  | ``[N+1]`` | index of the first chunk of sequence n          |
     | seq_start    | ``[N+1]`` | first token of sequence n (the offsets)         |
+
+    ``full``: every sequence's length is a multiple of 64, so chunk c holds 64 tokens from token 64 c
+    and a kernel may place it arithmetically (``chunk_fwd.chunk_place``) instead of reading the table.
     """
 
     chunk_start: torch.Tensor
@@ -39,6 +42,7 @@ class ChunkTable:
     seq_start: torch.Tensor
     NC: int
     N: int
+    full: bool = False
 
 
 def build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
@@ -80,7 +84,7 @@ def _build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
     else:
         flat = flat.to(device)
     views = torch.split(flat, [len(p) for p in parts])
-    return ChunkTable(*views, NC=len(starts), N=len(offsets) - 1)
+    return ChunkTable(*views, NC=len(starts), N=len(offsets) - 1, full=all(o % CHUNK == 0 for o in offsets))
 
 
 def pow2(x: int, floor: int = 16) -> int:
@@ -141,7 +145,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
     # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
     # removed -- the third loss of the levels in the forward)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
+    # full=1: where every chunk is full (ChunkTable.full), each program places its chunk from its index
+    # instead of loading the chunk table first (chunk_fwd.chunk_place)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, full=1),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),

@@ -177,9 +177,19 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
 
 
 @triton.jit
+def chunk_place(chunk_start, chunk_len, i_c, FULL: tl.constexpr):
+    """Chunk ``i_c``'s first token (int64) and length: from the chunk table, or, when every chunk is full
+    and in order (``ChunkTable.full``), from ``i_c`` alone -- no dependent load before the program's own."""
+    if FULL:
+        return i_c.to(tl.int64) * 64, 64
+    else:
+        return tl.load(chunk_start + i_c).to(tl.int64), tl.load(chunk_len + i_c)
+
+
+@triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                      NORM: tl.constexpr, BASE2: tl.constexpr = False):
+                      NORM: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -191,8 +201,7 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
     r = tl.program_id(0) % 64
     o_hv = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
     o_h = o_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     if r < n:
         a0 = (r // 16) * 16
         o_k = tl.arange(0, KP)
@@ -648,7 +657,9 @@ def chunk_kda_fwd(
                                   NORM=on_load, BASE2=base2, **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
-                                                         KP=KP, BH=BH, NORM=on_load, BASE2=base2, **launch("gram_diag"))
+                                                         KP=KP, BH=BH, NORM=on_load, BASE2=base2,
+                                                         FULL=table.full and bool(LAUNCH["gram_diag"].get("full")),
+                                                         **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
                                   num_warps=int(solve.get("inverse_warps") or 1))
