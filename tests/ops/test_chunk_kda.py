@@ -538,23 +538,29 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
 
 
 def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
-    """Where every sequence's length is a multiple of 64 (``ChunkTable.full``) the diagonal gram places its
-    chunks from their index (launch table gram_diag full): it gets FULL exactly then, and the forward and
-    its gradients are bit for bit those of the table-reading launch; a stream with a part chunk keeps
-    reading the table."""
+    """Where every sequence's length is a multiple of 64 (``ChunkTable.full``) the forward's per-chunk
+    kernels place their chunks from their index (launch table chunks full): they get FULL exactly then,
+    and the forward and its gradients are bit for bit those of the table-reading launches; a stream with a
+    part chunk keeps reading the table."""
     from kimi_linear.ops.kda import chunk_fwd
 
     ran = []
-    monkeypatch.setattr(chunk_fwd, "_gram_diag_kernel", _Watched(chunk_fwd._gram_diag_kernel, "diag", ran))
+    names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel",
+             "_inverse_kernel", "_wu_kernel", "_output_kernel")
+    for name in names:
+        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    use_variant(monkeypatch, "state_fwd", output=0)  # (the output kernel runs too)
     for offsets, full in (([0, 64, 192], True), ([0, 64, 150], False)):
         cu = torch.tensor(offsets, dtype=torch.int32, device=device)
         inp = make_inputs(1, offsets[-1], 1, 2, K, V, N=len(offsets) - 1, fuse=True, h0=True, device=device)
         out = {}
         for flag in (1, 0):
-            use_variant(monkeypatch, "gram_diag", full=flag)
+            use_variant(monkeypatch, "chunks", full=flag)
             ran.clear()
             out[flag] = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-            assert ran and all(kw["FULL"] == (full and bool(flag)) for _, kw in ran)
+            assert {n for n, _ in ran} >= {"_gram_kernel", "_gram_diag_kernel", "_inverse_kernel", "_wu_kernel",
+                                          "_output_kernel"}
+            assert all(kw["FULL"] == (full and bool(flag)) for _, kw in ran), ran
         for name in out[1]:
             assert torch.equal(out[1][name], out[0][name]), name
 

@@ -145,9 +145,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
     # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
     # removed -- the third loss of the levels in the forward)
-    # full=1: where every chunk is full (ChunkTable.full), each program places its chunk from its index
-    # instead of loading the chunk table first (chunk_fwd.chunk_place)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, full=1),
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),
@@ -276,6 +274,13 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # (results/kda/session18/kda_ab_half_store_dqk_h100.txt): fwd+bwd 19.13 -> 18.68 ms at B8 T4K H32,
     # 1.382 -> 1.356 at B1 T4K H16; its GPU tests (K = V = 128, extreme gates) passed: on
     "half_store": dict(aqk=0, dw=1, dqk=1),
+    # full=1: where every chunk is full (ChunkTable.full: each sequence's length a multiple of 64), the
+    # forward's per-chunk kernels place their chunk from its index instead of loading the chunk table
+    # first (chunk_fwd.chunk_place: no dependent load ahead of a program's own). H100, session 20, the
+    # whole no-grad call graph-replayed (session20/kda_ab_full_chunks_h100.txt), in the diagonal gram
+    # alone (its 512 K one-warp programs at B8 T4K H32): 4.347 -> 4.326 ms at B8 T4K H32, 4.320 -> 4.284
+    # at B32 T2K H16, 5.297 -> 5.264 at B1 T64K H16, 0.3677 -> 0.3676 at B1 T4K H16: on
+    "chunks": dict(full=1),
 }
 
 

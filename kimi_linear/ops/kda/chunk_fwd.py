@@ -43,24 +43,34 @@ def softplus_f32(x):
 
 
 @triton.jit
+def chunk_place(chunk_start, chunk_len, i_c, FULL: tl.constexpr):
+    """Chunk ``i_c``'s first token (int64) and length: from the chunk table, or, when every chunk is full
+    and in order (``ChunkTable.full``), from ``i_c`` alone -- no dependent load before the program's own."""
+    if FULL:
+        return i_c.to(tl.int64) * 64, 64
+    else:
+        return tl.load(chunk_start + i_c).to(tl.int64), tl.load(chunk_len + i_c)
+
+
+@triton.jit
 def _gate_cumsum_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len,
                         HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                        GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr = False):
+                        GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr = False,
+                        FULL: tl.constexpr = False):
     # Step 0 (fused gate) + step 2: G_t = sum_{j<=t} max(g_j, FLOOR) inside the chunk, fp32, one
     # program per (chunk, value head, key block of BK): memory-bound, so small tiles and many programs
     # (the whole-K [64, 128] tile held 144 registers, 19% occupancy, 75% of DRAM bandwidth).
     _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, tl.program_id(0), tl.program_id(1).to(tl.int64),
-                      tl.program_id(2), HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
+                      tl.program_id(2), HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
 
 
 @triton.jit
 def _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
                       HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr):
+                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, BASE2: tl.constexpr, FULL: tl.constexpr):
     """One (chunk, value head, key block) of :func:`_gate_cumsum_kernel`. ``BASE2``: G in units of
     log2 (``G log2(e)``), for readers that take ``2^x`` of its differences (:func:`fast_exp.exp_g`)."""
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     o_k = i_kb * BK + tl.arange(0, BK)
     m = (o_t[:, None] < n) & (o_k[None, :] < K)
@@ -87,7 +97,7 @@ def chunk_head_block(pid, HV: tl.constexpr, NKB: tl.constexpr):
 def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, xb, yb, rb, R, NGATE,
                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     BR: tl.constexpr, BASE2: tl.constexpr = False):
+                     BR: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
     # The gate's chunk cumsum (the first NGATE programs: chunk, value head, key block) and the q / k l2norm
     # (the rest) in one launch: two independent memory-bound steps, one launch's ramp and tail
     # (launch table gate merge_l2norm).
@@ -95,7 +105,7 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
     if pid < NGATE:
         i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
         _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
+                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
     else:
         p = pid - NGATE
         nr = tl.cdiv(R, BR)
@@ -106,14 +116,14 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
 def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq, rk, TT, NGATE,
                           HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                           GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, H: tl.constexpr, KP: tl.constexpr,
-                          BT: tl.constexpr, BASE2: tl.constexpr = False):
+                          BT: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
     # The gate's chunk cumsum (the first NGATE programs) and the q / k rstd of the norm on load (the
     # rest: token block fastest, then head, then q / k) in one launch (launch table gate merge_rstd).
     pid = tl.program_id(0)
     if pid < NGATE:
         i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
         _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2)
+                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
     else:
         p = pid - NGATE
         nt = tl.cdiv(TT, BT)
@@ -123,7 +133,8 @@ def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq
 @triton.jit
 def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                 BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, BASE2: tl.constexpr = False):
+                 BK: tl.constexpr, PREC: tl.constexpr, NORM: tl.constexpr, BASE2: tl.constexpr = False,
+                 FULL: tl.constexpr = False):
     # Steps 3-5 for the 16 rows of sub-chunk a = program_id(2):
     # Araw[t,i] = sum_c k_t k_i e^{G_t-G_i} (i<t),  Aqk[t,i] = sum_c q_t k_i e^{G_t-G_i} (i<=t).
     # the four sub-chunks of a chunk are adjacent programs, so the earlier sub-chunks' k and G rows
@@ -136,8 +147,7 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
     a = tl.program_id(0) % 4
     i_hv = tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     if a * 16 < n:
         o_s = tl.arange(0, 16)
         o_t = tl.arange(0, 64)
@@ -174,16 +184,6 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
         tl.store(Aqk + p_row + o_t[None, :], b_aq, mask=m_off)
         tl.store(Araw + p_row + o_t[None, :], b_ak, mask=m_off)
         # The diagonal 16x16 block is _gram_diag_kernel's (token-parallel, only the needed columns).
-
-
-@triton.jit
-def chunk_place(chunk_start, chunk_len, i_c, FULL: tl.constexpr):
-    """Chunk ``i_c``'s first token (int64) and length: from the chunk table, or, when every chunk is full
-    and in order (``ChunkTable.full``), from ``i_c`` alone -- no dependent load before the program's own."""
-    if FULL:
-        return i_c.to(tl.int64) * 64, 64
-    else:
-        return tl.load(chunk_start + i_c).to(tl.int64), tl.load(chunk_len + i_c)
 
 
 @triton.jit
@@ -349,13 +349,12 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
 
 @triton.jit
 def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, FULL: tl.constexpr = False):
     # Step 4's inverse alone (the split solve): one program per (chunk, value head), small tiles, so
     # that many programs share an SM while each walks its serial forward substitution.
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     _invert_chunk(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID, PREC)
 
 
@@ -363,7 +362,7 @@ def _inverse_kernel(beta, Araw, M, chunk_start, chunk_len, HV: tl.constexpr, BET
 def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_len, TT,
                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BV: tl.constexpr, NB: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-               NORM: tl.constexpr, BASE2: tl.constexpr = False):
+               NORM: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
     # Step 4's products, one program per (chunk, value head, column block of BV): U = M Diag(beta) V,
     # Wk = M Diag(beta) (e^G k), and the decayed q and k the scans and the output use: Qg = e^G q
     # (step 5), Kd = e^{G_last - G} k (step 7). Memory-bound: every load is issued before the first
@@ -373,8 +372,7 @@ def _wu_kernel(q, k, v, beta, G, M, U, Wk, Qg, Kd, rq, rk, chunk_start, chunk_le
     cb = (tl.program_id(0) % NB) * BV
     i_hv = tl.program_id(1).to(tl.int64)
     i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     o_c = cb + tl.arange(0, BV)
     m_t = o_t < n
@@ -470,15 +468,14 @@ def _state_fwd_kernel(Kd, G, U, Wk, W, h, h0, ht, Qg, Aqk, o, seq_start, chunk_f
 @triton.jit
 def _output_kernel(Qg, Aqk, W, h, o, chunk_start, chunk_len, scale,
                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                   KP: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr = False):
     # Step 5: O = scale * ((e^G q) S_0 + Aqk W). The V-tiles of a chunk are adjacent programs, so the
     # second one's Qg and Aqk reads are L2 hits (with the V-tile as the slowest grid axis: 14% L2 hits).
     NV: tl.constexpr = (V + BV - 1) // BV
     i_c = tl.program_id(0) // NV
     i_v = tl.program_id(0) % NV
     i_hv = tl.program_id(1).to(tl.int64)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     o_k = tl.arange(0, KP)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -616,7 +613,9 @@ def chunk_kda_fwd(
     # base2 (no backward follows; launch table gate base2): G cumulated in units of log2, so that every
     # reader's decay is one exp2 of a difference (the backward reads G in natural units)
     base2 = not for_backward and bool(LAUNCH["gate"].get("base2"))
-    gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, BASE2=base2)
+    # every chunk full (launch table chunks full): the per-chunk kernels place chunks from their index
+    full = table.full and bool(LAUNCH["chunks"].get("full"))
+    gate_flags = dict(HV=HV, K=K, BK=BKC, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, BASE2=base2, FULL=full)
     norms = {}
     # on_load (no backward follows): the norm applied by the kernels that read q / k, from the rstd alone,
     # so no normalised copy is written (a backward reads the copies: see LAUNCH's l2norm entry)
@@ -654,20 +653,20 @@ def chunk_kda_fwd(
     if NC > 0:
         BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
         _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                  NORM=on_load, BASE2=base2, **launch("gram"))
+                                  NORM=on_load, BASE2=base2, FULL=full, **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
                                                          KP=KP, BH=BH, NORM=on_load, BASE2=base2,
-                                                         FULL=table.full and bool(LAUNCH["gram_diag"].get("full")),
+                                                         FULL=full,
                                                          **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
-                                  num_warps=int(solve.get("inverse_warps") or 1))
+                                  FULL=full, num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, V=V, BV=BVV,
                                   NB=NB, BETA_SIGMOID=beta_sigmoid, PREC=prec, NORM=on_load, BASE2=base2,
-                                  **launch("solve"))
+                                  FULL=full, **launch("solve"))
     fused_output = False
     if N > 0:
         h0 = initial_state if initial_state is not None else G
@@ -689,7 +688,7 @@ def chunk_kda_fwd(
             **scan_kw)
     if NC > 0 and not fused_output:
         _output_kernel[(NC * triton.cdiv(V, BV), HV)](Qg, Aqk, W, h, o, cs, cl, scale, H=H, HV=HV, K=K, V=V,
-                                                     KP=KP, BV=BV, PREC=prec, **launch("output"))
+                                                     KP=KP, BV=BV, PREC=prec, FULL=full, **launch("output"))
     if not for_backward:
         return o, ht, {}
     saved = dict(G=G, Araw=Araw, Aqk=Aqk, M=M, U=U, Wk=Wk, W=W, h=h, Qg=Qg, Kd=Kd, **norms)
