@@ -277,9 +277,12 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # full=1: where every chunk is full (ChunkTable.full: each sequence's length a multiple of 64), the
     # forward's per-chunk kernels place their chunk from its index instead of loading the chunk table
     # first (chunk_fwd.chunk_place: no dependent load ahead of a program's own). H100, session 20, the
-    # whole no-grad call graph-replayed (session20/kda_ab_full_chunks_h100.txt), in the diagonal gram
-    # alone (its 512 K one-warp programs at B8 T4K H32): 4.347 -> 4.326 ms at B8 T4K H32, 4.320 -> 4.284
-    # at B32 T2K H16, 5.297 -> 5.264 at B1 T64K H16, 0.3677 -> 0.3676 at B1 T4K H16: on
+    # whole no-grad call graph-replayed, alternating rounds: in the diagonal gram alone (its 512 K one-warp
+    # programs at B8 T4K H32; session20/kda_ab_full_chunks_h100.txt) 4.347 -> 4.326 ms at B8 T4K H32; in
+    # every forward per-chunk kernel (kda_ab_full_chunks_all_h100.txt) 4.345 -> 4.257 at B8 T4K H32, 4.312
+    # -> 4.212 at B32 T2K H16, 5.279 -> 5.180 at B1 T64K H16, 0.3677 -> 0.3633 at B1 T4K H16 (prologue
+    # -0.03, grams -0.02 to -0.03 each, output -0.017): on. The backward's per-chunk kernels still read
+    # the table (not measured yet)
     "chunks": dict(full=1),
 }
 
