@@ -470,13 +470,9 @@ def test_chunk_kda_interpreter_no_grad_forward(monkeypatch):
     check_no_grad_forward("cpu", torch.float32, monkeypatch)
 
 
-def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
-    """A no-grad layer-fused forward normalises q / k on load (launch table l2norm on_load): the rstd
-    kernel runs (``merge``: in one launch with the gate's cumsum, gate merge_rstd), no normalised copy is
-    made, the three readers of q / k get NORM; o and the final state match the fp64 reference, and a
-    forward that keeps intermediates still makes the copies."""
-    from kimi_linear.ops.kda import chunk_fwd
-
+def fused_forward_case(case, dtype, device):
+    """A CPU_CASES-style ``case`` with the layer's fused options: the fp64 reference's outputs, the
+    inputs in ``dtype`` and chunk_kda's keywords (initial state, final state, packed offsets, fusion)."""
     B, T, H, HV, K, V, offsets, h0, _ = case
     cu = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
     inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=True, h0=h0, device=device)
@@ -484,6 +480,17 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
     args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
     kw = dict(initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu, fusion=fusion, backend="triton")
+    return ref, args, kw
+
+
+def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
+    """A no-grad layer-fused forward normalises q / k on load (launch table l2norm on_load): the rstd
+    kernel runs (``merge``: in one launch with the gate's cumsum, gate merge_rstd), no normalised copy is
+    made, the three readers of q / k get NORM; o and the final state match the fp64 reference, and a
+    forward that keeps intermediates still makes the copies."""
+    from kimi_linear.ops.kda import chunk_fwd
+
+    ref, args, kw = fused_forward_case(case, dtype, device)
     names = ("_rstd_kernel", "_rstd_prologue_kernel", "_gate_cumsum_kernel", "_l2norm_fwd_kernel", "_prologue_kernel",
              "_gram_kernel", "_gram_diag_kernel", "_wu_kernel")
     ran = []
@@ -509,13 +516,7 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
     exp2 of a scaled difference rounds differently); a forward a backward may follow keeps G natural."""
     from kimi_linear.ops.kda import chunk_fwd
 
-    B, T, H, HV, K, V, offsets, h0, _ = case
-    cu = torch.tensor(offsets, dtype=torch.int32, device=device) if offsets else None
-    inp = make_inputs(B, T, H, HV, K, V, N=len(offsets) - 1 if offsets else None, fuse=True, h0=h0, device=device)
-    ref = run_case(inp, dtype=torch.float64, fn=chunk_kda_ref, cu_seqlens=cu, fuse=True)
-    fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=inp["A_log"], dt_bias=inp["dt_bias"])
-    args = [inp[n].to(dtype) for n in ("q", "k", "v", "g", "beta")]
-    kw = dict(initial_state=inp["h0"], output_final_state=True, cu_seqlens=cu, fusion=fusion, backend="triton")
+    ref, args, kw = fused_forward_case(case, dtype, device)
     readers = ("_gram_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
     names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel") + readers
     ran = []
