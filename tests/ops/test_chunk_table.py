@@ -29,3 +29,18 @@ def test_chunk_table_of_no_tokens():
     t = build_chunk_table([0, 0], torch.device("cpu"))
     assert (t.N, t.NC) == (1, 0)
     assert t.chunk_first.tolist() == [0, 0]
+
+
+def test_full_means_chunk_c_starts_at_64c():
+    """``ChunkTable.full`` (kernels then place chunks from their index): every chunk holds 64 tokens and
+    chunk c starts at token 64 c -- sequences of whole chunks (empty ones included) from token 0."""
+    from kimi_linear.ops.kda.chunk_common import _build_chunk_table
+
+    cpu = torch.device("cpu")
+    for offsets, full in (([0, 64, 192], True), ([0, 0, 64, 64, 128], True), ([0, 64, 150], False),
+                          ([0, 100, 164], False), ([64, 128], False)):
+        table = _build_chunk_table(offsets, cpu)
+        assert table.full == full, offsets
+        if full:
+            assert table.chunk_start.tolist() == [64 * c for c in range(table.NC)]
+            assert table.chunk_len.tolist() == [64] * table.NC

@@ -84,7 +84,9 @@ def _build_chunk_table(offsets: list[int], device: torch.device) -> ChunkTable:
     else:
         flat = flat.to(device)
     views = torch.split(flat, [len(p) for p in parts])
-    return ChunkTable(*views, NC=len(starts), N=len(offsets) - 1, full=all(o % CHUNK == 0 for o in offsets))
+    # chunk c then starts at token 64 c (the stream starts at 0 and every sequence is whole chunks)
+    full = all(c0 == CHUNK * c and n == CHUNK for c, (c0, n) in enumerate(zip(starts, lens)))
+    return ChunkTable(*views, NC=len(starts), N=len(offsets) - 1, full=full)
 
 
 def pow2(x: int, floor: int = 16) -> int:
