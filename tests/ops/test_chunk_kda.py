@@ -539,31 +539,38 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
 
 
 def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
-    """Where every sequence's length is a multiple of 64 (``ChunkTable.full``) the forward's per-chunk
-    kernels place their chunks from their index (launch table chunks full): they get FULL exactly then,
-    and the forward and its gradients are bit for bit those of the table-reading launches; a stream with a
-    part chunk keeps reading the table."""
-    from kimi_linear.ops.kda import chunk_fwd
+    """Where every sequence's length is a multiple of 64 (``ChunkTable.full``) the per-chunk kernels place
+    their chunks from their index (launch table chunks full: the forward's; chunks bwd: the backward's):
+    they get FULL exactly then, and the forward and its gradients are bit for bit those of the
+    table-reading launches; a stream with a part chunk keeps reading the table."""
+    from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
 
     ran = []
-    names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel",
-             "_inverse_kernel", "_wu_kernel", "_output_kernel")
-    for name in names:
-        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    fwd = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel",
+           "_inverse_kernel", "_wu_kernel", "_output_kernel")
+    bwd = ("_dw_local_kernel", "_chunk_grad_kernel", "_chunk_grad_finish_kernel", "_decay_grad_kernel",
+           "_gate_grad_kernel", "_epilogue_kernel")
+    for mod, names in ((chunk_fwd, fwd), (chunk_bwd, bwd)):
+        for name in names:
+            monkeypatch.setattr(mod, name, _Watched(getattr(mod, name), name, ran))
     use_variant(monkeypatch, "state_fwd", output=0)  # (the output kernel runs too)
+    use_variant(monkeypatch, "state_bwd", dw_local=1)  # (and the backward's dW-local kernel)
     for offsets, full in (([0, 64, 192], True), ([0, 64, 150], False)):
         cu = torch.tensor(offsets, dtype=torch.int32, device=device)
         inp = make_inputs(1, offsets[-1], 1, 2, K, V, N=len(offsets) - 1, fuse=True, h0=True, device=device)
         out = {}
-        for flag in (1, 0):
-            use_variant(monkeypatch, "chunks", full=flag)
+        for flags in ((1, 1), (1, 0), (0, 0)):
+            use_variant(monkeypatch, "chunks", full=flags[0], bwd=flags[1])
             ran.clear()
-            out[flag] = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
+            out[flags] = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
             assert {n for n, _ in ran} >= {"_gram_kernel", "_gram_diag_kernel", "_inverse_kernel", "_wu_kernel",
-                                          "_output_kernel"}
-            assert all(kw["FULL"] == (full and bool(flag)) for _, kw in ran), ran
-        for name in out[1]:
-            assert torch.equal(out[1][name], out[0][name]), name
+                                          "_output_kernel", "_dw_local_kernel", "_chunk_grad_kernel",
+                                          "_chunk_grad_finish_kernel", "_decay_grad_kernel"}
+            for name, kw in ran:
+                assert kw["FULL"] == (full and bool(flags[name in bwd])), (name, flags)
+        for flags in ((1, 1), (1, 0)):
+            for name in out[flags]:
+                assert torch.equal(out[flags][name], out[(0, 0)][name]), (flags, name)
 
 
 def test_chunk_kda_interpreter_full_chunks(monkeypatch):

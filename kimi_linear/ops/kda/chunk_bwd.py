@@ -35,6 +35,7 @@ from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, lau
 from kimi_linear.ops.kda.chunk_fwd import (
     L2NORM_ROWS,
     chunk_head_block,
+    chunk_place,
     dot_precision,
     load_beta,
     lower_triangle,
@@ -96,14 +97,14 @@ def _state_bwd_kernel(Qg, Kd, G, Aqk, Wk, do, dht, dh, dW, dh0, seq_start, chunk
 
 @triton.jit
 def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
-                     HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                     HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                     FULL: tl.constexpr = False):
     # The part of dW that does not depend on the state gradient, dW = scale Aqk^T dO, one program per
     # (chunk, value head, V block), ahead of the state-gradient scan (which then adds Kd dS).
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
     o_v = tl.program_id(2) * BV + tl.arange(0, BV)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     m_t = o_t < n
     m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -259,7 +260,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
                        dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-                       V_APART: tl.constexpr, HALF_DOTS: tl.constexpr):
+                       V_APART: tl.constexpr, HALF_DOTS: tl.constexpr, FULL: tl.constexpr = False):
     # One (chunk, value head, key block of BK channels); dA and dbeta leave as partial sums, one slot per
     # program. Key block 0 also does the V-only work (dv, dAqk and the U-parts of dA / dbeta) with the V
     # tiles it loads anyway; with V_APART that work is a program of its own (grid dimension 2 has one
@@ -269,8 +270,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     i_hv = tl.program_id(1).to(tl.int64)
     i_kb = tl.program_id(2)
     i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     if V_APART:
         if i_kb == NKB:
@@ -288,12 +288,12 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
 
 @triton.jit
 def _chunk_grad_finish_kernel(beta, Araw, dA_part, db_part, dA, dbeta, chunk_start, chunk_len, TOT,
-                              HV: tl.constexpr, NKB: tl.constexpr, BETA_SIGMOID: tl.constexpr):
+                              HV: tl.constexpr, NKB: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+                              FULL: tl.constexpr = False):
     # A = Diag(beta) Araw: dbeta += rowsum(dA * Araw); dAraw = Diag(beta) dA (strictly lower).
     i_c = tl.program_id(0)
     i_hv = tl.program_id(1).to(tl.int64)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     m_t = o_t < n
     p_cc = ((t0 + o_t[:, None]) * HV + i_hv) * 64 + o_t[None, :]
@@ -524,7 +524,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
 @triton.jit
 def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk_start, chunk_len,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                       FACTORED: tl.constexpr, ROLLED: tl.constexpr):
+                       FACTORED: tl.constexpr, ROLLED: tl.constexpr, FULL: tl.constexpr = False):
     # One program per (16-row sub-chunk, value head, key block): the sub-chunks of a chunk are
     # independent here (4x the programs of a per-chunk loop, and no sub-chunk loop kept live in
     # registers: the per-chunk form used 255 registers and spilled). For the rows of the sub-chunk:
@@ -536,8 +536,7 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
     i_hv = tl.program_id(1).to(tl.int64)
     i_kb = tl.program_id(2)
     i_h = i_hv // (HV // H)
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
     if a * 16 < n:  # a sub-chunk past the chunk's end has no rows (and earlier sub-chunks are full)
@@ -561,20 +560,19 @@ def _decay_grad_kernel(q, k, G, dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, chunk
 @triton.jit
 def _gate_grad_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len,
                       HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, FULL: tl.constexpr = False):
     # G is the chunk's prefix sum of the gate, so dg = reverse cumsum of dG over the chunk's rows;
     # then the fused gate's backward: g = -e^{A_log} softplus(x + dt_bias) (zero below the floor).
     _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, tl.program_id(0),
-                    tl.program_id(1).to(tl.int64), tl.program_id(2), HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
+                    tl.program_id(1).to(tl.int64), tl.program_id(2), HV, K, BK, NKB, GATE_FROM_RAW, FLOOR, FULL)
 
 
 @triton.jit
 def _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, i_c, i_hv, i_kb,
                     HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
-                    GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr):
+                    GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, FULL: tl.constexpr):
     """One (chunk, value head, key block) of :func:`_gate_grad_kernel`."""
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    n = tl.load(chunk_len + i_c)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
     o_t = tl.arange(0, 64)
     o_k = i_kb * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -603,7 +601,7 @@ def _epilogue_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_sta
                      ya, ra, dya, dxa, yb, rb, dyb, dxb, R, NGATE,
                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     BR: tl.constexpr):
+                     BR: tl.constexpr, FULL: tl.constexpr = False):
     # The gate gradients (the first NGATE programs: chunk, value head, key block) and the q / k l2norm
     # backward (the rest) in one launch: both read only what the decay products wrote (launch table
     # gate_grad merge_l2norm).
@@ -611,7 +609,7 @@ def _epilogue_kernel(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_sta
     if pid < NGATE:
         i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
         _gate_grad_tile(dG, g, A_log, dt_bias, dg, dalog_part, ddtb_part, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                        HV, K, BK, NKB, GATE_FROM_RAW, FLOOR)
+                        HV, K, BK, NKB, GATE_FROM_RAW, FLOOR, FULL)
     else:
         p = pid - NGATE
         nr = tl.cdiv(R, BR)
@@ -746,10 +744,12 @@ def chunk_kda_bwd(
     dh0 = chunk_common.alloc((N, HV, K, V), torch.float32, dev) if has_initial_state else None
     # dw_local=1: the scan's dO-only term as a parallel kernel first (launch-table variant, see LAUNCH)
     dw_local = bool(LAUNCH["state_bwd"].get("dw_local")) and NC > 0
+    # every chunk full and the launch table's chunks bwd: the per-chunk kernels place chunks from their index
+    full = table.full and bool(LAUNCH["chunks"].get("bwd"))
     if dw_local:
         BVD = min(64, pow2(V))
         _dw_local_kernel[(NC, HV, triton.cdiv(V, BVD))](saved["Aqk"], do, dW, cs, cl, scale, HV=HV, V=V, BV=BVD,
-                                                        PREC=prec, **launch("dw_local"))
+                                                        PREC=prec, FULL=full, **launch("dw_local"))
     if N > 0:
         _state_bwd_kernel[(triton.cdiv(V, BVS), N * HV)](
             saved["Qg"], saved["Kd"], saved["G"], saved["Aqk"], saved["Wk"], do, dht if dht is not None else dW, dh, dW,
@@ -789,14 +789,15 @@ def chunk_kda_bwd(
             q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
             saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
             H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, V_APART=v_apart,
-            HALF_DOTS=half_dots,
+            HALF_DOTS=half_dots, FULL=full,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
-                                            HV=HV, NKB=n_part, BETA_SIGMOID=beta_sigmoid, **launch("grad_finish"))
+                                            HV=HV, NKB=n_part, BETA_SIGMOID=beta_sigmoid, FULL=full,
+                                            **launch("grad_finish"))
         _decay_grad_kernel[(NC * 4, HV, NKB)](
             q, k, saved["G"], dA, dAqk, dq, dk, dq_out, dk_out, dG, dGl, cs, cl, H=H, HV=HV, K=K, BK=BK,
             PREC=decay_precision(prec), FACTORED=int(LAUNCH["decay_grad"].get("factored") or 0),
-            ROLLED=bool(LAUNCH["decay_grad"].get("rolled")),
+            ROLLED=bool(LAUNCH["decay_grad"].get("rolled")), FULL=full,
             **launch("decay_grad"))
     norm_plan = None
     if l2norm is not None:
@@ -804,7 +805,7 @@ def chunk_kda_bwd(
         norm_plan = _l2norm_bwd_plan(((q, rq, dq_out, q_dtype), (k, rk, dk_out, k_dtype)))
     if NC > 0:
         gate_args = (dG, g, A_log if gate_raw else dGl, dt_bias if gate_raw else dGl, dg, dalog_part, ddtb_part, cs, cl)
-        gate_flags = dict(HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR)
+        gate_flags = dict(HV=HV, K=K, BK=BKE, NKB=NKE, GATE_FROM_RAW=gate_raw, FLOOR=GATE_FLOOR, FULL=full)
         if norm_plan is not None and len(norm_plan[1]) == 1 and LAUNCH["gate_grad"].get("merge_l2norm"):
             # the gate gradients and the q / k norm's backward in one launch
             R, D, _, norm_args = norm_plan[1][0]

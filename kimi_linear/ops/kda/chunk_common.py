@@ -283,9 +283,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # programs at B8 T4K H32; session20/kda_ab_full_chunks_h100.txt) 4.347 -> 4.326 ms at B8 T4K H32; in
     # every forward per-chunk kernel (kda_ab_full_chunks_all_h100.txt) 4.345 -> 4.257 at B8 T4K H32, 4.312
     # -> 4.212 at B32 T2K H16, 5.279 -> 5.180 at B1 T64K H16, 0.3677 -> 0.3633 at B1 T4K H16 (prologue
-    # -0.03, grams -0.02 to -0.03 each, output -0.017): on. The backward's per-chunk kernels still read
-    # the table (not measured yet)
-    "chunks": dict(full=1),
+    # -0.03, grams -0.02 to -0.03 each, output -0.017): on.
+    # bwd=1: the same in the backward's per-chunk kernels (dW local, chunk gradients and their finish,
+    # decay products, gate gradients). Prepared and interpreter-tested (bit for bit), not yet measured
+    # or run on a GPU: off until it has been
+    "chunks": dict(full=1, bwd=0),
 }
 
 
