@@ -1,33 +1,40 @@
-"""Per-stage GPU time of one chunked-KDA fwd+bwd, ours (each kernel version) beside FLA, as stacked bars.
+"""Per-stage GPU time of one chunked-KDA call, ours (each kernel version) beside FLA, as stacked bars.
 
 Reads the per-kernel profiles the launch sweep prints (``benchmarks/chunk_kda_sweep.py``: the
-"baseline per-kernel ms" block, and with ``--fla-profile`` FLA's block) and groups kernels into stages.
+"baseline per-kernel ms" block, and with ``--fla-profile`` FLA's block), or the rows of a
+``kimi-linear bench kda --profile`` JSONL, and groups kernels into stages.
 
     python benchmarks/plot_stage_times.py --out benchmarks/results/kda/session4/stages_h100.png \\
         "v4=benchmarks/results/kda/sweep/sweep_v6_variants_h100.txt:baseline" \\
         "FLA 0.6.0=benchmarks/results/kda/sweep/sweep_v7_profiles_h100.txt:FLA"
 
 Each bar is ``label=file:block`` with block ``baseline``, ``fused`` or ``FLA``; ``+best`` after the
-block replaces each swept kernel's time by its best candidate from the same file.
+block replaces each swept kernel's time by its best candidate from the same file. A bar from a
+``bench kda --profile`` JSONL is ``label=file.jsonl:provider@BxTxH@mode``, e.g.
+``"FLA bounded=kda.jsonl:fla_kda_safe@8x4096x32@fwd"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
 # kernel-name fragments -> stage (ours and FLA's names)
+# (first match wins; the merged launches -- gate cumsum with the q/k rstd or norm, gate gradients with the
+# norm's backward -- count as the gate's)
 STAGES = [
-    ("gate / cumsum", ("_gate_cumsum_kernel", "_gate_grad_kernel", "chunk_local_cumsum")),
-    ("fwd: intra-chunk (gram, solve, WY)", ("_gram_kernel", "_gram_diag_kernel", "_solve_kernel",
-                                            "_inverse_kernel", "_wu_kernel",
-                                            "intra_token_parallel", "inter_solve_fused", "recompute_w_u")),
+    ("gate / cumsum (+ q/k norm where merged)", ("_gate_cumsum_kernel", "_gate_grad_kernel", "chunk_local_cumsum",
+                                                 "_prologue_kernel", "_epilogue_kernel", "kda_gate_")),
+    ("fwd: intra-chunk (grams, inverse)", ("_gram_kernel", "_gram_diag_kernel", "_solve_kernel", "_inverse_kernel",
+                                           "intra_token_parallel", "inter_solve_fused", "intra_sub_chunk")),
+    ("fwd: products (w, u)", ("_wu_kernel", "recompute_w_u")),
     ("fwd: state scan", ("_state_fwd_kernel", "fwd_kernel_h")),
     ("fwd: output", ("_output_kernel", "chunk_gla_fwd_kernel_o")),
-    ("bwd: state-gradient scan", ("_state_bwd_kernel", "bwd_kernel_dhu")),
+    ("bwd: state-gradient scan", ("_state_bwd_kernel", "_dw_local_kernel", "bwd_kernel_dhu")),
     ("bwd: chunk grads", ("_chunk_grad_kernel", "_chunk_grad_finish_kernel", "wy_dqkg_fused", "bwd_kernel_dAv")),
     ("bwd: intra-chunk decay products", ("_decay_grad_kernel", "bwd_kernel_intra")),
-    ("l2norm", ("_l2norm",)),
+    ("l2norm", ("_l2norm", "l2norm_", "_rstd_kernel")),
 ]
 OTHER = "torch elementwise (casts, grad accumulation; partly the profiling harness)"
 
@@ -47,6 +54,21 @@ def read_block(path: str, block: str) -> dict[str, float]:
         elif inside and line.strip() and not m:
             inside = False
     return times
+
+
+def read_profile_jsonl(path: str, key: str) -> dict[str, float]:
+    """Kernel -> ms of one row of a ``bench kda --profile`` JSONL, ``key`` = ``provider@BxTxH@mode``."""
+    provider, shape, mode = key.split("@")
+    B, T, H = (int(x) for x in shape.split("x"))
+    for line in open(path):
+        rec = json.loads(line)
+        sh = rec.get("shape", {})
+        if (rec.get("provider"), rec.get("mode"), sh.get("B"), sh.get("T"), sh.get("H")) == (provider, mode, B, T, H):
+            kernels = rec.get("extra", {}).get("kernels_ms")
+            if not kernels:
+                raise ValueError(f"{path}: the row {key} has no per-kernel times (run bench kda --profile)")
+            return kernels
+    raise ValueError(f"{path}: no row {key}")
 
 
 def best_per_kernel(path: str) -> dict[str, float]:
@@ -82,18 +104,21 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("bars", nargs="+", help="label=file:block[+best]")
+    ap.add_argument("bars", nargs="+", help="label=file:block[+best], or label=file.jsonl:provider@BxTxH@mode")
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="chunked KDA fwd+bwd per stage, B=1 T=65536 H=16 K=V=128 bf16, H100")
+    ap.add_argument("--xlabel", default="GPU time per fwd+bwd (ms, torch.profiler)")
     args = ap.parse_args()
     labels, rows = [], []
     for spec in args.bars:
         label, rest = spec.split("=", 1)
         path, block = rest.rsplit(":", 1)
-        use_best = block.endswith("+best")
-        times = read_block(path, block.removesuffix("+best"))
-        if use_best:
-            times.update(best_per_kernel(path))
+        if path.endswith(".jsonl"):
+            times = read_profile_jsonl(path, block)
+        else:
+            times = read_block(path, block.removesuffix("+best"))
+            if block.endswith("+best"):
+                times.update(best_per_kernel(path))
         labels.append(label)
         rows.append(stages(times))
         print(f"{label:28s} " + "  ".join(f"{k.split(':')[-1].strip()[:14]} {v:.2f}" for k, v in rows[-1].items()))
@@ -106,9 +131,9 @@ def main() -> None:
         ax.barh(labels, vals, left=left, color=colors[i % 10], label=name, edgecolor="white")
         left = [a + b for a, b in zip(left, vals)]
     for y, total in enumerate(left):
-        ax.text(total + 0.2, y, f"{total:.1f} ms", va="center")
+        ax.text(total + 0.01 * max(left), y, f"{total:.2f} ms", va="center")
     ax.invert_yaxis()
-    ax.set_xlabel("GPU time per fwd+bwd (ms, torch.profiler)")
+    ax.set_xlabel(args.xlabel)
     ax.set_title(args.title, fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
     fig.tight_layout()

@@ -41,3 +41,31 @@ def test_committed_logs_parse():
     assert os.path.exists(log)
     fla = pst.read_block(str(log), "FLA")
     assert abs(sum(fla.values()) - 25.166) < 0.01  # the block's printed total
+
+
+def test_bench_profile_rows_and_the_merged_launches(tmp_path):
+    """A bar from a ``bench kda --profile`` JSONL row; the merged prologue / epilogue launches count as the
+    gate's stage, the products and FLA's bounded-path kernels land in theirs; a row without per-kernel
+    times, or a missing row, is refused by name."""
+    import json
+
+    import pytest
+
+    rows = [dict(provider="ours_fused", mode="fwd", shape=dict(B=8, T=4096, H=32),
+                 extra=dict(kernels_ms={"_rstd_prologue_kernel": 0.5, "_gram_diag_kernel": 1.0, "_wu_kernel": 0.9,
+                                        "_state_fwd_kernel": 0.9})),
+            dict(provider="fla_kda_safe", mode="fwd", shape=dict(B=8, T=4096, H=32),
+                 extra=dict(kernels_ms={"chunk_kda_fwd_kernel_intra_sub_chunk": 0.6, "l2norm_fwd_kernel": 0.35,
+                                        "kda_gate_chunk_cumsum_vector_kernel": 0.3})),
+            dict(provider="flash", mode="fwd", shape=dict(B=8, T=4096, H=32), extra={})]
+    path = tmp_path / "kda.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours = pst.stages(pst.read_profile_jsonl(str(path), "ours_fused@8x4096x32@fwd"))
+    gate, intra, products = (n for n, _ in pst.STAGES[:3])
+    assert (ours[gate], ours[intra], ours[products], ours["fwd: state scan"]) == (0.5, 1.0, 0.9, 0.9)
+    fla = pst.stages(pst.read_profile_jsonl(str(path), "fla_kda_safe@8x4096x32@fwd"))
+    assert (fla[gate], fla[intra], fla["l2norm"], fla[pst.OTHER]) == (0.3, 0.6, 0.35, 0.0)
+    with pytest.raises(ValueError, match="no per-kernel times"):
+        pst.read_profile_jsonl(str(path), "flash@8x4096x32@fwd")
+    with pytest.raises(ValueError, match="no row"):
+        pst.read_profile_jsonl(str(path), "ours_fused@1x4096x16@fwd")
