@@ -32,8 +32,9 @@ class ChunkTable:
     | chunk_first  | ``[N+1]`` | index of the first chunk of sequence n          |
     | seq_start    | ``[N+1]`` | first token of sequence n (the offsets)         |
 
-    ``full``: every sequence's length is a multiple of 64, so chunk c holds 64 tokens from token 64 c
-    and a kernel may place it arithmetically (``chunk_fwd.chunk_place``) instead of reading the table.
+    ``full``: chunk c holds the 64 tokens from token 64 c, for every c (the stream starts at 0 and every
+    sequence is whole chunks), so a kernel may place it arithmetically (``chunk_fwd.chunk_place``)
+    instead of reading the table.
     """
 
     chunk_start: torch.Tensor

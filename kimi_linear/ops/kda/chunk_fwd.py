@@ -94,6 +94,16 @@ def chunk_head_block(pid, HV: tl.constexpr, NKB: tl.constexpr):
 
 
 @triton.jit
+def _gate_cumsum_program(g, G, A_log, dt_bias, chunk_start, chunk_len, pid, HV: tl.constexpr, K: tl.constexpr,
+                         BK: tl.constexpr, NKB: tl.constexpr, GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr,
+                         BASE2: tl.constexpr, FULL: tl.constexpr):
+    """Program ``pid`` (< NC * HV * NKB) of a merged prologue launch as one tile of the gate's cumsum."""
+    i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
+    _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
+                      HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
+
+
+@triton.jit
 def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, xb, yb, rb, R, NGATE,
                      HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr,
                      GATE_FROM_RAW: tl.constexpr, FLOOR: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -103,9 +113,8 @@ def _prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, xa, ya, ra, x
     # (launch table gate merge_l2norm).
     pid = tl.program_id(0)
     if pid < NGATE:
-        i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
-        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
+        _gate_cumsum_program(g, G, A_log, dt_bias, chunk_start, chunk_len, pid, HV, K, BK, NKB, GATE_FROM_RAW, FLOOR,
+                             BASE2, FULL)
     else:
         p = pid - NGATE
         nr = tl.cdiv(R, BR)
@@ -121,9 +130,8 @@ def _rstd_prologue_kernel(g, G, A_log, dt_bias, chunk_start, chunk_len, q, k, rq
     # rest: token block fastest, then head, then q / k) in one launch (launch table gate merge_rstd).
     pid = tl.program_id(0)
     if pid < NGATE:
-        i_c, i_hv, i_kb = chunk_head_block(pid, HV, NKB)
-        _gate_cumsum_tile(g, G, A_log, dt_bias, chunk_start, chunk_len, i_c, i_hv, i_kb,
-                          HV, K, BK, GATE_FROM_RAW, FLOOR, BASE2, FULL)
+        _gate_cumsum_program(g, G, A_log, dt_bias, chunk_start, chunk_len, pid, HV, K, BK, NKB, GATE_FROM_RAW, FLOOR,
+                             BASE2, FULL)
     else:
         p = pid - NGATE
         nt = tl.cdiv(TT, BT)
