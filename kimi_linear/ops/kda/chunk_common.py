@@ -286,9 +286,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # -> 4.212 at B32 T2K H16, 5.279 -> 5.180 at B1 T64K H16, 0.3677 -> 0.3633 at B1 T4K H16 (prologue
     # -0.03, grams -0.02 to -0.03 each, output -0.017): on.
     # bwd=1: the same in the backward's per-chunk kernels (dW local, chunk gradients and their finish,
-    # decay products, gate gradients). Prepared and interpreter-tested (bit for bit), not yet measured
-    # or run on a GPU: off until it has been
-    "chunks": dict(full=1, bwd=0),
+    # decay products, gate gradients). H100, session 21, fwd+bwd graph-replayed, alternating rounds
+    # (session21/kda_ab_chunks_bwd_h100.txt): 18.11 -> 17.86 ms at B8 T4K H32, 18.06 -> 17.77 at B32 T2K
+    # H16, 19.82 -> 19.51 at B1 T64K H16, 1.311 -> 1.301 at B1 T4K H16 (decay products -0.14 to -0.23,
+    # chunk gradients -0.07 to -0.15, the finish -0.02): on.
+    "chunks": dict(full=1, bwd=1),
 }
 
 
