@@ -154,6 +154,10 @@ VARIANTS = [
     # may read different q/k heads) with sequences ending mid-sub-chunk
     ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
     ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
+    # two columns per loop trip (rows with an odd column count mask the second), and zeros stored above
+    # the diagonal within each block (never over a needed entry)
+    ("gram_diag-pair", "gram_diag", dict(pair=1), (-2, -1)),
+    ("gram_diag-fill", "gram_diag", dict(fill=1), (-2, -1)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the

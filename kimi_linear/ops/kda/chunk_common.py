@@ -148,7 +148,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
     # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
     # removed -- the third loss of the levels in the forward)
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2),
+    # pair=1: two columns per loop trip; fill=1: zeros stored above the diagonal within the block (whole
+    # 32-byte sectors). Session 21 candidates against FLA's same loop (0.85 ms against our 0.97-1.0 at B8 T4K
+    # H32, the same instructions per column but for our clamp): not yet measured
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, pair=0, fill=0),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),

@@ -197,7 +197,8 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
-                      NORM: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
+                      NORM: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False,
+                      PAIR: tl.constexpr = False, FILL: tl.constexpr = False):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -226,18 +227,38 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
         # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
         # registers, more programs per SM: 0.89 ms against 1.07-1.11 on an H100 at 1M tokens x heads);
         # nothing above the diagonal is stored (every reader masks to the lower triangle)
-        for j in range(a0, r + 1):
-            b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
-            if NORM:
-                b_kj = b_kj * tl.load(rk + o_h * TT + t0 + j, mask=m_h, other=0)[:, None]
-            b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
-            # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a
-            # parallel prefix sum need not be monotone by an ulp): the clamp absorbs that (without it:
-            # no faster, session 16)
-            b_e = exp_g(tl.minimum(b_gr - b_gj, 0.0), BASE2) * b_kj
-            p_j = ((t0 + r) * HV + o_hv) * 64 + j
-            tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
-            tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
+        if PAIR:  # two columns per trip: twice the independent loads and exponentials in flight
+            for j in range(a0, r + 1, 2):
+                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
+                             H, HV, K, NORM, BASE2)
+                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j + 1, o_h, o_hv, p_qk, p_g,
+                             m_hk & (j < r), m_h & (j < r), TT, H, HV, K, NORM, BASE2)
+        else:
+            for j in range(a0, r + 1):
+                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
+                             H, HV, K, NORM, BASE2)
+        if FILL:  # zeros above the diagonal within the block: every 32-byte sector of it written whole
+            o_s = tl.arange(0, 16)
+            p_f = ((t0 + r) * HV + o_hv[:, None]) * 64 + a0 + o_s[None, :]
+            m_f = m_h[:, None] & (a0 + o_s > r)[None, :]
+            tl.store(Aqk + p_f, tl.zeros([BH, 16], dtype=tl.float32), mask=m_f)
+            tl.store(Araw + p_f, tl.zeros([BH, 16], dtype=tl.float32), mask=m_f)
+
+
+@triton.jit
+def _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
+                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BASE2: tl.constexpr):
+    """Column j <= r of row r of the diagonal block, for BH value heads: Aqk[r, j] and Araw[r, j]."""
+    b_kj = tl.load(k + (t0 + j) * H * K + p_qk, mask=m_hk, other=0).to(tl.float32)
+    if NORM:
+        b_kj = b_kj * tl.load(rk + o_h * TT + t0 + j, mask=m_h, other=0)[:, None]
+    b_gj = tl.load(G + (t0 + j) * HV * K + p_g, mask=m_hk, other=0)
+    # G is a prefix sum of gates <= 0, so G_r - G_j <= 0 for j <= r up to G's own rounding (a parallel
+    # prefix sum need not be monotone by an ulp): the clamp absorbs that (without it: no faster, session 16)
+    b_e = exp_g(tl.minimum(b_gr - b_gj, 0.0), BASE2) * b_kj
+    p_j = ((t0 + r) * HV + o_hv) * 64 + j
+    tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
+    tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
 
 
 @triton.jit
@@ -665,7 +686,8 @@ def chunk_kda_fwd(
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
                                                          KP=KP, BH=BH, NORM=on_load, BASE2=base2,
-                                                         FULL=full,
+                                                         FULL=full, PAIR=bool(LAUNCH["gram_diag"].get("pair")),
+                                                         FILL=bool(LAUNCH["gram_diag"].get("fill")),
                                                          **launch("gram_diag"))
         solve = LAUNCH["solve"]
         _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
