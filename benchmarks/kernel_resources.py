@@ -105,6 +105,11 @@ def cases():
                dict(hk, KP=128, BH=gd["BH"], NORM=norm, BASE2=b2), gd["num_warps"], 3)
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
+    for bk, w, st in ((32, 1, 3), (16, 1, 3), (32, 2, 3), (32, 4, 3)):  # the off-diagonal gram + inverse
+        for norm, b2 in ((0, 0), (1, 1)):
+            yield (f"gram + inverse BK={bk} norm={norm} base2={b2}", cf._gram_solve_kernel,
+                   dict(hk, KP=128, BK=bk, PREC="tf32", NORM=norm, BETA_SIGMOID=True, STORE_ARAW=not norm, BASE2=b2),
+                   w, st)
     for bv, w in ((32, 4), (64, 4), (64, 8)):
         for norm, b2 in ((0, 0), (1, 0), (1, 1)):
             yield (f"solve: products BV={bv} norm={norm} base2={b2}", cf._wu_kernel,

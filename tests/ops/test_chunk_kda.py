@@ -158,6 +158,9 @@ VARIANTS = [
     # the diagonal within each block (never over a needed entry)
     ("gram_diag-pair", "gram_diag", dict(pair=1), (-2, -1)),
     ("gram_diag-fill", "gram_diag", dict(fill=1), (-2, -1)),
+    # the off-diagonal gram and the inverse in one launch (Araw's off-diagonal blocks stored for the
+    # backward only), on odd lengths and packed sequences with part chunks
+    ("gram_solve-fused", "gram_solve", dict(on=1), (1, -2, -1)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
@@ -511,6 +514,36 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     ran.clear()
     chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: the copies)
     assert "_l2norm_fwd_kernel" in {name for name, _ in ran} and not any(kw.get("NORM") for _, kw in ran)
+
+
+def check_gram_solve_no_grad(case, dtype, monkeypatch, device="cpu"):
+    """The fused off-diagonal gram + inverse (launch table gram_solve on) in a no-grad layer-fused forward,
+    where it keeps Araw's off-diagonal blocks in registers only (STORE_ARAW off; every buffer poisoned with
+    NaN first, so a read of an unstored block shows): o and the final state match the fp64 reference and the
+    two-launch form, and neither _gram_kernel nor _inverse_kernel runs."""
+    from kimi_linear.ops.kda import chunk_fwd
+
+    ref, args, kw = fused_forward_case(case, dtype, device)
+    monkeypatch.setattr(chunk_common, "POISON", True)
+    ran = []
+    for name in ("_gram_kernel", "_inverse_kernel", "_gram_solve_kernel"):
+        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    out = {}
+    for on in (0, 1):
+        use_variant(monkeypatch, "gram_solve", on=on)
+        ran.clear()
+        with torch.no_grad():
+            out[on] = chunk_kda(*args, **kw)
+        names = {name for name, _ in ran}
+        assert names == ({"_gram_solve_kernel"} if on else {"_gram_kernel", "_inverse_kernel"}), names
+    assert not any(kw["STORE_ARAW"] for name, kw in ran)
+    compare({"o": out[1][0], "ht": out[1][1]}, {"o": ref["o"], "ht": ref["ht"]}, dtype)
+    compare({"o": out[1][0], "ht": out[1][1]}, {"o": out[0][0].double(), "ht": out[0][1].double()}, dtype)
+
+
+@pytest.mark.parametrize("case", (CPU_CASES[1], CPU_CASES[-1]), ids=("odd", "packed"))
+def test_chunk_kda_interpreter_gram_solve_no_grad(case, monkeypatch):
+    check_gram_solve_no_grad(case, torch.float32, monkeypatch)
 
 
 def check_base2_gates(case, dtype, monkeypatch, device="cpu"):

@@ -159,6 +159,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # sweep_v11c; the off-diagonal gram blocks inside the one-kernel solve measured 5.48 ms:
     # session6/sweep_fused_gram_h100.txt)
     "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
+    # on=1: the off-diagonal gram and the inverse in one launch per (chunk, value head) after the diagonal
+    # gram (_gram_solve_kernel: Araw's off-diagonal blocks stay in registers, stored only for a backward),
+    # instead of _gram_kernel + _inverse_kernel. Session 21 candidate, not yet measured: FLA 0.6.0's fused
+    # inter + solve takes 0.83 ms at B8 T4K H32 against our 0.77 + 0.19 (its autotuning: 1 warp; 2.35 ms on 4)
+    "gram_solve": dict(on=0, num_warps=1, num_stages=None, BK=32),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
     # skip_saved=1: a forward with no backward to follow (grad mode off, or no input needs a gradient)

@@ -327,8 +327,9 @@ def _substitute_row(Araw, beta, b_Mi, i, t0, n, i_hv, HV: tl.constexpr, BETA_SIG
 
 
 @triton.jit
-def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
+def _invert_diagonal_blocks(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr):
+    """The inverses of the four diagonal 16x16 blocks of I + Diag(beta) Araw, stored to M and returned
+    as four [16, 16] tiles (read back: the substitution's [4, 16, 16] layout is not theirs)."""
     o_s = tl.arange(0, 16)
     o_a = tl.arange(0, 4)
     # (1) the four diagonal 16x16 blocks at once, by forward substitution: row i of (I+L)^-1 is
@@ -345,20 +346,32 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
     tl.store(M + ((t0 + rows3[:, :, None]) * HV + i_hv) * 64 + o_a[:, None, None] * 16 + o_s[None, None, :],
              b_Mi, mask=(rows3 < n)[:, :, None])
     tl.debug_barrier()
-    # (2) off-diagonal blocks: M_ab = -M_aa sum_{b<=j<a} L_aj M_jb.
+    return (_load_block(M, t0, n, i_hv, HV, 0, 0), _load_block(M, t0, n, i_hv, HV, 1, 1),
+            _load_block(M, t0, n, i_hv, HV, 2, 2), _load_block(M, t0, n, i_hv, HV, 3, 3))
+
+
+@triton.jit
+def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr):
+    """Step 4's M = (I + Diag(beta) Araw)^-1 of one chunk, written to M (fp32, whole [64, 64])."""
+    m00, m11, m22, m33 = _invert_diagonal_blocks(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID)
+    o_s = tl.arange(0, 16)
     b1 = load_beta(beta, t0, 16 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
     b2 = load_beta(beta, t0, 32 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
     b3 = load_beta(beta, t0, 48 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
-    m00 = _load_block(M, t0, n, i_hv, HV, 0, 0)
-    m11 = _load_block(M, t0, n, i_hv, HV, 1, 1)
-    m22 = _load_block(M, t0, n, i_hv, HV, 2, 2)
-    m33 = _load_block(M, t0, n, i_hv, HV, 3, 3)
     l10 = _load_block(Araw, t0, n, i_hv, HV, 1, 0) * b1
     l20 = _load_block(Araw, t0, n, i_hv, HV, 2, 0) * b2
     l21 = _load_block(Araw, t0, n, i_hv, HV, 2, 1) * b2
     l30 = _load_block(Araw, t0, n, i_hv, HV, 3, 0) * b3
     l31 = _load_block(Araw, t0, n, i_hv, HV, 3, 1) * b3
     l32 = _load_block(Araw, t0, n, i_hv, HV, 3, 2) * b3
+    _store_offdiagonal_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, t0, n, i_hv, HV, PREC)
+
+
+@triton.jit
+def _store_offdiagonal_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l32, t0, n, i_hv, HV: tl.constexpr,
+                               PREC: tl.constexpr):
+    """The off-diagonal 16x16 blocks of M from the diagonal blocks' inverses m_aa and the blocks l_ab of
+    L = Diag(beta) Araw below the diagonal: M_ab = -M_aa sum_{b<=j<a} L_aj M_jb, stored to M."""
     m10 = -tl.dot(m11, tl.dot(l10, m00, input_precision=PREC), input_precision=PREC)
     m21 = -tl.dot(m22, tl.dot(l21, m11, input_precision=PREC), input_precision=PREC)
     m32 = -tl.dot(m33, tl.dot(l32, m22, input_precision=PREC), input_precision=PREC)
@@ -374,6 +387,125 @@ def _invert_chunk(beta, Araw, M, t0, n, i_hv, HV: tl.constexpr, BETA_SIGMOID: tl
     _store_block(M, m30, t0, n, i_hv, HV, 3, 0)
     _store_block(M, m31, t0, n, i_hv, HV, 3, 1)
     _store_block(M, m32, t0, n, i_hv, HV, 3, 2)  # (the blocks above the diagonal are never read)
+
+
+@triton.jit
+def _decayed_rows(q, k, G, t0, n, a: tl.constexpr, o_k, m_k, i_h, i_hv, H: tl.constexpr, HV: tl.constexpr,
+                  K: tl.constexpr, BASE2: tl.constexpr):
+    """Sub-chunk a's rows through its reference token 16a (its first): q and k times e^{G_t - G_16a}
+    (exponents <= 0), fp32 [16, BK]; with its k and G rows (the columns of later sub-chunks' blocks) and
+    the reference row of G [BK]. Rows past the chunk read as zeros."""
+    rows = a * 16 + tl.arange(0, 16)
+    m_rk = (rows < n)[:, None] & m_k[None, :]
+    p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
+    b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
+    b_gr = tl.load(G + ((t0 + a * 16) * HV + i_hv) * K + o_k, mask=m_k & (a * 16 < n), other=0)
+    b_dec = exp_g(tl.minimum(b_g - b_gr[None, :], 0.0), BASE2)
+    return b_q * b_dec, b_k * b_dec, b_k, b_g, b_gr
+
+
+@triton.jit
+def _columns_to(b_k, b_g, b_gr, BASE2: tl.constexpr):
+    """An earlier sub-chunk's k rows decayed to a later sub-chunk's reference row, transposed [BK, 16]:
+    k_i e^{G_ref - G_i} with i < ref (exponents <= 0)."""
+    return tl.trans(b_k * exp_g(tl.minimum(b_gr[None, :] - b_g, 0.0), BASE2))
+
+
+@triton.jit
+def _gram_solve_kernel(q, k, G, beta, Araw, Aqk, M, rq, rk, chunk_start, chunk_len, TT,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
+                       PREC: tl.constexpr, NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, STORE_ARAW: tl.constexpr,
+                       BASE2: tl.constexpr = False, FULL: tl.constexpr = False):
+    # Steps 3-4 of one (chunk, value head) after the diagonal gram: the six off-diagonal 16x16 blocks of
+    # Aqk and Araw (block (a, b), b < a, through sub-chunk a's first token: both factors <= 1, as in
+    # _gram_kernel), Aqk's stored, Araw's kept in registers for the inverse (stored only where a backward
+    # reads them: STORE_ARAW), then M = (I + Diag(beta) Araw)^-1 with the diagonal blocks of Araw (the
+    # diagonal gram's) from memory. One launch and no Araw round trip instead of _gram_kernel +
+    # _inverse_kernel (FLA 0.6.0 fuses these two stages likewise). NORM: q / k raw, rstd rq / rk [H, TT].
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1).to(tl.int64)
+    i_h = i_hv // (HV // H)
+    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
+    aq10 = tl.zeros([16, 16], dtype=tl.float32)
+    ak10 = tl.zeros([16, 16], dtype=tl.float32)
+    aq20 = tl.zeros([16, 16], dtype=tl.float32)
+    ak20 = tl.zeros([16, 16], dtype=tl.float32)
+    aq21 = tl.zeros([16, 16], dtype=tl.float32)
+    ak21 = tl.zeros([16, 16], dtype=tl.float32)
+    aq30 = tl.zeros([16, 16], dtype=tl.float32)
+    ak30 = tl.zeros([16, 16], dtype=tl.float32)
+    aq31 = tl.zeros([16, 16], dtype=tl.float32)
+    ak31 = tl.zeros([16, 16], dtype=tl.float32)
+    aq32 = tl.zeros([16, 16], dtype=tl.float32)
+    ak32 = tl.zeros([16, 16], dtype=tl.float32)
+    for kb in range(0, KP // BK):
+        o_k = kb * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        _, _, k0, g0, _ = _decayed_rows(q, k, G, t0, n, 0, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
+        q1, k1d, k1, g1, r1 = _decayed_rows(q, k, G, t0, n, 1, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
+        q2, k2d, k2, g2, r2 = _decayed_rows(q, k, G, t0, n, 2, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
+        q3, k3d, _, _, r3 = _decayed_rows(q, k, G, t0, n, 3, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
+        c = _columns_to(k0, g0, r1, BASE2)
+        aq10 += tl.dot(q1, c, input_precision=PREC)
+        ak10 += tl.dot(k1d, c, input_precision=PREC)
+        c = _columns_to(k0, g0, r2, BASE2)
+        aq20 += tl.dot(q2, c, input_precision=PREC)
+        ak20 += tl.dot(k2d, c, input_precision=PREC)
+        c = _columns_to(k1, g1, r2, BASE2)
+        aq21 += tl.dot(q2, c, input_precision=PREC)
+        ak21 += tl.dot(k2d, c, input_precision=PREC)
+        c = _columns_to(k0, g0, r3, BASE2)
+        aq30 += tl.dot(q3, c, input_precision=PREC)
+        ak30 += tl.dot(k3d, c, input_precision=PREC)
+        c = _columns_to(k1, g1, r3, BASE2)
+        aq31 += tl.dot(q3, c, input_precision=PREC)
+        ak31 += tl.dot(k3d, c, input_precision=PREC)
+        c = _columns_to(k2, g2, r3, BASE2)
+        aq32 += tl.dot(q3, c, input_precision=PREC)
+        ak32 += tl.dot(k3d, c, input_precision=PREC)
+    o_s = tl.arange(0, 16)
+    if NORM:  # both products scale by the norms' rstd of their row and of their column
+        p_r = i_h * TT + t0 + o_s
+        rq1 = tl.load(rq + p_r + 16, mask=16 + o_s < n, other=0)[:, None]
+        rq2 = tl.load(rq + p_r + 32, mask=32 + o_s < n, other=0)[:, None]
+        rq3 = tl.load(rq + p_r + 48, mask=48 + o_s < n, other=0)[:, None]
+        rk0 = tl.load(rk + p_r, mask=o_s < n, other=0)
+        rk1 = tl.load(rk + p_r + 16, mask=16 + o_s < n, other=0)
+        rk2 = tl.load(rk + p_r + 32, mask=32 + o_s < n, other=0)
+        rk3 = tl.load(rk + p_r + 48, mask=48 + o_s < n, other=0)
+        aq10 = aq10 * rq1 * rk0[None, :]
+        ak10 = ak10 * rk1[:, None] * rk0[None, :]
+        aq20 = aq20 * rq2 * rk0[None, :]
+        ak20 = ak20 * rk2[:, None] * rk0[None, :]
+        aq21 = aq21 * rq2 * rk1[None, :]
+        ak21 = ak21 * rk2[:, None] * rk1[None, :]
+        aq30 = aq30 * rq3 * rk0[None, :]
+        ak30 = ak30 * rk3[:, None] * rk0[None, :]
+        aq31 = aq31 * rq3 * rk1[None, :]
+        ak31 = ak31 * rk3[:, None] * rk1[None, :]
+        aq32 = aq32 * rq3 * rk2[None, :]
+        ak32 = ak32 * rk3[:, None] * rk2[None, :]
+    _store_block(Aqk, aq10, t0, n, i_hv, HV, 1, 0)
+    _store_block(Aqk, aq20, t0, n, i_hv, HV, 2, 0)
+    _store_block(Aqk, aq21, t0, n, i_hv, HV, 2, 1)
+    _store_block(Aqk, aq30, t0, n, i_hv, HV, 3, 0)
+    _store_block(Aqk, aq31, t0, n, i_hv, HV, 3, 1)
+    _store_block(Aqk, aq32, t0, n, i_hv, HV, 3, 2)
+    if STORE_ARAW:
+        _store_block(Araw, ak10, t0, n, i_hv, HV, 1, 0)
+        _store_block(Araw, ak20, t0, n, i_hv, HV, 2, 0)
+        _store_block(Araw, ak21, t0, n, i_hv, HV, 2, 1)
+        _store_block(Araw, ak30, t0, n, i_hv, HV, 3, 0)
+        _store_block(Araw, ak31, t0, n, i_hv, HV, 3, 1)
+        _store_block(Araw, ak32, t0, n, i_hv, HV, 3, 2)
+    m00, m11, m22, m33 = _invert_diagonal_blocks(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID)
+    b1 = load_beta(beta, t0, 16 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
+    b2 = load_beta(beta, t0, 32 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
+    b3 = load_beta(beta, t0, 48 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
+    _store_offdiagonal_inverse(M, m00, m11, m22, m33, ak10 * b1, ak20 * b2, ak21 * b2, ak30 * b3, ak31 * b3,
+                               ak32 * b3, t0, n, i_hv, HV, PREC)
 
 
 @triton.jit
@@ -680,9 +812,11 @@ def chunk_kda_fwd(
     q, k = norms.get("q", q), norms.get("k", k)
     r_args = (norms["rq"], norms["rk"]) if on_load else (G, G)
     if NC > 0:
-        BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
-        _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG, PREC=prec,
-                                  NORM=on_load, BASE2=base2, FULL=full, **launch("gram"))
+        fused_solve = bool(LAUNCH["gram_solve"].get("on"))
+        if not fused_solve:
+            BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
+            _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG,
+                                      PREC=prec, NORM=on_load, BASE2=base2, FULL=full, **launch("gram"))
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
                                                          KP=KP, BH=BH, NORM=on_load, BASE2=base2,
@@ -690,8 +824,14 @@ def chunk_kda_fwd(
                                                          FILL=bool(LAUNCH["gram_diag"].get("fill")),
                                                          **launch("gram_diag"))
         solve = LAUNCH["solve"]
-        _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
-                                  FULL=full, num_warps=int(solve.get("inverse_warps") or 1))
+        if fused_solve:  # the off-diagonal gram and the inverse in one launch, after the diagonal blocks
+            BKS = min(int(LAUNCH["gram_solve"].get("BK") or BK), KP)
+            _gram_solve_kernel[(NC, HV)](q, k, G, beta, Araw, Aqk, M, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP,
+                                         BK=BKS, PREC=prec, NORM=on_load, BETA_SIGMOID=beta_sigmoid,
+                                         STORE_ARAW=for_backward, BASE2=base2, FULL=full, **launch("gram_solve"))
+        else:
+            _inverse_kernel[(NC, HV)](beta, Araw, M, cs, cl, HV=HV, BETA_SIGMOID=beta_sigmoid, PREC=prec,
+                                      FULL=full, num_warps=int(solve.get("inverse_warps") or 1))
         BVV = min(int(solve.get("BV") or BV), pow2(max(K, V)))  # column block of the products
         NB = triton.cdiv(max(K, V), BVV)
         _wu_kernel[(NC * NB, HV)](q, k, v, beta, G, M, U, Wk, Qg, Kd, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, V=V, BV=BVV,
