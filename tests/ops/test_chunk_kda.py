@@ -154,13 +154,13 @@ VARIANTS = [
     # may read different q/k heads) with sequences ending mid-sub-chunk
     ("gram_diag-BH1", "gram_diag", dict(BH=1), (-2,)),
     ("gram_diag-BH4", "gram_diag", dict(BH=4), (-2,)),
-    # two columns per loop trip (rows with an odd column count mask the second), and zeros stored above
-    # the diagonal within each block (never over a needed entry)
-    ("gram_diag-pair", "gram_diag", dict(pair=1), (-2, -1)),
-    ("gram_diag-fill", "gram_diag", dict(fill=1), (-2, -1)),
-    # the off-diagonal gram and the inverse in one launch (Araw's off-diagonal blocks stored for the
-    # backward only), on odd lengths and packed sequences with part chunks
-    ("gram_solve-fused", "gram_solve", dict(on=1), (1, -2, -1)),
+    # the diagonal blocks without the zeros stored above their diagonal (the default stores them)
+    ("gram_diag-no_fill", "gram_diag", dict(fill=0), (-2, -1)),
+    # the off-diagonal gram and the inverse in two launches (the default fuses them, Araw's off-diagonal
+    # blocks stored for the backward only), on odd lengths and packed sequences with part chunks; and the
+    # fused form's 16-wide key blocks (taken where programs are few)
+    ("gram_solve-two_launches", "gram_solve", dict(on=0), (1, -2, -1)),
+    ("gram_solve-BK16", "gram_solve", dict(BK=16, few_programs=0), (-2, -1)),
     # the output (step 5) computed inside the forward scan instead of its own kernel
     ("state_fwd-output_in_scan", "state_fwd", dict(output=1), (1, -2, -1)),
     # the solve's products in column blocks of 16 (more blocks than K / V here) or 32, against the
@@ -499,7 +499,7 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
 
     ref, args, kw = fused_forward_case(case, dtype, device)
     names = ("_rstd_kernel", "_rstd_prologue_kernel", "_gate_cumsum_kernel", "_l2norm_fwd_kernel", "_prologue_kernel",
-             "_gram_kernel", "_gram_diag_kernel", "_wu_kernel")
+             "_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel")
     ran = []
     for name in names:
         monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
@@ -509,7 +509,7 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
         o, ht = chunk_kda(*args, **kw)
     compare({"o": o, "ht": ht}, {"o": ref["o"], "ht": ref["ht"]}, dtype)
     prologue = {"_rstd_prologue_kernel"} if merge else {"_rstd_kernel", "_gate_cumsum_kernel"}
-    assert {name for name, _ in ran} == prologue | {"_gram_kernel", "_gram_diag_kernel", "_wu_kernel"}
+    assert {name for name, _ in ran} == prologue | {"_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel"}
     assert all(kw["NORM"] for name, kw in ran if name not in prologue)
     ran.clear()
     chunk_kda(*[a.clone().requires_grad_() for a in args], **kw)  # (a backward may follow: the copies)
@@ -554,7 +554,7 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
     from kimi_linear.ops.kda import chunk_fwd
 
     ref, args, kw = fused_forward_case(case, dtype, device)
-    readers = ("_gram_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
+    readers = ("_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
     names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel") + readers
     ran = []
     for name in names:
@@ -583,8 +583,8 @@ def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
     from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
 
     ran = []
-    fwd = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_kernel", "_gram_diag_kernel",
-           "_inverse_kernel", "_wu_kernel", "_output_kernel")
+    fwd = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_solve_kernel",
+           "_gram_diag_kernel", "_wu_kernel", "_output_kernel")
     bwd = ("_dw_local_kernel", "_chunk_grad_kernel", "_chunk_grad_finish_kernel", "_decay_grad_kernel",
            "_gate_grad_kernel", "_epilogue_kernel")
     for mod, names in ((chunk_fwd, fwd), (chunk_bwd, bwd)):
@@ -600,7 +600,7 @@ def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
             use_variant(monkeypatch, "chunks", full=flags[0], bwd=flags[1])
             ran.clear()
             out[flags] = run_case(inp, dtype=dtype, fn=chunk_kda, cu_seqlens=cu, fuse=True, backend="triton")
-            assert {n for n, _ in ran} >= {"_gram_kernel", "_gram_diag_kernel", "_inverse_kernel", "_wu_kernel",
+            assert {n for n, _ in ran} >= {"_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel",
                                           "_output_kernel", "_dw_local_kernel", "_chunk_grad_kernel",
                                           "_chunk_grad_finish_kernel", "_decay_grad_kernel"}
             for name, kw in ran:

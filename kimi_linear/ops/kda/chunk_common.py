@@ -148,10 +148,14 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # exponentials per (row, channel)) measured 1.91-5.2 ms against 1.74 for this kernel with _gram_kernel
     # at B8 T4K H32 (0.141 against 0.119 at B1 T4K H16; fwd graph-replayed 0.419 against 0.379): lost,
     # removed -- the third loss of the levels in the forward)
-    # pair=1: two columns per loop trip; fill=1: zeros stored above the diagonal within the block (whole
-    # 32-byte sectors). Session 21 candidates against FLA's same loop (0.85 ms against our 0.97-1.0 at B8 T4K
-    # H32, the same instructions per column but for our clamp): not yet measured
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, pair=0, fill=0),
+    # fill=1: zeros stored above the diagonal within the 16x16 block, so that no 32-byte sector of a row is
+    # left partly written (L2 merges such a sector with DRAM's copy). FLA's same loop took 0.85 ms against
+    # our 0.99 at B8 T4K H32 with the same instructions per column but for our clamp; H100, session 21,
+    # layer-fused no-grad forward graph-replayed (session21/kda_ab_gram_solve_diag_fill_h100.txt): the
+    # kernel 0.990 -> 0.876 ms, the call 4.271 -> 4.156 ms at B8 T4K H32, 5.185 -> 5.075 at B1 T64K H16:
+    # on. (Two columns per loop trip for more loads in flight, the same run: 4.273 / 5.192, no gain,
+    # removed.)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, fill=1),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),
@@ -161,9 +165,14 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     "solve": dict(num_warps=8, num_stages=1, BV=64, inverse_warps=1),
     # on=1: the off-diagonal gram and the inverse in one launch per (chunk, value head) after the diagonal
     # gram (_gram_solve_kernel: Araw's off-diagonal blocks stay in registers, stored only for a backward),
-    # instead of _gram_kernel + _inverse_kernel. Session 21 candidate, not yet measured: FLA 0.6.0's fused
-    # inter + solve takes 0.83 ms at B8 T4K H32 against our 0.77 + 0.19 (its autotuning: 1 warp; 2.35 ms on 4)
-    "gram_solve": dict(on=0, num_warps=1, num_stages=None, BK=32),
+    # instead of _gram_kernel + _inverse_kernel (FLA 0.6.0's fused inter + solve: 0.83 ms at B8 T4K H32,
+    # its autotuning picks 1 warp, 2.35 ms on 4). H100, session 21, layer-fused no-grad forward
+    # graph-replayed (session21/kda_ab_gram_solve_diag_fill_h100.txt), 1 warp, 16-row x 32-key tiles: the
+    # kernel 0.662 ms against 0.740 + 0.183 for the two, the call 4.271 -> 4.000 ms at B8 T4K H32, 5.185 ->
+    # 4.899 at B1 T64K H16; 2 warps 4.254 / 5.135, 4 warps 4.907 / 5.750 (255 registers at any width: few
+    # programs per SM, so one warp each); BK 16 4.100 / 5.000, but faster where programs are few (B1 T4K
+    # H16, 1024 programs: 0.046 ms against 0.055): few_programs is the NC x HV up to which BK 16 is taken
+    "gram_solve": dict(on=1, num_warps=1, num_stages=None, BK=32, few_programs=2048),
     # output: the output (step 5) inside the forward scan instead of _output_kernel: 1 always, 0 never,
     # None where the scan runs 64-wide tiles (many sequences x heads; chunk_fwd.chunk_kda_fwd)
     # skip_saved=1: a forward with no backward to follow (grad mode off, or no input needs a gradient)

@@ -6,9 +6,9 @@ Stages (one launch each; shapes for the packed stream of ``Ttot`` tokens, NC chu
 |------------------|-------------------|----------------------------|--------------------------------------|
 | gate + cumsum    | (NC, HV, K/BK)    | g (raw or log-decay)       | G [Ttot, HV, K] fp32 (step 2)        |
 | q/k norm         | rows              | q, k                       | normalised q, k; or, in a forward no backward follows, only rq, rk [H, Ttot] (the readers scale rows on load; in the gate's launch) |
-| gram (off-diag.) | (NC*4, HV)        | q, k, G                    | Araw, Aqk [Ttot, HV, 64] fp32 (3-5)  |
-| gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of both    |
-| solve: inverse   | (NC, HV)          | Araw, beta                 | M = (I + Diag(beta) Araw)^-1 (step 4)|
+| gram (diagonal)  | (NC*64, HV/BH)    | q, k, G                    | the 16x16 diagonal blocks of Araw, Aqk [Ttot, HV, 64] fp32 (step 3) |
+| gram + inverse   | (NC, HV)          | q, k, G, beta, Araw's diagonal blocks | Aqk's off-diagonal blocks; M = (I + Diag(beta) Araw)^-1 (steps 3-4); Araw's off-diagonal blocks only where a backward follows |
+| (two-launch form: gram (off-diag.) (NC*4, HV) writing Araw, Aqk, then inverse (NC, HV); launch table gram_solve on=0) | | | |
 | solve: products  | (NC*K/BV, HV)     | M, beta, q, k, v, G        | U, Wk, Qg, Kd (steps 4, 5, 7)        |
 | state scan       | (V/BV, N*HV)      | U, Wk, Kd, G_last (+Qg, Aqk)| h [NC, HV, K, V], W, final state (6-7); o where the scan is wide |
 | output           | (NC*V/64, HV)     | Qg, h, Aqk, W              | o (step 5), unless the scan wrote it |
@@ -198,7 +198,7 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
 def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
                       NORM: tl.constexpr, BASE2: tl.constexpr = False, FULL: tl.constexpr = False,
-                      PAIR: tl.constexpr = False, FILL: tl.constexpr = False):
+                      FILL: tl.constexpr = False):
     # Step 3's diagonal 16x16 blocks, token-parallel: one program per (chunk row r, BH value heads)
     # loops over j = start of r's sub-chunk .. r on [BH, K] tiles with exact pairwise decays,
     # Aqk[r, j] = sum_c q_r k_j e^{G_r - G_j} (j <= r), Araw[r, j] the same with k_r (j < r). Only the
@@ -227,17 +227,12 @@ def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
         # each column stored as it is made (no [BH, 16] accumulators selected into per step: fewer
         # registers, more programs per SM: 0.89 ms against 1.07-1.11 on an H100 at 1M tokens x heads);
         # nothing above the diagonal is stored (every reader masks to the lower triangle)
-        if PAIR:  # two columns per trip: twice the independent loads and exponentials in flight
-            for j in range(a0, r + 1, 2):
-                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
-                             H, HV, K, NORM, BASE2)
-                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j + 1, o_h, o_hv, p_qk, p_g,
-                             m_hk & (j < r), m_h & (j < r), TT, H, HV, K, NORM, BASE2)
-        else:
-            for j in range(a0, r + 1):
-                _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
-                             H, HV, K, NORM, BASE2)
-        if FILL:  # zeros above the diagonal within the block: every 32-byte sector of it written whole
+        for j in range(a0, r + 1):
+            _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, p_qk, p_g, m_hk, m_h, TT,
+                         H, HV, K, NORM, BASE2)
+        if FILL:  # zeros above the diagonal within the block: every 32-byte sector of the row written whole
+            # (a sector left partly written is merged in L2 with what DRAM holds; H100, session 21: the
+            # kernel 0.99 -> 0.876 ms at B8 T4K H32, gram_diag fill)
             o_s = tl.arange(0, 16)
             p_f = ((t0 + r) * HV + o_hv[:, None]) * 64 + a0 + o_s[None, :]
             m_f = m_h[:, None] & (a0 + o_s > r)[None, :]
@@ -820,12 +815,14 @@ def chunk_kda_fwd(
         BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
         _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
                                                          KP=KP, BH=BH, NORM=on_load, BASE2=base2,
-                                                         FULL=full, PAIR=bool(LAUNCH["gram_diag"].get("pair")),
-                                                         FILL=bool(LAUNCH["gram_diag"].get("fill")),
+                                                         FULL=full, FILL=bool(LAUNCH["gram_diag"].get("fill")),
                                                          **launch("gram_diag"))
         solve = LAUNCH["solve"]
         if fused_solve:  # the off-diagonal gram and the inverse in one launch, after the diagonal blocks
-            BKS = min(int(LAUNCH["gram_solve"].get("BK") or BK), KP)
+            # 16-wide key blocks where the programs are few (B1 T4K H16, 1024 programs: 0.046 ms against
+            # 0.055 with 32; at 16K programs and more 32 is faster: 0.66 against 0.76 at B8 T4K H32)
+            few = NC * HV <= int(LAUNCH["gram_solve"].get("few_programs") or 0)
+            BKS = min(16 if few else int(LAUNCH["gram_solve"].get("BK") or BK), KP)
             _gram_solve_kernel[(NC, HV)](q, k, G, beta, Araw, Aqk, M, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP,
                                          BK=BKS, PREC=prec, NORM=on_load, BETA_SIGMOID=beta_sigmoid,
                                          STORE_ARAW=for_backward, BASE2=base2, FULL=full, **launch("gram_solve"))
