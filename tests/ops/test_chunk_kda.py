@@ -270,6 +270,15 @@ class _Watched:
         return launch
 
 
+def watch_launches(monkeypatch, module, names, ran=None) -> list:
+    """Record the launches of ``module``'s kernels ``names`` from here on in this test: the list of
+    (name, keywords) they append to (``ran``, or a new one)."""
+    ran = [] if ran is None else ran
+    for name in names:
+        monkeypatch.setattr(module, name, _Watched(getattr(module, name), name, ran))
+    return ran
+
+
 @pytest.mark.parametrize("half_dy", [0, 1])
 def test_chunk_kda_interpreter_half_dy_ahead_of_l2norm(half_dy, monkeypatch):
     # dq / dk in the input dtype (fp16 here; the default) ahead of the fused l2norm backward, or fp32;
@@ -500,9 +509,7 @@ def check_norm_on_load(case, dtype, monkeypatch, device="cpu", merge=0):
     ref, args, kw = fused_forward_case(case, dtype, device)
     names = ("_rstd_kernel", "_rstd_prologue_kernel", "_gate_cumsum_kernel", "_l2norm_fwd_kernel", "_prologue_kernel",
              "_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel")
-    ran = []
-    for name in names:
-        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    ran = watch_launches(monkeypatch, chunk_fwd, names)
     use_variant(monkeypatch, "l2norm", on_load=1)
     use_variant(monkeypatch, "gate", merge_rstd=merge)
     with torch.no_grad():
@@ -525,9 +532,7 @@ def check_gram_solve_no_grad(case, dtype, monkeypatch, device="cpu"):
 
     ref, args, kw = fused_forward_case(case, dtype, device)
     monkeypatch.setattr(chunk_common, "POISON", True)
-    ran = []
-    for name in ("_gram_kernel", "_inverse_kernel", "_gram_solve_kernel"):
-        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    ran = watch_launches(monkeypatch, chunk_fwd, ("_gram_kernel", "_inverse_kernel", "_gram_solve_kernel"))
     out = {}
     for on in (0, 1):
         use_variant(monkeypatch, "gram_solve", on=on)
@@ -556,9 +561,7 @@ def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
     ref, args, kw = fused_forward_case(case, dtype, device)
     readers = ("_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
     names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel") + readers
-    ran = []
-    for name in names:
-        monkeypatch.setattr(chunk_fwd, name, _Watched(getattr(chunk_fwd, name), name, ran))
+    ran = watch_launches(monkeypatch, chunk_fwd, names)
     out = {}
     for base2 in (1, 0):
         use_variant(monkeypatch, "gate", base2=base2)
@@ -582,14 +585,12 @@ def check_full_chunks(device, dtype, monkeypatch, K=32, V=16):
     table-reading launches; a stream with a part chunk keeps reading the table."""
     from kimi_linear.ops.kda import chunk_bwd, chunk_fwd
 
-    ran = []
     fwd = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel", "_gram_solve_kernel",
            "_gram_diag_kernel", "_wu_kernel", "_output_kernel")
     bwd = ("_dw_local_kernel", "_chunk_grad_kernel", "_chunk_grad_finish_kernel", "_decay_grad_kernel",
            "_gate_grad_kernel", "_epilogue_kernel")
-    for mod, names in ((chunk_fwd, fwd), (chunk_bwd, bwd)):
-        for name in names:
-            monkeypatch.setattr(mod, name, _Watched(getattr(mod, name), name, ran))
+    ran = watch_launches(monkeypatch, chunk_fwd, fwd)
+    watch_launches(monkeypatch, chunk_bwd, bwd, ran)
     use_variant(monkeypatch, "state_fwd", output=0)  # (the output kernel runs too)
     use_variant(monkeypatch, "state_bwd", dw_local=1)  # (and the backward's dW-local kernel)
     for offsets, full in (([0, 64, 192], True), ([0, 64, 150], False)):

@@ -409,6 +409,13 @@ def _columns_to(b_k, b_g, b_gr, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _add_block(aq, ak, b_q, b_kd, b_c, PREC: tl.constexpr):
+    """One key block's share of an off-diagonal 16x16 block of Aqk and of Araw: the row sub-chunk's decayed
+    q and k [16, BK] times the column sub-chunk's decayed k, transposed [BK, 16] (_columns_to)."""
+    return aq + tl.dot(b_q, b_c, input_precision=PREC), ak + tl.dot(b_kd, b_c, input_precision=PREC)
+
+
+@triton.jit
 def _gram_solve_kernel(q, k, G, beta, Araw, Aqk, M, rq, rk, chunk_start, chunk_len, TT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BK: tl.constexpr,
                        PREC: tl.constexpr, NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr, STORE_ARAW: tl.constexpr,
@@ -442,24 +449,12 @@ def _gram_solve_kernel(q, k, G, beta, Araw, Aqk, M, rq, rk, chunk_start, chunk_l
         q1, k1d, k1, g1, r1 = _decayed_rows(q, k, G, t0, n, 1, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
         q2, k2d, k2, g2, r2 = _decayed_rows(q, k, G, t0, n, 2, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
         q3, k3d, _, _, r3 = _decayed_rows(q, k, G, t0, n, 3, o_k, m_k, i_h, i_hv, H, HV, K, BASE2)
-        c = _columns_to(k0, g0, r1, BASE2)
-        aq10 += tl.dot(q1, c, input_precision=PREC)
-        ak10 += tl.dot(k1d, c, input_precision=PREC)
-        c = _columns_to(k0, g0, r2, BASE2)
-        aq20 += tl.dot(q2, c, input_precision=PREC)
-        ak20 += tl.dot(k2d, c, input_precision=PREC)
-        c = _columns_to(k1, g1, r2, BASE2)
-        aq21 += tl.dot(q2, c, input_precision=PREC)
-        ak21 += tl.dot(k2d, c, input_precision=PREC)
-        c = _columns_to(k0, g0, r3, BASE2)
-        aq30 += tl.dot(q3, c, input_precision=PREC)
-        ak30 += tl.dot(k3d, c, input_precision=PREC)
-        c = _columns_to(k1, g1, r3, BASE2)
-        aq31 += tl.dot(q3, c, input_precision=PREC)
-        ak31 += tl.dot(k3d, c, input_precision=PREC)
-        c = _columns_to(k2, g2, r3, BASE2)
-        aq32 += tl.dot(q3, c, input_precision=PREC)
-        ak32 += tl.dot(k3d, c, input_precision=PREC)
+        aq10, ak10 = _add_block(aq10, ak10, q1, k1d, _columns_to(k0, g0, r1, BASE2), PREC)
+        aq20, ak20 = _add_block(aq20, ak20, q2, k2d, _columns_to(k0, g0, r2, BASE2), PREC)
+        aq21, ak21 = _add_block(aq21, ak21, q2, k2d, _columns_to(k1, g1, r2, BASE2), PREC)
+        aq30, ak30 = _add_block(aq30, ak30, q3, k3d, _columns_to(k0, g0, r3, BASE2), PREC)
+        aq31, ak31 = _add_block(aq31, ak31, q3, k3d, _columns_to(k1, g1, r3, BASE2), PREC)
+        aq32, ak32 = _add_block(aq32, ak32, q3, k3d, _columns_to(k2, g2, r3, BASE2), PREC)
     o_s = tl.arange(0, 16)
     if NORM:  # both products scale by the norms' rstd of their row and of their column
         p_r = i_h * TT + t0 + o_s
@@ -470,18 +465,12 @@ def _gram_solve_kernel(q, k, G, beta, Araw, Aqk, M, rq, rk, chunk_start, chunk_l
         rk1 = tl.load(rk + p_r + 16, mask=16 + o_s < n, other=0)
         rk2 = tl.load(rk + p_r + 32, mask=32 + o_s < n, other=0)
         rk3 = tl.load(rk + p_r + 48, mask=48 + o_s < n, other=0)
-        aq10 = aq10 * rq1 * rk0[None, :]
-        ak10 = ak10 * rk1[:, None] * rk0[None, :]
-        aq20 = aq20 * rq2 * rk0[None, :]
-        ak20 = ak20 * rk2[:, None] * rk0[None, :]
-        aq21 = aq21 * rq2 * rk1[None, :]
-        ak21 = ak21 * rk2[:, None] * rk1[None, :]
-        aq30 = aq30 * rq3 * rk0[None, :]
-        ak30 = ak30 * rk3[:, None] * rk0[None, :]
-        aq31 = aq31 * rq3 * rk1[None, :]
-        ak31 = ak31 * rk3[:, None] * rk1[None, :]
-        aq32 = aq32 * rq3 * rk2[None, :]
-        ak32 = ak32 * rk3[:, None] * rk2[None, :]
+        aq10, ak10 = aq10 * rq1 * rk0[None, :], ak10 * rk1[:, None] * rk0[None, :]
+        aq20, ak20 = aq20 * rq2 * rk0[None, :], ak20 * rk2[:, None] * rk0[None, :]
+        aq21, ak21 = aq21 * rq2 * rk1[None, :], ak21 * rk2[:, None] * rk1[None, :]
+        aq30, ak30 = aq30 * rq3 * rk0[None, :], ak30 * rk3[:, None] * rk0[None, :]
+        aq31, ak31 = aq31 * rq3 * rk1[None, :], ak31 * rk3[:, None] * rk1[None, :]
+        aq32, ak32 = aq32 * rq3 * rk2[None, :], ak32 * rk3[:, None] * rk2[None, :]
     _store_block(Aqk, aq10, t0, n, i_hv, HV, 1, 0)
     _store_block(Aqk, aq20, t0, n, i_hv, HV, 2, 0)
     _store_block(Aqk, aq21, t0, n, i_hv, HV, 2, 1)
