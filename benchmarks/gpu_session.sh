@@ -13,15 +13,17 @@
 # whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
 # other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
 # ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v19 and Known gaps): fwd+bwd 1.24-1.27x ahead of FLA's exact path and
-# 1.03-1.05x ahead of its bounded-gate path at the three training shapes (session 19, same run); the
-# layer-fused forward 8% / 2% / 6% behind the bounded path (4.43 against 4.05 ms at B8 T4K H32; our
-# log-decay-input forward 4.08 is level with it), flash attention 2.04 fwd / 8.03 fwd+bwd. The inference
-# forward normalises q/k on load since session 19 (l2norm on_load); the rest of the layer-fused
-# forward's gap is its prologue (gate softplus + cumsum 0.35 ms, rstd 0.19) and the readers' row
-# scaling (~0.12). Nsight Compute (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the
-# chunk-gradient and decay-product kernels latency-bound at one program per SM (255 / 231 registers):
-# the route to flash attention's time is still fewer bytes per (token, head), i.e. the on-chip rewrite.
+# Issue 7 (docs/kernels.md, v21 and Known gaps): since session 21 ahead of FLA's bounded-gate path at the
+# three training shapes in the same eager run (layer-fused fwd 3.89 / 3.82 / 4.81 ms against 4.06 / 4.32 /
+# 5.09, fwd+bwd 17.7 / 17.5 / 19.3 against 18.9 / 18.8 / 21.0), flash attention 1.99 fwd / 7.98 fwd+bwd at
+# B8 T4K H32. Not yet measured: the bounded path at B1 T4K H16 graph-replayed (`bench kda --cuda-graph
+# --shapes 1x4096x16`, FLA's providers included); Aqk stored in bf16 with today's kernels
+# (KDA_AB_VARIANTS="base half_store.aqk=1", fwd and fwdbwd; session 17 found it split by shape). The
+# no-grad forward per kernel at B8 T4K H32: products 0.98 (at their own byte floor), diagonal gram 0.88,
+# scan + output 0.90, gram + inverse 0.66 (255 registers, 1 warp), prologue 0.50. Nsight Compute
+# (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the chunk-gradient and decay-product
+# kernels latency-bound at one program per SM: the route to flash attention's time is still fewer bytes
+# per (token, head), i.e. the on-chip rewrite.
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16; FLA's bounded-gate path is among the default
 # providers since session 19) took 310 s in session 19 with its autotuning cached (the committed archive
 # now holds it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
