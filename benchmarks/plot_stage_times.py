@@ -11,7 +11,8 @@ Reads the per-kernel profiles the launch sweep prints (``benchmarks/chunk_kda_sw
 Each bar is ``label=file:block`` with block ``baseline``, ``fused`` or ``FLA``; ``+best`` after the
 block replaces each swept kernel's time by its best candidate from the same file. A bar from a
 ``bench kda --profile`` JSONL is ``label=file.jsonl:provider@BxTxH@mode``, e.g.
-``"FLA bounded=kda.jsonl:fla_kda_safe@8x4096x32@fwd"``.
+``"FLA bounded=kda.jsonl:fla_kda_safe@8x4096x32@fwd"``; from a launch-table A/B log (``launch_ab_graph.py
+--profile``) ``label=file.txt:variant@BxTxH@mode``, e.g. ``"v21=kda_ab.txt:base@8x4096x32@fwd"``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,38 @@ def read_profile_jsonl(path: str, key: str) -> dict[str, float]:
     raise ValueError(f"{path}: no row {key}")
 
 
+def read_ab_table(path: str, key: str) -> dict[str, float]:
+    """Kernel -> ms of one variant's column in a launch-table A/B log's per-kernel table
+    (``benchmarks/launch_ab_graph.py --profile``), ``key`` = ``variant@BxTxH@mode``. The table's column
+    headers are cut to 22 characters, so the column is found from the order in which the log's JSON rows
+    name the variants (the order of the run's ``--variant`` arguments)."""
+    variant, shape, mode = key.split("@")
+    order: list[str] = []
+    for line in open(path):
+        if line.startswith("{"):
+            v = json.loads(line).get("variant")
+            if v is not None and v not in order:
+                order.append(v)
+    if variant not in order:
+        raise ValueError(f"{path}: no variant {variant!r} (the log has {order})")
+    col = order.index(variant)
+    head = f"kernel ({'-'.join(f'{c}{x}' for c, x in zip('BTH', shape.split('x')))} {mode}, ms)"
+    times: dict[str, float] = {}
+    inside = False
+    for line in open(path):
+        if line.startswith(head):
+            inside = True
+            continue
+        if inside:
+            cells = line.split()
+            if not cells or cells[0] == "total":
+                return times
+            ms = float(cells[1 + col])
+            if ms > 0:
+                times[cells[0]] = ms
+    raise ValueError(f"{path}: no per-kernel table {head!r}")
+
+
 def best_per_kernel(path: str) -> dict[str, float]:
     """Swept kernel -> its best candidate's ms (the '-> name: best {...} X ms' lines)."""
     names = {"decay_grad": "_decay_grad_kernel", "gram_diag": "_gram_diag_kernel", "gram": "_gram_kernel",
@@ -104,7 +137,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("bars", nargs="+", help="label=file:block[+best], or label=file.jsonl:provider@BxTxH@mode")
+    ap.add_argument("bars", nargs="+", help="label=file:block[+best], label=file.jsonl:provider@BxTxH@mode, or "
+                    "label=ab_log.txt:variant@BxTxH@mode")
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="chunked KDA fwd+bwd per stage, B=1 T=65536 H=16 K=V=128 bf16, H100")
     ap.add_argument("--xlabel", default="GPU time per fwd+bwd (ms, torch.profiler)")
@@ -115,6 +149,8 @@ def main() -> None:
         path, block = rest.rsplit(":", 1)
         if path.endswith(".jsonl"):
             times = read_profile_jsonl(path, block)
+        elif block.count("@") == 2:
+            times = read_ab_table(path, block)
         else:
             times = read_block(path, block.removesuffix("+best"))
             if block.endswith("+best"):

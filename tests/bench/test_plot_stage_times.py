@@ -69,3 +69,31 @@ def test_bench_profile_rows_and_the_merged_launches(tmp_path):
         pst.read_profile_jsonl(str(path), "flash@8x4096x32@fwd")
     with pytest.raises(ValueError, match="no row"):
         pst.read_profile_jsonl(str(path), "ours_fused@1x4096x16@fwd")
+
+
+def test_launch_ab_tables(tmp_path):
+    """A bar from a launch-table A/B log: the variant's column (headers cut to 22 characters) found by the
+    order of the log's JSON rows; kernels at 0 ms (not launched by that variant) left out; an unknown
+    variant or shape refused by name. The committed session-21 log reads back to its printed totals."""
+    import pytest
+
+    log = tmp_path / "ab.txt"
+    log.write_text(
+        "kernel (B8-T4096-H32 fwd, ms)              gram_solve.on=0,gram_d                    base  last - first\n"
+        "_gram_diag_kernel                                 0.9880                  0.8745       -0.1135\n"
+        "_gram_kernel                                      0.7368                  0.0000       -0.7368\n"
+        "_gram_solve_kernel                                0.0000                  0.6599       +0.6599\n"
+        "total                                             1.7248                  1.5344       -0.1904\n"
+        '{"shape": "B8-T4096-H32", "mode": "fwd", "variant": "gram_solve.on=0,gram_diag.fill=0", "ms": [1.0]}\n'
+        '{"shape": "B8-T4096-H32", "mode": "fwd", "variant": "base", "ms": [1.0]}\n')
+    assert pst.read_ab_table(str(log), "base@8x4096x32@fwd") == {"_gram_diag_kernel": 0.8745,
+                                                                  "_gram_solve_kernel": 0.6599}
+    old = pst.read_ab_table(str(log), "gram_solve.on=0,gram_diag.fill=0@8x4096x32@fwd")
+    assert old == {"_gram_diag_kernel": 0.988, "_gram_kernel": 0.7368}
+    assert pst.stages(old)["fwd: intra-chunk (grams, inverse)"] == 0.988 + 0.7368
+    with pytest.raises(ValueError, match="no variant"):
+        pst.read_ab_table(str(log), "gram_solve.on=1@8x4096x32@fwd")
+    with pytest.raises(ValueError, match="no per-kernel table"):
+        pst.read_ab_table(str(log), "base@1x4096x16@fwd")
+    committed = ROOT / "benchmarks" / "results" / "kda" / "session21" / "kda_ab_gram_solve_fill_defaults_h100.txt"
+    assert abs(sum(pst.read_ab_table(str(committed), "base@8x4096x32@fwd").values()) - 3.9079) < 2e-3
