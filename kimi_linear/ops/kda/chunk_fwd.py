@@ -273,6 +273,17 @@ def _store_block(base, x, t0, n, i_hv, HV: tl.constexpr, a: tl.constexpr, b: tl.
 
 
 @triton.jit
+def _store_lower_blocks(base, x10, x20, x21, x30, x31, x32, t0, n, i_hv, HV: tl.constexpr):
+    """The six 16x16 blocks below the diagonal of a per-chunk [64, 64] matrix, block (a, b) as ``xab``."""
+    _store_block(base, x10, t0, n, i_hv, HV, 1, 0)
+    _store_block(base, x20, t0, n, i_hv, HV, 2, 0)
+    _store_block(base, x21, t0, n, i_hv, HV, 2, 1)
+    _store_block(base, x30, t0, n, i_hv, HV, 3, 0)
+    _store_block(base, x31, t0, n, i_hv, HV, 3, 1)
+    _store_block(base, x32, t0, n, i_hv, HV, 3, 2)
+
+
+@triton.jit
 def scan_program(HV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
     """Where a state-scan program works (grid (V-tiles, sequences x value heads)): its sequence ``i_n``,
     value head, and key / column / chunk-row ranges."""
@@ -376,12 +387,7 @@ def _store_offdiagonal_inverse(M, m00, m11, m22, m33, l10, l20, l21, l30, l31, l
                   input_precision=PREC)
     m30 = -tl.dot(m33, tl.dot(l30, m00, input_precision=PREC) + tl.dot(l31, m10, input_precision=PREC)
                   + tl.dot(l32, m20, input_precision=PREC), input_precision=PREC)
-    _store_block(M, m10, t0, n, i_hv, HV, 1, 0)
-    _store_block(M, m20, t0, n, i_hv, HV, 2, 0)
-    _store_block(M, m21, t0, n, i_hv, HV, 2, 1)
-    _store_block(M, m30, t0, n, i_hv, HV, 3, 0)
-    _store_block(M, m31, t0, n, i_hv, HV, 3, 1)
-    _store_block(M, m32, t0, n, i_hv, HV, 3, 2)  # (the blocks above the diagonal are never read)
+    _store_lower_blocks(M, m10, m20, m21, m30, m31, m32, t0, n, i_hv, HV)  # (those above are never read)
 
 
 @triton.jit
@@ -471,19 +477,9 @@ def _gram_solve_kernel(q, k, G, beta, Araw, Aqk, M, rq, rk, chunk_start, chunk_l
         aq30, ak30 = aq30 * rq3 * rk0[None, :], ak30 * rk3[:, None] * rk0[None, :]
         aq31, ak31 = aq31 * rq3 * rk1[None, :], ak31 * rk3[:, None] * rk1[None, :]
         aq32, ak32 = aq32 * rq3 * rk2[None, :], ak32 * rk3[:, None] * rk2[None, :]
-    _store_block(Aqk, aq10, t0, n, i_hv, HV, 1, 0)
-    _store_block(Aqk, aq20, t0, n, i_hv, HV, 2, 0)
-    _store_block(Aqk, aq21, t0, n, i_hv, HV, 2, 1)
-    _store_block(Aqk, aq30, t0, n, i_hv, HV, 3, 0)
-    _store_block(Aqk, aq31, t0, n, i_hv, HV, 3, 1)
-    _store_block(Aqk, aq32, t0, n, i_hv, HV, 3, 2)
+    _store_lower_blocks(Aqk, aq10, aq20, aq21, aq30, aq31, aq32, t0, n, i_hv, HV)
     if STORE_ARAW:
-        _store_block(Araw, ak10, t0, n, i_hv, HV, 1, 0)
-        _store_block(Araw, ak20, t0, n, i_hv, HV, 2, 0)
-        _store_block(Araw, ak21, t0, n, i_hv, HV, 2, 1)
-        _store_block(Araw, ak30, t0, n, i_hv, HV, 3, 0)
-        _store_block(Araw, ak31, t0, n, i_hv, HV, 3, 1)
-        _store_block(Araw, ak32, t0, n, i_hv, HV, 3, 2)
+        _store_lower_blocks(Araw, ak10, ak20, ak21, ak30, ak31, ak32, t0, n, i_hv, HV)
     m00, m11, m22, m33 = _invert_diagonal_blocks(beta, Araw, M, t0, n, i_hv, HV, BETA_SIGMOID)
     b1 = load_beta(beta, t0, 16 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
     b2 = load_beta(beta, t0, 32 + o_s, n, i_hv, HV, BETA_SIGMOID)[:, None]
