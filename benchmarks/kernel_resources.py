@@ -128,7 +128,7 @@ def cases():
                cb._chunk_grad_kernel,
                dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32", V_APART=apart, HALF_DOTS=half), 8, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
-        for fac in (0, 1, 2):
+        for fac in (0, 1, 2, 3):
             for rolled in (False, True):
                 yield (f"decay products {prec} factored={fac}{' rolled' if rolled else ''}", cb._decay_grad_kernel,
                        dict(hk, BK=dg["BK"], PREC=prec, FACTORED=fac, ROLLED=rolled), dg["num_warps"], dg["num_stages"])

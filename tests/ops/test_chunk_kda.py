@@ -182,6 +182,8 @@ VARIANTS = [
     ("decay_grad-one-reference", "decay_grad", dict(factored=1), (1, -2, -1)),
     # the halving levels as a loop (runtime level sizes) in every sub-chunk
     ("decay_grad-rolled-levels", "decay_grad", dict(factored=0, rolled=1), (1, -1)),
+    # tiered: the fewest halving levels, then each remaining group through its own midpoint
+    ("decay_grad-tiered", "decay_grad", dict(factored=3), (1, -2, -1)),
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
@@ -417,6 +419,7 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # block 0's program
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
+                    "tiered_diagonal": ("decay_grad", dict(factored=3)),
                     "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0))}
 
 
@@ -428,14 +431,17 @@ def test_chunk_kda_interpreter_variant_extreme_gates(variant, monkeypatch):
 
 
 def check_graded_gates(device, dtype):
-    """Gate sizes graded by sub-chunk: on a few channels, per-token gates of about -1, -6, -15 and -40
+    """Gate sizes graded by sub-chunk: on a few channels, per-token gates of about -1, -6, -15, -40 and -80
     span <= 60 over 16 rows, over 8 rows only, over 4 rows only, and not even over 4 rows, so the decay
     products' diagonal takes the factored form and the halving levels in one run (session 9 also had
-    tiers for 8- and 4-row groups here: a mutation of each tier failed this); the other channels keep
-    small gates, so every form's pairs carry weight in the gradients. All against the fp64 reference."""
+    tiers for 8- and 4-row groups here: a mutation of each tier failed this). Through each group's
+    midpoint (spans <= 120) the tiered form (factored=3) takes the whole sub-chunk (-1, -6), 8-row groups
+    (-15), 4-row groups (-40) and 2-row groups (-80) here; a mutation dropping any one tier's pairs fails
+    it. The other channels keep small gates, so every form's pairs carry weight in the gradients. All
+    against the fp64 reference."""
     T = 150
     inp = make_inputs(1, T, 1, 2, 32, 16, h0=True, device=device, seed=5)
-    size = torch.tensor([1.0, 6.0, 15.0, 40.0], device=device)[(torch.arange(T, device=device) // 16) % 4]
+    size = torch.tensor([1.0, 6.0, 15.0, 40.0, 80.0], device=device)[(torch.arange(T, device=device) // 16) % 5]
     gen = torch.Generator(device="cpu").manual_seed(6)
     u = 0.5 + 0.5 * torch.rand(inp["g"].shape, generator=gen).to(device)
     big = (torch.arange(32, device=device) % 8 == 0)  # 4 of the 32 channels
@@ -445,7 +451,7 @@ def check_graded_gates(device, dtype):
     compare(out, ref, dtype)
 
 
-@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1)])
+@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (3, 1)])
 def test_chunk_kda_interpreter_graded_gates(factored, rolled, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
     check_graded_gates("cpu", torch.float32)
@@ -825,7 +831,7 @@ def test_chunk_kda_gpu_variant_fused_and_extreme(cuda_device, variant, dtype, mo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)])
+@pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (3, 1)])
 def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
     check_graded_gates(cuda_device, torch.float32)

@@ -433,12 +433,68 @@ def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b
 
 
 @triton.jit
+def _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV: tl.constexpr, K: tl.constexpr):
+    """G at the last valid row of each row's aligned group of ``gs`` rows ([16, BK], a gathered load of
+    rows the program has just read)."""
+    last = tl.minimum((o_s // gs) * gs + gs - 1, n - 1 - a * 16)
+    return tl.load(G + ((t0 + a * 16 + last[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_k[None, :], other=0)
+
+
+@triton.jit
+def _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, gs, HV: tl.constexpr, K: tl.constexpr):
+    """max over the program's channels and the sub-chunk's aligned groups of ``gs`` rows of the group's
+    gate span. G does not increase along a sequence (g <= 0), so a group's span is its first valid row's
+    G minus its last's, and the max over a group's rows of G_r - G_last is that span."""
+    b_gl = _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
+    return tl.max(tl.max(tl.where(m_rk, b_g - b_gl, 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _diag_tiered(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
+                 HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
+    """The diagonal sub-block's pairs j < t, exact for any gate: the fewest halving levels (8, 4, ...)
+    after which every aligned group of the remaining size gs spans <= 2 FACTOR_SPAN on every channel,
+    then the pairs inside each group through the group's midpoint per channel (both factors within
+    [e^-FACTOR_SPAN, e^FACTOR_SPAN], as in ``_diag_factored``'s MID form). No level when the whole
+    sub-chunk's span allows (the factored form); all four levels, and no group left, when not even
+    2-row groups do. A sub-chunk too wide for one reference thus pays one level and one factored pass
+    per halving instead of all four levels (the layer-fused benchmark's gates: 45% of the sub-chunks
+    of a 32-channel block span <= 120, another 36% in both 8-row halves, the rest in 4-row groups)."""
+    lim = 2 * FACTOR_SPAN
+    n_lvl = 4
+    if _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 16, HV, K) <= lim:
+        n_lvl = 0
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 8, HV, K) <= lim:
+        n_lvl = 1
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 4, HV, K) <= lim:
+        n_lvl = 2
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 2, HV, K) <= lim:
+        n_lvl = 3
+    for lvl in range(n_lvl):
+        b_dq2, b_dk3, b_dk4, b_dk5 = _diag_level(8 >> lvl, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
+                                                 b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+    gs = 16 >> n_lvl
+    if gs > 1:
+        first = (o_s // gs) * gs
+        b_gf = tl.load(G + ((t0 + a * 16 + first[:, None]) * HV + i_hv) * K + o_k[None, :],
+                       mask=((a * 16 + first) < n)[:, None] & m_k[None, :], other=0)
+        b_gl = _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
+        # rows past the chunk's end get finite clamped factors and meet zero operands or masked stores
+        d = tl.minimum(tl.maximum(b_g - 0.5 * (b_gf + b_gl), -FACTOR_SPAN), FACTOR_SPAN)
+        pair = ((o_s[:, None] // gs) == (o_s[None, :] // gs)) & (o_s[:, None] > o_s[None, :])
+        b_dq2, b_dk3, b_dk4, b_dk5 = _pair_products(pair, b_daq, b_da, b_q, b_k, exp(d), exp(-d),
+                                                    b_dq2, b_dk3, b_dk4, b_dk5, PREC)
+    return b_dq2, b_dk3, b_dk4, b_dk5
+
+
+@triton.jit
 def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
                     FACTORED: tl.constexpr, ROLLED: tl.constexpr):
     """For the rows of sub-chunk a (exact, docs/kda.md step 3), with D[t,i] = e^{G_t - G_i}
     (FACTORED: the diagonal block's form, 0 = halving levels, 1 = factored through the sub-chunk's top
-    where the span allows (<= 60), 2 = through its midpoint (span <= 120), else levels):
+    where the span allows (<= 60), 2 = through its midpoint (span <= 120), else levels, 3 = tiered:
+    levels until the groups left span <= 120, then each group through its midpoint):
     dq2 = sum_{i<=t} dAqk[t,i] k_i D,  dk3 = sum_{i<t} dA[t,i] k_i D  (rows t of a), and
     dk4 = sum_{t>i} dA[t,i] k_t D,  dk5 = sum_{t>=i} dAqk[t,i] q_t D  (rows i of a).
     Off-diagonal sub-blocks go through a reference token (tl.dot, one earlier or later sub-chunk at
@@ -505,7 +561,11 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
     b_dk5 += c_q * b_q
     b_dk3 += c_a * b_k
     b_dk4 += c_a * b_k
-    if FACTORED > 0:
+    if FACTORED == 3:
+        # the fewest halving levels that leave groups narrow enough for one reference each (_diag_tiered)
+        b_dq2, b_dk3, b_dk4, b_dk5 = _diag_tiered(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, b_q, b_k, b_daq,
+                                                  b_da, b_dq2, b_dk3, b_dk4, b_dk5, HV, K, PREC)
+    elif FACTORED > 0:
         # the whole sub-chunk through one reference where its gate span allows (exact there, see
         # _diag_factored; FACTORED 2 = the midpoint reference, twice the span); the halving levels
         # otherwise. The span is the same for every row of the program, so the branch is uniform.
