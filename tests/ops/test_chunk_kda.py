@@ -173,17 +173,18 @@ VARIANTS = [
     ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
     ("chunk_grad-v_in_block0", "chunk_grad", dict(v_apart=0), (3, -1)),
     ("chunk_grad-v_in_block0-BK16", "chunk_grad", dict(BK=16, BV=16, v_apart=0), (3, -1)),
-    # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default factors
-    # a sub-chunk through each channel's midpoint where its gate span allows, the levels as a loop for the
-    # rest: the odd-T case takes the factored form in every sub-chunk, the fused cases' larger gates take
-    # both forms; a mutation that drops either fails them)
+    # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default, tiered,
+    # takes the fewest levels as a loop and then factors each remaining group through its midpoint: the
+    # odd-T case factors every sub-chunk whole, the fused cases' larger gates take the tiers too;
+    # check_graded_gates below takes every tier, and a mutation that drops any one fails it)
     ("decay_grad-levels", "decay_grad", dict(factored=0, rolled=0), (1, -2, -1)),
     # the factored diagonal through one reference (the first row; spans up to 60 factored)
     ("decay_grad-one-reference", "decay_grad", dict(factored=1), (1, -2, -1)),
     # the halving levels as a loop (runtime level sizes) in every sub-chunk
     ("decay_grad-rolled-levels", "decay_grad", dict(factored=0, rolled=1), (1, -1)),
-    # tiered: the fewest halving levels, then each remaining group through its own midpoint
-    ("decay_grad-tiered", "decay_grad", dict(factored=3), (1, -2, -1)),
+    # the whole sub-chunk through its midpoint where the span allows (<= 120), the levels elsewhere (the
+    # default tiers: the fewest levels, then each remaining group through its own midpoint)
+    ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
@@ -413,13 +414,13 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 
 
 # launch-table forms off the default path that treat large gates differently, each with gates at -1e4
-# (the default, above, factors the decay products' diagonal through the midpoint where the span allows
-# and keeps the halving levels for the rest): the levels in every sub-chunk, the diagonal factored
-# through one reference (spans > 60 keep the levels); the chunk-gradient kernel's V-only work inside key
+# (the default, above, tiers the decay products' diagonal: at -1e4 every sub-chunk takes all four levels):
+# the levels in every sub-chunk, the diagonal factored through one reference (spans > 60 keep the levels)
+# or through the midpoint (spans > 120 keep them); the chunk-gradient kernel's V-only work inside key
 # block 0's program
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
-                    "tiered_diagonal": ("decay_grad", dict(factored=3)),
+                    "midpoint_diagonal": ("decay_grad", dict(factored=2)),
                     "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0))}
 
 

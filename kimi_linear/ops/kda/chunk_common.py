@@ -247,7 +247,15 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # layer-fused benchmark's gates: 0.455 -> 0.416 ms at B1 T4K H16, 6.894 -> 6.429 at B8 T4K H32 (each
     # alone: 0.425 / 0.451 and 6.687 / 6.833; 4 warps slower everywhere); 5.4e-5 from the levels' output
     # (session15/sweep_switches_fused_22e628e.txt)
-    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=2, rolled=1),
+    # factored=3 (tiered): the fewest halving levels after which every aligned group of the rows left spans
+    # <= 120 on every channel, then each group through its own midpoint (chunk_bwd._diag_tiered); the
+    # benchmark's gates (32-channel blocks): 45% of the sub-chunks factor whole, 36% after one level, the
+    # rest after two, where factored=2 sent 55% to all four levels. 240 registers, no spills for sm_90a.
+    # H100, session 22, layer-fused, graph-replayed, alternating rounds (session22/kda_ab_decay_tiered_h100
+    # .txt): the decay products 5.67 -> 5.15 ms at B8 T4K H32, 5.58 -> 5.05 at B1 T64K H16, 0.368 -> 0.327
+    # at B1 T4K H16; fwd+bwd 17.60 -> 17.09, 19.26 -> 18.73, 1.279 -> 1.243; gradients' error against fp64
+    # unchanged (grad_precision_tiered_h100.txt)
+    "decay_grad": dict(num_warps=2, num_stages=3, BK=32, precise=4, factored=3, rolled=1),
     # merge_l2norm=1: without GVA, the gate gradients and the q/k norm's backward in one launch
     # (chunk_bwd._epilogue_kernel): 0.089 -> 0.083 ms at B1 T4K H16, 1.327 -> 1.285 at B8 T4K H32 for the
     # two kernels' work (H100, session15/sweep_switches_fused_22e628e.txt)
