@@ -130,6 +130,20 @@ def stages(times: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def default_titles(bars: list[str]) -> tuple[str, str]:
+    """(title, x label) naming the one shape and mode that every ``...@BxTxH@mode`` bar names; the sweep
+    files' shape (B=1 T=65536 H=16, fwd+bwd) where bars name none; refused where bars name different ones
+    (a picture must not put two shapes under one title)."""
+    specs = {b.rsplit(":", 1)[1].split("@", 1)[1] for b in bars if b.rsplit(":", 1)[1].count("@") == 2}
+    if len(specs) > 1:
+        raise SystemExit(f"bars name different shapes / modes ({sorted(specs)}): plot them apart or pass --title")
+    shape, mode = specs.pop().split("@") if specs else ("1x65536x16", "fwdbwd")
+    B, T, H = shape.split("x")
+    what = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}.get(mode, mode)
+    return (f"chunked KDA {what} per stage, B={B} T={T} H={H} K=V=128 bf16, H100",
+            f"GPU time per {what} (ms, torch.profiler)")
+
+
 def main() -> None:
     import matplotlib
 
@@ -140,9 +154,14 @@ def main() -> None:
     ap.add_argument("bars", nargs="+", help="label=file:block[+best], label=file.jsonl:provider@BxTxH@mode, or "
                     "label=ab_log.txt:variant@BxTxH@mode")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--title", default="chunked KDA fwd+bwd per stage, B=1 T=65536 H=16 K=V=128 bf16, H100")
-    ap.add_argument("--xlabel", default="GPU time per fwd+bwd (ms, torch.profiler)")
+    ap.add_argument("--title", default=None,
+                    help="default: from the bars' @BxTxH@mode when they all name the same one, else the sweep's "
+                    "B=1 T=65536 H=16 fwd+bwd")
+    ap.add_argument("--xlabel", default=None, help="default: GPU time per call of the title's mode")
     args = ap.parse_args()
+    title, xlabel = default_titles(args.bars)
+    args.title = args.title or title
+    args.xlabel = args.xlabel or xlabel
     labels, rows = [], []
     for spec in args.bars:
         label, rest = spec.split("=", 1)

@@ -97,3 +97,17 @@ def test_launch_ab_tables(tmp_path):
         pst.read_ab_table(str(log), "base@1x4096x16@fwd")
     committed = ROOT / "benchmarks" / "results" / "kda" / "session21" / "kda_ab_gram_solve_fill_defaults_h100.txt"
     assert abs(sum(pst.read_ab_table(str(committed), "base@8x4096x32@fwd").values()) - 3.9079) < 2e-3
+
+
+def test_default_title_names_the_bars_shape():
+    """The title and axis name the one shape / mode the bars name; bars of two shapes are refused (one
+    title must not cover them); bars from sweep files keep the sweep's shape."""
+    import pytest
+
+    title, xlabel = pst.default_titles(["a=x.txt:base@8x4096x32@fwdbwd", "b=y.jsonl:fla_kda_safe@8x4096x32@fwdbwd"])
+    assert "B=8 T=4096 H=32" in title and "fwd+bwd" in title and "fwd+bwd" in xlabel
+    title, xlabel = pst.default_titles(["a=x.txt:base@1x4096x16@fwd"])
+    assert "B=1 T=4096 H=16" in title and "fwd+bwd" not in title and "per fwd " in xlabel
+    assert "B=1 T=65536 H=16" in pst.default_titles(["v4=sweep.txt:baseline"])[0]
+    with pytest.raises(SystemExit, match="different shapes"):
+        pst.default_titles(["a=x.txt:base@8x4096x32@fwd", "b=x.txt:base@1x4096x16@fwd"])
