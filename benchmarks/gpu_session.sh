@@ -13,17 +13,16 @@
 # whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
 # other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
 # ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v21 and Known gaps): since session 21 ahead of FLA's bounded-gate path at the
-# three training shapes in the same eager run (layer-fused fwd 3.89 / 3.82 / 4.81 ms against 4.06 / 4.32 /
-# 5.09, fwd+bwd 17.7 / 17.5 / 19.3 against 18.9 / 18.8 / 21.0), flash attention 1.99 fwd / 7.98 fwd+bwd at
-# B8 T4K H32. Not yet measured: the bounded path at B1 T4K H16 graph-replayed (`bench kda --cuda-graph
-# --shapes 1x4096x16`, FLA's providers included); Aqk stored in bf16 with today's kernels
-# (KDA_AB_VARIANTS="base half_store.aqk=1", fwd and fwdbwd; session 17 found it split by shape). The
-# no-grad forward per kernel at B8 T4K H32: products 0.98 (at their own byte floor), diagonal gram 0.88,
-# scan + output 0.90, gram + inverse 0.66 (255 registers, 1 warp), prologue 0.50. Nsight Compute
-# (NCU_ARGS="--B 8 --T 4096 --H 32 --fused --backward" ncu) has the chunk-gradient and decay-product
-# kernels latency-bound at one program per SM: the route to flash attention's time is still fewer bytes
-# per (token, head), i.e. the on-chip rewrite.
+# Issue 7 (docs/kernels.md, v22 and Known gaps): since session 22 ahead of FLA's bounded-gate path at every
+# grid shape (eager layer-fused fwd+bwd 17.1 / 16.9 / 18.8 ms against 18.9 / 18.8 / 21.0 at B8 T4K H32 / B32
+# T2K H16 / B1 T64K H16; B1 T4K H16 graph-replayed 0.338 / 1.28 against 0.354 / 1.40), flash attention 1.99
+# fwd / 7.99 fwd+bwd at B8 T4K H32. Per kernel at B8 T4K H32 fwd+bwd: decay products 5.15 (tiered
+# diagonal; FLA bounded's intra backward 4.02), chunk gradients 4.86 + 0.54 (255 registers, one program per
+# SM), state-gradient scan 1.35, epilogue 1.11, forward scan 1.09, products 0.98, diagonal gram 0.84, gram +
+# inverse 0.69. Eager calls at B1 T4K H16 are host-paced (0.69 ms host per no-grad call against 0.33 GPU:
+# session22/host_overhead_994453c_h100.txt). Not yet tried: the forward's diagonal gram in tiers (the
+# backward's v22 idea; the forward contracts over channels, so the tier would be chosen per key block and
+# the partial products summed); fewer bytes in the chunk-gradient kernel; the on-chip rewrite.
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16; FLA's bounded-gate path is among the default
 # providers since session 19) took 310 s in session 19 with its autotuning cached (the committed archive
 # now holds it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
