@@ -20,9 +20,12 @@
 # diagonal; FLA bounded's intra backward 4.02), chunk gradients 4.86 + 0.54 (255 registers, one program per
 # SM), state-gradient scan 1.35, epilogue 1.11, forward scan 1.09, products 0.98, diagonal gram 0.84, gram +
 # inverse 0.69. Eager calls at B1 T4K H16 are host-paced (0.69 ms host per no-grad call against 0.33 GPU:
-# session22/host_overhead_994453c_h100.txt). Not yet tried: the forward's diagonal gram in tiers (the
-# backward's v22 idea; the forward contracts over channels, so the tier would be chosen per key block and
-# the partial products summed); fewer bytes in the chunk-gradient kernel; the on-chip rewrite.
+# session22/host_overhead_994453c_h100.txt). Prepared, not yet run on a GPU: the forward's diagonal in tiers
+# (gram_diag tiered=1, kernels.md v22): first its GPU tests (pytest -m gpu -k "forward_tiers or
+# tiered_forward_diagonal" tests/ops/test_chunk_kda.py: bf16 -1e4 gates and fp32 graded gates, the tf32
+# dots' precision), then KDA_AB_VARIANTS="base gram_diag.tiered=1 gram_diag.tiered=1,gram_diag.BK=32"
+# KDA_AB_MODES=fwd,fwdbwd KDA_AB_PROFILE=1 (the pairwise diagonal: 0.84 ms at B8 T4K H32). Then: fewer
+# bytes in the chunk-gradient kernel; the on-chip rewrite.
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16; FLA's bounded-gate path is among the default
 # providers since session 19) took 310 s in session 19 with its autotuning cached (the committed archive
 # now holds it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
