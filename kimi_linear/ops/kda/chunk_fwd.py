@@ -19,7 +19,9 @@ in launch order (the fastest grid axis), so their shared reads hit L2.
 
 Exactness (step 3): every ``exp`` argument is <= 0. Off-diagonal 16x16 sub-blocks factor the decay
 through a reference token between the two sub-chunks (two factors <= 1, so a tl.dot); diagonal
-sub-blocks use the elementwise pairwise decay with the mask applied before ``exp``.
+sub-blocks use the elementwise pairwise decay with the mask applied before ``exp``. (The launch-table
+variant ``gram_diag tiered=1``, off by default, takes the diagonal blocks as products through midpoints
+instead, exponents within +-60: ``_gram_diag_tiered_kernel``.)
 """
 
 from __future__ import annotations
