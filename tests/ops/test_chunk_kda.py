@@ -185,10 +185,6 @@ VARIANTS = [
     # the whole sub-chunk through its midpoint where the span allows (<= 120), the levels elsewhere (the
     # default tiers: the fewest levels, then each remaining group through its own midpoint)
     ("decay_grad-midpoint", "decay_grad", dict(factored=2), (1, -2, -1)),
-    # the forward's diagonal blocks as tiered products per key block (the default key block of 16: two
-    # blocks at K = 32; and one block of 32)
-    ("gram_diag-tiered", "gram_diag", dict(tiered=1), (1, -2, -1)),
-    ("gram_diag-tiered-BK32", "gram_diag", dict(tiered=1, BK=32), (1, -2)),
     # the gate's cumsum with the q/k norm in one launch, and their backwards likewise (fused cases; the
     # backward merge applies without GVA only: case 2 is not fused, so the fused HV == H case below)
     ("gate-merge_l2norm", "gate", dict(merge_l2norm=1), (-2, -1)),
@@ -423,7 +419,6 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # or through the midpoint (spans > 120 keep them); the chunk-gradient kernel's V-only work inside key
 # block 0's program
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
-                    "tiered_forward_diagonal": ("gram_diag", dict(tiered=1)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
                     "midpoint_diagonal": ("decay_grad", dict(factored=2)),
                     "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0))}
@@ -460,13 +455,6 @@ def check_graded_gates(device, dtype):
 @pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (3, 1)])
 def test_chunk_kda_interpreter_graded_gates(factored, rolled, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
-    check_graded_gates("cpu", torch.float32)
-
-
-def test_chunk_kda_interpreter_graded_gates_forward_tiers(monkeypatch):
-    # the forward's tiered diagonal (gram_diag tiered=1) takes every tier on the graded gates, per key
-    # block: the big channels' block its tiers, the others whole
-    use_variant(monkeypatch, "gram_diag", tiered=1)
     check_graded_gates("cpu", torch.float32)
 
 
@@ -570,16 +558,15 @@ def test_chunk_kda_interpreter_gram_solve_no_grad(case, monkeypatch):
     check_gram_solve_no_grad(case, torch.float32, monkeypatch)
 
 
-def check_base2_gates(case, dtype, monkeypatch, device="cpu", diag="_gram_diag_kernel"):
+def check_base2_gates(case, dtype, monkeypatch, device="cpu"):
     """A no-grad forward cumulates the gates in units of log2 (launch table gate base2): the gate's cumsum
     and the four readers of G (grams, products, scan) get BASE2 and take 2^x of its differences. o and
     the final state match the fp64 reference and the natural-unit forward (to rounding: not bit for bit,
-    exp2 of a scaled difference rounds differently); a forward a backward may follow keeps G natural.
-    ``diag``: the diagonal blocks' kernel the launch table selects."""
+    exp2 of a scaled difference rounds differently); a forward a backward may follow keeps G natural."""
     from kimi_linear.ops.kda import chunk_fwd
 
     ref, args, kw = fused_forward_case(case, dtype, device)
-    readers = ("_gram_solve_kernel", diag, "_wu_kernel", "_state_fwd_kernel")
+    readers = ("_gram_solve_kernel", "_gram_diag_kernel", "_wu_kernel", "_state_fwd_kernel")
     names = ("_rstd_prologue_kernel", "_gate_cumsum_kernel", "_prologue_kernel") + readers
     ran = watch_launches(monkeypatch, chunk_fwd, names)
     out = {}
@@ -638,13 +625,6 @@ def test_chunk_kda_interpreter_full_chunks(monkeypatch):
 @pytest.mark.parametrize("case", [CPU_CASES[-2], CPU_CASES[-1]], ids=["gva-varlen-h0", "varlen"])
 def test_chunk_kda_interpreter_base2_gates(case, monkeypatch):
     check_base2_gates(case, torch.float32, monkeypatch)
-
-
-def test_chunk_kda_interpreter_tiered_diagonal_base2_norm_on_load(monkeypatch):
-    # the forward's tiered diagonal (gram_diag tiered=1) where only a no-grad forward takes it: gates in
-    # log2 units (its span limit and clamps scaled to them) and q / k normalised on load (GVA, packed)
-    use_variant(monkeypatch, "gram_diag", tiered=1)
-    check_base2_gates(CPU_CASES[-2], torch.float32, monkeypatch, diag="_gram_diag_tiered_kernel")
 
 
 @pytest.mark.parametrize("merge", [0, 1], ids=["rstd-apart", "rstd-with-gate"])
@@ -855,12 +835,6 @@ def test_chunk_kda_gpu_variant_fused_and_extreme(cuda_device, variant, dtype, mo
 @pytest.mark.parametrize("factored,rolled", [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (3, 1)])
 def test_chunk_kda_gpu_graded_gates(cuda_device, factored, rolled, monkeypatch):
     use_variant(monkeypatch, "decay_grad", factored=factored, rolled=rolled)
-    check_graded_gates(cuda_device, torch.float32)
-
-
-@pytest.mark.parametrize("BK", [16, 32])
-def test_chunk_kda_gpu_graded_gates_forward_tiers(cuda_device, BK, monkeypatch):
-    use_variant(monkeypatch, "gram_diag", tiered=1, BK=BK)
     check_graded_gates(cuda_device, torch.float32)
     check_fused_varlen(cuda_device, torch.bfloat16)
 

@@ -33,20 +33,16 @@ import triton.language as tl
 from kimi_linear.ops.kda import chunk_common
 from kimi_linear.ops.kda.chunk_common import GATE_FLOOR, LAUNCH, ChunkTable, launch, pow2, scan_launch
 from kimi_linear.ops.kda.chunk_fwd import (
-    FACTOR_SPAN,
     L2NORM_ROWS,
     chunk_head_block,
     chunk_place,
     dot_precision,
-    group_last,
-    group_span,
     load_beta,
     lower_triangle,
     same_shape_dtype,
     scan_program,
     sequence_chunks,
     softplus_f32,
-    sub_chunk_span,
 )
 from kimi_linear.ops.kda.fast_exp import exp
 
@@ -346,6 +342,21 @@ def _pdot(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
+# A sub-chunk whose chunk-relative gate sum G spans at most this much on every channel can take one
+# reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
+# numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
+# carry rounding error only, like the halving levels (which any gate may take).
+FACTOR_SPAN = tl.constexpr(60.0)
+
+
+@triton.jit
+def _sub_chunk_span(b_g, m_r, m_k):
+    """max over the program's channels of (max - min) of G over the sub-chunk's valid rows."""
+    g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
+    g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
+    return tl.max(tl.where(m_k, g_hi - g_lo, 0.0), axis=0)
+
+
 @triton.jit
 def _pair_products(pair, b_daq, b_da, b_q, b_k, f_t, f_j, b_dq2, b_dk3, b_dk4, b_dk5, PREC: tl.constexpr):
     """Add the diagonal sub-block's pairs (t, j) selected by ``pair [16, 16]`` whose decay factors as
@@ -422,6 +433,23 @@ def _diag_levels(G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k, b_daq, b_da, b
 
 
 @triton.jit
+def _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV: tl.constexpr, K: tl.constexpr):
+    """G at the last valid row of each row's aligned group of ``gs`` rows ([16, BK], a gathered load of
+    rows the program has just read)."""
+    last = tl.minimum((o_s // gs) * gs + gs - 1, n - 1 - a * 16)
+    return tl.load(G + ((t0 + a * 16 + last[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_k[None, :], other=0)
+
+
+@triton.jit
+def _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, gs, HV: tl.constexpr, K: tl.constexpr):
+    """max over the program's channels and the sub-chunk's aligned groups of ``gs`` rows of the group's
+    gate span. G does not increase along a sequence (g <= 0), so a group's span is its first valid row's
+    G minus its last's, and the max over a group's rows of G_r - G_last is that span."""
+    b_gl = _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
+    return tl.max(tl.max(tl.where(m_rk, b_g - b_gl, 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _diag_tiered(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, b_q, b_k, b_daq, b_da, b_dq2, b_dk3, b_dk4, b_dk5,
                  HV: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
     """The diagonal sub-block's pairs j < t, exact for any gate: the fewest halving levels (8, 4, ...)
@@ -434,13 +462,13 @@ def _diag_tiered(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, b_q, b_k, b_daq, b
     of a 32-channel block span <= 120, another 36% in both 8-row halves, the rest in 4-row groups)."""
     lim = 2 * FACTOR_SPAN
     n_lvl = 4
-    if group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 16, HV, K) <= lim:
+    if _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 16, HV, K) <= lim:
         n_lvl = 0
-    elif group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 8, HV, K) <= lim:
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 8, HV, K) <= lim:
         n_lvl = 1
-    elif group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 4, HV, K) <= lim:
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 4, HV, K) <= lim:
         n_lvl = 2
-    elif group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 2, HV, K) <= lim:
+    elif _group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 2, HV, K) <= lim:
         n_lvl = 3
     for lvl in range(n_lvl):
         b_dq2, b_dk3, b_dk4, b_dk5 = _diag_level(8 >> lvl, G, t0, n, i_hv, a, o_k, m_k, o_s, b_g, b_q, b_k,
@@ -450,7 +478,7 @@ def _diag_tiered(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, b_q, b_k, b_daq, b
         first = (o_s // gs) * gs
         b_gf = tl.load(G + ((t0 + a * 16 + first[:, None]) * HV + i_hv) * K + o_k[None, :],
                        mask=((a * 16 + first) < n)[:, None] & m_k[None, :], other=0)
-        b_gl = group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
+        b_gl = _group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
         # rows past the chunk's end get finite clamped factors and meet zero operands or masked stores
         d = tl.minimum(tl.maximum(b_g - 0.5 * (b_gf + b_gl), -FACTOR_SPAN), FACTOR_SPAN)
         pair = ((o_s[:, None] // gs) == (o_s[None, :] // gs)) & (o_s[:, None] > o_s[None, :])
@@ -541,7 +569,7 @@ def _decay_products(q, k, G, dA, dAqk, t0, n, i_hv, a, o_k, m_k, i_h,
         # the whole sub-chunk through one reference where its gate span allows (exact there, see
         # _diag_factored; FACTORED 2 = the midpoint reference, twice the span); the halving levels
         # otherwise. The span is the same for every row of the program, so the branch is uniform.
-        if sub_chunk_span(b_g, m_r, m_k) <= FACTOR_SPAN * FACTORED:
+        if _sub_chunk_span(b_g, m_r, m_k) <= FACTOR_SPAN * FACTORED:
             b_dq2, b_dk3, b_dk4, b_dk5 = _diag_factored(b_g, b_q, b_k, b_daq, b_da, m_r, o_s,
                                                         b_dq2, b_dk3, b_dk4, b_dk5, PREC, FACTORED == 2)
         else:

@@ -155,11 +155,10 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # kernel 0.990 -> 0.876 ms, the call 4.271 -> 4.156 ms at B8 T4K H32, 5.185 -> 5.075 at B1 T64K H16:
     # on. (Two columns per loop trip for more loads in flight, the same run: 4.273 / 5.192, no gain,
     # removed.)
-    # tiered=1 (prepared in session 22, not yet timed on a GPU): the diagonal blocks as products, one
-    # program per (sub-chunk, value head), each key block of BK channels (None: 16; sm_90a 168 registers,
-    # 250 at 32, spills at 64) in the decay products' tiers (chunk_fwd._gram_diag_tiered_kernel); its
-    # dots at the gram's precision (tf32 for half inputs) where the pairwise kernel sums in fp32
-    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, fill=1, tiered=0, BK=None),
+    # (The diagonal blocks as tiered products per key block of 16 / 32 channels, the decay products'
+    # tiers with the contraction over channels: 1.21 / 1.12 ms against this kernel's 0.88 at B8 T4K H32,
+    # the call 3.91 -> 4.20 / 4.13 ms, layer-fused, graph-replayed, H100 session 23: removed.)
+    "gram_diag": dict(num_warps=1, num_stages=None, BH=2, fill=1),
     # the solve as two kernels: the inverse (latency-bound forward substitution, small tiles) on
     # inverse_warps, the products (memory-bound) on (chunk, head, column block of BV) programs with
     # num_warps. At 1M tokens x heads on an H100: 1.20 ms for both (BV 64 on 8 warps or 4 (4 spills),

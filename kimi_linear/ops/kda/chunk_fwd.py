@@ -19,9 +19,7 @@ in launch order (the fastest grid axis), so their shared reads hit L2.
 
 Exactness (step 3): every ``exp`` argument is <= 0. Off-diagonal 16x16 sub-blocks factor the decay
 through a reference token between the two sub-chunks (two factors <= 1, so a tl.dot); diagonal
-sub-blocks use the elementwise pairwise decay with the mask applied before ``exp``. (The launch-table
-variant ``gram_diag tiered=1``, off by default, takes the diagonal blocks as products through midpoints
-instead, exponents within +-60: ``_gram_diag_tiered_kernel``.)
+sub-blocks use the elementwise pairwise decay with the mask applied before ``exp``.
 """
 
 from __future__ import annotations
@@ -196,38 +194,6 @@ def _gram_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
         # The diagonal 16x16 block is _gram_diag_kernel's (token-parallel, only the needed columns).
 
 
-# A sub-chunk whose chunk-relative gate sum G spans at most this much on every channel can take one
-# reference for all its pairs: each factor e^{+-(G_t - G_p)} then lies in [e^-60, e^60], normal fp32
-# numbers far inside the range (e^88) with room for |k| and the 16-term sums, so the factored products
-# carry rounding error only, like the halving levels (which any gate may take).
-FACTOR_SPAN = tl.constexpr(60.0)
-
-
-@triton.jit
-def sub_chunk_span(b_g, m_r, m_k):
-    """max over the program's channels of (max - min) of G over the sub-chunk's valid rows."""
-    g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
-    g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
-    return tl.max(tl.where(m_k, g_hi - g_lo, 0.0), axis=0)
-
-
-@triton.jit
-def group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV: tl.constexpr, K: tl.constexpr):
-    """G at the last valid row of each row's aligned group of ``gs`` rows ([16, BK], a gathered load of
-    rows the program has just read)."""
-    last = tl.minimum((o_s // gs) * gs + gs - 1, n - 1 - a * 16)
-    return tl.load(G + ((t0 + a * 16 + last[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_k[None, :], other=0)
-
-
-@triton.jit
-def group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, gs, HV: tl.constexpr, K: tl.constexpr):
-    """max over the program's channels and the sub-chunk's aligned groups of ``gs`` rows of the group's
-    gate span. G does not increase along a sequence (g <= 0), so a group's span is its first valid row's
-    G minus its last's, and the max over a group's rows of G_r - G_last is that span."""
-    b_gl = group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
-    return tl.max(tl.max(tl.where(m_rk, b_g - b_gl, 0.0), axis=1), axis=0)
-
-
 @triton.jit
 def _gram_diag_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BH: tl.constexpr,
@@ -288,96 +254,6 @@ def _diag_column(q, k, G, Araw, Aqk, rk, b_qr, b_kr, b_gr, t0, r, j, o_h, o_hv, 
     p_j = ((t0 + r) * HV + o_hv) * 64 + j
     tl.store(Aqk + p_j, tl.sum(b_e * b_qr, axis=1), mask=m_h)
     tl.store(Araw + p_j, tl.where(j < r, tl.sum(b_e * b_kr, axis=1), 0.0), mask=m_h)
-
-
-@triton.jit
-def _gram_diag_tiered_kernel(q, k, G, Araw, Aqk, rq, rk, chunk_start, chunk_len, TT,
-                             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                             NORM: tl.constexpr, PREC: tl.constexpr, BASE2: tl.constexpr = False,
-                             FULL: tl.constexpr = False):
-    # Step 3's diagonal 16x16 blocks as products (launch table gram_diag tiered=1; the token-parallel
-    # pairwise kernel above is the default): one program per (sub-chunk, value head), the channels in key
-    # blocks of BK. Each key block is exact on its own channels, so each takes its own form and the blocks'
-    # partial products add: the whole sub-chunk through each channel's midpoint where its span allows (one
-    # [16, BK] x [BK, 16] product per output), else the fewest halving levels (8, 4, ...) until the groups
-    # left span no more, then each group through its own midpoint -- the decay products' tiers
-    # (chunk_bwd._diag_tiered) with the contraction over channels instead of rows. Entries outside a
-    # pass's pairs are discarded by `tl.where` (a whole-block pass's entries above the diagonal may
-    # overflow; no valid entry reads them). Stores whole blocks (zeros above the diagonal).
-    i_c = tl.program_id(0) // 4
-    a = tl.program_id(0) % 4
-    i_hv = tl.program_id(1).to(tl.int64)
-    i_h = i_hv // (HV // H)
-    t0, n = chunk_place(chunk_start, chunk_len, i_c, FULL)
-    if a * 16 < n:
-        o_s = tl.arange(0, 16)
-        rows = a * 16 + o_s
-        m_r = rows < n
-        # FACTOR_SPAN in G's units (log2 units with BASE2)
-        half = FACTOR_SPAN * 1.4426950408889634 if BASE2 else FACTOR_SPAN
-        lim = 2 * half
-        low = o_s[:, None] >= o_s[None, :]  # j <= t
-        acc_q = tl.zeros([16, 16], dtype=tl.float32)
-        acc_k = tl.zeros([16, 16], dtype=tl.float32)
-        if NORM:
-            s_q = tl.load(rq + i_h * TT + t0 + rows, mask=m_r, other=0)
-            s_k = tl.load(rk + i_h * TT + t0 + rows, mask=m_r, other=0)
-        for kb in range(0, K, BK):
-            o_k = kb + tl.arange(0, BK)
-            m_k = o_k < K
-            m_rk = m_r[:, None] & m_k[None, :]
-            p_qk = ((t0 + rows[:, None]) * H + i_h) * K + o_k[None, :]
-            b_q = tl.load(q + p_qk, mask=m_rk, other=0).to(tl.float32)
-            b_k = tl.load(k + p_qk, mask=m_rk, other=0).to(tl.float32)
-            if NORM:
-                b_q = b_q * s_q[:, None]
-                b_k = b_k * s_k[:, None]
-            b_g = tl.load(G + ((t0 + rows[:, None]) * HV + i_hv) * K + o_k[None, :], mask=m_rk, other=0)
-            if sub_chunk_span(b_g, m_r, m_k) <= lim:
-                g_hi = tl.max(tl.where(m_r[:, None], b_g, -float("inf")), axis=0)
-                g_lo = tl.min(tl.where(m_r[:, None], b_g, float("inf")), axis=0)
-                d = tl.minimum(tl.maximum(b_g - 0.5 * (g_hi + g_lo)[None, :], -half), half)
-                b_kd = b_k * exp_g(-d, BASE2)
-                b_up = exp_g(d, BASE2)
-                acc_q += tl.where(low, tl.dot(b_q * b_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-                acc_k += tl.where(low, tl.dot(b_k * b_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-            else:
-                n_lvl = 4
-                if group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 8, HV, K) <= lim:
-                    n_lvl = 1
-                elif group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 4, HV, K) <= lim:
-                    n_lvl = 2
-                elif group_span(G, t0, n, i_hv, a, o_k, m_k, o_s, m_rk, b_g, 2, HV, K) <= lim:
-                    n_lvl = 3
-                for lvl in range(n_lvl):
-                    # pairs j < t of one 2s-aligned group, t in its upper half, j in its lower: through the
-                    # group's midpoint row p, e^{G_t - G_j} = e^{G_t - G_p} e^{G_p - G_j}, both <= 1
-                    sz = 8 >> lvl
-                    mid = (o_s // (2 * sz)) * (2 * sz) + sz
-                    upper = (o_s & sz) != 0
-                    b_gm = tl.load(G + ((t0 + a * 16 + mid[:, None]) * HV + i_hv) * K + o_k[None, :],
-                                   mask=((a * 16 + mid) < n)[:, None] & m_k[None, :], other=0)
-                    b_f = exp_g(tl.minimum(tl.where(upper[:, None], b_g - b_gm, b_gm - b_g), 0.0), BASE2)
-                    f_up = tl.where(upper[:, None], b_f, 0.0)
-                    b_kd = b_k * (b_f - f_up)
-                    pair = ((o_s[:, None] // (2 * sz)) == (o_s[None, :] // (2 * sz))) & upper[:, None] & (~upper)[None, :]
-                    acc_q += tl.where(pair, tl.dot(b_q * f_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-                    acc_k += tl.where(pair, tl.dot(b_k * f_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-                # the pairs j <= t inside each aligned group of gs rows (gs = 1: the diagonal alone)
-                gs = 16 >> n_lvl
-                first = (o_s // gs) * gs
-                b_gf = tl.load(G + ((t0 + a * 16 + first[:, None]) * HV + i_hv) * K + o_k[None, :],
-                               mask=((a * 16 + first) < n)[:, None] & m_k[None, :], other=0)
-                b_gl = group_last(G, t0, n, i_hv, a, o_k, m_k, o_s, gs, HV, K)
-                d = tl.minimum(tl.maximum(b_g - 0.5 * (b_gf + b_gl), -half), half)
-                b_kd = b_k * exp_g(-d, BASE2)
-                b_up = exp_g(d, BASE2)
-                pair = ((o_s[:, None] // gs) == (o_s[None, :] // gs)) & low
-                acc_q += tl.where(pair, tl.dot(b_q * b_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-                acc_k += tl.where(pair, tl.dot(b_k * b_up, tl.trans(b_kd), input_precision=PREC), 0.0)
-        p_blk = ((t0 + rows[:, None]) * HV + i_hv) * 64 + a * 16 + o_s[None, :]
-        tl.store(Aqk + p_blk, acc_q, mask=m_r[:, None])
-        tl.store(Araw + p_blk, tl.where(o_s[:, None] > o_s[None, :], acc_k, 0.0), mask=m_r[:, None])
 
 
 @triton.jit
@@ -921,17 +797,11 @@ def chunk_kda_fwd(
             BKG = min(int(LAUNCH["gram"].get("BK") or BK), KP)
             _gram_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, KP=KP, BK=BKG,
                                       PREC=prec, NORM=on_load, BASE2=base2, FULL=full, **launch("gram"))
-        if LAUNCH["gram_diag"].get("tiered"):  # the diagonal blocks as tiered products (launch-table variant)
-            BKD = min(int(LAUNCH["gram_diag"].get("BK") or 16), KP)  # sm_90a: 168 registers at 16, 250 at 32
-            _gram_diag_tiered_kernel[(NC * 4, HV)](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K, BK=BKD,
-                                                   NORM=on_load, PREC=prec, BASE2=base2, FULL=full,
-                                                   **launch("gram_diag"))
-        else:
-            BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
-            _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV,
-                                                             K=K, KP=KP, BH=BH, NORM=on_load, BASE2=base2,
-                                                             FULL=full, FILL=bool(LAUNCH["gram_diag"].get("fill")),
-                                                             **launch("gram_diag"))
+        BH = min(int(LAUNCH["gram_diag"].get("BH") or 1), pow2(HV))  # value heads per program (a power of 2)
+        _gram_diag_kernel[(NC * 64, triton.cdiv(HV, BH))](q, k, G, Araw, Aqk, *r_args, cs, cl, Ttot, H=H, HV=HV, K=K,
+                                                         KP=KP, BH=BH, NORM=on_load, BASE2=base2,
+                                                         FULL=full, FILL=bool(LAUNCH["gram_diag"].get("fill")),
+                                                         **launch("gram_diag"))
         solve = LAUNCH["solve"]
         if fused_solve:  # the off-diagonal gram and the inverse in one launch, after the diagonal blocks
             # 16-wide key blocks where the programs are few (B1 T4K H16, 1024 programs: 0.046 ms against
