@@ -47,7 +47,7 @@ def main() -> None:
                     help="after the profile, time the graph-replayed step with PDL off, on, and on with the "
                          "shared experts started early (moe_decode.EARLY_SHARED_EXPERTS), in turn, ROUNDS times "
                          "each (one process, same model)")
-    ap.add_argument("--ab", default=None, metavar="MODULE:FLAG",
+    ap.add_argument("--ab", default=None, metavar="MODULE:FLAG or MODULE:TABLE[KEY]",
                     help="after the profile, time the graph-replayed step with a module's boolean switch off and "
                          "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP")
     ap.add_argument("--ab-rounds", type=int, default=3)
@@ -134,17 +134,27 @@ def main() -> None:
 
         mod_name, flag = args.ab.split(":")
         mod = importlib.import_module(mod_name)
-        default = getattr(mod, flag)
-        if not isinstance(default, bool):
-            raise SystemExit(f"--ab needs a boolean switch, {args.ab} is {default!r}")
+        # MODULE:FLAG (a boolean) or MODULE:TABLE[KEY] (a launch table's entry, switched 0 / 1)
+        table, key = (flag[:-1].split("[", 1) if flag.endswith("]") else (None, None))
+        get = (lambda: getattr(mod, table)[key]) if table else (lambda: getattr(mod, flag))
+
+        def put(v):
+            if table:
+                getattr(mod, table)[key] = int(v)
+            else:
+                setattr(mod, flag, v)
+
+        default = get()
+        if not isinstance(default, bool) and not (table and default in (0, 1)):
+            raise SystemExit(f"--ab needs a boolean switch or a 0 / 1 table entry, {args.ab} is {default!r}")
         ab: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.ab_rounds):
             for value in (False, True):
-                setattr(mod, flag, value)
+                put(value)
                 ab[value].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        setattr(mod, flag, default)
+        put(default)
         for value, ms in ab.items():
             print(f"graph-replayed step, {flag}={value}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")

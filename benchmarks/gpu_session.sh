@@ -153,7 +153,7 @@ ncu)
 latent)
   # the absorbed-MLA decode call's launch settings and kernels (LATENT_ROUND: the sweep's candidate list),
   # correctness-gated against the fp32 reference, then the latent attention GPU tests
-  timeout ${LATENT_CAP:-300} python3 benchmarks/latent_attention_sweep.py --round ${LATENT_ROUND:-4} \
+  timeout ${LATENT_CAP:-300} python3 benchmarks/latent_attention_sweep.py --round ${LATENT_ROUND:-4} ${LATENT_SHAPES:+--shapes $LATENT_SHAPES} \
     --budget ${LATENT_BUDGET:-220} 2>&1 | tee "$OUT/latent_sweep.txt"
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/generation/test_latent_attention.py 2>&1 | tail -3 \
     | tee "$OUT/gpu_tests_latent.txt"

@@ -103,10 +103,6 @@ def cases():
                dict(hk, KP=128, BK=32, PREC="tf32", NORM=norm, BASE2=b2), 4, 3)
         yield (f"gram diagonal BH={gd['BH']} norm={norm} base2={b2}", cf._gram_diag_kernel,
                dict(hk, KP=128, BH=gd["BH"], NORM=norm, BASE2=b2), gd["num_warps"], 3)
-    for bk in (16, 32, 64):  # the diagonal blocks as tiered products (gram_diag tiered=1)
-        for norm, b2 in ((0, 0), (1, 1)):
-            yield (f"gram diagonal tiered BK={bk} norm={norm} base2={b2}", cf._gram_diag_tiered_kernel,
-                   dict(hk, BK=bk, NORM=norm, PREC="tf32", BASE2=b2), 1, 3)
     for w in (1, 2, 4):
         yield "solve: inverse", cf._inverse_kernel, dict(HV=16, BETA_SIGMOID=False, PREC="tf32"), w, 1
     for bk, w, st in ((32, 1, 3), (16, 1, 3), (32, 2, 3), (32, 4, 3)):  # the off-diagonal gram + inverse
@@ -180,6 +176,10 @@ def cases():
                dict(R=512, DR=64, BLOCK_M=16, BLOCK_N=64), warps, 2)
         yield (f"latent split keys-major BLOCK_M=32 {warps}w", lat._latent_attn_split_keys_major_kernel,
                dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64), warps, 2)
+        yield (f"latent split keys-major TMA BLOCK_M=32 {warps}w", lat._latent_attn_split_keys_major_kernel,
+               dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True), warps, 2)
+    yield ("latent split keys-major TMA 32 keys x 4 stages", lat._latent_attn_split_keys_major_kernel,
+           dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=32, TMA=True), 4, 4)
     from kimi_linear.ops import latent_absorb_triton as ab
     # the absorbed projections around it (32 heads, Dn = Dv = 128, R = 512), at the launch table's tiles
     yield ("absorb query (MLA decode)", ab._absorb_query_kernel,

@@ -50,6 +50,12 @@ ROUND4 = [dict(CURRENT), dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR, num_war
 # product then falls back from wgmma's 64-row M; the context product keeps it)
 ROUND5 = [dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR, num_warps=4, block_n=32, num_stages=3),
           dict(KEYS_MAJOR, num_warps=4, block_n=32, num_stages=4), dict(KEYS_MAJOR, num_warps=4, splits_per_sm=2)]
+# round 6 (session 23): the keys-major kernel's tiles through TMA (descriptors made on the device), in
+# its tiles and in more, smaller stages, against both kernels' plain loads
+KEYS_MAJOR_TMA = dict(KEYS_MAJOR, num_warps=4, keys_major_tma=1)
+ROUND6 = [dict(CURRENT), dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR_TMA),
+          dict(KEYS_MAJOR_TMA, block_n=32, num_stages=4), dict(KEYS_MAJOR_TMA, num_warps=8),
+          dict(KEYS_MAJOR_TMA, splits_per_sm=2)]
 ROUND1 = (
     [dict(SESSION6)]
     + [dict(SESSION6, num_stages=s) for s in (3, 4)]
@@ -96,7 +102,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x131072", "1x1048576", "6x1048576"],
                     help="BATCHxCONTEXT")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole sweep")
-    ap.add_argument("--round", type=int, default=4, choices=(1, 2, 3, 4, 5), help="which candidate list")
+    ap.add_argument("--round", type=int, default=4, choices=(1, 2, 3, 4, 5, 6), help="which candidate list")
     args_ns = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes/s
@@ -113,7 +119,7 @@ def main() -> None:
         print(f"== B={B} context={L}: reads {cache_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us", flush=True)
         deadline = t0 + args_ns.budget * (i_shape + 1) / len(args_ns.shapes)
         rows = []
-        for cand in {1: ROUND1, 2: ROUND2, 3: ROUND3, 4: ROUND4, 5: ROUND5}[args_ns.round]:
+        for cand in {1: ROUND1, 2: ROUND2, 3: ROUND3, 4: ROUND4, 5: ROUND5, 6: ROUND6}[args_ns.round]:
             if time.time() > deadline:
                 print("   (budget reached)", flush=True)
                 break

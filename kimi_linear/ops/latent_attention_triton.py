@@ -105,6 +105,7 @@ def _latent_attn_split_keys_major_kernel(
     stride_cb, stride_cl, stride_krb, stride_krl,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
     # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
@@ -125,11 +126,29 @@ def _latent_attn_split_keys_major_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([R, BLOCK_M], dtype=tl.float32)
+    if TMA:
+        # the tiles through the tensor-memory accelerator: one instruction per box, the copy tracked by a
+        # barrier instead of registers, so the pipelined loads of later tiles stay in flight while this
+        # tile's products and softmax run. The descriptors end at the split's last key: rows past it
+        # (the next split's, or past the sequence's length, never written) arrive as zeros, the masked
+        # load's `other`, so unwritten cache rows never reach the products.
+        rows = tl.maximum(end, 1).to(tl.int32)
+        d_c = tl.make_tensor_descriptor(c_ptr + i_b * stride_cb, shape=[rows, R], strides=[stride_cl, 1],
+                                        block_shape=[BLOCK_N, R])
+        d_kr = tl.make_tensor_descriptor(kr_ptr + i_b * stride_krb, shape=[rows, DR], strides=[stride_krl, 1],
+                                         block_shape=[BLOCK_N, DR])
     for j0 in range(start, end, BLOCK_N):
         o_n = j0 + tl.arange(0, BLOCK_N)
         m_n = o_n < end
-        b_c = tl.load(c_ptr + i_b * stride_cb + o_n[:, None] * stride_cl + o_r[None, :], mask=m_n[:, None], other=0.0)
-        b_kr = tl.load(kr_ptr + i_b * stride_krb + o_n[:, None] * stride_krl + o_d[None, :], mask=m_n[:, None], other=0.0)
+        if TMA:
+            j32 = tl.cast(j0, tl.int32)
+            b_c = d_c.load([j32, 0])
+            b_kr = d_kr.load([j32, 0])
+        else:
+            b_c = tl.load(c_ptr + i_b * stride_cb + o_n[:, None] * stride_cl + o_r[None, :], mask=m_n[:, None],
+                          other=0.0)
+            b_kr = tl.load(kr_ptr + i_b * stride_krb + o_n[:, None] * stride_krl + o_d[None, :], mask=m_n[:, None],
+                           other=0.0)
         b_s = (tl.dot(b_c, b_qt) + tl.dot(b_kr, b_qrt)) * sm_scale  # [BLOCK_N, BLOCK_M]
         b_s = tl.where((o_n[:, None] < limit[None, :]) & m_n[:, None], b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 0))
@@ -244,8 +263,16 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   Session 13, in the model (results/decode/session13/latent_switch_in_model_h100.txt, graph-replayed
 #   step, one process per setting): keys-major from 128K keys 3.318-3.331 ms at 128K against 3.342-3.362
 #   for the rows-major kernel with the Triton absorptions; at 64K a tie (3.130 vs 3.129): from 128K on.
+#   keys_major_tma: the keys-major kernel reads its tiles through tensor descriptors (TMA, Hopper and
+#   later; descriptors made on the device, so each split's bound is its own last key). The copy engine
+#   keeps the next tile in flight without registers (237 instead of 255 + spills): whole call, H100,
+#   graph-replayed (results/decode/session23/latent_sweep_tma_h100.txt): 128K keys 87.9 -> 80.2 us
+#   (rows-major 90.1), 1M 485.2 -> 449.7 (90% of the floor rate), 64K 55.2 against the rows-major 57.2,
+#   32K 42.4 against 40.9; in the model's graph-replayed step 3.335 -> 3.262 ms at 128K and, with the
+#   switch at 64K, 3.127 / 3.131 -> 3.092 / 3.096 there (ab_tma_128k_h100.txt, in_model_64k_h100.txt):
+#   on, from 64K keys. (32-key tiles in 4 stages, 8 warps, 2 splits per SM: slower.)
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=131072, keys_major_rows=32)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
@@ -255,6 +282,26 @@ TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_group
 TRITON_ABSORB = True
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's global scratch for descriptors made inside a kernel (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA may read these ``[B, L, D]`` tensors: a GPU of compute capability 9+ (or the
+    interpreter), 16-byte aligned base and batch / row strides."""
+    from kimi_linear.backends import triton_interpret
+
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        if torch.cuda.get_device_capability(dev)[0] < 9:
+            return False
+    elif not triton_interpret():
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               and (t.stride(1) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: float = 2) -> int:
@@ -328,6 +375,11 @@ def latent_attention_triton(
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
     kernel = _latent_attn_split_keys_major_kernel if keys_major else _latent_attn_split_kernel
+    extra = {}
+    if keys_major and TILES.get("keys_major_tma") and _tma_ok(latent, k_rope):
+        extra["TMA"] = True
+        if latent.device.type == "cuda":
+            triton.set_allocator(_scratch)
     kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,
@@ -335,7 +387,7 @@ def latent_attention_triton(
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device),
+        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device), **extra,
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     if triton_absorb:
