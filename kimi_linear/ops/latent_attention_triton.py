@@ -280,6 +280,10 @@ TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_group
 # (rows-major); with the keys-major kernel 3.735 -> 3.781 at 256K and 6.073 -> 6.103 at 1M (cause not
 # found), so there the matmuls stay
 TRITON_ABSORB = True
+# the same with the keys-major split kernel: off. Session 13 measured them slower there at 256K and 1M;
+# session 23 again with the TMA tiles (graph-replayed step, decode_profile --ab, session23/
+# ab_triton_absorb_keys_major_h100.txt): 3.099 -> 3.139 ms at 64K, 3.274 -> 3.315 at 128K, 5.817 -> 5.851 at 1M
+TRITON_ABSORB_KEYS_MAJOR = False
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
@@ -359,7 +363,8 @@ def latent_attention_triton(
     kdt = latent.dtype
     # a few tokens (decode) before the rows-major split kernel: the absorbed projections as Triton
     # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
-    triton_absorb = TRITON_ABSORB and not keys_major and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
+    triton_absorb = (TRITON_ABSORB and (TRITON_ABSORB_KEYS_MAJOR or not keys_major) and B * T <= absorb.MAX_TOKENS
+                     and w_kv_b.is_contiguous())
     if triton_absorb:
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt).view(B, M, R)
     else:

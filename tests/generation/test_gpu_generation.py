@@ -24,6 +24,23 @@ def make(preset: str, device, dtype=torch.float32) -> KimiLinearForCausalLM:
 @pytest.mark.parametrize("preset", ["tiny", "tiny-kda", "tiny-mla", "tiny-moe"])
 @torch.no_grad()
 def test_decode_equals_forward_cuda(preset, cuda_device):
+    check_decode_equals_forward(preset, cuda_device)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mla"])
+@torch.no_grad()
+def test_decode_equals_forward_keys_major_latent_cuda(preset, cuda_device, monkeypatch):
+    # the long-context latent kernel (keys-major, tiles through TMA) at every context
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0)
+    assert lt.TILES["keys_major_tma"]
+    check_decode_equals_forward(preset, cuda_device)
+
+
+def check_decode_equals_forward(preset, cuda_device):
+    """Two prompts of different lengths (left-padded) prefilled into the cache, then 9 decode steps:
+    each step's logits == the full forward's at that position (fp32)."""
     model = make(preset, cuda_device)
     lens, extra = [70, 33], 9
     seqs = [torch.randint(1, V, (n + extra,), device=cuda_device) for n in lens]
@@ -50,6 +67,20 @@ def test_cuda_graph_generation_equals_eager(cuda_device):
     graphed = generate(model, ids, max_new_tokens=24, cuda_graph=True)
     assert graphed.cuda_graph and not eager.cuda_graph
     assert graphed.new_tokens == eager.new_tokens
+
+
+@torch.no_grad()
+def test_cuda_graph_generation_equals_eager_keys_major_latent(cuda_device, monkeypatch):
+    # the keys-major latent kernel makes its TMA descriptors on the device, in scratch that Triton's
+    # allocator hands out at launch: inside a captured graph as well as eagerly
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0)
+    model = make("tiny-mla-moe", cuda_device)
+    ids = torch.randint(3, V, (2, 30), device=cuda_device)
+    eager = generate(model, ids, max_new_tokens=20, cuda_graph=False)
+    graphed = generate(model, ids, max_new_tokens=20, cuda_graph=True)
+    assert graphed.cuda_graph and graphed.new_tokens == eager.new_tokens
 
 
 @torch.no_grad()
