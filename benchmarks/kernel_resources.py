@@ -64,10 +64,7 @@ def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> 
     if "PDL" in fn.arg_names and "PDL" not in constexprs:  # decode kernels: as launched on Hopper (ops/pdl.py)
         constexprs = dict(constexprs, PDL=True)
         options["launch_pdl"] = True
-    constexprs = dict(constexprs)
-    extra_types = constexprs.pop("_types", {})  # a case's own argument types (e.g. TMA descriptors)
-    types = dict(TYPES, **next((t for pre, t in KERNEL_TYPES.items() if fn.__name__.startswith(pre)), {}),
-                 **extra_types)
+    types = dict(TYPES, **next((t for pre, t in KERNEL_TYPES.items() if fn.__name__.startswith(pre)), {}))
     sig = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
@@ -130,11 +127,6 @@ def cases():
         yield (f"chunk grads BK={bk} BV={bv}{' v_apart' if apart else ''}{' half_dots' if half else ''}",
                cb._chunk_grad_kernel,
                dict(hk, V=128, BK=bk, BV=bv, BETA_SIGMOID=False, PREC="tf32", V_APART=apart, HALF_DOTS=half), 8, 3)
-    # the V loop's tiles through TMA descriptors (chunk_grad tma=1)
-    tma = {n: "tensordesc<bf16[1,64,64]>" for n in ("W", "h", "dh", "do", "dW")}
-    yield ("chunk grads BK=64 BV=64 v_apart half_dots TMA", cb._chunk_grad_kernel,
-           dict(hk, V=128, BK=64, BV=64, BETA_SIGMOID=False, PREC="tf32", V_APART=1, HALF_DOTS=1, TMA=True,
-                _types=tma), 8, 3)
     for prec in ("tf32", "tf32split", "tf32x3"):
         for fac in (0, 1, 2, 3):
             for rolled in (False, True):

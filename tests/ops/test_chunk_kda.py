@@ -173,12 +173,6 @@ VARIANTS = [
     ("chunk_grad-BK16", "chunk_grad", dict(BK=16, BV=16), (3, -1)),
     ("chunk_grad-v_in_block0", "chunk_grad", dict(v_apart=0), (3, -1)),
     ("chunk_grad-v_in_block0-BK16", "chunk_grad", dict(BK=16, BV=16, v_apart=0), (3, -1)),
-    # its V loop's tiles through TMA descriptors: a chunk past the tensor's end (T = 17), packed sequences
-    # whose part chunks read the next sequence's rows, GVA; on two key blocks of 16, and with key block 0
-    # doing the V-only work (test_chunk_kda_interpreter_chunk_grad_tma_launches checks TMA is taken)
-    ("chunk_grad-tma", "chunk_grad", dict(tma=1), (1, 3, -2, -1)),
-    ("chunk_grad-tma-BK16", "chunk_grad", dict(tma=1, BK=16, BV=16), (3, -1)),
-    ("chunk_grad-tma-v_in_block0", "chunk_grad", dict(tma=1, v_apart=0), (3, -1)),
     # the decay products' diagonal by the halving levels in every sub-chunk, unrolled (the default, tiered,
     # takes the fewest levels as a loop and then factors each remaining group through its midpoint: the
     # odd-T case factors every sub-chunk whole, the fused cases' larger gates take the tiers too;
@@ -286,17 +280,6 @@ def watch_launches(monkeypatch, module, names, ran=None) -> list:
     for name in names:
         monkeypatch.setattr(module, name, _Watched(getattr(module, name), name, ran))
     return ran
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_chunk_kda_interpreter_chunk_grad_tma_launches(dtype, monkeypatch):
-    # chunk_grad tma=1: the chunk-gradient kernel gets descriptors (TMA=True) for its V loop's five tiles
-    # and the gradients match the fp64 reference; in fp16 the descriptors have two dtypes (dO, W, h, dh
-    # half, dW fp32). (The products on the stored half tiles, half_dots, need bf16: GPU tests.)
-    use_variant(monkeypatch, "chunk_grad", tma=1)
-    ran = watch_launches(monkeypatch, chunk_bwd, ["_chunk_grad_kernel"])
-    check_case(HALF_CASE, dtype)
-    assert ran and all(kw["TMA"] is True for _, kw in ran)
 
 
 @pytest.mark.parametrize("half_dy", [0, 1])
@@ -434,12 +417,11 @@ def test_chunk_kda_interpreter_extreme_gates_and_beta():
 # (the default, above, tiers the decay products' diagonal: at -1e4 every sub-chunk takes all four levels):
 # the levels in every sub-chunk, the diagonal factored through one reference (spans > 60 keep the levels)
 # or through the midpoint (spans > 120 keep them); the chunk-gradient kernel's V-only work inside key
-# block 0's program, and its V loop's tiles through TMA
+# block 0's program
 EXTREME_VARIANTS = {"levels_diagonal": ("decay_grad", dict(factored=0)),
                     "one_reference_diagonal": ("decay_grad", dict(factored=1)),
                     "midpoint_diagonal": ("decay_grad", dict(factored=2)),
-                    "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0)),
-                    "chunk_grad_tma": ("chunk_grad", dict(tma=1))}
+                    "chunk_grad_v_in_block0": ("chunk_grad", dict(v_apart=0))}
 
 
 @pytest.mark.parametrize("variant", list(EXTREME_VARIANTS))

@@ -115,32 +115,6 @@ def _dw_local_kernel(Aqk, do, dW, chunk_start, chunk_len, scale,
 
 
 @triton.jit
-def _load_tv(x, p_tv, m_tv, i_hv, t0, vb, BV: tl.constexpr, TMA: tl.constexpr):
-    """The [64, BV] tile of token-major ``x [T, HV, V]`` at (chunk rows from t0, head i_hv, columns from
-    vb), in x's dtype. TMA: ``x`` is a descriptor over the view [HV, T, V] (block [1, 64, BV]) and the
-    tile arrives through the copy engine: rows past the tensor's end and columns past V as zeros, rows past
-    the chunk's end as stored (the next sequence's tokens -- every product they enter has an exact zero
-    factor there, and the stores are masked)."""
-    if TMA:
-        return x.load([tl.cast(i_hv, tl.int32), tl.cast(t0, tl.int32), tl.cast(vb, tl.int32)]).reshape(64, BV)
-    else:
-        return tl.load(x + p_tv, mask=m_tv, other=0)
-
-
-@triton.jit
-def _load_kv(x, p_h, o_k, o_v, m_kv, i_c, i_hv, i_kb, vb, HV: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-             BV: tl.constexpr, TMA: tl.constexpr):
-    """The [BK, BV] tile of a per-chunk state ``x [NC, HV, K, V]`` (chunk i_c, key block i_kb, columns
-    from vb), in x's dtype. TMA: ``x`` is a descriptor over [NC * HV, K, V] (block [1, BK, BV]; keys and
-    columns past K / V as zeros)."""
-    if TMA:
-        return x.load([tl.cast(i_c * HV + i_hv, tl.int32), tl.cast(i_kb * BK, tl.int32),
-                       tl.cast(vb, tl.int32)]).reshape(BK, BV)
-    else:
-        return tl.load(x + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
-
-
-@triton.jit
 def _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da, b_db, PREC: tl.constexpr):
     """The V-only terms of one [64, BV] V tile: dAqk += dO W^T; U = M (beta V), so dX_v = M^T dU (dU = dW),
     dv = beta dX_v (stored here), dbeta += <dX_v, v> and dA -= dX_v U^T."""
@@ -157,7 +131,7 @@ def _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_
 @triton.jit
 def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t, p_part, scale,
                     HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr,
-                    PREC: tl.constexpr, HALF_DOTS: tl.constexpr, TMA: tl.constexpr):
+                    PREC: tl.constexpr, HALF_DOTS: tl.constexpr):
     """``chunk_grad v_apart``: the V-only work of a (chunk, value head) in a program of its own -- dv,
     dAqk, and the U-parts of dA and dbeta (into partial-sum slot ``p_part``). HALF_DOTS: dO W^T on the
     stored half tiles (see ``_key_block_program``)."""
@@ -172,13 +146,13 @@ def _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n,
         o_v = vb + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_dw = _load_tv(dW, p_tv, m_tv, i_hv, t0, vb, BV, TMA).to(tl.float32)
+        b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
         if HALF_DOTS:
-            b_do = _load_tv(do, p_tv, m_tv, i_hv, t0, vb, BV, TMA)
-            b_w = _load_tv(W, p_tv, m_tv, i_hv, t0, vb, BV, TMA)
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0)
         else:
-            b_do = _load_tv(do, p_tv, m_tv, i_hv, t0, vb, BV, TMA).to(tl.float32)
-            b_w = _load_tv(W, p_tv, m_tv, i_hv, t0, vb, BV, TMA).to(tl.float32)
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
         b_daqk, b_da, b_db = _v_tile_grads(b_do, b_w, b_dw, b_M, b_beta, U, v, dv, p_tv, m_tv, b_daqk, b_da, b_db,
                                            PREC)
     tl.store(dA_part + p_part * 64 + p_cc, b_da, mask=m_t[:, None])
@@ -191,7 +165,7 @@ def _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG,
                        i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, WITH_V: tl.constexpr, PREC: tl.constexpr,
-                       HALF_DOTS: tl.constexpr, TMA: tl.constexpr):
+                       HALF_DOTS: tl.constexpr):
     """The work of one key block of BK channels: the dense parts of dq / dk / dG and the Wk-parts of dA
     and dbeta (partial-sum slot ``p_part``). WITH_V: key block 0 also does the V-only work, its V tiles
     shared with the key-block products (otherwise ``_v_only_program`` does it). HALF_DOTS (without
@@ -221,19 +195,22 @@ def _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG,
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_tv = ((t0 + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-        b_do = _load_tv(do, p_tv, m_tv, i_hv, t0, vb, BV, TMA)
-        b_w = _load_tv(W, p_tv, m_tv, i_hv, t0, vb, BV, TMA)
-        b_dw = _load_tv(dW, p_tv, m_tv, i_hv, t0, vb, BV, TMA)
-        b_h = _load_kv(h, p_h, o_k, o_v, m_kv, i_c, i_hv, i_kb, vb, HV, V, BK, BV, TMA)
-        b_dh = _load_kv(dh, p_h, o_k, o_v, m_kv, i_c, i_hv, i_kb, vb, HV, V, BK, BV, TMA)
         if HALF_DOTS:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0)
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0)
             b_dqg += tl.dot(b_do, tl.trans(b_h))
             b_dkd += tl.dot(b_w, tl.trans(b_dh))
             b_dwk -= tl.dot(b_dw, tl.trans(b_h))
             b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
         else:
-            b_do, b_w, b_dw = b_do.to(tl.float32), b_w.to(tl.float32), b_dw.to(tl.float32)
-            b_h, b_dh = b_h.to(tl.float32), b_dh.to(tl.float32)
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_w = tl.load(W + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_dw = tl.load(dW + p_tv, mask=m_tv, other=0).to(tl.float32)
+            b_h = tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
+            b_dh = tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0).to(tl.float32)
             b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
             b_dkd += tl.dot(b_w, tl.trans(b_dh), input_precision=PREC)
             b_dwk -= tl.dot(b_dw, tl.trans(b_h), input_precision=PREC)
@@ -283,8 +260,7 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
                        dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, chunk_start, chunk_len, scale, TOT,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BETA_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-                       V_APART: tl.constexpr, HALF_DOTS: tl.constexpr, FULL: tl.constexpr = False,
-                       TMA: tl.constexpr = False):
+                       V_APART: tl.constexpr, HALF_DOTS: tl.constexpr, FULL: tl.constexpr = False):
     # One (chunk, value head, key block of BK channels); dA and dbeta leave as partial sums, one slot per
     # program. Key block 0 also does the V-only work (dv, dAqk and the U-parts of dA / dbeta) with the V
     # tiles it loads anyway; with V_APART that work is a program of its own (grid dimension 2 has one
@@ -299,15 +275,15 @@ def _chunk_grad_kernel(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW,
     if V_APART:
         if i_kb == NKB:
             _v_only_program(v, beta, M, U, W, do, dW, dv, dA_part, db_part, dAqk, t0, n, i_hv, o_t,
-                            i_kb.to(tl.int64) * TOT, scale, HV, V, BV, BETA_SIGMOID, PREC, HALF_DOTS, TMA)
+                            i_kb.to(tl.int64) * TOT, scale, HV, V, BV, BETA_SIGMOID, PREC, HALF_DOTS)
         else:
             _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part,
                                dAqk, i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
-                               H, HV, K, V, BK, BV, BETA_SIGMOID, False, PREC, HALF_DOTS, TMA)
+                               H, HV, K, V, BK, BV, BETA_SIGMOID, False, PREC, HALF_DOTS)
     else:
         _key_block_program(q, k, v, beta, G, M, U, Wk, W, h, dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk,
                            i_c, i_hv, i_h, i_kb, t0, n, o_t, scale, TOT,
-                           H, HV, K, V, BK, BV, BETA_SIGMOID, True, PREC, False, TMA)
+                           H, HV, K, V, BK, BV, BETA_SIGMOID, True, PREC, False)
 
 
 @triton.jit
@@ -776,37 +752,6 @@ def _launch_l2norm_bwd(launches) -> None:
             _l2norm_bwd_kernel[(triton.cdiv(R, L2NORM_ROWS), n)](*args, R, D=D, DP=pow2(D), BR=L2NORM_ROWS)
 
 
-def tma_readable(*tensors: torch.Tensor) -> bool:
-    """Whether the tensor-memory accelerator may read these contiguous tensors: a GPU of compute
-    capability 9+ (or Triton's interpreter), 16-byte aligned bases and row strides."""
-    from kimi_linear.backends import triton_interpret
-
-    dev = tensors[0].device
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
-        return False
-    if dev.type != "cuda" and not triton_interpret():
-        return False
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
-               for t in tensors)
-
-
-def _chunk_grad_descriptors(W, h, dh, do, dW, BK: int, BV: int):
-    """TMA descriptors for the chunk-gradient kernel's V loop (launch table chunk_grad tma=1): the
-    token-major ``W, do, dW [T, HV, V]`` as [HV, T, V] views (block [1, 64, BV]: one head's chunk rows),
-    the per-chunk states ``h, dh [NC, HV, K, V]`` as [NC * HV, K, V] (block [1, BK, BV])."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def tokens(t):
-        T, HV, V = t.shape
-        return TensorDescriptor(t, [HV, T, V], [V, HV * V, 1], [1, 64, BV])
-
-    def states(t):
-        NC, HV, K, V = t.shape
-        return TensorDescriptor(t, [NC * HV, K, V], [K * V, V, 1], [1, BK, BV])
-
-    return tokens(W), states(h), states(dh), tokens(do), tokens(dW)
-
-
 def decay_precision(prec: str) -> str:
     """Dot precision of the decay products for half inputs (fp32 inputs keep their 3-pass ``prec``):
     ``LAUNCH["decay_grad"]["precise"]`` 0 = one truncating tf32 pass, 1 = 3-pass tf32, 2 = one pass on
@@ -900,14 +845,11 @@ def chunk_kda_bwd(
         n_part = NKG + v_apart  # dA / dbeta partial-sum slots: one per chunk-gradient program of a chunk
         dA_part = chunk_common.alloc((n_part, Ttot, HV, 64), torch.float32, dev)
         db_part = chunk_common.alloc((n_part, Ttot, HV), torch.float32, dev)
-        tiles = (saved["W"], saved["h"], dh, do, dW)
-        if cg.get("tma") and tma_readable(*tiles):
-            tiles = _chunk_grad_descriptors(*tiles, BK=BKG, BV=BV)
         _chunk_grad_kernel[(NC, HV, n_part)](
-            q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], tiles[0],
-            tiles[1], tiles[2], tiles[3], tiles[4], dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale,
-            Ttot * HV, H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, V_APART=v_apart,
-            HALF_DOTS=half_dots, FULL=full, TMA=not isinstance(tiles[0], torch.Tensor),
+            q, k, v, beta, saved["G"], saved["M"], saved["U"], saved["Wk"], saved["W"],
+            saved["h"], dh, do, dW, dq, dk, dG, dGl, dv, dA_part, db_part, dAqk, cs, cl, scale, Ttot * HV,
+            H=H, HV=HV, K=K, V=V, BK=BKG, BV=BV, BETA_SIGMOID=beta_sigmoid, PREC=prec, V_APART=v_apart,
+            HALF_DOTS=half_dots, FULL=full,
             **launch("chunk_grad", tile=(BKG, BV)))
         _chunk_grad_finish_kernel[(NC, HV)](beta, saved["Araw"], dA_part, db_part, dA, dbeta, cs, cl, Ttot * HV,
                                             HV=HV, NKB=n_part, BETA_SIGMOID=beta_sigmoid, FULL=full,

@@ -221,11 +221,7 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # A/B (results/kda/session18/kda_ab_half_dots_scan_stages_h100.txt): fwd+bwd 18.59 -> 18.21 ms at B8
     # T4K H32, 18.55 -> 18.22 at B32 T2K H16 (with state_fwd num_stages=1, neutral in fwd+bwd alone),
     # 1.353 -> 1.318 at B1 T4K H16, 20.38 -> 20.01 at B1 T64K H16 (kda_ab_half_dots_b1_h100.txt)
-    # tma=1 (session 23): the V loop's tiles (dO, W, dW; h, dh) through TMA descriptors made on the host
-    # (Hopper+): no per-element addresses in registers, the copies tracked by barriers. Rows past a
-    # chunk's end then hold the next sequence's tokens instead of zeros; every product they enter has an
-    # exact zero factor there (M's rows past the end, the causal mask of dAqk) and the stores are masked
-    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1, tma=0),
+    "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
     # warps and BK 32 (2 warps BK 16: 7.8; 8 warps: 9-17) against 6.90 for the earlier two 16-step loops
