@@ -221,6 +221,11 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # A/B (results/kda/session18/kda_ab_half_dots_scan_stages_h100.txt): fwd+bwd 18.59 -> 18.21 ms at B8
     # T4K H32, 18.55 -> 18.22 at B32 T2K H16 (with state_fwd num_stages=1, neutral in fwd+bwd alone),
     # 1.353 -> 1.318 at B1 T4K H16, 20.38 -> 20.01 at B1 T64K H16 (kda_ab_half_dots_b1_h100.txt)
+    # (Session 23: the V loop's five tiles through TMA descriptors made on the host -- spill-free at 255
+    # registers for sm_90a, rows past a chunk's end read from the next sequence and met by exact zeros --
+    # passed the interpreter and GPU tests but measured slower: 4.848 -> 4.929 ms, the call 17.15 ->
+    # 17.26 ms fwd+bwd at B8 T4K H32, 1.243 -> 1.250 at B1 T4K H16 (H100, layer-fused, graph-replayed;
+    # results/kda/session23/kda_ab_chunk_grad_tma_h100.txt): not kept.)
     "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
