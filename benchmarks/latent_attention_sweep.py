@@ -56,11 +56,6 @@ KEYS_MAJOR_TMA = dict(KEYS_MAJOR, num_warps=4, keys_major_tma=1)
 ROUND6 = [dict(CURRENT), dict(KEYS_MAJOR, num_warps=4), dict(KEYS_MAJOR_TMA),
           dict(KEYS_MAJOR_TMA, block_n=32, num_stages=4), dict(KEYS_MAJOR_TMA, num_warps=8),
           dict(KEYS_MAJOR_TMA, splits_per_sm=2)]
-# round 7 (session 23): the TMA kernel on fewer, longer splits (half the partials for the merge; TMA keeps
-# two 72 KB tiles in flight per SM, which might stream a split with half the SMs)
-ROUND7 = [dict(KEYS_MAJOR_TMA), dict(KEYS_MAJOR_TMA, splits_per_sm=0.5), dict(KEYS_MAJOR_TMA, splits_per_sm=0.75)]
-# round 8 (session 23): the per-split contexts stored in bf16 (half the partials' bytes), both kernels
-ROUND8 = [dict(KEYS_MAJOR_TMA), dict(KEYS_MAJOR_TMA, half_partials=1), dict(CURRENT), dict(CURRENT, half_partials=1)]
 ROUND1 = (
     [dict(SESSION6)]
     + [dict(SESSION6, num_stages=s) for s in (3, 4)]
@@ -107,7 +102,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["1x4096", "1x131072", "1x1048576", "6x1048576"],
                     help="BATCHxCONTEXT")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole sweep")
-    ap.add_argument("--round", type=int, default=4, choices=(1, 2, 3, 4, 5, 6, 7, 8), help="which candidate list")
+    ap.add_argument("--round", type=int, default=4, choices=(1, 2, 3, 4, 5, 6), help="which candidate list")
     args_ns = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)  # bytes/s
@@ -124,7 +119,7 @@ def main() -> None:
         print(f"== B={B} context={L}: reads {cache_bytes / 1e6:.1f} MB, floor {floor_us:.1f} us", flush=True)
         deadline = t0 + args_ns.budget * (i_shape + 1) / len(args_ns.shapes)
         rows = []
-        for cand in {1: ROUND1, 2: ROUND2, 3: ROUND3, 4: ROUND4, 5: ROUND5, 6: ROUND6, 7: ROUND7, 8: ROUND8}[args_ns.round]:
+        for cand in {1: ROUND1, 2: ROUND2, 3: ROUND3, 4: ROUND4, 5: ROUND5, 6: ROUND6}[args_ns.round]:
             if time.time() > deadline:
                 print("   (budget reached)", flush=True)
                 break

@@ -93,7 +93,7 @@ def _latent_attn_split_kernel(
     lse, den = _split_lse(m_i, l_i)
     out = acc / den[:, None]
     p_o = o_ptr + i_b * stride_ob + i_s * stride_os + o_m[:, None] * stride_om + o_r[None, :]
-    tl.store(p_o, out.to(o_ptr.dtype.element_ty), mask=m_m[:, None])
+    tl.store(p_o, out, mask=m_m[:, None])
     tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)
 
 
@@ -162,7 +162,7 @@ def _latent_attn_split_keys_major_kernel(
     lse, den = _split_lse(m_i, l_i)
     out = acc / den[None, :]
     p_o = o_ptr + i_b * stride_ob + i_s * stride_os + o_m[None, :] * stride_om + o_r[:, None]
-    tl.store(p_o, out.to(o_ptr.dtype.element_ty), mask=m_m[None, :])
+    tl.store(p_o, out, mask=m_m[None, :])
     tl.store(lse_ptr + i_b * stride_lb + i_s * stride_ls + o_m, lse, mask=m_m)
 
 
@@ -174,7 +174,7 @@ def _latent_attn_merge_kernel(
     stride_ob, stride_os, stride_om, stride_lb, stride_ls, stride_cb, stride_cm,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Merge the split-KV partials: ``o [B, S, M, R]`` fp32 or half (per-split normalised contexts) and
+    """Merge the split-KV partials: ``o [B, S, M, R]`` fp32 (per-split normalised contexts) and
     ``lse [B, S, M]`` fp32 (per-split log-sum-exps, ``-inf`` for a split that saw no key) into
     ``ctx [B, M, R]`` (any float dtype; the last dims of ``o`` and ``ctx`` contiguous):
 
@@ -203,7 +203,7 @@ def _latent_attn_merge_kernel(
     for s0 in range(0, S, SUB_S):
         o_s = (s0 + tl.arange(0, SUB_S)).to(tl.int64)
         w = tl.exp(tl.load(p_lse + o_s * stride_ls, mask=o_s < S, other=float("-inf")) - mx)
-        b_o = tl.load(p_o + o_s[:, None] * stride_os, mask=(w > 0)[:, None], other=0.0).to(tl.float32)
+        b_o = tl.load(p_o + o_s[:, None] * stride_os, mask=(w > 0)[:, None], other=0.0)
         acc += w[:, None] * b_o
         den += w
     ctx = tl.sum(acc, 0) / tl.maximum(tl.sum(den, 0), 1.1754943508222875e-38)  # 2^-126
@@ -211,8 +211,7 @@ def _latent_attn_merge_kernel(
 
 
 def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``o_part [B, S, M, R]`` (fp32, or half with TILES half_partials), ``lse [B, S, M]`` fp32 -> ``out
-    [B, M, R]`` (written, returned); the sums in fp32.
+    """``o_part [B, S, M, R]`` fp32, ``lse [B, S, M]`` fp32 -> ``out [B, M, R]`` (written, returned).
     Launch settings depend on shapes only (graph-capturable)."""
     B, S, M, R = o_part.shape
     if tuple(out.shape) != (B, M, R) or tuple(lse.shape) != (B, S, M):
@@ -273,7 +272,7 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   switch at 64K, 3.127 / 3.131 -> 3.092 / 3.096 there (ab_tma_128k_h100.txt, in_model_64k_h100.txt):
 #   on, from 64K keys. (32-key tiles in 4 stages, 8 warps, 2 splits per SM: slower.)
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, half_partials=0)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
@@ -377,10 +376,7 @@ def latent_attention_triton(
         q_r = q_r.contiguous()
     if latent.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent and k_rope need a contiguous last dim")
-    # half_partials: the per-split contexts stored in the cache's half dtype (half the bytes the split
-    # kernel writes and the merge reads; each is a softmax-weighted mean, rounded once)
-    half = TILES.get("half_partials") and kdt in (torch.bfloat16, torch.float16)
-    o_part = torch.empty(B, S, M, R, device=latent.device, dtype=kdt if half else torch.float32)
+    o_part = torch.empty(B, S, M, R, device=latent.device, dtype=torch.float32)
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
     kernel = _latent_attn_split_keys_major_kernel if keys_major else _latent_attn_split_kernel

@@ -353,33 +353,6 @@ def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, kernel, monkeypatch
     assert rel_rms(out, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-@pytest.mark.parametrize("kernel", ["rows_major", "keys_major_tma"])
-def test_triton_half_partials(kernel, monkeypatch):
-    """TILES half_partials: the per-split contexts stored in the cache's half dtype (fp16 here; bf16 on
-    the GPU) -- against the expanded reference and within half rounding of the fp32 partials' result,
-    with several splits, causal rows (T = 2) and a keyless row."""
-    device = _triton_device()
-    from kimi_linear.ops import latent_attention_triton as lt
-
-    monkeypatch.setitem(lt.TILES, "keys_major_from", 1 << 62 if kernel == "rows_major" else 0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    args = [a.to(device) for a in inputs(B=3, T=2, H=4, Dn=16, Dr=16, Dv=16, R=32, L=90)]
-    lengths = torch.tensor([90, 40, 0], device=device)
-    ref = expanded_attention_ref(*args, lengths=lengths)
-    half_args = [a.to(dtype) for a in args]
-    parts = []
-    real = lt._merge_splits
-    monkeypatch.setattr(lt, "_merge_splits", lambda o, lse, out: parts.append(o.dtype) or real(o, lse, out))
-    out = {}
-    for half in (0, 1):
-        monkeypatch.setitem(lt.TILES, "half_partials", half)
-        out[half] = lt.latent_attention_triton(*half_args, lengths=lengths, block_n=16, num_splits=4).float()
-    assert parts == [torch.float32, dtype]
-    assert torch.isfinite(out[1]).all() and out[1][2].abs().max() == 0
-    eps = 2e-2 if dtype == torch.bfloat16 else 3e-3
-    assert rel_rms(out[1], ref) < eps and rel_rms(out[1], out[0]) < eps / 2
-
-
 @pytest.mark.parametrize("N,H,Dn,Dv,R", [(1, 4, 8, 6, 16), (5, 3, 16, 12, 20)], ids=["decode", "odd_sizes"])
 def test_absorb_kernels_match_matmuls(N, H, Dn, Dv, R):
     """The absorbed query / output projections (Triton) against the batched matmuls they replace, with a
