@@ -270,7 +270,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   (rows-major 90.1), 1M 485.2 -> 449.7 (90% of the floor rate), 64K 55.2 against the rows-major 57.2,
 #   32K 42.4 against 40.9; in the model's graph-replayed step 3.335 -> 3.262 ms at 128K and, with the
 #   switch at 64K, 3.127 / 3.131 -> 3.092 / 3.096 there (ab_tma_128k_h100.txt, in_model_64k_h100.txt):
-#   on, from 64K keys. (32-key tiles in 4 stages, 8 warps, 2 splits per SM: slower.)
+#   on, from 64K keys. (32-key tiles in 4 stages, 8 warps, 2 splits per SM: slower. Fewer, longer
+#   splits with TMA, 0.5 / 0.75 per SM: 71.1 / 60.3 us against 54.9 at 64K, 742 / 524 against 449 at 1M
+#   (latent_sweep_fewer_splits_tma_h100.txt). The per-split contexts stored in bf16 (half the partials'
+#   bytes): 55.8 -> 56.4 us at 64K, 451 -> 461 at 1M, the step 3.086 -> 3.082 ms at 64K, 3.269 -> 3.268
+#   at 128K (half_partials_*_h100.txt): no gain, reverted, commit 2dfed50 has it.)
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
                                keys_major_from=65536, keys_major_rows=32, keys_major_tma=1)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
