@@ -5,27 +5,23 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50-100% of its held time in sessions
-# 14-17; a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md
-# "Where the remaining time is (session 13)", results/decode/README.md session 13): TPOT 2.87 / 2.94 / 3.12 /
-# 3.37 ms at 4K / 16K / 64K / 128K against the 3 ms target. Fusing launches within one kernel per operation
-# lost twice in session 13: the remaining excess is each launch's ramp and tail, which a persistent
-# whole-step kernel would remove; the latent split kernel at 60-70% of the copy rate at 64K-128K is the
-# other lever (its softmax exponentials still use tl.exp, which compiles with denormal handling: see
-# ops/kda/fast_exp.py). `ab` times any boolean switch off / on (AB_FLAG=MODULE:FLAG, AB_CONTEXTS, AB_UPDATES).
-# Issue 7 (docs/kernels.md, v22 and Known gaps): since session 22 ahead of FLA's bounded-gate path at every
-# grid shape (eager layer-fused fwd+bwd 17.1 / 16.9 / 18.8 ms against 18.9 / 18.8 / 21.0 at B8 T4K H32 / B32
-# T2K H16 / B1 T64K H16; B1 T4K H16 graph-replayed 0.338 / 1.28 against 0.354 / 1.40), flash attention 1.99
-# fwd / 7.99 fwd+bwd at B8 T4K H32. Per kernel at B8 T4K H32 fwd+bwd: decay products 5.15 (tiered
-# diagonal; FLA bounded's intra backward 4.02), chunk gradients 4.86 + 0.54 (255 registers, one program per
-# SM), state-gradient scan 1.35, epilogue 1.11, forward scan 1.09, products 0.98, diagonal gram 0.84, gram +
-# inverse 0.69. Eager calls at B1 T4K H16 are host-paced (0.69 ms host per no-grad call against 0.33 GPU:
-# session22/host_overhead_994453c_h100.txt). Prepared, not yet run on a GPU: the forward's diagonal in tiers
-# (gram_diag tiered=1, kernels.md v22): first its GPU tests (pytest -m gpu -k "forward_tiers or
-# tiered_forward_diagonal" tests/ops/test_chunk_kda.py: bf16 -1e4 gates and fp32 graded gates, the tf32
-# dots' precision), then KDA_AB_VARIANTS="base gram_diag.tiered=1 gram_diag.tiered=1,gram_diag.BK=32"
-# KDA_AB_MODES=fwd,fwdbwd KDA_AB_PROFILE=1 (the pairwise diagonal: 0.84 ms at B8 T4K H32). Then: fewer
-# bytes in the chunk-gradient kernel; the on-chip rewrite.
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-23;
+# a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
+# results/decode/README.md session 23): TPOT 2.865 / 2.942 / 3.090 / 3.273 ms at 4K / 16K / 64K / 128K
+# against the 3 ms target. The long-context latent kernel reads its tiles through TMA since session 23 (90%
+# of the copy rate at 1M, 76% for the split kernel at 64K); of the 55 us whole call at 64K ~18 are the two
+# cuBLAS absorptions and the merge. Fusing launches within one kernel per operation lost twice in session
+# 13: the remaining excess is each launch's ramp and tail, which a persistent whole-step kernel would
+# remove. `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
+# MODULE:TABLE[KEY], AB_CONTEXTS, AB_UPDATES); LATENT_ROUND / LATENT_SHAPES pick the latent sweep's list.
+# Issue 7 (docs/kernels.md, v22-v23): ahead of FLA's bounded-gate path at every grid shape (eager
+# layer-fused fwd+bwd 17.1 / 16.9 / 18.8 ms against 18.9 / 18.8 / 21.0 at B8 T4K H32 / B32 T2K H16 / B1 T64K
+# H16; B1 T4K H16 graph-replayed 0.338 / 1.28 against 0.354 / 1.40), flash attention 1.99 fwd / 7.99
+# fwd+bwd at B8 T4K H32. Per kernel at B8 T4K H32 fwd+bwd: decay products 5.13 (FLA bounded's intra
+# backward 4.02), chunk gradients 4.85 + 0.54 (255 registers, one program per SM; TMA loads did not help,
+# v23), state-gradient scan 1.34, epilogue 1.11, forward scan 1.09, products 0.97, diagonal gram 0.84,
+# gram + inverse 0.70. Session 23 removed the forward's tiered diagonal (slower). Next: fewer registers /
+# bytes in the chunk-gradient kernel (it waits on its 255 registers, not its loads); the on-chip rewrite.
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16; FLA's bounded-gate path is among the default
 # providers since session 19) took 310 s in session 19 with its autotuning cached (the committed archive
 # now holds it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
@@ -173,7 +169,7 @@ ab)
     | tail -5 | tee -a "$OUT/gpu_tests_ab.txt"
   for ctx in ${AB_CONTEXTS:-4096 131072}; do
     eval "timeout ${AB_CAP:-200} python3 benchmarks/decode_profile.py --layout hybrid --context $ctx --top 16 \
-      --ab $AB_FLAG ${AB_UPDATES:-}" 2>&1 | grep -v -i warn | tail -24 | tee -a "$OUT/ab.txt"
+      --ab '$AB_FLAG' ${AB_UPDATES:-}" 2>&1 | grep -v -i warn | tail -24 | tee -a "$OUT/ab.txt"
   done
   ;;
 *)
