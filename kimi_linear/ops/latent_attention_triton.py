@@ -293,8 +293,22 @@ SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Triton's global scratch for descriptors made inside a kernel (128 bytes per program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Triton's global scratch for descriptors made inside a kernel (128 bytes per program), from
+    PyTorch's caching allocator on the current device (inside a graph capture: the graph's pool)."""
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
+
+
+def _ensure_scratch_allocator() -> None:
+    """Give Triton :func:`_scratch` unless the caller already set an allocator of their own (Triton's
+    default refuses every request)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton's internals: set ours
+        pass
+    triton.set_allocator(_scratch)
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -388,7 +402,7 @@ def latent_attention_triton(
     if keys_major and TILES.get("keys_major_tma") and _tma_ok(latent, k_rope):
         extra["TMA"] = True
         if latent.device.type == "cuda":
-            triton.set_allocator(_scratch)
+            _ensure_scratch_allocator()
     kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,

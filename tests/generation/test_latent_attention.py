@@ -406,3 +406,27 @@ def test_absorb_kernels_benchmark_geometry_gpu(cuda_device):
     assert rel_rms(absorb_query(q, w, torch.bfloat16).float(), torch.einsum("nhd,hdr->nhr", q.float(), w_uk)) < 8e-3
     assert rel_rms(absorb_output(ctx, w, Dn, torch.bfloat16).float(),
                    torch.einsum("nhr,hvr->nhv", ctx.float(), w_uv)) < 8e-3
+
+
+def test_scratch_allocator_kept_when_the_caller_set_one(monkeypatch):
+    """The TMA kernel's descriptors need Triton's scratch allocator: ours is installed only where none
+    was set, a caller's own stays."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime import _allocation
+
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        lt._ensure_scratch_allocator()
+        assert _allocation._allocator.get() is lt._scratch
+
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(mine)
+        lt._ensure_scratch_allocator()
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.reset(token)
