@@ -225,7 +225,9 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # registers for sm_90a, rows past a chunk's end read from the next sequence and met by exact zeros --
     # passed the interpreter and GPU tests but measured slower: 4.848 -> 4.929 ms, the call 17.15 ->
     # 17.26 ms fwd+bwd at B8 T4K H32, 1.243 -> 1.250 at B1 T4K H16 (H100, layer-fused, graph-replayed;
-    # results/kda/session23/kda_ab_chunk_grad_tma_h100.txt): not kept.)
+    # results/kda/session23/kda_ab_chunk_grad_tma_h100.txt): not kept. The tiles again with v_apart and
+    # half_dots, same run type (kda_ab_chunk_grad_tiles_h100.txt): the kernel 4.88 ms at these settings,
+    # 6.73 at BK 32, 6.36 at BK 32 on 4 warps, 5.02 on 2 stages; the call 17.07 -> 19.11 / 18.72 / 17.24.)
     "chunk_grad": dict(num_warps=8, num_stages=3, BK=None, BV=None, v_apart=1, half_dots=1),
     "grad_finish": dict(num_warps=4, num_stages=None),
     # decay products, one program per sub-chunk, diagonal sub-block by halving levels: 5.23 ms with 4
