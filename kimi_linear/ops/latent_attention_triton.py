@@ -25,7 +25,7 @@ import triton.language as tl
 
 from kimi_linear.ops import latent_absorb_triton as absorb
 from kimi_linear.ops.latent_attention import _check, split_kv_b
-from kimi_linear.ops.pdl import pdl_launch
+from kimi_linear.ops.pdl import hopper_or_later, pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 
@@ -316,11 +316,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     interpreter), 16-byte aligned base and batch / row strides."""
     from kimi_linear.backends import triton_interpret
 
-    dev = tensors[0].device
-    if dev.type == "cuda":
-        if torch.cuda.get_device_capability(dev)[0] < 9:
-            return False
-    elif not triton_interpret():
+    if not (hopper_or_later(tensors[0].device) or triton_interpret()):
         return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                and (t.stride(1) * t.element_size()) % 16 == 0 for t in tensors)

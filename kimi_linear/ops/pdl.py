@@ -32,6 +32,7 @@ no kernel of a decode step, so that is safe): 256 B per row neutral, 1 KB +0.8%,
 | ``ENABLED``   | global switch (benchmarks turn it off for an A/B in one process)                      |
 | ``use_pdl``   | ``device`` -> whether launches on it take PDL: CUDA, compute capability >= 9, not the  |
 |               | Triton interpreter, ``ENABLED``                                                        |
+| ``hopper_or_later`` | ``device`` -> CUDA with compute capability >= 9 (also what TMA needs)           |
 | ``pdl_launch``| ``device`` -> the launch keywords ``dict(PDL=..., launch_pdl=...)`` for a kernel that    |
 |               | takes the ``PDL`` constexpr                                                            |
 """
@@ -44,7 +45,7 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["ENABLED", "pdl_launch", "use_pdl"]
+__all__ = ["ENABLED", "hopper_or_later", "pdl_launch", "use_pdl"]
 
 ENABLED = True
 
@@ -54,11 +55,14 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9 or more (Hopper: PDL, TMA); cached."""
+    return device.type == "cuda" and _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether Triton launches on ``device`` use programmatic dependent launch (module docstring)."""
-    if not ENABLED or device.type != "cuda" or triton_interpret():
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+    return ENABLED and not triton_interpret() and hopper_or_later(device)
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
