@@ -31,7 +31,6 @@ TYPES = {n: "*bf16" for n in ("q", "k", "v", "g", "beta", "Qg", "Kd", "Wk", "U",
                               "dbeta", "o", "dq_out", "dk_out", "x", "window", "weight", "y", "gate")}
 TYPES.update({n: "*i32" for n in ("chunk_start", "chunk_len", "chunk_first", "seq_start", "counter")})
 TYPES.update(tab_ptr="*i64", conv_tab="*i64", OUT="i32", SX="i32")
-TYPES.update(A_log="*fp32", dt_bias="*fp32", h0="*fp32", ht="*fp32")
 TYPES.update(scale="fp32", eps="fp32", scaling="fp32", R="i32", E="i32", D="i32", TOT="i32", stride_xb="i64",
              T="i32", stride_xt="i64", final="*bf16")
 TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_ptr="*bf16", idx_ptr="*i32", w1_tab="*i64",
@@ -119,12 +118,6 @@ def cases():
         for out in (0, 1):
             yield (f"state scan BV={bv} output={out}", cf._state_fwd_kernel,
                    dict(HV=16, K=128, V=128, KP=128, BV=bv, HAS_INIT=False, STORE_FINAL=False, OUTPUT=out, PREC="tf32"), w, s)
-    from kimi_linear.ops.kda import chunk_onchip as co
-
-    for bk, bv, w, s in ((32, 128, 4, 1), (32, 128, 8, 1), (32, 64, 4, 1), (64, 128, 8, 1), (32, 128, 4, 2)):
-        yield (f"on-chip forward BK={bk} BV={bv}", co._onchip_fwd_kernel,
-               dict(hk, V=128, BK=bk, NKB=128 // bk, BV=bv, GATE_FROM_RAW=True, BETA_SIGMOID=True, NORM=True,
-                    HAS_INIT=False, STORE_FINAL=True, FLOOR=-800.0, PREC="tf32"), w, s)
     for bv, w, s in ((16, 4, 3), (64, 4, 2)):
         for d in (0, 1):
             yield (f"state-gradient scan BV={bv} dw_local={d}", cb._state_bwd_kernel,

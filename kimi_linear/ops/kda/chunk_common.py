@@ -326,10 +326,6 @@ LAUNCH: dict[str, dict[str, int | None]] = {
     # H16, 19.82 -> 19.51 at B1 T64K H16, 1.311 -> 1.301 at B1 T4K H16 (decay products -0.14 to -0.23,
     # chunk gradients -0.07 to -0.15, the finish -0.02): on.
     "chunks": dict(full=1, bwd=1),
-    # on=1: a forward no backward follows (inference, prefill) in one launch, the state on chip, 16-token
-    # chunks (chunk_onchip.py), where at least min_rows sequences x value heads (None: one per SM) keep
-    # the GPU busy; BK the key block (the state's row blocks, up to 4), BV the V-tile (None: all of V)
-    "onchip": dict(on=0, min_rows=None, BK=32, BV=None, num_warps=4, num_stages=None),
 }
 
 

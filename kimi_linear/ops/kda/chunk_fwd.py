@@ -732,15 +732,6 @@ def chunk_kda_fwd(
     Ttot, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     dev = q.device
-    if not for_backward:
-        from kimi_linear.ops.kda import chunk_onchip
-
-        if chunk_onchip.takes(table.N, HV, K, V, dev):
-            o, ht = chunk_onchip.chunk_kda_fwd_onchip(
-                q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                seq_start=table.seq_start, N=table.N, A_log=A_log, dt_bias=dt_bias, beta_sigmoid=beta_sigmoid,
-                qk_l2norm=qk_l2norm)
-            return o, ht, {}
     KP = pow2(K)
     BV = min(64, pow2(V))
     BK = min(32, KP)
