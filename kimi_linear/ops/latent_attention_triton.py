@@ -234,64 +234,6 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
     return out
 
 
-@triton.jit
-def _latent_attn_merge_absorb_kernel(
-    o_ptr, lse_ptr, w_ptr, out_ptr, S, H,
-    stride_ob, stride_os, stride_om, stride_lb, stride_ls,
-    R: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BLOCK_S: tl.constexpr,
-    SUB_S: tl.constexpr, PDL: tl.constexpr,
-):
-    """The merge of :func:`_latent_attn_merge_kernel` and the output absorption in one launch, for a few
-    tokens: program ``(b, m, v-block)`` merges query row ``m``'s whole context ``[R]`` from the splits,
-    rounds it to the weight's dtype (as the two-launch form stores it) and multiplies ``W_uv[h]``'s rows
-    ``v-block`` ``[BV, R]`` (``h = m % H``; ``w_ptr`` is ``kv_b_proj.weight [H (DN + DV), R]``) into
-    ``out [B, M, DV]`` (contiguous). Each of a row's ``DV / BV`` programs re-merges the row (from L2); the
-    weight tile is read before the PDL wait (no kernel of a decode step writes weights)."""
-    i_b = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1).to(tl.int64)
-    o_v = tl.program_id(2) * BV + tl.arange(0, BV)
-    o_r = tl.arange(0, R)
-    i_h = i_m % H
-    b_w = tl.load(w_ptr + (i_h * (DN + DV) + DN + o_v[:, None]) * R + o_r[None, :], mask=(o_v < DV)[:, None], other=0.0)
-    wait_for_previous_grid(PDL)
-    p_lse = lse_ptr + i_b * stride_lb + i_m
-    mx = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        o_s = s0 + tl.arange(0, BLOCK_S)
-        mx = tl.maximum(mx, tl.load(p_lse + o_s * stride_ls, mask=o_s < S, other=float("-inf")))
-    mx = tl.max(mx, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)  # no key in any split: every weight exp(-inf) = 0
-    acc = tl.zeros([SUB_S, R], dtype=tl.float32)
-    den = tl.zeros([SUB_S], dtype=tl.float32)
-    p_o = o_ptr + i_b * stride_ob + i_m * stride_om + o_r[None, :]
-    for s0 in range(0, S, SUB_S):
-        o_s = (s0 + tl.arange(0, SUB_S)).to(tl.int64)
-        w = tl.exp(tl.load(p_lse + o_s * stride_ls, mask=o_s < S, other=float("-inf")) - mx)
-        acc += w[:, None] * tl.load(p_o + o_s[:, None] * stride_os, mask=(w > 0)[:, None], other=0.0)
-        den += w
-    ctx = tl.sum(acc, 0) / tl.maximum(tl.sum(den, 0), 1.1754943508222875e-38)  # 2^-126
-    ctx = ctx.to(w_ptr.dtype.element_ty).to(tl.float32)
-    b_out = tl.sum(b_w.to(tl.float32) * ctx[None, :], axis=1)
-    tl.store(out_ptr + (i_b * tl.num_programs(1) + i_m) * DV + o_v, b_out.to(out_ptr.dtype.element_ty), mask=o_v < DV)
-
-
-def _merge_absorb(o_part: torch.Tensor, lse: torch.Tensor, w_kv_b: torch.Tensor, H: int, Dn: int,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """``o_part [B, S, M, R]`` fp32 and ``lse [B, S, M]`` -> ``out [B, M, Dv]`` in ``out_dtype``:
-    :func:`_merge_splits` then ``W_uv`` per head, in one launch (``w_kv_b [H (Dn + Dv), R]`` contiguous)."""
-    B, S, M, R = o_part.shape
-    Dv = w_kv_b.shape[0] // H - Dn
-    out = torch.empty(B, M, Dv, device=o_part.device, dtype=out_dtype)
-    bv = min(int(MERGE_ABSORB_TILES["BV"]), triton.next_power_of_2(Dv))
-    sub_s = min(int(MERGE_ABSORB_TILES["SUB_S"]), triton.next_power_of_2(S))
-    _latent_attn_merge_absorb_kernel[(B, M, triton.cdiv(Dv, bv))](
-        o_part, lse, w_kv_b, out, S, H,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        R=R, DN=Dn, DV=Dv, BV=bv, BLOCK_S=min(512, triton.next_power_of_2(S)), SUB_S=sub_s,
-        num_warps=int(MERGE_ABSORB_TILES["num_warps"]), **pdl_launch(o_part.device))
-    return out
-
-
 # Launch settings of the split kernel (block_n, warps and stages for wide latents, R >= 256; smaller R,
 # the tests' toy shapes, take BLOCK_N 16, 4 warps, 2 stages). benchmarks/latent_attention_sweep.py times others at 4K..1M keys.
 #   block_n: keys per iteration; head_groups: programs per split sharing the M query rows (fewer rows
@@ -346,10 +288,6 @@ TRITON_ABSORB = True
 # session 23 again with the TMA tiles (graph-replayed step, decode_profile --ab, session23/
 # ab_triton_absorb_keys_major_h100.txt): 3.099 -> 3.139 ms at 64K, 3.274 -> 3.315 at 128K, 5.817 -> 5.851 at 1M
 TRITON_ABSORB_KEYS_MAJOR = False
-# The merge and the output absorption in one launch for a few tokens (_latent_attn_merge_absorb_kernel),
-# with either split kernel; a switch for A/B runs in one process (decode_profile.py --ab)
-MERGE_ABSORB = True
-MERGE_ABSORB_TILES: dict[str, int] = dict(BV=32, SUB_S=16, num_warps=4)
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
@@ -470,9 +408,6 @@ def latent_attention_triton(
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device), **extra,
     )
-    if (MERGE_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous() and R & (R - 1) == 0
-            and o_part.stride(-1) == 1):
-        return _merge_absorb(o_part, lse, w_kv_b, H, Dn, q_nope.dtype).view(B, T, H, Dv)
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     if triton_absorb:
         return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)
