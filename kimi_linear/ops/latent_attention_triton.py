@@ -288,6 +288,11 @@ TRITON_ABSORB = True
 # session 23 again with the TMA tiles (graph-replayed step, decode_profile --ab, session23/
 # ab_triton_absorb_keys_major_h100.txt): 3.099 -> 3.139 ms at 64K, 3.274 -> 3.315 at 128K, 5.817 -> 5.851 at 1M
 TRITON_ABSORB_KEYS_MAJOR = False
+# (Session 24: the merge and the output absorption in one PDL launch, each program merging its row's whole
+# context from the splits and multiplying a 32-row block of W_uv[h]: neutral at 4K (2.867 -> 2.863 ms),
+# slower from 64K (3.092 -> 3.136, 3.269 -> 3.319 at 128K): each program's serial chain over the 128
+# splits' 270 KB, where the merge splits the row over 8 programs; commit ad9f994 has it,
+# results/decode/session24/ab_merge_absorb_h100.txt)
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
