@@ -288,6 +288,11 @@ TRITON_ABSORB = True
 # session 23 again with the TMA tiles (graph-replayed step, decode_profile --ab, session23/
 # ab_triton_absorb_keys_major_h100.txt): 3.099 -> 3.139 ms at 64K, 3.274 -> 3.315 at 128K, 5.817 -> 5.851 at 1M
 TRITON_ABSORB_KEYS_MAJOR = False
+# Session 24, the two sides apart with the keys-major kernel (A/B switches): the output absorption as the
+# Triton kernel (after the merge) while the query side stays a matmul, and the keys-major split kernel
+# launched with or without PDL (without it, its programs are placed only when the query side has finished)
+TRITON_ABSORB_OUT_KEYS_MAJOR = False
+PDL_KEYS_MAJOR = True
 # (Session 24: the merge and the output absorption in one PDL launch, each program merging its row's whole
 # context from the splits and multiplying a 32-row block of W_uv[h]: neutral at 4K (2.867 -> 2.863 ms),
 # slower from 64K (3.092 -> 3.136, 3.269 -> 3.319 at 128K): each program's serial chain over the 128
@@ -382,8 +387,9 @@ def latent_attention_triton(
     kdt = latent.dtype
     # a few tokens (decode) before the rows-major split kernel: the absorbed projections as Triton
     # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
-    triton_absorb = (TRITON_ABSORB and (TRITON_ABSORB_KEYS_MAJOR or not keys_major) and B * T <= absorb.MAX_TOKENS
-                     and w_kv_b.is_contiguous())
+    few = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
+    triton_absorb = few and (TRITON_ABSORB_KEYS_MAJOR or not keys_major)
+    triton_absorb_out = few and (TRITON_ABSORB_KEYS_MAJOR or TRITON_ABSORB_OUT_KEYS_MAJOR or not keys_major)
     if triton_absorb:
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt).view(B, M, R)
     else:
@@ -399,7 +405,9 @@ def latent_attention_triton(
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
     kernel = _latent_attn_split_keys_major_kernel if keys_major else _latent_attn_split_kernel
-    extra = {}
+    extra = dict(pdl_launch(latent.device))
+    if keys_major and not PDL_KEYS_MAJOR:
+        extra.update(PDL=False, launch_pdl=False)
     if keys_major and TILES.get("keys_major_tma") and _tma_ok(latent, k_rope):
         extra["TMA"] = True
         if latent.device.type == "cuda":
@@ -411,10 +419,10 @@ def latent_attention_triton(
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **pdl_launch(latent.device), **extra,
+        num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **extra,
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
-    if triton_absorb:
+    if triton_absorb_out:
         return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)
     return out.to(q_nope.dtype)
