@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# When a program lets the next kernel's programs be placed: right after its wait ("early", the default),
+# or only as it exits ("exit": no explicit trigger; the next grid is placed once every program of this
+# one has finished). Read once at import (a compiled kernel holds it as a constant): an A/B runs one
+# process per setting (KIMI_LINEAR_PDL_TRIGGER=exit).
+EARLY_TRIGGER = tl.constexpr(os.environ.get("KIMI_LINEAR_PDL_TRIGGER", "early") != "exit")
 
 
 @triton.jit
@@ -15,4 +23,5 @@ def wait_for_previous_grid(PDL: tl.constexpr):
     ``PDL`` is False (the Triton interpreter, GPUs before Hopper, the switch off)."""
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if EARLY_TRIGGER:
+            gdc_launch_dependents()
