@@ -17,11 +17,12 @@ EARLY_TRIGGER = tl.constexpr(os.environ.get("KIMI_LINEAR_PDL_TRIGGER", "early") 
 
 
 @triton.jit
-def wait_for_previous_grid(PDL: tl.constexpr):
+def wait_for_previous_grid(PDL: tl.constexpr, EARLY: tl.constexpr = True):
     """First statement of a kernel launched with ``launch_pdl=PDL``: wait until the previous grid has
     completed and its writes are visible, then let the next kernel's programs be placed. A no-op when
-    ``PDL`` is False (the Triton interpreter, GPUs before Hopper, the switch off)."""
+    ``PDL`` is False (the Triton interpreter, GPUs before Hopper, the switch off). ``EARLY`` False: no
+    explicit trigger, the next kernel is placed when this one's programs have all exited."""
     if PDL:
         gdc_wait()
-        if EARLY_TRIGGER:
+        if EARLY and EARLY_TRIGGER:
             gdc_launch_dependents()
