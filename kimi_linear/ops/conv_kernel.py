@@ -29,8 +29,8 @@ from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 @triton.jit
 def _conv_update_kernel(x, window, weight, bias, y, D, stride_xb,
                         W: tl.constexpr, WP: tl.constexpr, BD: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_b = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BD + tl.arange(0, BD)
     o_w = tl.arange(0, WP)
@@ -69,7 +69,7 @@ def conv_update_triton(x2: torch.Tensor, window: torch.Tensor, weight2: torch.Te
     _conv_update_kernel[(B, triton.cdiv(D, BD))](
         x2, window, weight2.contiguous(), bias if bias is not None else x2, y, D, x2.stride(0),
         W=W, WP=triton.next_power_of_2(W), BD=BD, HAS_BIAS=bias is not None, SILU=silu, num_warps=4,
-        **pdl_launch(x2.device))
+        **pdl_launch(x2.device, "conv"))
     return y
 
 

@@ -267,11 +267,11 @@ def _kernel():
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                             MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
         # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
         # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
         p = tl.program_id(0)
-        wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+        wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
         # W_ALIGN: the weights' address alignment in bytes (16 when every weight is): an address read
         # from the table is otherwise of unknown alignment and the weight loads are not vectorised
         w = tl.multiple_of(tl.load(tab_ptr + p * 6).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -377,7 +377,7 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     else:
         x, x_offsets, sx = _inputs_in_one_buffer(xs)
     tab, out, w_align = _block_table(weights, tile["BLOCK_R"], x_offsets)
-    launch = pdl_launch(x.device)
+    launch = pdl_launch(x.device, "fused_linear")
     y = torch.empty(N, out, device=x.device, dtype=x.dtype)
     conv_tab = _conv_table(conv_steps, x.device) if W else tab
     multi = any(x_offsets) or sx != D

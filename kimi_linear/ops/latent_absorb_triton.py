@@ -35,9 +35,9 @@ TILES = dict(BR=64, BV=16, num_warps=4)
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, s_qn, s_qh,
                          H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
+                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # out [N, H, R] (contiguous) = q [N, H, DN] (rows s_qn, heads s_qh apart) times W_uk[h] per head
-    wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL, TRIGGER)
     i_h = tl.program_id(0)
     o_d = tl.arange(0, BD)
     o_r = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -53,9 +53,9 @@ def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, s_qn, s_qh,
 @triton.jit
 def _absorb_output_kernel(c_ptr, w_ptr, out_ptr, N,
                           H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-                          RP: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
+                          RP: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # out [N, H, DV] (contiguous) = W_uv[h] times ctx [N, H, R] (contiguous) per head
-    wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL, TRIGGER)
     i_h = tl.program_id(0)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     o_r = tl.arange(0, RP)
@@ -99,7 +99,7 @@ def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dt
     _absorb_query_kernel[(H, triton.cdiv(R, br))](
         q_nope, w_kv_b, out, N, q_nope.stride(0), q_nope.stride(1),
         H=H, DN=Dn, DV=Dv, R=R, BD=triton.next_power_of_2(Dn), BR=br,
-        num_warps=TILES["num_warps"], **pdl_launch(q_nope.device))
+        num_warps=TILES["num_warps"], **pdl_launch(q_nope.device, "absorb_query"))
     return out
 
 
@@ -116,5 +116,5 @@ def absorb_output(ctx: torch.Tensor, w_kv_b: torch.Tensor, Dn: int, out_dtype: t
     _absorb_output_kernel[(H, triton.cdiv(Dv, bv))](
         ctx.contiguous(), w_kv_b, out, N,
         H=H, DN=Dn, DV=Dv, R=R, RP=triton.next_power_of_2(R), BV=bv,
-        num_warps=TILES["num_warps"], **pdl_launch(ctx.device))
+        num_warps=TILES["num_warps"], **pdl_launch(ctx.device, "absorb_output"))
     return out

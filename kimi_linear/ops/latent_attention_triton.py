@@ -58,8 +58,9 @@ def _latent_attn_split_kernel(
     stride_cb, stride_cl, stride_krb, stride_krl,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    TRIGGER: tl.constexpr = True,
 ):
-    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, DR)
@@ -105,14 +106,14 @@ def _latent_attn_split_keys_major_kernel(
     stride_cb, stride_cl, stride_krb, stride_krl,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    TMA: tl.constexpr = False, EARLY: tl.constexpr = True,
+    TMA: tl.constexpr = False, TRIGGER: tl.constexpr = True,
 ):
     # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
     # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
     # the latent width (R = 512) are then the products' M sides, which Hopper's asynchronous wgmma needs
     # in multiples of 64, where the query rows (32 heads at one token) were too few for it: one program
     # serves all 32 rows from one read of each tile (no second row group re-reading it).
-    wait_for_previous_grid(PDL, EARLY)  # programmatic dependent launch (ops/pdl.py)
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, DR)
@@ -173,7 +174,7 @@ def _latent_attn_merge_kernel(
     o_ptr, lse_ptr, ctx_ptr, S,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls, stride_cb, stride_cm,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, PDL: tl.constexpr,
-    EARLY: tl.constexpr = True,
+    TRIGGER: tl.constexpr = True,
 ):
     """Merge the split-KV partials: ``o [B, S, M, R]`` fp32 (per-split normalised contexts) and
     ``lse [B, S, M]`` fp32 (per-split log-sum-exps, ``-inf`` for a split that saw no key) into
@@ -185,7 +186,7 @@ def _latent_attn_merge_kernel(
     ``(b, m, r-block)`` takes the max over ``S`` in chunks of ``BLOCK_S``, then sums
     ``[SUB_S, BLOCK_R]`` tiles of ``o`` in fp32. ``BLOCK_R`` must divide ``R``.
     """
-    wait_for_previous_grid(PDL, EARLY)
+    wait_for_previous_grid(PDL, TRIGGER)
     i_b = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -230,7 +231,7 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         out.stride(0), out.stride(1),
         BLOCK_R=block_r, BLOCK_S=min(512, triton.next_power_of_2(S)), SUB_S=sub_s,
         num_warps=8 if S > 128 else 4,  # measured on an H100 (R=512, M=32)
-        EARLY=MERGE_EARLY_TRIGGER, **pdl_launch(out.device),
+        **pdl_launch(out.device, "latent_merge"),
     )
     return out
 
@@ -294,10 +295,6 @@ TRITON_ABSORB_KEYS_MAJOR = False
 # launched with or without PDL (without it, its programs are placed only when the query side has finished)
 TRITON_ABSORB_OUT_KEYS_MAJOR = False
 PDL_KEYS_MAJOR = True
-# (A/B switches, session 24) whether the keys-major split kernel and the merge let the next kernel's programs
-# be placed right after their PDL wait (ops/pdl_kernel.py), or only once they have all exited
-KEYS_MAJOR_EARLY_TRIGGER = True
-MERGE_EARLY_TRIGGER = True
 # (Session 24: the merge and the output absorption in one PDL launch, each program merging its row's whole
 # context from the splits and multiplying a 32-row block of W_uv[h]: neutral at 4K (2.867 -> 2.863 ms),
 # slower from 64K (3.092 -> 3.136, 3.269 -> 3.319 at 128K): each program's serial chain over the 128
@@ -410,11 +407,9 @@ def latent_attention_triton(
     lse = torch.empty(B, S, M, device=latent.device, dtype=torch.float32)
     lengths = lengths.to(device=latent.device)
     kernel = _latent_attn_split_keys_major_kernel if keys_major else _latent_attn_split_kernel
-    extra = dict(pdl_launch(latent.device))
+    extra = dict(pdl_launch(latent.device, "latent_keys_major" if keys_major else "latent_split"))
     if keys_major and not PDL_KEYS_MAJOR:
         extra.update(PDL=False, launch_pdl=False)
-    if keys_major:
-        extra["EARLY"] = KEYS_MAJOR_EARLY_TRIGGER
     if keys_major and TILES.get("keys_major_tma") and _tma_ok(latent, k_rope):
         extra["TMA"] = True
         if latent.device.type == "cuda":

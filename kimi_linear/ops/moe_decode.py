@@ -76,9 +76,9 @@ def _kernels():
     @triton.jit
     def gate_up_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, N, D, I, NK, ER,
                        BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
         # experts i_e >= ER are shared ones: every token uses them
-        wait_for_previous_grid(PDL)  # before the early exit below: ops/pdl.py
+        wait_for_previous_grid(PDL, TRIGGER)  # before the early exit below: ops/pdl.py
         i_e = tl.program_id(0)
         i_i = tl.program_id(1)
         i_n = tl.program_id(2)
@@ -108,8 +108,8 @@ def _kernels():
     @triton.jit
     def down_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, N, D, I, K, NK, ER,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-                    BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr):
-        wait_for_previous_grid(PDL)
+                    BLOCK_NK: tl.constexpr, W_ALIGN: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+        wait_for_previous_grid(PDL, TRIGGER)
         i_e = tl.program_id(0)
         i_d = tl.program_id(1)
         i_n = tl.program_id(2)
@@ -158,7 +158,7 @@ def _single_token_kernels():
     def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                            W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
-                           EARLY: tl.constexpr, X_CACHE: tl.constexpr):
+                           EARLY: tl.constexpr, X_CACHE: tl.constexpr, TRIGGER: tl.constexpr = True):
         # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
         # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring).
         # EARLY (PDL, x written before the previous kernel, the router): the shared experts' programs need
@@ -168,9 +168,9 @@ def _single_token_kernels():
         j = tl.program_id(0)
         if EARLY:
             if j < K:
-                wait_for_previous_grid(PDL)
+                wait_for_previous_grid(PDL, TRIGGER)
         else:
-            wait_for_previous_grid(PDL)  # ops/pdl.py
+            wait_for_previous_grid(PDL, TRIGGER)  # ops/pdl.py
         # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
         e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
         w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -198,16 +198,16 @@ def _single_token_kernels():
         tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
         if EARLY:
             if j >= K:
-                wait_for_previous_grid(PDL)
+                wait_for_previous_grid(PDL, TRIGGER)
 
     @triton.jit
     def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
                         J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr,
-                        RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                        RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
         # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
         # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight.
         # RESIDUAL: y = res + (that sum rounded to y's dtype), added in fp32 as the separate add would
-        wait_for_previous_grid(PDL)
+        wait_for_previous_grid(PDL, TRIGGER)
         o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < D
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -365,12 +365,12 @@ def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     gate_up[(E, triton.cdiv(I, gu["BLOCK_I"]), triton.cdiv(N, block_n))](
         x, idx, t1, t3, h, N, D, I, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=min(a1, a3), **_launch_kw(gu), **pdl_launch(x.device))
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=min(a1, a3), **_launch_kw(gu), **pdl_launch(x.device, "moe_gate_up"))
     y = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     dn = TILES["down"]
     down[(E, triton.cdiv(D, dn["BLOCK_D"]), triton.cdiv(N, block_n))](
         h, idx, cw, t2, y, N, D, I, k, N * k, ER,
-        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=a2, **_launch_kw(dn), **pdl_launch(x.device))
+        BLOCK_N=block_n, BLOCK_NK=block_nk, W_ALIGN=a2, **_launch_kw(dn), **pdl_launch(x.device, "moe_down"))
     return y.to(x.dtype)
 
 
@@ -393,7 +393,7 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
-    launch = pdl_launch(x.device)
+    launch = pdl_launch(x.device, "moe_gate_up_one")
     early = x_ready and launch["PDL"] and J > K and EARLY_SHARED_EXPERTS  # shared slots before the wait
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
@@ -407,5 +407,5 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
         h, idx, cw, t2, y, res, D, I, K, ER,
         J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
-        num_warps=dn["num_warps"], **launch)
+        num_warps=dn["num_warps"], **pdl_launch(x.device, "moe_down_one"))
     return y

@@ -57,8 +57,8 @@ def _choose(b_l, bias, weights, indices, i_n, E, scaling, EP: tl.constexpr, TOPK
 @triton.jit
 def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
                   EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORM: tl.constexpr, FROM_HIDDEN: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+                  RENORM: tl.constexpr, FROM_HIDDEN: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, EP)
     m_e = o_e < E
@@ -79,7 +79,7 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, norm_w, sumsq, E, D, scaling, eps,
                         EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
                         RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr,
-                        NORM: tl.constexpr, PDL: tl.constexpr):
+                        NORM: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # The router's logits split over NSPLIT programs per token, each reading one [EP, BLOCK_D] slice of
     # the router weight (one program reading all of it was the latency of the whole read, 9.5 us per
     # layer in the model). Each stores its partial logits; the token's counter (atomic, acq_rel) names
@@ -87,7 +87,7 @@ def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, nor
     # experts every run, unlike atomic float adds), routes, and resets the counter for the next call.
     # NORM: x is un-normalised; each program also stores its slice's sum of x^2 (sumsq), and the last
     # scales the summed logits of x * norm_w by the row's rstd (module docstring).
-    wait_for_previous_grid(PDL)  # ops/pdl.py
+    wait_for_previous_grid(PDL, TRIGGER)  # ops/pdl.py
     i_n = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
     o_e = tl.arange(0, EP)
@@ -218,7 +218,7 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
                 EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                 HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
                 SP=triton.next_power_of_2(nsplit), NORM=norm_weight is not None, num_warps=SPLIT_WARPS,
-                **pdl_launch(dev))
+                **pdl_launch(dev, "route_split"))
             return weights, indices
         if norm_weight is not None:  # the one-program kernel reads a normalised x
             x = rms_norm(x, norm_weight, eps).contiguous()
@@ -231,5 +231,5 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
                             RENORM=renormalize, FROM_HIDDEN=hidden is not None,
                             BLOCK_D=hidden_block_d(E, D),
                             num_warps=HIDDEN_TILE["num_warps"] if hidden is not None else (4 if E > 256 else 1),
-                            **pdl_launch(dev))
+                            **pdl_launch(dev, "route"))
     return weights, indices

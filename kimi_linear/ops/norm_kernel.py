@@ -21,8 +21,8 @@ from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 @triton.jit
 def _rms_norm_fwd_kernel(x, gate, weight, y, res, s, R, eps, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
-                         GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+                         GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, DP)
     m = (o_r < R)[:, None] & (o_d < D)[None, :]
@@ -58,17 +58,17 @@ def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate:
         BR = max(1, min(16, 4096 // DP))  # rows per program: a few KB of fp32 per program
         _rms_norm_fwd_kernel[(triton.cdiv(R, BR),)](x2, g2, weight.contiguous(), y, r2, s, R, eps, D=D, DP=DP, BR=BR,
                                                   GATED=gate is not None, RESIDUAL=residual is not None,
-                                                  num_warps=4 if DP * BR <= 4096 else 8, **pdl_launch(x2.device))
+                                                  num_warps=4 if DP * BR <= 4096 else 8, **pdl_launch(x2.device, "rms_norm"))
     return (s.view(x.shape), y.view(x.shape)) if residual is not None else y.view(x.shape)
 
 
 @triton.jit
 def _rms_norm_store_kernel(x, weight, start, out, src, dst, eps, stride_x, stride_src, L,
                            D: tl.constexpr, DP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COPY: tl.constexpr,
-                           PDL: tl.constexpr):
+                           PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # token b's normalised row (rounded like rms_norm: to x's dtype before the weight, the product to
     # x's dtype) goes to row b * L + start[b] of out; with COPY, src's row b to the same row of dst
-    wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL, TRIGGER)
     b = tl.program_id(0).to(tl.int64)
     row = b * L + tl.load(start + b).to(tl.int64)
     o_d = tl.arange(0, DP)
@@ -94,4 +94,4 @@ def rms_norm_store_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out
     E = src.shape[1] if copy is not None else 1
     _rms_norm_store_kernel[(B,)](x, weight, start, out, src, dst, eps, x.stride(0), src.stride(0), L,
                                  D=D, DP=triton.next_power_of_2(D), E=E, EP=triton.next_power_of_2(E),
-                                 COPY=copy is not None, num_warps=4, **pdl_launch(x.device))
+                                 COPY=copy is not None, num_warps=4, **pdl_launch(x.device, "rms_norm_store"))

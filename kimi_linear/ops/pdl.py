@@ -45,7 +45,7 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["ENABLED", "hopper_or_later", "pdl_launch", "use_pdl"]
+__all__ = ["EARLY_TRIGGER", "ENABLED", "hopper_or_later", "pdl_launch", "use_pdl"]
 
 ENABLED = True
 
@@ -65,8 +65,24 @@ def use_pdl(device: torch.device) -> bool:
     return ENABLED and not triton_interpret() and hopper_or_later(device)
 
 
-def pdl_launch(device: torch.device) -> dict[str, bool]:
+# Per kernel: 1 lets the next kernel's programs be placed right after this one's PDL wait (they then
+# sit on the SMs until this grid completes), 0 only once this kernel's programs have all exited.
+# Measured on an H100, benchmark model, graph-replayed step (results/decode/session24/): early for every
+# kernel against at exit for every kernel (KIMI_LINEAR_PDL_TRIGGER=exit, ops/pdl_kernel.py) 2.858-2.870
+# against 2.943 ms at 4K, 3.085-3.089 against 3.180 at 64K; per kernel see the table's measurements
+EARLY_TRIGGER: dict[str, int] = {
+    "conv": 1, "fused_linear": 1, "route": 1, "route_split": 1, "recurrent_kda": 1, "rms_norm": 1,
+    "rms_norm_store": 1, "moe_gate_up": 1, "moe_down": 1, "moe_gate_up_one": 1, "moe_down_one": 1,
+    "latent_split": 1, "latent_keys_major": 1, "latent_merge": 1, "absorb_query": 1, "absorb_output": 1,
+}
+
+
+def pdl_launch(device: torch.device, kernel: str | None = None) -> dict[str, bool]:
     """Launch keywords for a kernel with a ``PDL`` constexpr: the in-kernel wait and the launch
-    attribute always go together (a PDL launch without the wait would race its predecessor)."""
+    attribute always go together (a PDL launch without the wait would race its predecessor); with
+    ``kernel`` (a key of :data:`EARLY_TRIGGER`) also its ``TRIGGER`` constexpr."""
     on = use_pdl(device)
-    return dict(PDL=on, launch_pdl=on)
+    kw = dict(PDL=on, launch_pdl=on)
+    if kernel is not None:
+        kw["TRIGGER"] = bool(EARLY_TRIGGER[kernel])
+    return kw

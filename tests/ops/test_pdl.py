@@ -23,3 +23,28 @@ def test_pdl_off_in_the_interpreter_and_when_disabled(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(pdl, "ENABLED", False)
     assert pdl.pdl_launch(torch.device("cuda")) == {"PDL": False, "launch_pdl": False}
+
+
+def test_trigger_per_kernel_from_the_table(monkeypatch):
+    # a named kernel also gets its TRIGGER constexpr from EARLY_TRIGGER; a name the table lacks is refused
+    assert pdl.pdl_launch(torch.device("cpu"), "fused_linear") == {"PDL": False, "launch_pdl": False, "TRIGGER": True}
+    monkeypatch.setitem(pdl.EARLY_TRIGGER, "fused_linear", 0)
+    assert pdl.pdl_launch(torch.device("cpu"), "fused_linear")["TRIGGER"] is False
+    import pytest
+
+    with pytest.raises(KeyError):
+        pdl.pdl_launch(torch.device("cpu"), "no_such_kernel")
+
+
+def test_every_trigger_entry_names_a_launch_site():
+    # each table key is passed by some pdl_launch call, so a sweep over the table reaches every kernel
+    import pathlib
+    import re
+
+    root = pathlib.Path(pdl.__file__).resolve().parent
+    used = set()
+    for path in root.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if "pdl_launch(" in line and "def pdl_launch" not in line:
+                used |= set(re.findall(r'"(\w+)"', line.split("pdl_launch(", 1)[1]))
+    assert used == set(pdl.EARLY_TRIGGER), (sorted(set(pdl.EARLY_TRIGGER) - used), sorted(used - set(pdl.EARLY_TRIGGER)))

@@ -53,8 +53,9 @@ def _recurrent_kda_fwd_kernel(
     GATE_FROM_RAW: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
     PDL: tl.constexpr,
+    TRIGGER: tl.constexpr = True,
 ):
-    wait_for_previous_grid(PDL)  # programmatic dependent launch (ops/pdl.py)
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = (i_nh // HV).to(tl.int64)
@@ -205,6 +206,6 @@ def recurrent_kda_fwd(
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
         num_warps=num_warps,
-        **pdl_launch(q.device),
+        **pdl_launch(q.device, "recurrent_kda"),
     )
     return o
