@@ -40,6 +40,9 @@ from kimi_linear.ops.norm import gated_rms_norm
 
 __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 
+# The decode step's recurrent kernel prefetches the layer's output projection into L2 (a hint; an A/B
+# switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
+PREFETCH_OUTPUT_PROJECTION = True
 
 
 class ShortConvolution(nn.Module):
@@ -295,8 +298,11 @@ class KimiDeltaAttention(KeepFP32):
             # more launch, each reading its own slice of the launch above
             g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
+            # the output projection's weights stream into L2 while the recurrence and the norm run (HBM is
+            # mostly idle in those short launches; docs/decode.md)
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
-                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend,
+                                 l2_prefetch=self.o_proj.weight if PREFETCH_OUTPUT_PROJECTION else None)
             return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
         x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)
