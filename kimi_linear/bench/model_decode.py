@@ -179,6 +179,7 @@ def time_kda_layer_step(model, device: torch.device, env: dict) -> dict[str, flo
     runs inside a whole-model decode graph, where layers follow each other without a launch between."""
     from kimi_linear.bench.common import time_ms
     from kimi_linear.generation.cache import cache_for_config
+    from kimi_linear.ops.prefetch import join_prefetches
 
     idx = model.config.layer_types().index("kda")
     layer = model.model.layers[idx].self_attn
@@ -186,19 +187,24 @@ def time_kda_layer_step(model, device: torch.device, env: dict) -> dict[str, flo
     cache = cache_for_config(model.config, batch_size=1, max_len=8, device=device, dtype=dtype)
     x = torch.randn(1, 1, model.config.hidden_size, device=device, dtype=dtype)
     cache.begin_step(1, key_len=8)
-    layer(x, cache=cache)  # warm-up / compile
+
+    def step(n: int = 1):  # n layer steps, then their L2 prefetches (ops/prefetch.py) joined, as the model's
+        for _ in range(n):  # forward joins them after its last layer
+            layer(x, cache=cache)
+        join_prefetches()
+
+    step()  # warm-up / compile
     if device.type == "cuda":
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            layer(x, cache=cache)
+            step()
         ms = time_ms(graph.replay, device)
         many = torch.cuda.CUDAGraph()
         with torch.cuda.graph(many):
-            for _ in range(IN_GRAPH_STEPS):
-                layer(x, cache=cache)
+            step(IN_GRAPH_STEPS)
         ms_in_graph = time_ms(many.replay, device) / IN_GRAPH_STEPS
     else:
-        ms = ms_in_graph = time_ms(lambda: layer(x, cache=cache), device)
+        ms = ms_in_graph = time_ms(step, device)
     cache.abort_step()
     lc = cache.layers[idx]
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())

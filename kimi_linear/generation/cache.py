@@ -163,17 +163,15 @@ class MLALayerCache:
         self.latent[rows, pos] = latent[rows, cols].to(self.latent.dtype)
         self.k_rope[rows, pos] = k_rope[rows, cols].to(self.k_rope.dtype)
 
-    def write_decode_normed(self, latent: torch.Tensor, k_rope: torch.Tensor, norm: Any, step: CacheStep,
-                            l2_prefetch: torch.Tensor | None = None) -> None:
+    def write_decode_normed(self, latent: torch.Tensor, k_rope: torch.Tensor, norm: Any, step: CacheStep) -> None:
         """Decode only: :meth:`write` of ``(norm(latent), k_rope)`` (``latent [B, 1, R]`` before the latent
         norm, ``norm`` an :class:`~kimi_linear.layers.common.RMSNorm`) in one launch on the kernel path:
-        the norm writes straight into the cache (:func:`kimi_linear.ops.norm.rms_norm_store_`), whose
-        extra programs prefetch ``l2_prefetch`` (a later kernel's weights) into L2 where they can."""
+        the norm writes straight into the cache (:func:`kimi_linear.ops.norm.rms_norm_store_`)."""
         if not step.decode:
             raise ValueError("write_decode_normed is for decode steps (one token per row, no padding)")
         self._check_write(latent, k_rope, step)
         rms_norm_store_(latent[:, 0], norm.weight, norm.eps, self.latent, step.start,
-                        copy=(k_rope[:, 0], self.k_rope), backend=norm.backend, l2_prefetch=l2_prefetch)
+                        copy=(k_rope[:, 0], self.k_rope), backend=norm.backend)
 
     def view(self, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything cached for this step's keys after :meth:`write`: ``latent [B, L, R]``, ``k_rope [B, L, Dr]``

@@ -37,11 +37,12 @@ from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.gate import kda_gate_ref, l2norm
 from kimi_linear.ops.kda.recurrent import recurrent_kda
 from kimi_linear.ops.norm import gated_rms_norm
+from kimi_linear.ops.prefetch import prefetch_l2_
 
 __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 
-# The decode step's recurrent kernel prefetches the layer's output projection into L2 (a hint; an A/B
-# switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
+# The decode step prefetches the layer's output projection into L2 on a side stream while the gates, the
+# recurrence and the norm run (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
 PREFETCH_OUTPUT_PROJECTION = True
 
 
@@ -294,15 +295,14 @@ class KimiDeltaAttention(KeepFP32):
                                                 conv_steps=[*convs, None, None, None], norm_weight=nw, eps=eps,
                                                 backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
+            if PREFETCH_OUTPUT_PROJECTION:  # into L2 beside the short launches below (ops/prefetch.py)
+                prefetch_l2_(self.o_proj.weight)
             # both low-rank up-projections (the gate's and the output gate's; both K wide, V = K) in one
             # more launch, each reading its own slice of the launch above
             g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            # the output projection's weights stream into L2 while the recurrence and the norm run (HBM is
-            # mostly idle in those short launches; docs/decode.md)
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
-                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend,
-                                 l2_prefetch=self.o_proj.weight if PREFETCH_OUTPUT_PROJECTION else None)
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
             return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
         x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)

@@ -23,11 +23,12 @@ from kimi_linear.layers.common import RMSNorm, add_residual, apply_input_norm, b
 from kimi_linear.ops.attention import causal_attention
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.latent_attention import latent_attention, masked_attention
+from kimi_linear.ops.prefetch import prefetch_l2_
 
 __all__ = ["MultiHeadLatentAttention"]
 
-# The decode step's latent cache write prefetches the layer's output projection into L2 (a hint; an A/B
-# switch for benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION)
+# The decode step prefetches the layer's output projection into L2 on a side stream while the latent
+# attention runs (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION)
 PREFETCH_OUTPUT_PROJECTION = True
 
 class MultiHeadLatentAttention(nn.Module):
@@ -140,9 +141,9 @@ class MultiHeadLatentAttention(nn.Module):
             q = q.view(B, T, self.num_heads, self.qk_dim)
             latent, k_rope = kv.view(B, T, -1).split([self.kv_lora_rank, self.rope_dim], -1)
             # the latent norm writes into the cache, the shared key part copied in the same launch
-            # (and its extra programs stream the output projection into L2 while the latent attention runs)
-            lc.write_decode_normed(latent, k_rope, self.kv_a_layernorm, step,
-                                   l2_prefetch=self.o_proj.weight if PREFETCH_OUTPUT_PROJECTION else None)
+            if PREFETCH_OUTPUT_PROJECTION:  # into L2 beside the latent attention's launches (ops/prefetch.py)
+                prefetch_l2_(self.o_proj.weight)
+            lc.write_decode_normed(latent, k_rope, self.kv_a_layernorm, step)
         else:
             hidden_states = apply_input_norm(hidden_states, input_norm, self.backend)
             q = self.project_q(hidden_states)

@@ -30,6 +30,7 @@ from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
 from kimi_linear.ops.moe_decode import moe_decode
 from kimi_linear.ops.norm import add_rms_norm
+from kimi_linear.ops.prefetch import join_prefetches
 
 __all__ = ["CausalLMOutput", "KimiLinearDecoderLayer", "KimiLinearModel", "KimiLinearForCausalLM"]
 
@@ -220,6 +221,13 @@ class KimiLinearModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        try:
+            return self._forward(input_ids, attention_mask, cache, inputs_embeds, kwargs)
+        finally:
+            join_prefetches()  # the decode step's L2 prefetches (ops/prefetch.py) end with the forward
+
+    def _forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, cache: Any,
+                 inputs_embeds: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
         if input_ids is not None:

@@ -66,16 +66,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
 
 
 def rms_norm_store_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, start: torch.Tensor, *,
-                    copy: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto",
-                    l2_prefetch: torch.Tensor | None = None) -> None:
+                    copy: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str = "auto") -> None:
     """``out[b, start[b]] = rms_norm(x[b])`` for ``x [B, D]`` into ``out [B, L, D]`` (cast to out's dtype),
     and with ``copy = (src [B, E], dst [B, L, E])`` also ``dst[b, start[b]] = src[b]``: the latent cache
     write of one MLA decode step (normalised latent and shared key part) in one launch instead of a norm
     and two scatters. ``x`` and ``src`` may be column slices of one buffer (unit column stride). Values
     are those of :func:`rms_norm` followed by the cast. ``start`` values must lie in ``[0, L)``
-    (not checked: a device sync). ``l2_prefetch``: a tensor a later kernel reads (the MLA decode step passes
-    its output projection), prefetched into L2 by the kernel's extra programs on Hopper and later
-    (:mod:`kimi_linear.ops.prefetch`); a hint, ignored elsewhere."""
+    (not checked: a device sync)."""
     _check(x, weight)
     B = x.shape[0]
     if x.dim() != 2 or out.dim() != 3 or out.shape[0] != B or out.shape[2] != x.shape[1]:
@@ -98,7 +95,7 @@ def rms_norm_store_(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
             and (copy is None or (copy[0].stride(1) == 1 and copy[1].is_contiguous()))):
         from kimi_linear.ops.norm_kernel import rms_norm_store_triton
 
-        rms_norm_store_triton(x, weight, eps, out, start, copy, l2_prefetch=l2_prefetch)
+        rms_norm_store_triton(x, weight, eps, out, start, copy)
         return
     rows = torch.arange(B, device=x.device)
     out[rows, start] = rms_norm(x, weight, eps, backend="reference").to(out.dtype)

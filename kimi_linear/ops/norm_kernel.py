@@ -17,8 +17,6 @@ import triton.language as tl
 
 from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
-from kimi_linear.ops.prefetch import CHUNK, prefetch_plan
-from kimi_linear.ops.prefetch_kernel import prefetch_l2
 
 
 @triton.jit
@@ -65,19 +63,11 @@ def rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, gate:
 
 
 @triton.jit
-def _rms_norm_store_kernel(x, weight, start, out, src, dst, pf, pf_bytes, eps, stride_x, stride_src, L,
+def _rms_norm_store_kernel(x, weight, start, out, src, dst, eps, stride_x, stride_src, L,
                            D: tl.constexpr, DP: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, COPY: tl.constexpr,
-                           PDL: tl.constexpr, TRIGGER: tl.constexpr = True, PF_PROGRAMS: tl.constexpr = 0,
-                           PF_CHUNK: tl.constexpr = 16384, PF_LANES: tl.constexpr = 128):
+                           PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # token b's normalised row (rounded like rms_norm: to x's dtype before the weight, the product to
-    # x's dtype) goes to row b * L + start[b] of out; with COPY, src's row b to the same row of dst.
-    # The last PF_PROGRAMS programs only prefetch a later kernel's weights into L2 (ops/prefetch.py),
-    # before the PDL wait: they read no output of an earlier kernel.
-    if PF_PROGRAMS > 0:
-        first_pf = tl.num_programs(0) - PF_PROGRAMS
-        if tl.program_id(0) >= first_pf:
-            prefetch_l2(pf, pf_bytes, tl.program_id(0) - first_pf, PF_PROGRAMS, PF_CHUNK, PF_LANES)
-            return
+    # x's dtype) goes to row b * L + start[b] of out; with COPY, src's row b to the same row of dst
     wait_for_previous_grid(PDL, TRIGGER)
     b = tl.program_id(0).to(tl.int64)
     row = b * L + tl.load(start + b).to(tl.int64)
@@ -96,15 +86,12 @@ def _rms_norm_store_kernel(x, weight, start, out, src, dst, pf, pf_bytes, eps, s
 
 
 def rms_norm_store_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, start: torch.Tensor,
-                          copy: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          l2_prefetch: torch.Tensor | None = None) -> None:
+                          copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One launch of :func:`kimi_linear.ops.norm.rms_norm_store_` (arguments validated there)."""
     B, D = x.shape
     L = out.shape[1]
     src, dst = copy if copy is not None else (x, out)
     E = src.shape[1] if copy is not None else 1
-    pf, pf_bytes, pf_programs = prefetch_plan(l2_prefetch, x.device, 32 * 4)
-    _rms_norm_store_kernel[(B + pf_programs,)](
-        x, weight, start, out, src, dst, pf, pf_bytes, eps, x.stride(0), src.stride(0), L,
-        D=D, DP=triton.next_power_of_2(D), E=E, EP=triton.next_power_of_2(E), COPY=copy is not None,
-        PF_PROGRAMS=pf_programs, PF_CHUNK=CHUNK, PF_LANES=32 * 4, num_warps=4, **pdl_launch(x.device, "rms_norm_store"))
+    _rms_norm_store_kernel[(B,)](x, weight, start, out, src, dst, eps, x.stride(0), src.stride(0), L,
+                                 D=D, DP=triton.next_power_of_2(D), E=E, EP=triton.next_power_of_2(E),
+                                 COPY=copy is not None, num_warps=4, **pdl_launch(x.device, "rms_norm_store"))

@@ -1,22 +1,29 @@
-"""L2 prefetch of the next kernels' weights from the extra programs of a latency-bound decode kernel.
+"""L2 prefetch of a later kernel's weights, on a side stream beside the decode step's short kernels.
 
 At batch 1 a decode step alternates kernels that stream weights from HBM (the projections, bound by
 bandwidth) with short kernels bound by their own chain of loads, reductions and stores (the KDA
-recurrence, the per-head norm, the latent cache write), during which HBM is mostly idle. A kernel of
-the second kind can take a few more programs whose only work is to ask the L2 for a tensor that a later
-kernel of the step reads (``cp.async.bulk.prefetch.L2``, Hopper's bulk-copy engine: one instruction per
-16 KB, no registers, nothing waited for), so that the later kernel finds it in the 50 MB L2.
+low-rank gates, recurrence and per-head norm; the latent attention's launches at short context),
+during which HBM is mostly idle. :func:`prefetch_l2_` forks a small kernel onto a side stream that asks
+the L2 for a tensor a later kernel of the step reads (``cp.async.bulk.prefetch.L2``, Hopper's bulk-copy
+engine, one instruction per ``CHUNK`` bytes), so that the later kernel finds it in the 50 MB L2;
+:func:`join_prefetches` makes the calling stream wait for every forked prefetch (the model does so at the
+end of its layers, so a CUDA-graph capture of the step ends joined).
 
-Safe anywhere in a step: a prefetch reads memory and writes nothing visible, and the tensors prefetched
-are weights, which no kernel of a decode step writes. It is a hint: results are bit-identical with it on
-and off (tested); whether it pays is measured (docs/decode.md, "L2 prefetch of the output projections").
+Why a side stream: the same prefetch issued from extra programs of the short kernels themselves made
+them last as long as the prefetch (a grid completes when its prefetching programs do, and every decode
+kernel waits for its predecessor's completion), 2.84 -> 2.93 ms per step (docs/decode.md).
 
-| name               | meaning                                                                        |
-|--------------------|--------------------------------------------------------------------------------|
-| ``ENABLED``        | global switch (benchmarks turn it off for an A/B in one process)                |
-| ``CHUNK``          | bytes per prefetch instruction                                                   |
-| ``prefetch_plan``  | ``(tensor, device, lanes, programs_per_row)`` -> ``(tensor, nbytes, rows)`` for   |
-|                    | a kernel's extra programs; ``rows`` 0 when off or not possible                   |
+Safe anywhere in a step: a prefetch writes nothing visible, and what is prefetched are weights, which
+no kernel of a decode step writes. A hint: results are bit-identical with it on and off (tested).
+
+| name                 | meaning                                                                        |
+|----------------------|--------------------------------------------------------------------------------|
+| ``ENABLED``          | global switch (benchmarks turn it off for an A/B in one process)                |
+| ``CHUNK``            | bytes per prefetch instruction                                                   |
+| ``PROGRAMS``         | programs of one prefetch launch (at most one per ``CHUNK``)                      |
+| ``prefetch_plan``    | ``(tensor, device)`` -> ``(nbytes, programs)``; ``programs`` 0 when not possible |
+| ``prefetch_l2_``     | fork one prefetch of a tensor onto the device's side stream; whether it did      |
+| ``join_prefetches``  | the current stream waits for the forked prefetches                               |
 """
 
 from __future__ import annotations
@@ -26,28 +33,57 @@ import torch
 from kimi_linear.backends import triton_interpret
 from kimi_linear.ops.pdl import hopper_or_later
 
-__all__ = ["CHUNK", "ENABLED", "prefetch_plan"]
+__all__ = ["CHUNK", "ENABLED", "PROGRAMS", "join_prefetches", "prefetch_l2_", "prefetch_plan"]
 
 ENABLED = True
 CHUNK = 16384
+PROGRAMS = 16
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# device -> whether the forked prefetches were queued during a CUDA-graph capture: a capture must join its
+# own forks, and may not wait on work queued outside it (left to run: prefetches write nothing)
+_pending: dict[torch.device, bool] = {}
 
 
-def prefetch_plan(t: torch.Tensor | None, device: torch.device, lanes: int,
-                  programs_per_row: int = 1) -> tuple[torch.Tensor | None, int, int]:
-    """How many extra rows of programs a kernel adds to prefetch ``t`` into L2.
-
-    ``lanes``: prefetch instructions one program issues at a time (its threads); ``programs_per_row``:
-    programs in one row of the kernel's grid (the extra programs come as whole rows). Returns
-    ``(t, nbytes, rows)``; ``rows`` is 0 (and the kernel compiles without the prefetch) when the switch
-    is off, there is nothing to prefetch, the device is not Hopper or later (the instruction is sm_90's),
-    the Triton interpreter runs, or ``t`` is not 16-byte aligned in address and size (the instruction's
-    rule).
-    """
+def prefetch_plan(t: torch.Tensor | None, device: torch.device) -> tuple[int, int]:
+    """``(nbytes, programs)`` of a prefetch of ``t``; ``programs`` is 0 when the switch is off, there is
+    nothing to prefetch, the device is not Hopper or later (the instruction is sm_90's), the Triton
+    interpreter runs, or ``t`` is not contiguous and 16-byte aligned in address and size (the
+    instruction's rule)."""
     if (not ENABLED or t is None or triton_interpret() or not hopper_or_later(device) or t.device != device
             or not t.is_contiguous()):
-        return None, 0, 0
+        return 0, 0
     nbytes = t.numel() * t.element_size()
     if nbytes == 0 or nbytes % 16 or t.data_ptr() % 16:
-        return None, 0, 0
-    programs = -(-nbytes // (CHUNK * lanes))
-    return t, nbytes, -(-programs // programs_per_row)
+        return 0, 0
+    return nbytes, min(PROGRAMS, -(-nbytes // CHUNK))
+
+
+def prefetch_l2_(t: torch.Tensor | None) -> bool:
+    """Fork a prefetch of ``t`` into L2 onto ``t``'s device's side stream, after the work already queued
+    on the current stream; returns whether it did (see :func:`prefetch_plan`). Pair with
+    :func:`join_prefetches` before the step ends."""
+    if t is None:
+        return False
+    nbytes, programs = prefetch_plan(t, t.device)
+    if programs == 0:
+        return False
+    from kimi_linear.ops.prefetch_kernel import launch_prefetch
+
+    side = _side_streams.get(t.device)
+    if side is None:
+        side = _side_streams[t.device] = torch.cuda.Stream(t.device)
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(side):
+        launch_prefetch(t, nbytes, programs, CHUNK)
+    _pending[t.device] = torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def join_prefetches(device: torch.device | None = None) -> None:
+    """The current stream of ``device`` (every device with forked prefetches when None) waits for them.
+    In a CUDA-graph capture only prefetches forked in a capture are joined (a capture cannot wait on work
+    queued outside it); prefetches forked outside one are then dropped from the books, left to run."""
+    for dev in [d for d in _pending if device is None or d == device]:
+        if _pending.pop(dev) == torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream(dev).wait_stream(_side_streams[dev])

@@ -145,6 +145,31 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
         assert tokens[mode] == tokens[False, False], f"{preset}: graph-replayed tokens differ, pdl / early = {mode}"
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mla-moe"])
+@torch.no_grad()
+def test_l2_prefetch_decode_is_bit_identical(preset, cuda_device, monkeypatch):
+    # the output projections' L2 prefetch on a side stream (ops/prefetch.py) forks and joins inside each
+    # decode step: same bits with it off and on, eager and graph-replayed (a capture with an unjoined fork
+    # would fail; the forward joins after its last layer)
+    from kimi_linear.ops import prefetch
+
+    model = make(preset, cuda_device, torch.bfloat16)
+    if prefetch.prefetch_plan(model.lm_head.weight, cuda_device)[1] == 0:
+        pytest.skip("the bulk L2 prefetch needs compute capability >= 9")
+    ids = torch.randint(3, V, (1, 20), device=cuda_device)
+    steps, tokens = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(prefetch, "ENABLED", on)
+        cache = cache_for_config(model.config, batch_size=1, max_len=ids.shape[1], device=cuda_device,
+                                 dtype=torch.bfloat16)
+        steps[on] = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])])
+        out = generate(model, ids[:, :1], max_new_tokens=20, cuda_graph=True)
+        assert out.cuda_graph and not prefetch._pending
+        tokens[on] = out.new_tokens
+    assert torch.equal(steps[True], steps[False]), f"{preset}: decode logits differ with the L2 prefetch"
+    assert tokens[True] == tokens[False], f"{preset}: graph-replayed tokens differ with the L2 prefetch"
+
+
 @torch.no_grad()
 def test_packed_experts_prefill_is_identical_and_copy_free(cuda_device, monkeypatch):
     # bf16 prefill through the grouped GEMMs (enough slots for that path): the packed experts give the

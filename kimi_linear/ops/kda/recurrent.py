@@ -97,7 +97,6 @@ def recurrent_kda(
     fusion: KDAFusion | None = None,
     state_indices: torch.Tensor | None = None,
     backend: str = "auto",
-    l2_prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent (token-by-token) KDA, forward only.
 
@@ -121,9 +120,6 @@ def recurrent_kda(
     the kernel then treats an out-of-range slot as padding.
 
     ``backend``: "auto" (Triton on CUDA for fp16/bf16/fp32, reference elsewhere), "triton", "reference".
-    ``l2_prefetch``: a tensor that a later kernel reads (the decode step passes the layer's output
-    projection); the Triton kernel prefetches it into L2 from extra programs on Hopper and later
-    (:mod:`kimi_linear.ops.prefetch`). A hint: results do not depend on it; ignored elsewhere.
     """
     shape = check_kda_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=cu_seqlens,
                              gate_is_log_decay=fusion is None or not fusion.gate_from_raw, check_values=False)
@@ -151,8 +147,7 @@ def recurrent_kda(
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
     return _recurrent_triton(q, k, v, g, beta, shape=shape, scale=resolve_scale(scale, shape.K),
                              initial_state=initial_state, output_final_state=output_final_state,
-                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices,
-                             l2_prefetch=l2_prefetch)
+                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices)
 
 
 def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_final_state, cu_seqlens, fusion,

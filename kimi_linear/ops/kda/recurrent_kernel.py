@@ -9,8 +9,7 @@ is therefore one read and one write of the state, which is what bounds it; tilin
 Column tiles are independent: the delta rule ``S <- S - beta k (k^T S) + beta k v^T`` and the output
 ``q^T S`` mix rows (the K axis) but never columns, so a tile needs only its own columns of S and v.
 
-Launch grid: ``(cdiv(V, BV), N * HV + PF_ROWS)``: the ``PF_ROWS`` extra rows of programs, when asked for,
-only prefetch a later kernel's weights into L2 (:mod:`kimi_linear.ops.prefetch`).
+Launch grid: ``(cdiv(V, BV), N * HV)``.
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ import triton.language as tl
 
 from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
-from kimi_linear.ops.prefetch import CHUNK, prefetch_plan
-from kimi_linear.ops.prefetch_kernel import prefetch_l2
 
 
 @triton.jit
@@ -39,8 +36,6 @@ def _recurrent_kda_fwd_kernel(
     state_indices,  # [N] int, when USE_INDICES
     A_log,  # [HV] fp32, when GATE_FROM_RAW
     dt_bias,  # [HV*K] fp32, when GATE_FROM_RAW
-    pf,  # a later kernel's weights to prefetch into L2, when PF_ROWS
-    pf_bytes,
     scale,
     T,  # tokens per batch row (unused for varlen)
     P,  # slots in the state pool (range guard for USE_INDICES)
@@ -59,20 +54,10 @@ def _recurrent_kda_fwd_kernel(
     BETA_SIGMOID: tl.constexpr,
     PDL: tl.constexpr,
     TRIGGER: tl.constexpr = True,
-    PF_ROWS: tl.constexpr = 0,
-    PF_CHUNK: tl.constexpr = 16384,
-    PF_LANES: tl.constexpr = 128,
 ):
+    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
-    if PF_ROWS > 0:
-        # the extra rows: prefetch and leave (before the PDL wait: they read no output of an earlier kernel)
-        main_rows = tl.num_programs(1) - PF_ROWS
-        if i_nh >= main_rows:
-            prefetch_l2(pf, pf_bytes, (i_nh - main_rows) * tl.num_programs(0) + i_v, PF_ROWS * tl.num_programs(0),
-                        PF_CHUNK, PF_LANES)
-            return
-    wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_n = (i_nh // HV).to(tl.int64)
     i_hv = (i_nh % HV).to(tl.int64)
     i_h = i_hv // (HV // H)  # grouped value heads share a q/k head
@@ -192,13 +177,11 @@ def recurrent_kda_fwd(
     beta_sigmoid: bool,
     BV: int | None = None,
     num_warps: int | None = None,
-    l2_prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on validated, contiguous inputs; returns ``o`` (``ht`` is written in place).
 
     ``h0``/``ht`` are ``[P, HV, K, V]`` fp32; with ``state_indices`` they are the same pool tensor.
-    ``BV``/``num_warps`` override the tile choice (benchmark sweeps). ``l2_prefetch``: a tensor a later
-    kernel reads, prefetched into L2 by extra programs where the GPU can (:mod:`kimi_linear.ops.prefetch`).
+    ``BV``/``num_warps`` override the tile choice (benchmark sweeps).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -210,10 +193,9 @@ def recurrent_kda_fwd(
     BV = BV or bv
     num_warps = num_warps or nw
     P = h0.shape[0] if h0 is not None else (ht.shape[0] if ht is not None else N)
-    pf, pf_bytes, pf_rows = prefetch_plan(l2_prefetch, q.device, 32 * num_warps, triton.cdiv(V, BV))
-    grid = (triton.cdiv(V, BV), N * HV + pf_rows)
+    grid = (triton.cdiv(V, BV), N * HV)
     _recurrent_kda_fwd_kernel[grid](
-        q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias, pf, pf_bytes,
+        q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
         scale, T, P,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
         IS_VARLEN=cu_seqlens is not None,
@@ -223,7 +205,6 @@ def recurrent_kda_fwd(
         QK_L2NORM=qk_l2norm,
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
-        PF_ROWS=pf_rows, PF_CHUNK=CHUNK, PF_LANES=32 * num_warps,
         num_warps=num_warps,
         **pdl_launch(q.device, "recurrent_kda"),
     )
