@@ -27,9 +27,11 @@ from kimi_linear.ops.prefetch import prefetch_l2_
 
 __all__ = ["MultiHeadLatentAttention"]
 
-# The decode step prefetches the layer's output projection into L2 on a side stream while the latent
-# attention runs (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION)
-PREFETCH_OUTPUT_PROJECTION = True
+# Prefetch the layer's output projection into L2 on a side stream while the latent attention runs (a hint;
+# an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION).
+# Off: measured 2.816 -> 2.811 ms per step at 4K but 3.047 -> 3.068 at 64K, where the latent kernel
+# streams the cache and the prefetch takes bandwidth from it (docs/decode.md)
+PREFETCH_OUTPUT_PROJECTION = False
 
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention, NoPE.

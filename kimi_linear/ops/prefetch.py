@@ -21,7 +21,7 @@ no kernel of a decode step writes. A hint: results are bit-identical with it on 
 | ``ENABLED``          | global switch (benchmarks turn it off for an A/B in one process)                |
 | ``CHUNK``            | bytes per prefetch instruction                                                   |
 | ``PROGRAMS``         | programs of one prefetch launch (at most one per ``CHUNK``)                      |
-| ``prefetch_plan``    | ``(tensor, device)`` -> ``(nbytes, programs)``; ``programs`` 0 when not possible |
+| ``prefetch_plan``    | ``tensor`` -> ``(nbytes, programs)``; ``programs`` 0 when not possible on its GPU  |
 | ``prefetch_l2_``     | fork one prefetch of a tensor onto the device's side stream; whether it did      |
 | ``join_prefetches``  | the current stream waits for the forked prefetches                               |
 """
@@ -45,13 +45,12 @@ _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 _pending: dict[torch.device, bool] = {}
 
 
-def prefetch_plan(t: torch.Tensor | None, device: torch.device) -> tuple[int, int]:
+def prefetch_plan(t: torch.Tensor | None) -> tuple[int, int]:
     """``(nbytes, programs)`` of a prefetch of ``t``; ``programs`` is 0 when the switch is off, there is
     nothing to prefetch, the device is not Hopper or later (the instruction is sm_90's), the Triton
     interpreter runs, or ``t`` is not contiguous and 16-byte aligned in address and size (the
     instruction's rule)."""
-    if (not ENABLED or t is None or triton_interpret() or not hopper_or_later(device) or t.device != device
-            or not t.is_contiguous()):
+    if not ENABLED or t is None or triton_interpret() or not hopper_or_later(t.device) or not t.is_contiguous():
         return 0, 0
     nbytes = t.numel() * t.element_size()
     if nbytes == 0 or nbytes % 16 or t.data_ptr() % 16:
@@ -65,7 +64,7 @@ def prefetch_l2_(t: torch.Tensor | None) -> bool:
     :func:`join_prefetches` before the step ends."""
     if t is None:
         return False
-    nbytes, programs = prefetch_plan(t, t.device)
+    nbytes, programs = prefetch_plan(t)
     if programs == 0:
         return False
     from kimi_linear.ops.prefetch_kernel import launch_prefetch

@@ -29,8 +29,8 @@ def hopper(monkeypatch):
 
 def test_off_on_cpu_and_without_a_tensor():
     w = torch.empty(4096, dtype=torch.bfloat16)
-    assert prefetch.prefetch_plan(w, w.device) == (0, 0)
-    assert prefetch.prefetch_plan(None, torch.device("cpu")) == (0, 0)
+    assert prefetch.prefetch_plan(w) == (0, 0)
+    assert prefetch.prefetch_plan(None) == (0, 0)
     assert prefetch.prefetch_l2_(w) is False and prefetch.prefetch_l2_(None) is False
     assert not prefetch._pending
     prefetch.join_prefetches()  # nothing forked: a no-op
@@ -39,7 +39,7 @@ def test_off_on_cpu_and_without_a_tensor():
 @pytest.mark.parametrize("numel", [2304 * 4096, 8, 16384 // 2 * 3 + 8])
 def test_plan_programs(hopper, numel):
     w = torch.empty(numel, dtype=torch.bfloat16)
-    nbytes, programs = prefetch.prefetch_plan(w, w.device)
+    nbytes, programs = prefetch.prefetch_plan(w)
     assert nbytes == 2 * numel
     pieces = -(-nbytes // prefetch.CHUNK)
     assert programs == min(prefetch.PROGRAMS, pieces)  # never a program without a piece
@@ -48,13 +48,13 @@ def test_plan_programs(hopper, numel):
 def test_plan_refuses_what_the_instruction_cannot_take(hopper, monkeypatch):
     buf = torch.empty(4096 + 16, dtype=torch.uint8)
     assert buf.data_ptr() % 16 == 0
-    assert prefetch.prefetch_plan(buf[1:4097], buf.device)[1] == 0  # address not 16-byte aligned
-    assert prefetch.prefetch_plan(buf[:1000], buf.device)[1] == 0  # size not a multiple of 16
-    assert prefetch.prefetch_plan(buf[:0], buf.device)[1] == 0  # nothing to prefetch
-    assert prefetch.prefetch_plan(torch.empty(64, 64)[:, :32], buf.device)[1] == 0  # not contiguous
-    assert prefetch.prefetch_plan(buf[:4096], buf.device) == (4096, 1)
+    assert prefetch.prefetch_plan(buf[1:4097])[1] == 0  # address not 16-byte aligned
+    assert prefetch.prefetch_plan(buf[:1000])[1] == 0  # size not a multiple of 16
+    assert prefetch.prefetch_plan(buf[:0])[1] == 0  # nothing to prefetch
+    assert prefetch.prefetch_plan(torch.empty(64, 64)[:, :32])[1] == 0  # not contiguous
+    assert prefetch.prefetch_plan(buf[:4096]) == (4096, 1)
     monkeypatch.setattr(prefetch, "ENABLED", False)
-    assert prefetch.prefetch_plan(buf[:4096], buf.device)[1] == 0
+    assert prefetch.prefetch_plan(buf[:4096])[1] == 0
 
 
 _COMPILE = textwrap.dedent('''
@@ -87,7 +87,7 @@ def _hopper():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     dev = torch.device("cuda", torch.cuda.current_device())
-    if prefetch.prefetch_plan(torch.empty(16, dtype=torch.uint8, device=dev), dev)[1] == 0:
+    if prefetch.prefetch_plan(torch.empty(16, dtype=torch.uint8, device=dev))[1] == 0:
         pytest.skip("the bulk L2 prefetch needs compute capability >= 9")
     return dev
 
