@@ -5,14 +5,15 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-23;
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-25;
 # a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
-# results/decode/README.md session 23): TPOT 2.865 / 2.942 / 3.090 / 3.273 ms at 4K / 16K / 64K / 128K
-# against the 3 ms target. The long-context latent kernel reads its tiles through TMA since session 23 (90%
-# of the copy rate at 1M, 76% for the split kernel at 64K); of the 55 us whole call at 64K ~18 are the two
-# cuBLAS absorptions and the merge. Fusing launches within one kernel per operation lost twice in session
-# 13: the remaining excess is each launch's ramp and tail, which a persistent whole-step kernel would
-# remove. `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
+# results/decode/README.md sessions 24-25): TPOT 2.818 / 2.864 / 3.050 / 3.229 ms at 4K / 16K / 64K / 128K
+# against the 3 ms target, after the per-kernel PDL trigger table (ops/pdl.py EARLY_TRIGGER) and the KDA
+# output projection prefetched into L2 on a side stream (ops/prefetch.py; the MLA one is slower at 64K, off).
+# The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
+# calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
+# would remove the first; fusing launches within one kernel per operation lost three times (sessions 13, 24).
+# `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
 # MODULE:TABLE[KEY], AB_CONTEXTS, AB_UPDATES); LATENT_ROUND / LATENT_SHAPES pick the latent sweep's list.
 # Issue 7 (docs/kernels.md, v22-v23): ahead of FLA's bounded-gate path at every grid shape (eager
 # layer-fused fwd+bwd 17.1 / 16.9 / 18.8 ms against 18.9 / 18.8 / 21.0 at B8 T4K H32 / B32 T2K H16 / B1 T64K
@@ -21,7 +22,8 @@
 # backward 4.02), chunk gradients 4.85 + 0.54 (255 registers, one program per SM; TMA loads did not help,
 # v23), state-gradient scan 1.34, epilogue 1.11, forward scan 1.09, products 0.97, diagonal gram 0.84,
 # gram + inverse 0.70. Session 23 removed the forward's tiered diagonal (slower). Next: fewer registers /
-# bytes in the chunk-gradient kernel (it waits on its 255 registers, not its loads); the on-chip rewrite.
+# bytes in the chunk-gradient kernel (it waits on its 255 registers, not its loads). The on-chip forward
+# (state in registers, 16-token chunks) was 1.9x slower in session 24 (docs/kernels.md v24).
 # `train` (GRID_SHAPES=8x4096x32,32x2048x16,1x65536x16; FLA's bounded-gate path is among the default
 # providers since session 19) took 310 s in session 19 with its autotuning cached (the committed archive
 # now holds it). KDA_AB_PROFILE=1 adds per-kernel profiles to the kda-ab stage.
