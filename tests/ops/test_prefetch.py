@@ -45,6 +45,14 @@ def test_plan_programs(hopper, numel):
     assert programs == min(prefetch.PROGRAMS, pieces)  # never a program without a piece
 
 
+def test_plan_fraction_keeps_the_instruction_rules(hopper, monkeypatch):
+    w = torch.empty(2304 * 4096, dtype=torch.bfloat16)
+    for frac, want in ((0.5, 2304 * 4096), (0.3, int(2 * 2304 * 4096 * 0.3) // 16 * 16), (1e-9, 16), (2.0, 2 * 2304 * 4096)):
+        monkeypatch.setattr(prefetch, "FRACTION", frac)
+        nbytes, programs = prefetch.prefetch_plan(w)
+        assert nbytes == want and nbytes % 16 == 0 and programs == min(prefetch.PROGRAMS, -(-nbytes // prefetch.CHUNK))
+
+
 def test_plan_refuses_what_the_instruction_cannot_take(hopper, monkeypatch):
     buf = torch.empty(4096 + 16, dtype=torch.uint8)
     assert buf.data_ptr() % 16 == 0
