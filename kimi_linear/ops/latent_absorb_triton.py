@@ -82,9 +82,11 @@ def _check(name: str, x: torch.Tensor, w_kv_b: torch.Tensor, inner: int) -> None
         raise ValueError(f"{name} is on {x.device} but w_kv_b is on {w_kv_b.device}")
 
 
-def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dtype,
+                 before_keys_major: bool = False) -> torch.Tensor:
     """``q_nope [N, H, Dn]`` (any row / head strides, unit last stride), ``w_kv_b [H * (Dn + Dv), R]``
-    contiguous -> ``q_lat [N, H, R]`` in ``out_dtype``."""
+    contiguous -> ``q_lat [N, H, R]`` in ``out_dtype``. ``before_keys_major``: the keys-major split kernel
+    comes next, which has its own PDL trigger entry (ops/pdl.py)."""
     _check("q_nope", q_nope, w_kv_b, 0)
     if w_kv_b.shape[0] // q_nope.shape[1] <= q_nope.shape[2]:
         raise ValueError(f"w_kv_b has {w_kv_b.shape[0] // q_nope.shape[1]} rows per head, fewer than "
@@ -99,7 +101,8 @@ def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dt
     _absorb_query_kernel[(H, triton.cdiv(R, br))](
         q_nope, w_kv_b, out, N, q_nope.stride(0), q_nope.stride(1),
         H=H, DN=Dn, DV=Dv, R=R, BD=triton.next_power_of_2(Dn), BR=br,
-        num_warps=TILES["num_warps"], **pdl_launch(q_nope.device, "absorb_query"))
+        num_warps=TILES["num_warps"],
+        **pdl_launch(q_nope.device, "absorb_query_keys_major" if before_keys_major else "absorb_query"))
     return out
 
 

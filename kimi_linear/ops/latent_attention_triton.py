@@ -289,7 +289,10 @@ TRITON_ABSORB = True
 # the same with the keys-major split kernel: off. Session 13 measured them slower there at 256K and 1M;
 # session 23 again with the TMA tiles (graph-replayed step, decode_profile --ab, session23/
 # ab_triton_absorb_keys_major_h100.txt): 3.099 -> 3.139 ms at 64K, 3.274 -> 3.315 at 128K, 5.817 -> 5.851 at 1M
-TRITON_ABSORB_KEYS_MAJOR = False
+# Session 25, with the per-kernel PDL triggers of session 24 (the split and merge kernels trigger at exit) and
+# the query absorption before the keys-major kernel at exit too (pdl.EARLY_TRIGGER["absorb_query_keys_major"]):
+# 3.047 -> 3.025 ms at 64K (results/decode/session25/ab_triton_absorb_triggers_h100.txt), so on
+TRITON_ABSORB_KEYS_MAJOR = True
 # Session 24, the two sides apart with the keys-major kernel (A/B switches): the output absorption as the
 # Triton kernel (after the merge) while the query side stays a matmul, and the keys-major split kernel
 # launched with or without PDL (without it, its programs are placed only when the query side has finished)
@@ -393,7 +396,8 @@ def latent_attention_triton(
     triton_absorb = few and (TRITON_ABSORB_KEYS_MAJOR or not keys_major)
     triton_absorb_out = few and (TRITON_ABSORB_KEYS_MAJOR or TRITON_ABSORB_OUT_KEYS_MAJOR or not keys_major)
     if triton_absorb:
-        q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt).view(B, M, R)
+        q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt,
+                                    before_keys_major=keys_major).view(B, M, R)
     else:
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
     # q_rope is usually a column slice of the query projection: read it in place through its row

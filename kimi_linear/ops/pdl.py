@@ -76,11 +76,13 @@ def use_pdl(device: torch.device) -> bool:
 # 2.864, latent_merge 2.857 -> 2.864 (64K: even), latent_keys_major (64K) 3.090 -> 3.085. Those three at
 # exit together: 2.833 ms at 4K, 3.055 at 64K (the all-early step 2.854-2.864 / 3.085-3.088). Why a
 # dependent placed early slows some kernels is not measured (the placed programs only wait); the table
-# is what the step measured.
+# is what the step measured. Session 25: the query absorption before the keys-major split kernel (64K keys and
+# more) at exit, the Triton absorptions there then gaining: 3.034 -> 3.025 ms at 64K.
 EARLY_TRIGGER: dict[str, int] = {
     "conv": 1, "fused_linear": 1, "route": 1, "route_split": 1, "recurrent_kda": 1, "rms_norm": 1,
     "rms_norm_store": 1, "moe_gate_up": 1, "moe_down": 1, "moe_gate_up_one": 1, "moe_down_one": 0,
     "latent_split": 0, "latent_keys_major": 1, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
+    "absorb_query_keys_major": 0,
 }
 
 
