@@ -77,11 +77,14 @@ def use_pdl(device: torch.device) -> bool:
 # exit together: 2.833 ms at 4K, 3.055 at 64K (the all-early step 2.854-2.864 / 3.085-3.088). Why a
 # dependent placed early slows some kernels is not measured (the placed programs only wait); the table
 # is what the step measured. Session 25: the query absorption before the keys-major split kernel (64K keys and
-# more) at exit, the Triton absorptions there then gaining: 3.034 -> 3.025 ms at 64K.
+# more) at exit, the Triton absorptions there then gaining: 3.034 -> 3.025 ms at 64K. Then re-measured
+# (session25/pdl_trigger_resweep_h100.txt, early -> exit): latent_keys_major 3.029 -> 3.022 at 64K, 3.209 ->
+# 3.194 at 128K, 5.770 -> 5.766 at 1M (now at exit); absorb_query_keys_major 3.038 -> 3.032, latent_merge
+# 3.058 -> 3.034, moe_down_one 3.055 -> 3.029 at 64K (kept at exit).
 EARLY_TRIGGER: dict[str, int] = {
     "conv": 1, "fused_linear": 1, "route": 1, "route_split": 1, "recurrent_kda": 1, "rms_norm": 1,
     "rms_norm_store": 1, "moe_gate_up": 1, "moe_down": 1, "moe_gate_up_one": 1, "moe_down_one": 0,
-    "latent_split": 0, "latent_keys_major": 1, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
+    "latent_split": 0, "latent_keys_major": 0, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
     "absorb_query_keys_major": 0,
 }
 
