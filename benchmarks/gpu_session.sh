@@ -10,9 +10,9 @@
 # results/decode/README.md sessions 24-25): TPOT 2.815 / 2.854 / 3.031 / 3.208 ms at 4K / 16K / 64K / 128K
 # against the 3 ms target, after the per-kernel PDL trigger table (ops/pdl.py EARLY_TRIGGER), the KDA output
 # projection prefetched into L2 on a side stream (ops/prefetch.py; the MLA one is slower at 64K, off) and the
-# Triton absorptions around the keys-major kernel (they won once its neighbours triggered at exit). Untried:
-# EARLY_TRIGGER["latent_keys_major"] = 0 (3.032 -> 3.023 at 64K in 2 rounds, within the spread); the trigger
-# table re-swept as a whole now that its entries interact.
+# Triton absorptions around the keys-major kernel (they won once its neighbours triggered at exit); then the
+# keys-major kernel at exit too (-7 / -15 us at 64K / 128K; no official run since). Next cheap step: the
+# trigger table re-swept as a whole (its entries interact), and an official `decode` run.
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
 # calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
 # would remove the first; fusing launches within one kernel per operation lost three times (sessions 13, 24).
