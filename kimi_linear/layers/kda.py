@@ -44,8 +44,6 @@ __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 # The decode step prefetches the layer's output projection into L2 on a side stream while the gates, the
 # recurrence and the norm run (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
 PREFETCH_OUTPUT_PROJECTION = True
-# fork it before the input projection instead (beside that launch's 58 MB weight stream; an A/B switch)
-PREFETCH_BEFORE_INPUTS = False
 
 
 class ShortConvolution(nn.Module):
@@ -289,8 +287,6 @@ class KimiDeltaAttention(KeepFP32):
             # every projection of x in one launch (six matrix-vector products, five of them small), q, k
             # and v through their short-conv step + SiLU in the same programs (windows shift in place)
             # (x un-normalised with an input_norm: the launch folds the block's norm in)
-            if PREFETCH_OUTPUT_PROJECTION and PREFETCH_BEFORE_INPUTS:
-                prefetch_l2_(self.o_proj.weight)
             projs = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
             convs = [(window, conv.weight.view(conv.weight.shape[0], -1)) for conv, window in
                      ((self.q_conv1d, lc.conv_q), (self.k_conv1d, lc.conv_k), (self.v_conv1d, lc.conv_v))]
@@ -299,8 +295,8 @@ class KimiDeltaAttention(KeepFP32):
                                                 conv_steps=[*convs, None, None, None], norm_weight=nw, eps=eps,
                                                 backend=self.backend)
             q, k, v = q.view(B, 1, H, K), k.view(B, 1, H, K), v.view(B, 1, H, V)
-            if PREFETCH_OUTPUT_PROJECTION and not PREFETCH_BEFORE_INPUTS:  # into L2 beside the short launches
-                # below (ops/prefetch.py)
+            if PREFETCH_OUTPUT_PROJECTION:  # into L2 beside the short launches below (ops/prefetch.py; forked
+                # before this projection instead it was evicted by its weight stream: +124 us per step)
                 prefetch_l2_(self.o_proj.weight)
             # both low-rank up-projections (the gate's and the output gate's; both K wide, V = K) in one
             # more launch, each reading its own slice of the launch above

@@ -293,10 +293,9 @@ TRITON_ABSORB = True
 # the query absorption before the keys-major kernel at exit too (pdl.EARLY_TRIGGER["absorb_query_keys_major"]):
 # 3.047 -> 3.025 ms at 64K (results/decode/session25/ab_triton_absorb_triggers_h100.txt), so on
 TRITON_ABSORB_KEYS_MAJOR = True
-# Session 24, the two sides apart with the keys-major kernel (A/B switches): the output absorption as the
-# Triton kernel (after the merge) while the query side stays a matmul, and the keys-major split kernel
-# launched with or without PDL (without it, its programs are placed only when the query side has finished)
-TRITON_ABSORB_OUT_KEYS_MAJOR = False
+# The keys-major split kernel launched with or without PDL (an A/B switch; without it, its programs are
+# placed only when the query side has finished). Session 24 also timed the output absorption alone as the
+# Triton kernel (a switch removed once both sides were: docs/decode.md)
 PDL_KEYS_MAJOR = True
 # (Session 24: the merge and the output absorption in one PDL launch, each program merging its row's whole
 # context from the splits and multiplying a 32-row block of W_uv[h]: neutral at 4K (2.867 -> 2.863 ms),
@@ -394,7 +393,6 @@ def latent_attention_triton(
     # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
     few = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
     triton_absorb = few and (TRITON_ABSORB_KEYS_MAJOR or not keys_major)
-    triton_absorb_out = few and (TRITON_ABSORB_KEYS_MAJOR or TRITON_ABSORB_OUT_KEYS_MAJOR or not keys_major)
     if triton_absorb:
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt,
                                     before_keys_major=keys_major).view(B, M, R)
@@ -428,7 +426,7 @@ def latent_attention_triton(
         num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **extra,
     )
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
-    if triton_absorb_out:
+    if triton_absorb:
         return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)
     out = torch.einsum("bthr,hvr->bthv", ctx.view(B, T, H, R), w_uv)
     return out.to(q_nope.dtype)

@@ -68,7 +68,8 @@ def use_pdl(device: torch.device) -> bool:
 # Per kernel: 1 lets the next kernel's programs be placed right after this one's PDL wait (they then
 # sit on the SMs until this grid completes), 0 only once this kernel's programs have all exited.
 # Measured on an H100, benchmark model, graph-replayed step (results/decode/session24/pdl_trigger_*): early
-# for every kernel against at exit for every kernel (KIMI_LINEAR_PDL_TRIGGER=exit, ops/pdl_kernel.py)
+# for every kernel against at exit for every kernel (every entry 0; session 24 measured it with an
+# environment switch, since folded into this table)
 # 2.858-2.870 against 2.943 ms at 4K, 3.085-3.089 against 3.180 at 64K. Per kernel (benchmarks/
 # pdl_trigger_sweep.sh; ms at 4K, exit -> early): fused_linear 2.886 -> 2.861, route_split 2.915 -> 2.865,
 # absorb_query 2.907 -> 2.863, recurrent_kda / rms_norm / rms_norm_store / moe_gate_up_one / absorb_output

@@ -21,7 +21,6 @@ no kernel of a decode step writes. A hint: results are bit-identical with it on 
 | ``ENABLED``          | global switch (benchmarks turn it off for an A/B in one process)                |
 | ``CHUNK``            | bytes per prefetch instruction                                                   |
 | ``PROGRAMS``         | programs of one prefetch launch (at most one per ``CHUNK``)                      |
-| ``FRACTION``         | the leading part of a tensor that is prefetched                                  |
 | ``prefetch_plan``    | ``tensor`` -> ``(nbytes, programs)``; ``programs`` 0 when not possible on its GPU  |
 | ``prefetch_l2_``     | fork one prefetch of a tensor onto the device's side stream; whether it did      |
 | ``join_prefetches``  | the current stream waits for the forked prefetches                               |
@@ -39,7 +38,6 @@ __all__ = ["CHUNK", "ENABLED", "PROGRAMS", "join_prefetches", "prefetch_l2_", "p
 ENABLED = True
 CHUNK = 16384
 PROGRAMS = 16
-FRACTION = 1.0  # the leading part of a tensor that is prefetched (A/B knob)
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 # device -> whether the forked prefetches were queued during a CUDA-graph capture: a capture must join its
@@ -57,7 +55,6 @@ def prefetch_plan(t: torch.Tensor | None) -> tuple[int, int]:
     nbytes = t.numel() * t.element_size()
     if nbytes == 0 or nbytes % 16 or t.data_ptr() % 16:
         return 0, 0
-    nbytes = min(nbytes, max(16, int(nbytes * FRACTION) // 16 * 16))
     return nbytes, min(PROGRAMS, -(-nbytes // CHUNK))
 
 
@@ -67,6 +64,8 @@ def prefetch_l2_(t: torch.Tensor | None) -> bool:
     :func:`join_prefetches` before the step ends."""
     if t is None:
         return False
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"prefetch_l2_ takes a tensor (or None), got {type(t).__name__}")
     nbytes, programs = prefetch_plan(t)
     if programs == 0:
         return False
