@@ -49,7 +49,8 @@ def main() -> None:
                          "each (one process, same model)")
     ap.add_argument("--ab", default=None, metavar="MODULE:FLAG or MODULE:TABLE[KEY]",
                     help="after the profile, time the graph-replayed step with a module's boolean switch off and "
-                         "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP")
+                         "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP; "
+                         "TABLE[*] switches every entry of a 0 / 1 table together")
     ap.add_argument("--ab-rounds", type=int, default=3)
     ap.add_argument("--update", action="append", default=[], metavar="MODULE:ATTR=JSON",
                     help="set a module attribute before the run (a dict is updated), e.g. "
@@ -136,15 +137,20 @@ def main() -> None:
         mod = importlib.import_module(mod_name)
         # MODULE:FLAG (a boolean) or MODULE:TABLE[KEY] (a launch table's entry, switched 0 / 1)
         table, key = (flag[:-1].split("[", 1) if flag.endswith("]") else (None, None))
-        get = (lambda: getattr(mod, table)[key]) if table else (lambda: getattr(mod, flag))
+        keys = (list(getattr(mod, table)) if key == "*" else [key]) if table else []
+        saved = {k: getattr(mod, table)[k] for k in keys}
+        get = (lambda: getattr(mod, table)[keys[0]]) if table else (lambda: getattr(mod, flag))
 
         def put(v):
             if table:
-                getattr(mod, table)[key] = int(v)
+                for k in keys:
+                    getattr(mod, table)[k] = int(v) if v in (False, True) else saved[k]
             else:
                 setattr(mod, flag, v)
 
         default = get()
+        if table and not all(v in (0, 1) for v in saved.values()):
+            raise SystemExit(f"--ab needs 0 / 1 table entries, {args.ab} has {saved!r}")
         if not isinstance(default, bool) and not (table and default in (0, 1)):
             raise SystemExit(f"--ab needs a boolean switch or a 0 / 1 table entry, {args.ab} is {default!r}")
         ab: dict[bool, list[float]] = {False: [], True: []}
@@ -154,7 +160,7 @@ def main() -> None:
                 ab[value].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        put(default)
+        put(None if table else default)  # a table's entries back as they were
         for value, ms in ab.items():
             print(f"graph-replayed step, {flag}={value}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")

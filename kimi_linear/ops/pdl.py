@@ -21,6 +21,11 @@ launch just read the same x) lets the one-token kernel's shared-expert programs 
 wait -- they read only x (from L2) and weights, write their own fresh buffer, and wait at their end,
 so the grid still completes after its predecessor.
 
+A second exception, for parameters: weights, norm weights and host-built launch tables are written
+by no kernel of a decode step, so a kernel may read them before its wait (``WEIGHTS_BEFORE_WAIT``, per
+kernel): their load latency then overlaps the previous kernel's tail instead of following it. Only
+what the step writes (activations, caches, states) has to wait.
+
 Measured on an H100 (benchmark model, batch 1, graph-replayed step; results/decode/session12/):
 2.977 -> 2.904 ms at 4K context, 3.439 -> 3.381 at 128K. Also tried and removed: the projections and
 the shared expert issuing L2 prefetches of their weight rows before the wait (weights are written by
@@ -35,6 +40,7 @@ no kernel of a decode step, so that is safe): 256 B per row neutral, 1 KB +0.8%,
 | ``hopper_or_later`` | ``device`` -> CUDA with compute capability >= 9 (also what TMA needs)           |
 | ``pdl_launch``| ``device`` -> the launch keywords ``dict(PDL=..., launch_pdl=...)`` for a kernel that    |
 |               | takes the ``PDL`` constexpr                                                            |
+| ``WEIGHTS_BEFORE_WAIT`` | per kernel: 1 reads its parameters before the wait (the ``W_EARLY`` constexpr) |
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["EARLY_TRIGGER", "ENABLED", "hopper_or_later", "pdl_launch", "use_pdl"]
+__all__ = ["EARLY_TRIGGER", "ENABLED", "WEIGHTS_BEFORE_WAIT", "hopper_or_later", "pdl_launch", "use_pdl",
+           "weights_before_wait"]
 
 ENABLED = True
 
@@ -88,6 +95,21 @@ EARLY_TRIGGER: dict[str, int] = {
     "latent_split": 0, "latent_keys_major": 0, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
     "absorb_query_keys_major": 0,
 }
+
+
+# Per kernel: 1 issues the loads of its parameters (weights, norm weights, launch tables: never written in
+# a decode step) before its PDL wait, so that their latency overlaps the previous kernel's tail; 0 after
+# it. fused_linear has one entry per launch-settings class (gemv.TILES). Measured below, session 26.
+WEIGHTS_BEFORE_WAIT: dict[str, int] = {
+    "route_split": 0, "absorb_query": 0, "absorb_output": 0,
+    "fused_linear_wide": 0, "fused_linear_wide_few": 0, "fused_linear_narrow": 0,
+}
+
+
+def weights_before_wait(kernel: str) -> bool:
+    """The ``W_EARLY`` constexpr of ``kernel`` (a key of :data:`WEIGHTS_BEFORE_WAIT`). Without PDL the wait
+    is a no-op and the order moot, so the Triton interpreter runs (and the CPU tests check) the same code."""
+    return bool(WEIGHTS_BEFORE_WAIT[kernel])
 
 
 def pdl_launch(device: torch.device, kernel: str | None = None) -> dict[str, bool]:
