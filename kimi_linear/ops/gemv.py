@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.conv import causal_conv1d_update_
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch, weights_before_wait
+from kimi_linear.ops.pdl import pdl_launch
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
 
@@ -259,34 +259,19 @@ def _kernel():
     import triton.language as tl
 
     # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
-    global wait_for_previous_grid, _slice_product
+    global wait_for_previous_grid
     from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
-
-    @triton.jit
-    def _slice_product(acc, b_ss, b_w, x_in, sx, nw_ptr, o_n, m_n, o_d, m_d, NORM: tl.constexpr):
-        """One D-slice of the products: ``acc [NT, BLOCK_R] += x[:, slice] . b_w^T`` in fp32 (and with
-        NORM ``b_ss [NT] += sum x^2``, x multiplied by the norm weight's slice)."""
-        b_x = tl.load(x_in + o_n[:, None] * sx + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        if NORM:
-            b_ss += tl.sum(b_x * b_x, axis=1)
-            b_x = b_x * tl.load(nw_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-        acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :], axis=2)
-        return acc, b_ss
 
     @triton.jit
     def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, N, D, OUT, SX, eps,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                             MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
-                            W_EARLY: tl.constexpr = False):
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
         # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
-        # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32.
-        # W_EARLY: the table entry and the first D-slice of the weight rows are read before the PDL wait
-        # (neither is written in a step, ops/pdl.py), so their latency overlaps the previous kernel's tail
+        # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
         p = tl.program_id(0)
-        if not W_EARLY:
-            wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
+        wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
         # W_ALIGN: the weights' address alignment in bytes (16 when every weight is): an address read
         # from the table is otherwise of unknown alignment and the weight loads are not vectorised
         w = tl.multiple_of(tl.load(tab_ptr + p * 6).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
@@ -294,12 +279,6 @@ def _kernel():
         rows = tl.load(tab_ptr + p * 6 + 2)
         col0 = tl.load(tab_ptr + p * 6 + 3)
         o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < rows
-        if W_EARLY:
-            o_d0 = tl.arange(0, BLOCK_D)
-            m_d0 = (o_d0 < D) | EVEN_D
-            b_w0 = tl.load(w + o_r[:, None] * D + o_d0[None, :], mask=m_r[:, None] & m_d0[None, :], other=0.0)
-            wait_for_previous_grid(PDL, TRIGGER)
         if MULTI_X:
             # one input per weight: this program's starts at its table entry's offset, rows SX apart.
             # X_ALIGN (elements) tells the compiler the offsets' alignment: without it the input's
@@ -309,17 +288,21 @@ def _kernel():
         else:
             x_in = x_ptr
             sx = D
+        m_r = o_r < rows
         o_n = tl.arange(0, NT)
         m_n = o_n < N
         acc = tl.zeros([NT, BLOCK_R], dtype=tl.float32)
         b_ss = tl.zeros([NT], dtype=tl.float32)  # NORM: sum of x^2 per token row
-        if W_EARLY:  # the first slice, already loaded; the loop takes the rest
-            acc, b_ss = _slice_product(acc, b_ss, b_w0, x_in, sx, nw_ptr, o_n, m_n, o_d0, m_d0, NORM)
-        for d0 in range(BLOCK_D if W_EARLY else 0, D, BLOCK_D):
+        for d0 in range(0, D, BLOCK_D):
             o_d = d0 + tl.arange(0, BLOCK_D)
             m_d = (o_d < D) | EVEN_D
             b_w = tl.load(w + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-            acc, b_ss = _slice_product(acc, b_ss, b_w, x_in, sx, nw_ptr, o_n, m_n, o_d, m_d, NORM)
+            b_x = tl.load(x_in + o_n[:, None] * sx + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                          other=0.0).to(tl.float32)
+            if NORM:
+                b_ss += tl.sum(b_x * b_x, axis=1)
+                b_x = b_x * tl.load(nw_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :], axis=2)
         if NORM:  # W (x * rstd * nw) = rstd * (W (x * nw)): before the conv step's rounding, as if x were normed
             acc = acc * tl.rsqrt(b_ss / D + eps)[:, None]
         if CONV:
@@ -387,8 +370,7 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
-    rows = sum(w.shape[0] for w in weights)
-    tile = _tiles(D, rows, norm_weight is not None)
+    tile = _tiles(D, sum(w.shape[0] for w in weights), norm_weight is not None)
     block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
     if isinstance(x, torch.Tensor):
         x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
@@ -408,8 +390,7 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              NORM=norm_weight is not None, RESIDUAL=residual is not None,
-                             num_warps=tile["num_warps"],
-                             W_EARLY=weights_before_wait(f"fused_linear_{_tiles_class(D, rows)}"), **launch)
+                             num_warps=tile["num_warps"], **launch)
     return list(y.split([w.shape[0] for w in weights], dim=1))
 
 

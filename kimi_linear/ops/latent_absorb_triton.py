@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.pdl import pdl_launch, weights_before_wait
+from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 # The most tokens the kernels take (the loop over tokens is serial in each program; more tokens, as at
@@ -35,20 +35,15 @@ TILES = dict(BR=64, BV=16, num_warps=4)
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, s_qn, s_qh,
                          H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
-                         W_EARLY: tl.constexpr = False):
-    # out [N, H, R] (contiguous) = q [N, H, DN] (rows s_qn, heads s_qh apart) times W_uk[h] per head.
-    # W_EARLY: the weight tile is read before the PDL wait (never written in a step, ops/pdl.py)
-    if not W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)
+                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    # out [N, H, R] (contiguous) = q [N, H, DN] (rows s_qn, heads s_qh apart) times W_uk[h] per head
+    wait_for_previous_grid(PDL, TRIGGER)
     i_h = tl.program_id(0)
     o_d = tl.arange(0, BD)
     o_r = tl.program_id(1) * BR + tl.arange(0, BR)
     m_d, m_r = o_d < DN, o_r < R
     b_w = tl.load(w_ptr + (i_h * (DN + DV) + o_d[:, None]).to(tl.int64) * R + o_r[None, :],
                   mask=m_d[:, None] & m_r[None, :], other=0.0).to(tl.float32)
-    if W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)
     for n in range(0, N):
         b_q = tl.load(q_ptr + n * s_qn + i_h * s_qh + o_d, mask=m_d, other=0.0).to(tl.float32)
         acc = tl.sum(b_w * b_q[:, None], axis=0)
@@ -58,19 +53,15 @@ def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, s_qn, s_qh,
 @triton.jit
 def _absorb_output_kernel(c_ptr, w_ptr, out_ptr, N,
                           H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-                          RP: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
-                          W_EARLY: tl.constexpr = False):
-    # out [N, H, DV] (contiguous) = W_uv[h] times ctx [N, H, R] (contiguous) per head; W_EARLY as above
-    if not W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)
+                          RP: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    # out [N, H, DV] (contiguous) = W_uv[h] times ctx [N, H, R] (contiguous) per head
+    wait_for_previous_grid(PDL, TRIGGER)
     i_h = tl.program_id(0)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     o_r = tl.arange(0, RP)
     m_v, m_r = o_v < DV, o_r < R
     b_w = tl.load(w_ptr + (i_h * (DN + DV) + DN + o_v[:, None]).to(tl.int64) * R + o_r[None, :],
                   mask=m_v[:, None] & m_r[None, :], other=0.0).to(tl.float32)
-    if W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)
     for n in range(0, N):
         b_c = tl.load(c_ptr + (n * H + i_h) * R + o_r, mask=m_r, other=0.0).to(tl.float32)
         acc = tl.sum(b_w * b_c[None, :], axis=1)
@@ -110,7 +101,7 @@ def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dt
     _absorb_query_kernel[(H, triton.cdiv(R, br))](
         q_nope, w_kv_b, out, N, q_nope.stride(0), q_nope.stride(1),
         H=H, DN=Dn, DV=Dv, R=R, BD=triton.next_power_of_2(Dn), BR=br,
-        num_warps=TILES["num_warps"], W_EARLY=weights_before_wait("absorb_query"),
+        num_warps=TILES["num_warps"],
         **pdl_launch(q_nope.device, "absorb_query_keys_major" if before_keys_major else "absorb_query"))
     return out
 
@@ -128,6 +119,5 @@ def absorb_output(ctx: torch.Tensor, w_kv_b: torch.Tensor, Dn: int, out_dtype: t
     _absorb_output_kernel[(H, triton.cdiv(Dv, bv))](
         ctx.contiguous(), w_kv_b, out, N,
         H=H, DN=Dn, DV=Dv, R=R, RP=triton.next_power_of_2(R), BV=bv,
-        num_warps=TILES["num_warps"], W_EARLY=weights_before_wait("absorb_output"),
-        **pdl_launch(ctx.device, "absorb_output"))
+        num_warps=TILES["num_warps"], **pdl_launch(ctx.device, "absorb_output"))
     return out

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.norm import rms_norm
-from kimi_linear.ops.pdl import pdl_launch, weights_before_wait
+from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
 
@@ -79,8 +79,7 @@ def _route_kernel(logits, x, w_gate, bias, weights, indices, E, D, scaling,
 def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, norm_w, sumsq, E, D, scaling, eps,
                         EP: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
                         RENORM: tl.constexpr, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, SP: tl.constexpr,
-                        NORM: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
-                        W_EARLY: tl.constexpr = False):
+                        NORM: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
     # The router's logits split over NSPLIT programs per token, each reading one [EP, BLOCK_D] slice of
     # the router weight (one program reading all of it was the latency of the whole read, 9.5 us per
     # layer in the model). Each stores its partial logits; the token's counter (atomic, acq_rel) names
@@ -88,24 +87,18 @@ def _route_split_kernel(x, w_gate, bias, partial, counter, weights, indices, nor
     # experts every run, unlike atomic float adds), routes, and resets the counter for the next call.
     # NORM: x is un-normalised; each program also stores its slice's sum of x^2 (sumsq), and the last
     # scales the summed logits of x * norm_w by the row's rstd (module docstring).
-    # W_EARLY: the router and norm weights are read before the PDL wait (never written in a step, ops/pdl.py)
-    if not W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)  # ops/pdl.py
+    wait_for_previous_grid(PDL, TRIGGER)  # ops/pdl.py
     i_n = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1)
     o_e = tl.arange(0, EP)
     m_e = o_e < E
     o_d = i_p * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
-    if NORM:
-        b_nw = tl.load(norm_w + o_d, mask=m_d, other=0).to(tl.float32)
-    if W_EARLY:
-        wait_for_previous_grid(PDL, TRIGGER)
     b_x = tl.load(x + i_n * D + o_d, mask=m_d, other=0).to(tl.float32)
     if NORM:
         tl.store(sumsq + i_n * NSPLIT + i_p, tl.sum(b_x * b_x, axis=0))
-        b_x = b_x * b_nw
+        b_x = b_x * tl.load(norm_w + o_d, mask=m_d, other=0).to(tl.float32)
+    b_w = tl.load(w_gate + o_e[:, None] * D + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0)
     tl.store(partial + (i_n * NSPLIT + i_p) * EP + o_e, tl.sum(b_w.to(tl.float32) * b_x[None, :], 1))
     done = tl.atomic_add(counter + i_n, 1, sem="acq_rel")
     if done == NSPLIT - 1:
@@ -225,7 +218,7 @@ def route_triton(logits: torch.Tensor | None, correction_bias: torch.Tensor | No
                 EP=triton.next_power_of_2(E), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                 HAS_BIAS=correction_bias is not None, RENORM=renormalize, BLOCK_D=block, NSPLIT=nsplit,
                 SP=triton.next_power_of_2(nsplit), NORM=norm_weight is not None, num_warps=SPLIT_WARPS,
-                W_EARLY=weights_before_wait("route_split"), **pdl_launch(dev, "route_split"))
+                **pdl_launch(dev, "route_split"))
             return weights, indices
         if norm_weight is not None:  # the one-program kernel reads a normalised x
             x = rms_norm(x, norm_weight, eps).contiguous()

@@ -21,16 +21,17 @@ launch just read the same x) lets the one-token kernel's shared-expert programs 
 wait -- they read only x (from L2) and weights, write their own fresh buffer, and wait at their end,
 so the grid still completes after its predecessor.
 
-A second exception, for parameters: weights, norm weights and host-built launch tables are written
-by no kernel of a decode step, so a kernel may read them before its wait (``WEIGHTS_BEFORE_WAIT``, per
-kernel): their load latency then overlaps the previous kernel's tail instead of following it. Only
-what the step writes (activations, caches, states) has to wait.
-
 Measured on an H100 (benchmark model, batch 1, graph-replayed step; results/decode/session12/):
 2.977 -> 2.904 ms at 4K context, 3.439 -> 3.381 at 128K. Also tried and removed: the projections and
 the shared expert issuing L2 prefetches of their weight rows before the wait (weights are written by
 no kernel of a decode step, so that is safe): 256 B per row neutral, 1 KB +0.8%, whole rows +5%
 (the prefetched rows of the 58 MB KDA input projection outrun the 50 MB L2 and are fetched twice).
+Session 26: parameters loaded into registers before the wait (the split router's weight slice, the
+absorptions' weight tiles, the projections' launch-table entry and first D-slice; SASS checked: the loads
+precede the wait) -- every kernel together 2.808 -> 2.817 ms at 4K, 3.018 -> 3.025 at 64K, 3.194 -> 3.202
+at 128K, each kernel alone within +-4 us at 64K (results/decode/session26/weights_before_wait_h100.txt;
+commit 3199ad4 has the code): a kernel's first loads after the wait are its input and its weights side by
+side, so only the difference of their latencies could be saved.
 
 | name          | meaning                                                                              |
 |---------------|--------------------------------------------------------------------------------------|
@@ -40,7 +41,6 @@ no kernel of a decode step, so that is safe): 256 B per row neutral, 1 KB +0.8%,
 | ``hopper_or_later`` | ``device`` -> CUDA with compute capability >= 9 (also what TMA needs)           |
 | ``pdl_launch``| ``device`` -> the launch keywords ``dict(PDL=..., launch_pdl=...)`` for a kernel that    |
 |               | takes the ``PDL`` constexpr                                                            |
-| ``WEIGHTS_BEFORE_WAIT`` | per kernel: 1 reads its parameters before the wait (the ``W_EARLY`` constexpr) |
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ import torch
 
 from kimi_linear.backends import triton_interpret
 
-__all__ = ["EARLY_TRIGGER", "ENABLED", "WEIGHTS_BEFORE_WAIT", "hopper_or_later", "pdl_launch", "use_pdl",
-           "weights_before_wait"]
+__all__ = ["EARLY_TRIGGER", "ENABLED", "hopper_or_later", "pdl_launch", "use_pdl"]
 
 ENABLED = True
 
@@ -95,21 +94,6 @@ EARLY_TRIGGER: dict[str, int] = {
     "latent_split": 0, "latent_keys_major": 0, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
     "absorb_query_keys_major": 0,
 }
-
-
-# Per kernel: 1 issues the loads of its parameters (weights, norm weights, launch tables: never written in
-# a decode step) before its PDL wait, so that their latency overlaps the previous kernel's tail; 0 after
-# it. fused_linear has one entry per launch-settings class (gemv.TILES). Measured below, session 26.
-WEIGHTS_BEFORE_WAIT: dict[str, int] = {
-    "route_split": 0, "absorb_query": 0, "absorb_output": 0,
-    "fused_linear_wide": 0, "fused_linear_wide_few": 0, "fused_linear_narrow": 0,
-}
-
-
-def weights_before_wait(kernel: str) -> bool:
-    """The ``W_EARLY`` constexpr of ``kernel`` (a key of :data:`WEIGHTS_BEFORE_WAIT`). Without PDL the wait
-    is a no-op and the order moot, so the Triton interpreter runs (and the CPU tests check) the same code."""
-    return bool(WEIGHTS_BEFORE_WAIT[kernel])
 
 
 def pdl_launch(device: torch.device, kernel: str | None = None) -> dict[str, bool]:
