@@ -289,3 +289,83 @@ def test_gpu_varlen_long_and_extreme(dtype, cuda_device):
     o1, ht1 = recurrent_kda(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], initial_state=h0[3:4],
                             output_final_state=True)
     assert torch.equal(o1, o[:, s:e]) and torch.equal(ht1[0], ht[3])
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer's gated output norm inside the kernel (out_norm)
+# ------------------------------------------------------------------------------------------------
+
+
+def _out_norm_case(dev, dtype, B=3, T=2, H=2, HV=4, K=16, V=24, seed=5):
+    """Pool inputs (fused gate, some padding slots) and an out_norm triple of fresh random values."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    xs, fusion = make_inputs(B, T, H, HV, K, V, device=dev, fused=True, seed=seed)
+    xs = _cast(xs, dtype)
+    gate = (torch.randn(B, T, HV, V, generator=gen) * 3).to(dev, dtype)
+    weight = (torch.rand(V, generator=gen) + 0.5).to(dev, dtype)
+    pool = (torch.randn(5, HV, K, V, generator=gen) * 0.2).to(dev)
+    idx = torch.tensor([3, -1, 0][:B], device=dev)
+    return xs, fusion, (gate, weight, 1e-5), pool, idx
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_norm_equals_recurrence_then_gated_norm(dtype, poisoned_alloc):
+    # the kernel's fused norm == the same kernel's o through the gated-norm op (Triton), on fresh inputs
+    # with padding slots (zeros out) and odd V (one masked tile over V); the pools end equal bit for bit
+    from kimi_linear.ops.norm import gated_rms_norm
+
+    dev = _device()
+    xs, fusion, out_norm, pool, idx = _out_norm_case(dev, dtype)
+    pool0, pool2 = pool.clone(), pool.clone()
+    got, _ = recurrent_kda(*xs, fusion=fusion, initial_state=pool, state_indices=idx, out_norm=out_norm,
+                           backend="triton")
+    o, _ = recurrent_kda(*xs, fusion=fusion, initial_state=pool2, state_indices=idx, backend="triton")
+    want = gated_rms_norm(o, *out_norm[:2], out_norm[2], backend="triton")
+    assert torch.equal(pool, pool2)
+    assert torch.equal(got[idx < 0], torch.zeros_like(got[idx < 0])) and torch.isfinite(got).all()
+    if dtype == torch.float32:
+        assert_close(got, want, FWD32, dtype, "fused gated norm")
+    else:  # the row's sum of squares is reduced in another order: at most one bf16 step apart
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2**-7 + 1e-6).all(), diff.max()
+    # the reference backend takes out_norm too (recurrence, then the reference gated norm)
+    ref, _ = recurrent_kda(*xs, fusion=fusion, initial_state=pool0, state_indices=idx, out_norm=out_norm,
+                           backend="reference")
+    assert_close(got, ref, FWD32 if dtype == torch.float32 else "kernel_fwd", dtype, "fused gated norm vs reference")
+
+
+def test_out_norm_rejects_bad_input():
+    xs, fusion, (gate, weight, eps), pool, idx = _out_norm_case(torch.device("cpu"), torch.float32)
+    for bad, err, match in (((gate[:, :1], weight, eps), ValueError, "gate must have v's shape"),
+                            ((gate, weight[:-1], eps), ValueError, r"weight must be \[V=24\]"),
+                            ((gate, weight, -1.0), ValueError, "eps must be >= 0"),
+                            ([gate, weight, eps], TypeError, "tuple")):
+        with pytest.raises(err, match=match):
+            recurrent_kda(*xs, fusion=fusion, initial_state=pool, state_indices=idx, out_norm=bad)
+    from kimi_linear.ops.kda.recurrent_kernel import norm_tile
+
+    assert norm_tile(128, 128) == (128, 8) and norm_tile(16, 24) == (32, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_out_norm_full_size(dtype, cuda_device):
+    # the decode geometry (32 heads of 128 x 128, batch 1 and 16): the fused norm against the fp64 reference
+    # of recurrence then gated norm
+    from kimi_linear.ops.norm import gated_rms_norm
+
+    for B in (1, 16):
+        H, K, V = 32, 128, 128
+        xs, fusion = make_inputs(B, 1, H, H, K, V, device=cuda_device, fused=True, seed=B)
+        xs = _cast(xs, dtype)
+        gate = (torch.randn(B, 1, H, V, device=cuda_device) * 3).to(dtype)
+        weight = (torch.rand(V, device=cuda_device) + 0.5).to(dtype)
+        pool = torch.randn(B + 2, H, K, V, device=cuda_device) * 0.1
+        idx = torch.arange(B, device=cuda_device) + 1
+        h0 = pool[1:B + 1].clone()
+        got, _ = recurrent_kda(*xs, fusion=fusion, initial_state=pool, state_indices=idx, out_norm=(gate, weight, 1e-6))
+        o_ref, _ = ref64(*xs, fusion, initial_state=h0)
+        want = gated_rms_norm(o_ref.to(dtype).double(), gate.double(), weight.double(), 1e-6, backend="reference")
+        assert torch.isfinite(got).all()
+        assert_close(got, want, "kernel_fwd", dtype, f"fused gated norm, B={B}")
