@@ -44,10 +44,6 @@ __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 # The decode step prefetches the layer's output projection into L2 on a side stream while the gates, the
 # recurrence and the norm run (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
 PREFETCH_OUTPUT_PROJECTION = True
-# The decode step's gated output norm applied by the recurrence kernel to each head's output row (one
-# program per head instead of two half-rows) rather than by a launch of its own (A/B: --ab
-# kimi_linear.layers.kda:NORM_IN_RECURRENCE)
-NORM_IN_RECURRENCE = False
 
 
 class ShortConvolution(nn.Module):
@@ -306,13 +302,8 @@ class KimiDeltaAttention(KeepFP32):
             # more launch, each reading its own slice of the launch above
             g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            out_norm = (gate.view(B, 1, H, V), self.o_norm.weight, self.eps) if NORM_IN_RECURRENCE else None
             o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
-                                 state_indices=cache.slot_index, fusion=fusion, out_norm=out_norm,
-                                 backend=self.backend)
-            if out_norm is not None:  # o is already normalised and gated
-                return few_rows_linear(o.reshape(B, 1, H * V), self.o_proj.weight, residual=residual,
-                                       backend=self.backend)
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
             return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
         x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)

@@ -18,7 +18,6 @@ from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.kda.contract import check_kda_inputs, resolve_scale
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.reference import recurrent_kda_ref
-from kimi_linear.ops.norm import gated_rms_norm
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -97,7 +96,6 @@ def recurrent_kda(
     cu_seqlens: torch.Tensor | None = None,
     fusion: KDAFusion | None = None,
     state_indices: torch.Tensor | None = None,
-    out_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent (token-by-token) KDA, forward only.
@@ -121,10 +119,6 @@ def recurrent_kda(
     reference runs; indices already on the GPU are not read back (no sync in the decode loop) and
     the kernel then treats an out-of-range slot as padding.
 
-    ``out_norm = (gate [B, T, HV, V], weight [V], eps)``: returns
-    ``gated_rms_norm(o, gate, weight, eps)`` (the KDA layer's output norm) instead of ``o``; the Triton
-    kernel applies it to each (token, head) row before storing it, which saves the decode step a launch.
-
     ``backend``: "auto" (Triton on CUDA for fp16/bf16/fp32, reference elsewhere), "triton", "reference".
     """
     shape = check_kda_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=cu_seqlens,
@@ -141,45 +135,23 @@ def recurrent_kda(
         # Same check as the reference applies (shape [N, HV, K, V], fp32/fp64, device).
         check_kda_inputs(q, k, v, g, beta, initial_state=initial_state, cu_seqlens=cu_seqlens, check_values=False)
 
-    if out_norm is not None:
-        _check_out_norm(out_norm, v)
     chosen = resolve_backend(backend, q.device)
     if backend == "auto" and chosen == "triton" and v.dtype not in _KERNEL_DTYPES:
         chosen = "reference"  # fp64 runs only in the reference
     if chosen == "reference":
         if state_indices is not None:
-            o, final = _reference_with_pool(q, k, v, g, beta, scale=scale, pool=initial_state,
-                                            state_indices=state_indices, output_final_state=output_final_state,
-                                            cu_seqlens=cu_seqlens, fusion=fusion)
-        else:
-            o, final = recurrent_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                         output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
-        if out_norm is not None:
-            o = gated_rms_norm(o, out_norm[0], out_norm[1], out_norm[2], backend="reference")
-        return o, final
+            return _reference_with_pool(q, k, v, g, beta, scale=scale, pool=initial_state,
+                                        state_indices=state_indices, output_final_state=output_final_state,
+                                        cu_seqlens=cu_seqlens, fusion=fusion)
+        return recurrent_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
     return _recurrent_triton(q, k, v, g, beta, shape=shape, scale=resolve_scale(scale, shape.K),
                              initial_state=initial_state, output_final_state=output_final_state,
-                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices,
-                             out_norm=out_norm)
-
-
-def _check_out_norm(out_norm, v: torch.Tensor) -> None:
-    """``out_norm = (gate, weight, eps)`` fits ``v [B, T, HV, V]``, or a ValueError / TypeError."""
-    if not isinstance(out_norm, tuple) or len(out_norm) != 3:
-        raise TypeError(f"out_norm must be a (gate, weight, eps) tuple, got {type(out_norm).__name__}")
-    gate, weight, eps = out_norm
-    if gate.shape != v.shape or gate.device != v.device:
-        raise ValueError(f"out_norm's gate must have v's shape {tuple(v.shape)} and device {v.device}, "
-                         f"got {tuple(gate.shape)} on {gate.device}")
-    if weight.shape != (v.shape[-1],) or weight.device != v.device:
-        raise ValueError(f"out_norm's weight must be [V={v.shape[-1]}] on {v.device}, got {tuple(weight.shape)} "
-                         f"on {weight.device}")
-    if not float(eps) >= 0:
-        raise ValueError(f"out_norm's eps must be >= 0, got {eps}")
+                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices)
 
 
 def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_final_state, cu_seqlens, fusion,
-                      state_indices, out_norm=None, **tile):
+                      state_indices, **tile):
     from kimi_linear.ops.kda.recurrent_kernel import recurrent_kda_fwd
 
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -211,9 +183,7 @@ def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_f
     o = recurrent_kda_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
         scale=scale, h0=h0, ht=ht, cu_seqlens=cu, state_indices=idx, N=shape.N,
-        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid,
-        out_norm=(out_norm[0].contiguous(), out_norm[1].contiguous(), float(out_norm[2])) if out_norm else None,
-        **tile,
+        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, **tile,
     )
     if state_indices is not None:
         return o, (initial_state if output_final_state else None)

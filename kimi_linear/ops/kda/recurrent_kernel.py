@@ -54,14 +54,7 @@ def _recurrent_kda_fwd_kernel(
     BETA_SIGMOID: tl.constexpr,
     PDL: tl.constexpr,
     TRIGGER: tl.constexpr = True,
-    gate_o=None,  # [B*T, HV, V] output-gate logits, when GATED_NORM
-    norm_w=None,  # [V] norm weight, when GATED_NORM
-    eps=0.0,
-    GATED_NORM: tl.constexpr = False,
 ):
-    # GATED_NORM (one tile spans V): o <- rms_norm(o) * norm_w * sigmoid(gate_o) per (token, head) row, the
-    # arithmetic of ops/norm_kernel.py's gated norm on the o this kernel would otherwise store (rounded
-    # to o's dtype first), so the decode step needs no separate norm launch
     wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -113,9 +106,6 @@ def _recurrent_kda_fwd_kernel(
     p_g = g + (bos * HV + i_hv) * K + o_k
     p_beta = beta + bos * HV + i_hv
     p_o = o + (bos * HV + i_hv) * V + o_v
-    if GATED_NORM:
-        p_go = gate_o + (bos * HV + i_hv) * V + o_v
-        b_nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
 
     for _ in range(0, L):
         b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
@@ -141,11 +131,6 @@ def _recurrent_kda_fwd_kernel(
         b_w = b_beta * (b_v - tl.sum(b_h * b_k[:, None], axis=0))
         b_h = b_h + b_k[:, None] * b_w[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
-        if GATED_NORM:
-            b_x = tl.where(m_v, b_o.to(p_o.dtype.element_ty).to(tl.float32), 0.0)
-            b_n = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=0) / V + eps)
-            b_o = b_n * b_nw * tl.sigmoid(tl.load(p_go, mask=m_v, other=0.0).to(tl.float32))
-            p_go += HV * V
         b_o = tl.where(valid, b_o, 0.0)
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
 
@@ -173,13 +158,6 @@ def default_tile(K: int, V: int) -> tuple[int, int]:
     return BV, 4
 
 
-def norm_tile(K: int, V: int) -> tuple[int, int]:
-    """``(BV, num_warps)`` when the gated norm runs in the kernel: one tile spans V (the norm is over a
-    head's V values), with enough warps to keep the state tile at 64 fp32 registers per thread."""
-    BV = triton.next_power_of_2(V)
-    return BV, max(4, min(16, triton.next_power_of_2(K) * BV // 2048))
-
-
 def recurrent_kda_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -199,14 +177,11 @@ def recurrent_kda_fwd(
     beta_sigmoid: bool,
     BV: int | None = None,
     num_warps: int | None = None,
-    out_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on validated, contiguous inputs; returns ``o`` (``ht`` is written in place).
 
     ``h0``/``ht`` are ``[P, HV, K, V]`` fp32; with ``state_indices`` they are the same pool tensor.
-    ``BV``/``num_warps`` override the tile choice (benchmark sweeps). ``out_norm = (gate [B, T, HV, V]
-    contiguous, weight [V], eps)``: returns the gated RMSNorm of o instead (one tile spans V: see
-    :func:`norm_tile`).
+    ``BV``/``num_warps`` override the tile choice (benchmark sweeps).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -214,12 +189,9 @@ def recurrent_kda_fwd(
     if q.numel() == 0 and T == 0:
         return o
     BK = triton.next_power_of_2(K)
-    bv, nw = norm_tile(K, V) if out_norm is not None else default_tile(K, V)
+    bv, nw = default_tile(K, V)
     BV = BV or bv
     num_warps = num_warps or nw
-    if out_norm is not None and BV < V:
-        raise ValueError(f"the gated norm inside recurrent_kda needs one tile over V={V}, got BV={BV}")
-    gate_o, norm_w, eps = out_norm if out_norm is not None else (None, None, 0.0)
     P = h0.shape[0] if h0 is not None else (ht.shape[0] if ht is not None else N)
     grid = (triton.cdiv(V, BV), N * HV)
     _recurrent_kda_fwd_kernel[grid](
@@ -234,7 +206,6 @@ def recurrent_kda_fwd(
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
         num_warps=num_warps,
-        gate_o=gate_o, norm_w=norm_w, eps=float(eps), GATED_NORM=out_norm is not None,
         **pdl_launch(q.device, "recurrent_kda"),
     )
     return o
