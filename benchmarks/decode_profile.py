@@ -51,6 +51,9 @@ def main() -> None:
                     help="after the profile, time the graph-replayed step with a module's boolean switch off and "
                          "on, in turn, --ab-rounds times each, e.g. kimi_linear.layers.kda:FUSED_DECODE_STEP; "
                          "TABLE[*] switches every entry of a 0 / 1 table together")
+    ap.add_argument("--ab-values", default=None, metavar="A,B",
+                    help="with --ab MODULE:TABLE[KEY]: alternate the entry between these two integers instead of 0 / 1 "
+                         "(a launch table's tile, e.g. --ab 'kimi_linear.ops.latent_absorb_triton:TILES[BR]' --ab-values 64,32)")
     ap.add_argument("--ab-rounds", type=int, default=3)
     ap.add_argument("--update", action="append", default=[], metavar="MODULE:ATTR=JSON",
                     help="set a module attribute before the run (a dict is updated), e.g. "
@@ -142,25 +145,33 @@ def main() -> None:
         get = (lambda: getattr(mod, table)[keys[0]]) if table else (lambda: getattr(mod, flag))
 
         def put(v):
-            if table:
-                for k in keys:
-                    getattr(mod, table)[k] = int(v) if v in (False, True) else saved[k]
-            else:
-                setattr(mod, flag, v)
+            """None: back as before; else the entry (entries) or switch to v (0 / 1 entries as ints)."""
+            if not table:
+                setattr(mod, flag, default if v is None else v)
+            for k in keys:
+                getattr(mod, table)[k] = saved[k] if v is None else (int(v) if isinstance(v, bool) else v)
 
         default = get()
-        if table and not all(v in (0, 1) for v in saved.values()):
-            raise SystemExit(f"--ab needs 0 / 1 table entries, {args.ab} has {saved!r}")
-        if not isinstance(default, bool) and not (table and default in (0, 1)):
-            raise SystemExit(f"--ab needs a boolean switch or a 0 / 1 table entry, {args.ab} is {default!r}")
-        ab: dict[bool, list[float]] = {False: [], True: []}
+        if args.ab_values is not None:  # two integer settings of one table entry
+            if not table or key == "*":
+                raise SystemExit("--ab-values needs --ab MODULE:TABLE[KEY] with one key")
+            settings = tuple(int(v) for v in args.ab_values.split(","))
+            if len(settings) != 2:
+                raise SystemExit(f"--ab-values takes two integers A,B, got {args.ab_values!r}")
+        else:
+            settings = (False, True)
+            if table and not all(v in (0, 1) for v in saved.values()):
+                raise SystemExit(f"--ab needs 0 / 1 table entries, {args.ab} has {saved!r}")
+            if not isinstance(default, bool) and not (table and default in (0, 1)):
+                raise SystemExit(f"--ab needs a boolean switch or a 0 / 1 table entry, {args.ab} is {default!r}")
+        ab: dict = {v: [] for v in settings}
         for _ in range(args.ab_rounds):
-            for value in (False, True):
+            for value in settings:
                 put(value)
                 ab[value].append(time_decode(model, args.batch, args.context, dev, steps=32)["step_ms"])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        put(None if table else default)  # a table's entries back as they were
+        put(None)  # back as they were
         for value, ms in ab.items():
             print(f"graph-replayed step, {flag}={value}: median {sorted(ms)[len(ms) // 2]:.3f} ms "
                   f"(runs: {', '.join(f'{t:.3f}' for t in ms)})")

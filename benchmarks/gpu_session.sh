@@ -5,17 +5,17 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-25;
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-26;
 # a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
-# results/decode/README.md sessions 24-25): TPOT 2.815 / 2.854 / 3.031 / 3.208 ms at 4K / 16K / 64K / 128K
-# against the 3 ms target, after the per-kernel PDL trigger table (ops/pdl.py EARLY_TRIGGER), the KDA output
-# projection prefetched into L2 on a side stream (ops/prefetch.py; the MLA one is slower at 64K, off) and the
-# Triton absorptions around the keys-major kernel (they won once its neighbours triggered at exit); then the
-# keys-major kernel at exit too (-7 / -15 us at 64K / 128K; no official run since). Next cheap step: the
-# trigger table re-swept as a whole (its entries interact), and an official `decode` run.
+# results/decode/README.md sessions 24-26): TPOT ~2.81 / 2.85 / 3.02 / 3.20 ms at 4K / 16K / 64K / 128K against
+# the 3 ms target. Session 26 re-swept the trigger table at 64K (it stands) and measured two ways of starting
+# earlier, both removed: parameters read before the PDL wait (neutral, +7-9 us) and the KDA output norm in the
+# recurrence (+55 us: one program per head is twice as slow). Untried: the output norm in the recurrence with
+# the half-head tiles kept (the last of a head's two programs normalises both halves, a counter as in the
+# split router; the norm launches cost ~38 us per step).
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
 # calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
-# would remove the first; fusing launches within one kernel per operation lost three times (sessions 13, 24).
+# would remove the first; fusing launches within one kernel per operation lost four times (sessions 13, 24, 26).
 # `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
 # MODULE:TABLE[KEY], AB_CONTEXTS, AB_UPDATES); LATENT_ROUND / LATENT_SHAPES pick the latent sweep's list.
 # Issue 7 (docs/kernels.md, v22-v23): ahead of FLA's bounded-gate path at every grid shape (eager

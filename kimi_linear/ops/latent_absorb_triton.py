@@ -28,7 +28,10 @@ from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 # The most tokens the kernels take (the loop over tokens is serial in each program; more tokens, as at
 # a large decode batch, go to cuBLAS)
 MAX_TOKENS = 8
-# Launch settings (H100, bf16, 32 heads, Dn = Dv = 128, R = 512): tiles of 16 KB, 256 programs per call
+# Launch settings (H100, bf16, 32 heads, Dn = Dv = 128, R = 512): tiles of 16 KB, 256 programs per call.
+# Session 26, in the model's graph-replayed step (results/decode/session26/absorb_tiles_h100.txt; ms at 64K /
+# 4K against these): BR 32 or 128 and BV 8 within 3 us (noise), BV 32 +28 / +20 us, 8 warps +20 / +27, 2 warps
+# +6 / +5: kept
 TILES = dict(BR=64, BV=16, num_warps=4)
 
 
