@@ -10,9 +10,9 @@
 # results/decode/README.md sessions 24-26): TPOT ~2.81 / 2.85 / 3.02 / 3.20 ms at 4K / 16K / 64K / 128K against
 # the 3 ms target. Session 26 re-swept the trigger table at 64K (it stands) and measured two ways of starting
 # earlier, both removed: parameters read before the PDL wait (neutral, +7-9 us) and the KDA output norm in the
-# recurrence (+55 us: one program per head is twice as slow). Untried: the output norm in the recurrence with
-# the half-head tiles kept (the last of a head's two programs normalises both halves, a counter as in the
-# split router; the norm launches cost ~38 us per step).
+# recurrence (+55 us: one program per head is twice as slow; by subtraction the 20 norm launches cost only
+# ~17 us of the step, so the half-head form with a counter is not worth trying); the absorptions' tiles are at
+# their optimum.
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
 # calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
 # would remove the first; fusing launches within one kernel per operation lost four times (sessions 13, 24, 26).
