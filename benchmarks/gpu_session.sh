@@ -89,7 +89,9 @@ kernels)
   ;;
 tests)
   # every GPU test, one process per file (a fault poisons its process's CUDA context)
-  timeout ${TESTS_CAP:-560} make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs | tee "$OUT/gpu_tests.txt"
+  # GPU_TEST_FILES (a list of files) splits the set over calls: all of it no longer fits one (session 26)
+  timeout ${TESTS_CAP:-560} make -s test-gpu GPU_LOG_DIR=/tmp/gpu-logs ${GPU_TEST_FILES:+GPU_TEST_FILES="$GPU_TEST_FILES"} \
+    | tee "$OUT/gpu_tests.txt"
   cat /tmp/gpu-logs/*.log > "$OUT/gpu_tests_full.log" 2>/dev/null
   ;;
 grid|train)
