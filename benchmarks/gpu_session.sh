@@ -12,7 +12,8 @@
 # earlier, both removed: parameters read before the PDL wait (neutral, +7-9 us) and the KDA output norm in the
 # recurrence (+55 us: one program per head is twice as slow; by subtraction the 20 norm launches cost only
 # ~17 us of the step, so the half-head form with a counter is not worth trying); the absorptions' tiles are at
-# their optimum.
+# their optimum. GPU tests: the whole set takes more than two calls (session 26: two calls reached all files but
+# tests/ops/test_chunk_kda.py, whose GPU tests alone outlast one call: run it in parts, pytest -m gpu -k ...).
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
 # calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
 # would remove the first; fusing launches within one kernel per operation lost four times (sessions 13, 24, 26).
