@@ -32,6 +32,9 @@ __all__ = ["MultiHeadLatentAttention"]
 # Off: measured 2.816 -> 2.811 ms per step at 4K but 3.047 -> 3.068 at 64K, where the latent kernel
 # streams the cache and the prefetch takes bandwidth from it (docs/decode.md)
 PREFETCH_OUTPUT_PROJECTION = False
+# The same prefetch forked after the latent split kernel instead, beside the merge and the output
+# absorption only (an A/B switch, kimi_linear.layers.mla:PREFETCH_AFTER_SPLIT)
+PREFETCH_AFTER_SPLIT = False
 
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention, NoPE.
@@ -155,7 +158,8 @@ class MultiHeadLatentAttention(nn.Module):
             q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
             c, kr = lc.view(step)
             o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.decode_rows_lengths[1],
-                                 scale=self.scale, backend=self.backend)
+                                 scale=self.scale, backend=self.backend,
+                                 prefetch_after_split=self.o_proj.weight if PREFETCH_AFTER_SPLIT else None)
             return few_rows_linear(o.flatten(-2), self.o_proj.weight, residual=residual, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)

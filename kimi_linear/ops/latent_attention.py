@@ -149,17 +149,22 @@ def latent_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    prefetch_after_split: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention over the latent cache; Triton split-KV kernel on CUDA, reference elsewhere.
 
     The kernel handles the decode case (``lengths`` given); an explicit ``key_mask`` always takes the
-    reference path. Shapes in the module docstring.
+    reference path. Shapes in the module docstring. ``prefetch_after_split``: a weight the caller reads
+    next (the output projection), asked into L2 on a side stream once the split kernel is queued, so
+    that it streams beside the merge and the output absorption (:mod:`kimi_linear.ops.prefetch`; the
+    Triton path only, a hint that never changes results).
     """
     chosen = resolve_backend(backend, q_nope.device)
     if chosen == "triton" and key_mask is None:
         from kimi_linear.ops.latent_attention_triton import latent_attention_triton
 
-        return latent_attention_triton(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, scale=scale)
+        return latent_attention_triton(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, scale=scale,
+                                       prefetch_after_split=prefetch_after_split)
     return latent_attention_ref(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, key_mask=key_mask, scale=scale)
 
 

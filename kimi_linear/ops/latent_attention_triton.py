@@ -27,6 +27,7 @@ from kimi_linear.ops import latent_absorb_triton as absorb
 from kimi_linear.ops.latent_attention import _check, split_kv_b
 from kimi_linear.ops.pdl import hopper_or_later, pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
+from kimi_linear.ops.prefetch import prefetch_l2_
 
 
 @triton.jit
@@ -357,9 +358,11 @@ def latent_attention_triton(
     scale: float | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
+    prefetch_after_split: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention with the split-KV Triton kernel. Same contract as ``latent_attention_ref``
-    (``lengths`` form only). No host sync: shapes alone fix the launch, so it can be graph-captured."""
+    (``lengths`` form only). No host sync: shapes alone fix the launch, so it can be graph-captured.
+    ``prefetch_after_split``: forked into L2 on a side stream after the split kernel (``ops/prefetch.py``)."""
     B, T, H, Dn, Dr, L, R, Dv = _check(q_nope, q_rope, latent, k_rope, w_kv_b, lengths, None)
     if R & (R - 1) or Dr & (Dr - 1) or R < 16 or Dr < 16:
         raise ValueError(f"the Triton latent kernel needs power-of-two R, Dr >= 16, got R={R}, Dr={Dr}")
@@ -425,6 +428,9 @@ def latent_attention_triton(
         R=R, DR=Dr, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=TILES["num_warps"] if wide else 4, num_stages=stages, **extra,
     )
+    # after the split kernel, not before it: at long context that kernel streams the cache, and a prefetch
+    # beside it takes its bandwidth; the merge and the absorption after it leave HBM mostly idle
+    prefetch_l2_(prefetch_after_split)
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     if triton_absorb:
         return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)
