@@ -27,7 +27,7 @@ from kimi_linear.ops import latent_absorb_triton as absorb
 from kimi_linear.ops.latent_attention import _check, split_kv_b
 from kimi_linear.ops.pdl import hopper_or_later, pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
-from kimi_linear.ops.prefetch import prefetch_l2_, prefetch_segments_l2_
+from kimi_linear.ops.prefetch import prefetch_l2_
 
 
 @triton.jit
@@ -413,10 +413,6 @@ PDL_KEYS_MAJOR = True
 # slower from 64K (3.092 -> 3.136, 3.269 -> 3.319 at 128K): each program's serial chain over the 128
 # splits' 270 KB, where the merge splits the row over 8 programs; commit ad9f994 has it,
 # results/decode/session24/ab_merge_absorb_h100.txt)
-# The leading rows of every split's key range asked into L2 on a side stream (ops/prefetch.py) before the
-# query absorption, so the split kernel's first tiles are on chip when it starts (0: off; an A/B entry,
-# decode_profile.py --ab 'kimi_linear.ops.latent_attention_triton:SPLIT_PREFETCH[rows]' --ab-values 0,128)
-SPLIT_PREFETCH: dict[str, int] = dict(rows=0)
 # The merge and the output absorption in one launch that keeps the merge's column split (a counter per row
 # names the program that sums the row's partial products; _merge_absorb_kernel). Needs a MergeScratch from
 # the caller. An A/B switch: decode_profile.py --ab kimi_linear.ops.latent_attention_triton:MERGE_ABSORB
@@ -511,8 +507,6 @@ def latent_attention_triton(
     keys_per_split = triton.cdiv(triton.cdiv(L, S), block_n) * block_n
     S = triton.cdiv(L, keys_per_split)
 
-    if SPLIT_PREFETCH["rows"] > 0:  # each split's first tiles asked into L2 beside the query absorption
-        prefetch_segments_l2_(latent, k_rope, keys_per_split, SPLIT_PREFETCH["rows"], S)
     w_uk, w_uv = split_kv_b(w_kv_b, H, Dn, Dv)
     kdt = latent.dtype
     # a few tokens (decode) before the rows-major split kernel: the absorbed projections as Triton

@@ -23,7 +23,6 @@ no kernel of a decode step writes. A hint: results are bit-identical with it on 
 | ``PROGRAMS``         | programs of one prefetch launch (at most one per ``CHUNK``)                      |
 | ``prefetch_plan``    | ``tensor`` -> ``(nbytes, programs)``; ``programs`` 0 when not possible on its GPU  |
 | ``prefetch_l2_``     | fork one prefetch of a tensor onto the device's side stream; whether it did      |
-| ``prefetch_segments_l2_`` | fork one prefetch of the leading rows of every segment of two row tensors    |
 | ``join_prefetches``  | the current stream waits for the forked prefetches                               |
 """
 
@@ -34,8 +33,7 @@ import torch
 from kimi_linear.backends import triton_interpret
 from kimi_linear.ops.pdl import hopper_or_later
 
-__all__ = ["CHUNK", "ENABLED", "PROGRAMS", "join_prefetches", "prefetch_l2_", "prefetch_plan", "prefetch_segments_l2_",
-           "segments_plan"]
+__all__ = ["CHUNK", "ENABLED", "PROGRAMS", "join_prefetches", "prefetch_l2_", "prefetch_plan"]
 
 ENABLED = True
 CHUNK = 16384
@@ -73,55 +71,14 @@ def prefetch_l2_(t: torch.Tensor | None) -> bool:
         return False
     from kimi_linear.ops.prefetch_kernel import launch_prefetch
 
-    side = _side_stream(t.device)
+    side = _side_streams.get(t.device)
+    if side is None:
+        side = _side_streams[t.device] = torch.cuda.Stream(t.device)
     side.wait_stream(torch.cuda.current_stream(t.device))
     with torch.cuda.device(t.device), torch.cuda.stream(side):  # Triton launches on the current device
         launch_prefetch(t, nbytes, programs, CHUNK)
     _pending[t.device] = torch.cuda.is_current_stream_capturing()
     return True
-
-
-def segments_plan(a: torch.Tensor, b: torch.Tensor, seg_rows: int, rows: int, n_segs: int) -> int:
-    """Programs of a :func:`prefetch_segments_l2_` launch; 0 when it cannot or should not run (the
-    conditions of :func:`prefetch_plan`, plus: ``a`` and ``b`` are ``[B, L, *]`` with the same ``B`` and
-    ``L``, rows contiguous and 16-byte multiples, batch strides 16-byte multiples; nothing to fetch)."""
-    if (not ENABLED or triton_interpret() or not hopper_or_later(a.device) or rows <= 0 or n_segs <= 0
-            or seg_rows <= 0):
-        return 0
-    if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2] or a.device != b.device or a.shape[1] == 0:
-        return 0
-    for t in (a, b):
-        row_bytes = t.shape[2] * t.element_size()
-        if (t.stride(2) != 1 or t.stride(1) != t.shape[2] or row_bytes % 16 or (t.stride(0) * t.element_size()) % 16
-                or t.data_ptr() % 16):
-            return 0
-    pieces = a.shape[0] * n_segs * max(-(-min(rows, a.shape[1]) * t.shape[2] * t.element_size() // CHUNK) for t in (a, b))
-    return max(1, min(PROGRAMS, -(-pieces // 128)))  # 128: the kernel's LANES
-
-
-def prefetch_segments_l2_(a: torch.Tensor, b: torch.Tensor, seg_rows: int, rows: int, n_segs: int) -> bool:
-    """Fork onto the side stream one prefetch into L2 of rows ``[s * seg_rows, s * seg_rows + rows)`` (cut at
-    ``L``) of every batch row of ``a [B, L, *]`` and ``b [B, L, *]``, for ``s < n_segs`` -- the first tiles of
-    each split of a split-KV attention, asked for before the kernel that reads them is placed. Whether it
-    did (:func:`segments_plan`). Pair with :func:`join_prefetches`."""
-    programs = segments_plan(a, b, seg_rows, rows, n_segs)
-    if programs == 0:
-        return False
-    from kimi_linear.ops.prefetch_kernel import launch_prefetch_segments
-
-    side = _side_stream(a.device)
-    side.wait_stream(torch.cuda.current_stream(a.device))
-    with torch.cuda.device(a.device), torch.cuda.stream(side):
-        launch_prefetch_segments(a, b, seg_rows, min(rows, a.shape[1]), n_segs, programs, CHUNK)
-    _pending[a.device] = torch.cuda.is_current_stream_capturing()
-    return True
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    side = _side_streams.get(device)
-    if side is None:
-        side = _side_streams[device] = torch.cuda.Stream(device)
-    return side
 
 
 def join_prefetches(device: torch.device | None = None) -> None:

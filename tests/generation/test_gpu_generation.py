@@ -171,22 +171,18 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
         assert tokens[mode] == tokens[False, False], f"{preset}: graph-replayed tokens differ, pdl / early = {mode}"
 
 
-@pytest.mark.parametrize("mla_fork", ["PREFETCH_OUTPUT_PROJECTION", "PREFETCH_AFTER_SPLIT", "SPLIT_PREFETCH"])
+@pytest.mark.parametrize("mla_fork", ["PREFETCH_OUTPUT_PROJECTION", "PREFETCH_AFTER_SPLIT"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mla-moe"])
 @torch.no_grad()
 def test_l2_prefetch_decode_is_bit_identical(preset, mla_fork, cuda_device, monkeypatch):
     # the output projections' L2 prefetch on a side stream (ops/prefetch.py) forks and joins inside each
     # decode step: same bits with it off and on, eager and graph-replayed (a capture with an unjoined fork
     # would fail; the forward joins after its last layer). The MLA layers' fork point: before the latent
-    # attention, or after its split kernel (inside latent_attention_triton); or, instead, the leading rows of
-    # each split's keys before the query absorption (SPLIT_PREFETCH)
+    # attention, or after its split kernel (inside latent_attention_triton)
     from kimi_linear.layers import mla
-    from kimi_linear.ops import latent_attention_triton, prefetch
+    from kimi_linear.ops import prefetch
 
-    if mla_fork == "SPLIT_PREFETCH":
-        monkeypatch.setitem(latent_attention_triton.SPLIT_PREFETCH, "rows", 128)
-    else:
-        monkeypatch.setattr(mla, mla_fork, True)
+    monkeypatch.setattr(mla, mla_fork, True)
     model = make(preset, cuda_device, torch.bfloat16)
     if prefetch.prefetch_plan(model.lm_head.weight)[1] == 0:
         pytest.skip("the bulk L2 prefetch needs compute capability >= 9")
