@@ -69,8 +69,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6, backend=backend)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
-        # the latent decode's merge workspace (ops/latent_attention_triton.MergeScratch; not a checkpoint entry)
-        self.merge_scratch = None
 
     # ------------------------------------------------------------------ steps
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,18 +121,6 @@ class MultiHeadLatentAttention(nn.Module):
         k, v = self.expand_kv(*self.compress_kv(hidden_states))
         return add_residual(self.o_proj(self._attend(q, k, v, mask, kwargs.get("cu_seqlens"))), residual)
 
-    def _merge_scratch(self, device: torch.device) -> Any:
-        """This layer's :class:`~kimi_linear.ops.latent_attention_triton.MergeScratch` (None without Triton
-        or off CUDA; it allocates nothing until the one-launch merge first runs)."""
-        if self.merge_scratch is None and device.type == "cuda":
-            try:
-                from kimi_linear.ops.latent_attention_triton import MergeScratch
-            except ImportError:  # no Triton: the reference path, nothing to keep
-                self.merge_scratch = False
-            else:
-                self.merge_scratch = MergeScratch()
-        return self.merge_scratch or None
-
     def _forward_cached(self, hidden_states: torch.Tensor, cache: Any,
                         input_norm: tuple[torch.Tensor, float] | None = None,
                         residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,8 +159,7 @@ class MultiHeadLatentAttention(nn.Module):
             c, kr = lc.view(step)
             o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.decode_rows_lengths[1],
                                  scale=self.scale, backend=self.backend,
-                                 prefetch_after_split=self.o_proj.weight if PREFETCH_AFTER_SPLIT else None,
-                                 merge_scratch=self._merge_scratch(q.device))
+                                 prefetch_after_split=self.o_proj.weight if PREFETCH_AFTER_SPLIT else None)
             return few_rows_linear(o.flatten(-2), self.o_proj.weight, residual=residual, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)

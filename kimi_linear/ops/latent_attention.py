@@ -29,8 +29,6 @@ With ``lengths``, query ``t`` of row ``b`` sees cache positions ``j < lengths[b]
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -152,7 +150,6 @@ def latent_attention(
     scale: float | None = None,
     backend: str = "auto",
     prefetch_after_split: torch.Tensor | None = None,
-    merge_scratch: Any = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention over the latent cache; Triton split-KV kernel on CUDA, reference elsewhere.
 
@@ -160,15 +157,14 @@ def latent_attention(
     reference path. Shapes in the module docstring. ``prefetch_after_split``: a weight the caller reads
     next (the output projection), asked into L2 on a side stream once the split kernel is queued, so
     that it streams beside the merge and the output absorption (:mod:`kimi_linear.ops.prefetch`; the
-    Triton path only, a hint that never changes results). ``merge_scratch``: the call site's
-    ``latent_attention_triton.MergeScratch`` (the Triton path's one-launch merge and output absorption).
+    Triton path only, a hint that never changes results).
     """
     chosen = resolve_backend(backend, q_nope.device)
     if chosen == "triton" and key_mask is None:
         from kimi_linear.ops.latent_attention_triton import latent_attention_triton
 
         return latent_attention_triton(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, scale=scale,
-                                       prefetch_after_split=prefetch_after_split, merge_scratch=merge_scratch)
+                                       prefetch_after_split=prefetch_after_split)
     return latent_attention_ref(q_nope, q_rope, latent, k_rope, w_kv_b, lengths=lengths, key_mask=key_mask, scale=scale)
 
 

@@ -191,16 +191,6 @@ def _latent_attn_merge_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ctx = _merged_block(o_ptr, lse_ptr, S, stride_ob, stride_os, stride_om, stride_lb, stride_ls, i_b, i_m, o_r,
-                        BLOCK_R, BLOCK_S, SUB_S)
-    tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _merged_block(o_ptr, lse_ptr, S, stride_ob, stride_os, stride_om, stride_lb, stride_ls, i_b, i_m, o_r,
-                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr):
-    """Row ``(i_b, i_m)``'s merged context over the columns ``o_r`` (fp32, ``[BLOCK_R]``): the merge
-    kernel's arithmetic (its docstring), shared with the merge-and-absorb kernel."""
     p_lse = lse_ptr + i_b * stride_lb + i_m
     mx = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
@@ -219,62 +209,8 @@ def _merged_block(o_ptr, lse_ptr, S, stride_ob, stride_os, stride_om, stride_lb,
         b_o = tl.load(p_o + o_s[:, None] * stride_os, mask=(w > 0)[:, None], other=0.0)
         acc += w[:, None] * b_o
         den += w
-    return tl.sum(acc, 0) / tl.maximum(tl.sum(den, 0), 1.1754943508222875e-38)  # 2^-126
-
-
-@triton.jit
-def _merge_absorb_kernel(
-    o_ptr, lse_ptr, w_ptr, part_ptr, counter_ptr, out_ptr, S, M,
-    stride_ob, stride_os, stride_om, stride_lb, stride_ls,
-    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, DVP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, SUB_S: tl.constexpr, PDL: tl.constexpr,
-    TRIGGER: tl.constexpr = True,
-):
-    """The merge and the output absorption in one launch, the merge's column split kept: program
-    ``(b, m, r-block)`` merges its ``BLOCK_R`` context columns of row ``m`` (query head ``h = m % H``),
-    rounds them to the weight's dtype (as the merge stores the context), multiplies them with its
-    ``[DV, BLOCK_R]`` slice of ``W_uv[h]`` (read before the PDL wait: weights are never written in a
-    step) and stores the ``[DV]`` partial product in its slot of ``part [B M, R / BLOCK_R, DVP]``. The
-    row's counter (atomic, acq_rel) names the program that finishes last; it sums the row's partials
-    in slot order -- the same bits every run, unlike atomic float adds -- writes ``out [B, M, DV]``, and
-    resets the counter for the next call."""
-    NRB: tl.constexpr = R // BLOCK_R
-    i_b = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1).to(tl.int64)
-    i_rb = tl.program_id(2)
-    o_r = i_rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_v = tl.arange(0, DVP)
-    m_v = o_v < DV
-    b_w = tl.load(w_ptr + ((i_m % H) * (DN + DV) + DN + o_v[:, None]) * R + o_r[None, :], mask=m_v[:, None],
-                  other=0.0)
-    wait_for_previous_grid(PDL, TRIGGER)
-    ctx = _merged_block(o_ptr, lse_ptr, S, stride_ob, stride_os, stride_om, stride_lb, stride_ls, i_b, i_m, o_r,
-                        BLOCK_R, BLOCK_S, SUB_S)
-    ctx = ctx.to(w_ptr.dtype.element_ty).to(tl.float32)
-    part = tl.sum(b_w.to(tl.float32) * ctx[None, :], axis=1)
-    row = i_b * M + i_m
-    if NRB == 1:
-        tl.store(out_ptr + row * DV + o_v, part.to(out_ptr.dtype.element_ty), mask=m_v)
-    else:
-        tl.store(part_ptr + (row * NRB + i_rb) * DVP + o_v, part)
-        done = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
-        if done == NRB - 1:
-            o_p = tl.arange(0, NRB)
-            # L2 reads (".cg"): the other programs' partials never passed through this SM's L1
-            b_p = tl.load(part_ptr + (row * NRB + o_p[:, None]) * DVP + o_v[None, :], cache_modifier=".cg")
-            tl.store(out_ptr + row * DV + o_v, tl.sum(b_p, axis=0).to(out_ptr.dtype.element_ty), mask=m_v)
-            tl.atomic_xchg(counter_ptr + row, 0)
-
-
-def _merge_settings(S: int, R: int) -> dict:
-    """The merge's tiles (both merge kernels): ``[SUB_S, BLOCK_R]`` tiles of <= 4096 fp32, ``[64, 64]``
-    for many splits, wider in R when there are few (large batch)."""
-    sub_s = min(64, triton.next_power_of_2(S))
-    block_r = min(triton.next_power_of_2(R), max(64, 4096 // sub_s))
-    if R % block_r:
-        raise ValueError(f"merge: R={R} must be a multiple of {block_r}")
-    return dict(BLOCK_R=block_r, BLOCK_S=min(512, triton.next_power_of_2(S)), SUB_S=sub_s,
-                num_warps=8 if S > 128 else 4)  # measured on an H100 (R=512, M=32)
+    ctx = tl.sum(acc, 0) / tl.maximum(tl.sum(den, 0), 1.1754943508222875e-38)  # 2^-126
+    tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
 
 
 def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -285,64 +221,18 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         raise ValueError(f"merge: o_part {tuple(o_part.shape)}, lse {tuple(lse.shape)}, out {tuple(out.shape)}")
     if o_part.stride(-1) != 1 or lse.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("merge: o_part, lse and out need a contiguous last dim")
-    cfg = _merge_settings(S, R)
-    _latent_attn_merge_kernel[(B, M, R // cfg["BLOCK_R"])](
+    # tiles of <= 4096 fp32: [64, 64] for many splits, wider in R when there are few (large batch)
+    sub_s = min(64, triton.next_power_of_2(S))
+    block_r = min(triton.next_power_of_2(R), max(64, 4096 // sub_s))
+    if R % block_r:
+        raise ValueError(f"merge: R={R} must be a multiple of {block_r}")
+    _latent_attn_merge_kernel[(B, M, R // block_r)](
         o_part, lse, out, S,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), **cfg, **pdl_launch(out.device, "latent_merge"),
-    )
-    return out
-
-
-class MergeScratch:
-    """The merge-and-absorb kernel's workspace for one call site (one MLA layer): per output row the
-    partial products of its column blocks and a counter that starts at zero and that the kernel leaves
-    at zero. One per layer, so two layers never share counters; a layer's calls run in order on its
-    stream. Allocated once per device at the largest size it serves (``absorb.MAX_TOKENS`` tokens of
-    ``heads`` rows, ``R / 64`` blocks of ``DVP`` values), outside graph capture, and never replaced: a
-    captured graph keeps using it."""
-
-    def __init__(self) -> None:
-        self.part: torch.Tensor | None = None
-        self.counter: torch.Tensor | None = None
-        self.shape: tuple[int, int, int] = (0, 0, 0)
-
-    def get(self, dev: torch.device, rows: int, blocks: int, dvp: int,
-            heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(part fp32 [rows, blocks, dvp], counter int32 zeros [rows])`` views, or None (the caller then
-        takes the two launches) when the call is larger than the workspace, or while a CUDA graph is being
-        captured and it does not exist yet (a zero fill captured into the graph would not run before the
-        eager calls after it)."""
-        if self.part is None or self.part.device != dev:
-            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            self.shape = (absorb.MAX_TOKENS * heads, max(blocks, 8), dvp)
-            self.part = torch.empty(self.shape[0] * self.shape[1] * self.shape[2], dtype=torch.float32, device=dev)
-            self.counter = torch.zeros(self.shape[0], dtype=torch.int32, device=dev)
-        if rows > self.shape[0] or blocks > self.shape[1] or dvp != self.shape[2]:
-            return None
-        return self.part[:rows * blocks * dvp].view(rows, blocks, dvp), self.counter[:rows]
-
-
-def _merge_absorb(o_part: torch.Tensor, lse: torch.Tensor, w_kv_b: torch.Tensor, H: int, Dn: int,
-                  out_dtype: torch.dtype, scratch: MergeScratch) -> torch.Tensor | None:
-    """``o_part [B, S, M, R]`` fp32, ``lse [B, S, M]`` fp32, ``w_kv_b [H (Dn + Dv), R]`` contiguous ->
-    ``out [B, M, Dv]`` in ``out_dtype``: :func:`_merge_splits` then the output absorption
-    (``absorb.absorb_output``) in one launch (:func:`_merge_absorb_kernel`); None when ``scratch`` cannot
-    serve the call (the caller takes the two launches)."""
-    B, S, M, R = o_part.shape
-    Dv = w_kv_b.shape[0] // H - Dn
-    cfg = _merge_settings(S, R)
-    dvp = triton.next_power_of_2(Dv)
-    got = scratch.get(o_part.device, B * M, R // cfg["BLOCK_R"], dvp, H)
-    if got is None:
-        return None
-    part, counter = got
-    out = torch.empty(B, M, Dv, device=o_part.device, dtype=out_dtype)
-    _merge_absorb_kernel[(B, M, R // cfg["BLOCK_R"])](
-        o_part, lse, w_kv_b, part, counter, out, S, M,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        H=H, DN=Dn, DV=Dv, R=R, DVP=dvp, **cfg, **pdl_launch(out.device, "latent_merge"),
+        out.stride(0), out.stride(1),
+        BLOCK_R=block_r, BLOCK_S=min(512, triton.next_power_of_2(S)), SUB_S=sub_s,
+        num_warps=8 if S > 128 else 4,  # measured on an H100 (R=512, M=32)
+        **pdl_launch(out.device, "latent_merge"),
     )
     return out
 
@@ -413,10 +303,6 @@ PDL_KEYS_MAJOR = True
 # slower from 64K (3.092 -> 3.136, 3.269 -> 3.319 at 128K): each program's serial chain over the 128
 # splits' 270 KB, where the merge splits the row over 8 programs; commit ad9f994 has it,
 # results/decode/session24/ab_merge_absorb_h100.txt)
-# The merge and the output absorption in one launch that keeps the merge's column split (a counter per row
-# names the program that sums the row's partial products; _merge_absorb_kernel). Needs a MergeScratch from
-# the caller. An A/B switch: decode_profile.py --ab kimi_linear.ops.latent_attention_triton:MERGE_ABSORB
-MERGE_ABSORB = False
 SMEM_TILE_BYTES = 160 * 1024  # budget for the latent tiles in flight (stages x block_n x (R + DR) x element size)
 SMEM_KEYS_MAJOR_BYTES = 200 * 1024  # the keys-major kernel: its tiles in flight + the query rows
 
@@ -473,13 +359,10 @@ def latent_attention_triton(
     block_n: int | None = None,
     num_splits: int | None = None,
     prefetch_after_split: torch.Tensor | None = None,
-    merge_scratch: MergeScratch | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA attention with the split-KV Triton kernel. Same contract as ``latent_attention_ref``
     (``lengths`` form only). No host sync: shapes alone fix the launch, so it can be graph-captured.
-    ``prefetch_after_split``: forked into L2 on a side stream after the split kernel (``ops/prefetch.py``).
-    ``merge_scratch`` (one per call site): with ``MERGE_ABSORB`` and the Triton absorptions, the merge and
-    the output absorption take one launch."""
+    ``prefetch_after_split``: forked into L2 on a side stream after the split kernel (``ops/prefetch.py``)."""
     B, T, H, Dn, Dr, L, R, Dv = _check(q_nope, q_rope, latent, k_rope, w_kv_b, lengths, None)
     if R & (R - 1) or Dr & (Dr - 1) or R < 16 or Dr < 16:
         raise ValueError(f"the Triton latent kernel needs power-of-two R, Dr >= 16, got R={R}, Dr={Dr}")
@@ -548,10 +431,6 @@ def latent_attention_triton(
     # after the split kernel, not before it: at long context that kernel streams the cache, and a prefetch
     # beside it takes its bandwidth; the merge and the absorption after it leave HBM mostly idle
     prefetch_l2_(prefetch_after_split)
-    if triton_absorb and MERGE_ABSORB and merge_scratch is not None:
-        out = _merge_absorb(o_part, lse, w_kv_b, H, Dn, q_nope.dtype, merge_scratch)
-        if out is not None:
-            return out.view(B, T, H, Dv)
     ctx = _merge_splits(o_part, lse, torch.empty(B, M, R, device=latent.device, dtype=w_uv.dtype))
     if triton_absorb:
         return absorb.absorb_output(ctx.view(B * T, H, R), w_kv_b, Dn, q_nope.dtype).view(B, T, H, Dv)

@@ -266,63 +266,6 @@ def test_triton_merge_kernel_against_full_softmax(S, dtype):
     assert rel_rms(out, ref) < tol
 
 
-@pytest.mark.parametrize("S,Dv", [(3, 16), (70, 24), (70, 16), pytest.param(132, 128, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
-def test_triton_merge_absorb_kernel_against_the_two_launches(S, Dv, wdtype):
-    """The one-launch merge and output absorption against the merge kernel followed by the output
-    absorption kernel, on partials with keyless splits (NaN in ``o``) and a keyless row: S=3 is one
-    program per row (no counter), S=70 eight column blocks whose partial products the last program sums
-    (Dv=24 pads to 32). Deterministic (two calls bit-identical), and every counter is back at 0."""
-    device = _triton_device()
-    from kimi_linear.ops import latent_absorb_triton as absorb
-    from kimi_linear.ops.latent_attention_triton import MergeScratch, _merge_absorb, _merge_splits
-
-    B, H, T, Dn, R = 2, 4, 2, 8, 512
-    M = T * H
-    g = torch.Generator().manual_seed(2)
-    o = torch.randn(B, S, M, R, generator=g)
-    lse = torch.randn(B, S, M, generator=g) * 30
-    keyless = torch.rand(B, S, M, generator=g) < 0.3
-    keyless[1, :, 3] = True  # a row without keys
-    keyless[0, 0, 0] = False
-    lse[keyless] = float("-inf")
-    o[keyless] = float("nan")
-    w = (torch.randn(H * (Dn + Dv), R, generator=g) / R**0.5).to(wdtype)
-    o, lse, w = o.to(device), lse.to(device), w.to(device)
-    ctx = _merge_splits(o, lse, torch.empty(B, M, R, device=device, dtype=wdtype))
-    ref = absorb.absorb_output(ctx.view(B * T, H, R), w, Dn, torch.float32).view(B, M, Dv)
-    scratch = MergeScratch()
-    out = _merge_absorb(o, lse, w, H, Dn, torch.float32, scratch)
-    again = _merge_absorb(o, lse, w, H, Dn, torch.float32, scratch)
-    assert out is not None and out.shape == (B, M, Dv) and torch.isfinite(out).all()
-    assert torch.equal(out, again)
-    assert out[1, 3].abs().max() == 0
-    assert (scratch.counter == 0).all()
-    # the same products summed in another order (column blocks, then their sum)
-    assert rel_rms(out, ref) < (2e-6 if device == "cpu" else 1e-5)
-
-
-def test_triton_merge_absorb_in_the_call(monkeypatch):
-    # the whole latent call with the one-launch merge against the reference; a scratch too small for the
-    # call (another head count: its rows are absorb.MAX_TOKENS x heads) falls back to the two launches
-    device = _triton_device()
-    from kimi_linear.ops import latent_attention_triton as lt
-
-    monkeypatch.setattr(lt, "MERGE_ABSORB", True)
-    args = [a.to(device) for a in inputs(B=3, T=1, H=4, Dn=16, Dr=16, Dv=16, R=128, L=300)]
-    lengths = torch.tensor([300, 170, 5], device=device)
-    ref = expanded_attention_ref(*args, lengths=lengths)
-    tol = 2e-3 if torch.cuda.is_available() else tolerance("kernel_interp", torch.float32)
-    for splits in (2, 70):
-        scratch = lt.MergeScratch()
-        out = lt.latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=splits, merge_scratch=scratch)
-        assert scratch.part is not None and rel_rms(out, ref) < tol, splits
-    small = lt.MergeScratch()
-    small.get(torch.device(device), 1, 1, 16, heads=1)  # a workspace for 1-head rows
-    out = lt.latent_attention_triton(*args, lengths=lengths, block_n=16, num_splits=70, merge_scratch=small)
-    assert rel_rms(out, ref) < tol and (small.counter == 0).all()
-
-
 @pytest.mark.parametrize("keys_major", [False, True], ids=["rows_major", "keys_major"])
 def test_triton_softmax_rescale_with_rising_and_falling_scores(keys_major, monkeypatch):
     """The split kernels' online softmax (running max, accumulator rescaled as it grows). Keys whose
@@ -386,10 +329,9 @@ def test_triton_ignores_cache_beyond_lengths_and_future_keys(keys_major, monkeyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge", ["two_launches", "merge_absorb"])
 @pytest.mark.parametrize("kernel", ["rows_major", "keys_major", "keys_major_tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, kernel, merge, monkeypatch):
+def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, kernel, monkeypatch):
     # the launch table's tiles at the benchmark geometry, both split kernels (the keys-major one also
     # through TMA); an fp32 cache (the fp32 model) must fit its tiles in shared memory too (64 bf16 keys
     # x 576 x 2 stages; fp32 takes 32, or 16 with the keys-major kernel's query rows). The second row's
@@ -406,16 +348,9 @@ def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, kernel, merge, monk
     args = [a.to(dtype) for a in args]
     args[2][1, 1234:] = float("nan")
     args[3][1, 1234:] = float("nan")
-    monkeypatch.setattr(lt, "MERGE_ABSORB", merge == "merge_absorb")
-    scratch = lt.MergeScratch()
-    out = latent_attention_triton(*args, lengths=lengths, merge_scratch=scratch)
+    out = latent_attention_triton(*args, lengths=lengths)
     assert torch.isfinite(out).all()
     assert rel_rms(out, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
-    assert (scratch.part is not None) == (merge == "merge_absorb")
-    for _ in range(3):  # the row counters: back at 0 after each call, the same bits every call
-        assert torch.equal(latent_attention_triton(*args, lengths=lengths, merge_scratch=scratch), out)
-    if scratch.counter is not None:
-        assert (scratch.counter == 0).all()
 
 
 @pytest.mark.parametrize("N,H,Dn,Dv,R", [(1, 4, 8, 6, 16), (5, 3, 16, 12, 20)], ids=["decode", "odd_sizes"])
