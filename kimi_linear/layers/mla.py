@@ -33,8 +33,10 @@ __all__ = ["MultiHeadLatentAttention"]
 # streams the cache and the prefetch takes bandwidth from it (docs/decode.md)
 PREFETCH_OUTPUT_PROJECTION = False
 # The same prefetch forked after the latent split kernel instead, beside the merge and the output
-# absorption only (an A/B switch, kimi_linear.layers.mla:PREFETCH_AFTER_SPLIT)
-PREFETCH_AFTER_SPLIT = False
+# absorption only (an A/B switch, kimi_linear.layers.mla:PREFETCH_AFTER_SPLIT). On: 2.819 -> 2.811 ms per
+# step at 4K, 3.011 -> 3.009 at 64K, 3.194 -> 3.191 at 128K (results/decode/session27/
+# ab_prefetch_after_split_h100.txt): small, never slower
+PREFETCH_AFTER_SPLIT = True
 
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention, NoPE.
