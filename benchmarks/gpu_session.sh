@@ -5,18 +5,18 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-26;
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-27;
 # a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
-# results/decode/README.md sessions 24-26): TPOT ~2.81 / 2.85 / 3.02 / 3.20 ms at 4K / 16K / 64K / 128K against
-# the 3 ms target. Session 26 re-swept the trigger table at 64K (it stands) and measured two ways of starting
-# earlier, both removed: parameters read before the PDL wait (neutral, +7-9 us) and the KDA output norm in the
-# recurrence (+55 us: one program per head is twice as slow; by subtraction the 20 norm launches cost only
-# ~17 us of the step, so the half-head form with a counter is not worth trying); the absorptions' tiles are at
-# their optimum. GPU tests: the whole set takes more than two calls (session 26: two calls reached all files but
-# tests/ops/test_chunk_kda.py, whose GPU tests alone outlast one call: run it in parts, pytest -m gpu -k ...).
+# results/decode/README.md sessions 24-27): TPOT 2.81 / 2.85 / 3.02 / 3.19 ms at 4K / 16K / 64K / 128K against
+# the 3 ms target (session 27's official run); the 64K step reads 3.009-3.026 across fresh machines, so the gap
+# there is within the machines' spread. Session 27 kept the MLA output projection's prefetch forked after the
+# split kernel (-2 to -8 us) and removed two more attacks on the latent call's ~28 us fixed cost: each split's
+# first keys prefetched into L2 before the query absorption (+16 us at 64K) and the merge + output absorption
+# in one launch with a per-row counter (+15 us at 64K). GPU tests: the whole set takes more than two calls
+# (session 26: run tests/ops/test_chunk_kda.py in parts, pytest -m gpu -k ...).
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
-# calls at 64K+ (~55 us per call at 64K against ~25 of cache bytes); a persistent whole-step kernel is what
-# would remove the first; fusing launches within one kernel per operation lost four times (sessions 13, 24, 26).
+# calls' fixed cost at 64K+; a persistent whole-step kernel is what would remove the first; fusing launches
+# within one kernel per operation lost five times (sessions 13, 24, 26, 27).
 # `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
 # MODULE:TABLE[KEY], AB_CONTEXTS, AB_UPDATES); LATENT_ROUND / LATENT_SHAPES pick the latent sweep's list.
 # Issue 7 (docs/kernels.md, v22-v23): ahead of FLA's bounded-gate path at every grid shape (eager
