@@ -23,20 +23,16 @@ from kimi_linear.layers.common import RMSNorm, add_residual, apply_input_norm, b
 from kimi_linear.ops.attention import causal_attention
 from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.latent_attention import latent_attention, masked_attention
-from kimi_linear.ops.prefetch import prefetch_l2_
 
 __all__ = ["MultiHeadLatentAttention"]
 
-# Prefetch the layer's output projection into L2 on a side stream while the latent attention runs (a hint;
-# an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION).
-# Off: measured 2.816 -> 2.811 ms per step at 4K but 3.047 -> 3.068 at 64K, where the latent kernel
-# streams the cache and the prefetch takes bandwidth from it (docs/decode.md)
-PREFETCH_OUTPUT_PROJECTION = False
-# The same prefetch forked after the latent split kernel instead, beside the merge and the output
-# absorption only (an A/B switch, kimi_linear.layers.mla:PREFETCH_AFTER_SPLIT). On: 2.819 -> 2.811 ms per
-# step at 4K, 3.011 -> 3.009 at 64K, 3.194 -> 3.191 at 128K (results/decode/session27/
-# ab_prefetch_after_split_h100.txt): small, never slower
-PREFETCH_AFTER_SPLIT = True
+# Prefetch the layer's output projection into L2 on a side stream, forked after the latent split kernel so
+# that it streams beside the merge and the output absorption only (a hint; an A/B switch for
+# benchmarks/decode_profile.py --ab kimi_linear.layers.mla:PREFETCH_OUTPUT_PROJECTION). On: 2.819 -> 2.811 ms
+# per step at 4K, 3.011 -> 3.009 at 64K, 3.194 -> 3.191 at 128K (results/decode/session27/
+# ab_prefetch_after_split_h100.txt). Forked before the attention instead (session 25) it lost at 64K,
+# 3.047 -> 3.068, where the split kernel streams the cache and the prefetch took bandwidth from it
+PREFETCH_OUTPUT_PROJECTION = True
 
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention, NoPE.
@@ -148,8 +144,6 @@ class MultiHeadLatentAttention(nn.Module):
             q = q.view(B, T, self.num_heads, self.qk_dim)
             latent, k_rope = kv.view(B, T, -1).split([self.kv_lora_rank, self.rope_dim], -1)
             # the latent norm writes into the cache, the shared key part copied in the same launch
-            if PREFETCH_OUTPUT_PROJECTION:  # into L2 beside the latent attention's launches (ops/prefetch.py)
-                prefetch_l2_(self.o_proj.weight)
             lc.write_decode_normed(latent, k_rope, self.kv_a_layernorm, step)
         else:
             hidden_states = apply_input_norm(hidden_states, input_norm, self.backend)
@@ -161,7 +155,7 @@ class MultiHeadLatentAttention(nn.Module):
             c, kr = lc.view(step)
             o = latent_attention(q_nope, q_rope, c, kr, self.kv_b_proj.weight, lengths=step.decode_rows_lengths[1],
                                  scale=self.scale, backend=self.backend,
-                                 prefetch_after_split=self.o_proj.weight if PREFETCH_AFTER_SPLIT else None)
+                                 prefetch_after_split=self.o_proj.weight if PREFETCH_OUTPUT_PROJECTION else None)
             return few_rows_linear(o.flatten(-2), self.o_proj.weight, residual=residual, backend=self.backend)
         if step.fresh:
             k, v = self.expand_kv(latent, k_rope)

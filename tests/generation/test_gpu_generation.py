@@ -145,18 +145,17 @@ def test_pdl_decode_is_bit_identical(preset, cuda_device, monkeypatch):
         assert tokens[mode] == tokens[False, False], f"{preset}: graph-replayed tokens differ, pdl / early = {mode}"
 
 
-@pytest.mark.parametrize("mla_fork", ["PREFETCH_OUTPUT_PROJECTION", "PREFETCH_AFTER_SPLIT"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mla-moe"])
 @torch.no_grad()
-def test_l2_prefetch_decode_is_bit_identical(preset, mla_fork, cuda_device, monkeypatch):
+def test_l2_prefetch_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     # the output projections' L2 prefetch on a side stream (ops/prefetch.py) forks and joins inside each
     # decode step: same bits with it off and on, eager and graph-replayed (a capture with an unjoined fork
-    # would fail; the forward joins after its last layer). The MLA layers' fork point: before the latent
-    # attention, or after its split kernel (inside latent_attention_triton)
+    # would fail; the forward joins after its last layer). The MLA layers fork theirs after the latent split
+    # kernel (inside latent_attention_triton)
     from kimi_linear.layers import mla
     from kimi_linear.ops import prefetch
 
-    monkeypatch.setattr(mla, mla_fork, True)
+    monkeypatch.setattr(mla, "PREFETCH_OUTPUT_PROJECTION", True)
     model = make(preset, cuda_device, torch.bfloat16)
     if prefetch.prefetch_plan(model.lm_head.weight)[1] == 0:
         pytest.skip("the bulk L2 prefetch needs compute capability >= 9")
