@@ -208,3 +208,41 @@ def test_folded_decode_next_to_blocks_that_do_not_fold(monkeypatch):
     got = torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(2)], 1)
     assert seen == [True, False, True, False] * 2
     assert_close(got, ref(ids).logits, "decode", torch.float32, "folded and unfolded blocks")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@torch.no_grad()
+def test_folded_output_norm_matches_the_unfolded_step(batch, monkeypatch):
+    # KDA decode on Triton (interpreter): with FOLD_OUTPUT_NORM the gated output norm runs as the recurrent
+    # kernel's gated output + the output projection's per-head scale (no norm call) for the rows the
+    # projection's kernel takes (<= gemv.MAX_TOKENS), and the separate norm beyond; the same logits as the
+    # unfolded step, and both == the reference full forward
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not __import__("kimi_linear.backends").backends.triton_interpret():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    import kimi_linear.layers.kda as kda_layer
+    from kimi_linear.ops.gemv import MAX_TOKENS
+
+    _coarse_decode_tiles(monkeypatch)
+    ref = make_model("tiny-kda")
+    model = KimiLinearForCausalLM(ref.config, backend="triton").eval()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, V, (batch, 3))
+    calls = []
+    real = kda_layer.gated_rms_norm
+    monkeypatch.setattr(kda_layer, "gated_rms_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def decode_all():
+        cache = cache_for_config(model.config, batch_size=batch, max_len=ids.shape[1])
+        return torch.stack([forward_last_logits(model, ids[:, t:t + 1], cache) for t in range(ids.shape[1])], 1)
+
+    n_norms = ids.shape[1] * model.config.num_hidden_layers  # one per KDA layer and step, unfolded
+    monkeypatch.setattr(kda_layer, "FOLD_OUTPUT_NORM", True)
+    folded = decode_all()
+    assert len(calls) == (0 if batch <= MAX_TOKENS else n_norms)
+    calls.clear()
+    monkeypatch.setattr(kda_layer, "FOLD_OUTPUT_NORM", False)
+    unfolded = decode_all()
+    assert len(calls) == n_norms
+    assert rel_rms(folded, unfolded) < 1e-6
+    assert_close(folded, ref(ids).logits, "decode", torch.float32, f"batch {batch} folded output norm")
