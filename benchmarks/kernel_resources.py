@@ -48,9 +48,7 @@ LATENT_TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "c
 # kernel-specific tables (by the kernel's name prefix) override TYPES for that kernel only
 # the absorbed MLA projections at decode: bf16 queries, weights, contexts and outputs
 ABSORB_TYPES = dict(q_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", c_ptr="*bf16", N="i32", s_qn="i32", s_qh="i32")
-# the recurrent decode kernel: pool slots and lengths, the output gate's logits (its output-norm mode)
-RECURRENT_TYPES = dict(P="i32", T="i32", cu_seqlens="*i32", state_indices="*i64", out_gate="*bf16")
-KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_absorb": ABSORB_TYPES, "_recurrent_kda": RECURRENT_TYPES}
+KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_absorb": ABSORB_TYPES}
 
 
 # --aligned: pointer arguments 16-byte aligned and integer arguments multiples of 16, as Triton
@@ -198,19 +196,6 @@ def cases():
         yield (f"fused_linear {cls} (D=2304){' norm' if norm else ''}{' residual' if res else ''}", gemv._kernel(),
                dict(NT=1, BLOCK_R=t["BLOCK_R"], BLOCK_D=t["BLOCK_D"], EVEN_D=True, CONV=conv, W=4, WP=4,
                     MULTI_X=False, X_ALIGN=1, W_ALIGN=16, NORM=norm, RESIDUAL=res), t["num_warps"], 3)
-    # the KDA output projection with the gated norm's second half on load (32 heads of 128, two partial sums)
-    t = gemv.TILES["wide_few"]
-    yield ("fused_linear wide_few (D=4096) head_rms residual", gemv._kernel(),
-           dict(NT=1, BLOCK_R=t["BLOCK_R"], BLOCK_D=t["BLOCK_D"], EVEN_D=True, CONV=False, W=4, WP=4, MULTI_X=False,
-                X_ALIGN=1, W_ALIGN=16, NORM=False, RESIDUAL=True, HEAD_RMS=True, HD=128, NP=2), t["num_warps"], 3)
-    from kimi_linear.ops.kda import recurrent_kernel as rk
-    # the KDA decode step (pool, fused gate / norm / beta), plain and with the gated norm's first half
-    bv, nw = rk.default_tile(128, 128)
-    for out_norm in (False, True):
-        yield (f"recurrent kda decode{' out_norm' if out_norm else ''}", rk._recurrent_kda_fwd_kernel,
-               dict(H=32, HV=32, K=128, V=128, BK=128, BV=bv, IS_VARLEN=False, USE_INDICES=True, HAS_INIT=True,
-                    STORE_FINAL=True, QK_L2NORM=True, GATE_FROM_RAW=True, BETA_SIGMOID=True, OUT_NORM=out_norm),
-               nw, 3)
     # routing from given logits (the released model's 256 experts), or with the router's logits computed
     # inside (decode, <= 64 tokens and <= 32 experts: the decode benchmark's 16 and the limit), D = 2304
     for e, hidden in ((256, False), (16, True), (32, True)):

@@ -30,7 +30,7 @@ from torch import nn
 from kimi_linear.backends import resolve_backend
 from kimi_linear.layers.common import KeepFP32, add_residual, apply_input_norm, bool_mask
 from kimi_linear.ops.conv import causal_conv1d
-from kimi_linear.ops.gemv import MAX_TOKENS, few_rows_linear, fused_linear
+from kimi_linear.ops.gemv import few_rows_linear, fused_linear
 from kimi_linear.ops.kda.chunk import chunk_kda
 from kimi_linear.ops.kda.decay_only import chunk_decay
 from kimi_linear.ops.kda.fusion import KDAFusion
@@ -44,11 +44,6 @@ __all__ = ["ShortConvolution", "KimiDeltaAttention"]
 # The decode step prefetches the layer's output projection into L2 on a side stream while the gates, the
 # recurrence and the norm run (a hint; an A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:PREFETCH_OUTPUT_PROJECTION)
 PREFETCH_OUTPUT_PROJECTION = True
-# The decode step's gated output norm cut in two (docs/decode.md): the recurrent kernel gates its output and
-# sums its squares, the output projection scales each head as it loads it, so the norm takes no launch of its
-# own (ops/norm.py gated_norm_parts). For the few tokens the projection's kernel takes (gemv.MAX_TOKENS); an
-# A/B switch for benchmarks/decode_profile.py --ab kimi_linear.layers.kda:FOLD_OUTPUT_NORM
-FOLD_OUTPUT_NORM = True
 
 
 class ShortConvolution(nn.Module):
@@ -307,15 +302,8 @@ class KimiDeltaAttention(KeepFP32):
             # more launch, each reading its own slice of the launch above
             g_raw, gate = fused_linear([f_a, g_a], [self.f_b_proj.weight, self.g_b_proj.weight], backend=self.backend)
             fusion = KDAFusion(qk_l2norm=True, beta_sigmoid=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            step_args = (q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H))
-            if FOLD_OUTPUT_NORM and B <= MAX_TOKENS:
-                y, _, sumsq = recurrent_kda(*step_args, initial_state=lc.state, state_indices=cache.slot_index,
-                                            fusion=fusion, output_norm=(gate.view(B, 1, H, V), self.o_norm.weight),
-                                            backend=self.backend)
-                return few_rows_linear(y.flatten(-2), self.o_proj.weight, residual=residual,
-                                       head_rms=(sumsq, self.eps), backend=self.backend)
-            o, _ = recurrent_kda(*step_args, initial_state=lc.state, state_indices=cache.slot_index, fusion=fusion,
-                                 backend=self.backend)
+            o, _ = recurrent_kda(q, k, v, g_raw.view(B, 1, H, K), b.view(B, 1, H), initial_state=lc.state,
+                                 state_indices=cache.slot_index, fusion=fusion, backend=self.backend)
             return self.project_output(o, x, gate=gate.view(B, 1, -1), residual=residual)
         x = apply_input_norm(x, input_norm, self.backend)  # (pads stay zero: the norm of zeros is zero)
         q, k, v, windows = self.project_qkv(x, conv_windows=lc.convs, output_conv_windows=True)

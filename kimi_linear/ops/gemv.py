@@ -43,13 +43,6 @@ between sub-blocks (docs/decode.md):
 * ``residual [N, OUT]`` (OUT: all weights' rows): the outputs are ``residual + y``, ``y`` rounded to
   x's dtype first and the sum formed in fp32 and rounded, the values of ``residual + y`` after the
   unfused product.
-
-And one prologue, for the KDA decode step's output projection (single input only): ``head_rms = (sumsq
-[N, G, P], eps)`` -- x is the gated output of :func:`kimi_linear.ops.norm.gated_norm_parts`, G heads of
-``D / G`` columns, and each head's columns are multiplied by ``rsqrt(sum_p sumsq / (D / G) + eps)`` as
-they are loaded, in fp32 (the unfused form rounds the scaled row to x's dtype first), which completes the
-gated RMSNorm without a launch of its own. The kernel takes heads of a power-of-two width (its D-slices
-hold whole heads: one scale per head and slice); other widths run the unfused form.
 """
 
 from __future__ import annotations
@@ -62,7 +55,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.conv import causal_conv1d_update_
-from kimi_linear.ops.norm import head_rms_scale, rms_norm
+from kimi_linear.ops.norm import rms_norm
 from kimi_linear.ops.pdl import pdl_launch
 
 __all__ = ["MAX_TOKENS", "TILES", "few_rows_linear", "fused_linear", "fused_linear_ref"]
@@ -123,21 +116,14 @@ _CONV_TABLES_MAX = 1024
 
 def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], conv_steps=None, *,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-                     head_rms: tuple[torch.Tensor, float] | None = None,
                      backend: str = "reference") -> list[torch.Tensor]:
     """``[F.linear(x, w_0), F.linear(x, w_1), ...]`` (``x_i`` for ``w_i`` when ``x`` is a list; ``x``
-    first through ``rms_norm(x, norm_weight, eps)`` when given, or each head's columns times
-    ``head_rms_scale`` with ``head_rms``, rounded to x's dtype; then the conv steps; then ``residual``'s
+    first through ``rms_norm(x, norm_weight, eps)`` when given; then the conv steps; then ``residual``'s
     column slices added): the definition the kernel is tested against. ``backend`` is the norm's and
     the conv steps' own. (Separate contiguous outputs: CPU GEMMs round a row differently depending on
     its alignment, so slices of one buffer would make results depend on a row's position in the batch.)"""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps, backend=backend)
-    if head_rms is not None:
-        sumsq, h_eps = head_rms
-        G = sumsq.shape[1]
-        scale = head_rms_scale(sumsq, x.shape[1] // G, h_eps)  # [N, G]
-        x = (x.float().unflatten(1, (G, -1)) * scale[..., None]).flatten(1).to(x.dtype)
     xs = [x] * len(weights) if isinstance(x, torch.Tensor) else list(x)
     outs = [F.linear(xi, w) for xi, w in zip(xs, weights, strict=True)]
     for i, step in enumerate(conv_steps or ()):
@@ -152,23 +138,11 @@ def fused_linear_ref(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence
 
 
 def _check_epilogues(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                     norm_weight: torch.Tensor | None, residual: torch.Tensor | None,
-                     head_rms: tuple[torch.Tensor, float] | None = None) -> None:
-    """Validate the ``norm_weight``, ``residual`` and ``head_rms`` options (module docstring) against the
-    checked input ``x`` and ``weights``."""
+                     norm_weight: torch.Tensor | None, residual: torch.Tensor | None) -> None:
+    """Validate the ``norm_weight`` and ``residual`` options (module docstring) against the checked
+    input ``x`` and ``weights``."""
     x0 = x if isinstance(x, torch.Tensor) else x[0]
     N, D = x0.shape
-    if head_rms is not None:
-        sumsq = head_rms[0] if isinstance(head_rms, tuple) and len(head_rms) == 2 else None
-        if not isinstance(sumsq, torch.Tensor):
-            raise ValueError("head_rms must be (sumsq [N, G, P] float32, eps)")
-        if not isinstance(x, torch.Tensor) or norm_weight is not None:
-            raise ValueError("head_rms needs one shared input tensor x and no norm_weight")
-        if sumsq.dim() != 3 or sumsq.shape[0] != N or sumsq.shape[1] < 1 or D % sumsq.shape[1] != 0:
-            raise ValueError(f"head_rms's sumsq must be [N={N}, G, P] with G dividing D={D}, got {tuple(sumsq.shape)}")
-        if sumsq.dtype != torch.float32 or sumsq.device != x0.device:
-            raise ValueError(f"head_rms's sumsq must be float32 on x's device {x0.device}, "
-                             f"got {sumsq.dtype} on {sumsq.device}")
     if norm_weight is not None:
         if not isinstance(x, torch.Tensor):
             raise ValueError("norm_weight needs one shared input tensor x, got a list of inputs (one per weight)")
@@ -289,17 +263,13 @@ def _kernel():
     from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
     @triton.jit
-    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, ss_ptr, N, D, OUT, SX, eps,
+    def fused_linear_kernel(x_ptr, tab_ptr, conv_tab, y_ptr, nw_ptr, res_ptr, N, D, OUT, SX, eps,
                             NT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             CONV: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                             MULTI_X: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
-                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, HEAD_RMS: tl.constexpr = False,
-                            HD: tl.constexpr = 1, NP: tl.constexpr = 1,
-                            PDL: tl.constexpr = False, TRIGGER: tl.constexpr = True):
+                            NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
         # NORM: x is un-normalised; the products are of x * nw, scaled by each row's rstd at the end.
         # RESIDUAL: y = res + (the output rounded to y's dtype), summed in fp32
-        # HEAD_RMS: x's columns come in heads of HD; each is scaled on load by its head's rsqrt from the
-        # NP partial sums of squares at ss_ptr [N, D / HD, NP] (the gated norm's second half)
         p = tl.program_id(0)
         wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
         # W_ALIGN: the weights' address alignment in bytes (16 when every weight is): an address read
@@ -332,18 +302,6 @@ def _kernel():
             if NORM:
                 b_ss += tl.sum(b_x * b_x, axis=1)
                 b_x = b_x * tl.load(nw_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
-            if HEAD_RMS:
-                # BLOCK_D is a multiple of HD and d0 of BLOCK_D (checked on the host): the slice holds
-                # NHS whole heads, whose scales multiply x as a [NT, NHS, HD] view
-                NHS: tl.constexpr = BLOCK_D // HD
-                o_hs = d0 // HD + tl.arange(0, NHS)
-                m_hs = m_n[:, None] & (o_hs < D // HD)[None, :]
-                p_hs = ss_ptr + (o_n[:, None] * (D // HD) + o_hs[None, :]) * NP
-                b_hs = tl.load(p_hs, mask=m_hs, other=0.0)
-                for i_p in tl.static_range(1, NP):
-                    b_hs += tl.load(p_hs + i_p, mask=m_hs, other=0.0)
-                b_r = tl.rsqrt(b_hs / HD + eps)
-                b_x = tl.reshape(tl.reshape(b_x, [NT, NHS, HD]) * b_r[:, :, None], [NT, BLOCK_D])
             acc += tl.sum(b_w[None, :, :].to(tl.float32) * b_x[:, None, :], axis=2)
         if NORM:  # W (x * rstd * nw) = rstd * (W (x * nw)): before the conv step's rounding, as if x were normed
             acc = acc * tl.rsqrt(b_ss / D + eps)[:, None]
@@ -382,19 +340,18 @@ _KERNEL = None
 
 def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[torch.Tensor], *, conv_steps=None,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
-                 head_rms: tuple[torch.Tensor, float] | None = None, backend: str = "auto") -> list[torch.Tensor]:
+                 backend: str = "auto") -> list[torch.Tensor]:
     """``x [N, D]`` times each ``weights[i] [R_i, D]`` (transposed): the list of ``[N, R_i]`` outputs;
     ``x`` may be a list of one ``[N, D]`` input per weight; ``conv_steps`` (one entry or None per
     weight) adds a short-conv step to chosen outputs, updating their windows in place;
     ``norm_weight [D]`` multiplies ``rms_norm(x, norm_weight, eps)`` instead of ``x`` (tensor ``x``
-    only); ``residual [N, sum R_i]`` is added to the outputs; ``head_rms = (sumsq [N, G, P], eps)`` scales
-    each of x's G heads by its ``rsqrt`` first (tensor ``x`` only; module docstring).
+    only); ``residual [N, sum R_i]`` is added to the outputs (module docstring).
 
     One Triton launch on CUDA for ``N <= MAX_TOKENS`` (each weight read once, fp32 sums); otherwise,
     on CPU, and when a gradient must flow (the kernel has no backward), one ``F.linear`` per weight,
     the norm, conv steps and residual add apart. No host sync: the step can be graph-captured."""
     x0 = _check(x, weights)
-    _check_epilogues(x, weights, norm_weight, residual, head_rms)
+    _check_epilogues(x, weights, norm_weight, residual)
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     N, D = x0.shape
     W = _check_conv_steps(x0, weights, conv_steps) if conv_steps is not None else 0
@@ -404,19 +361,17 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     conv_ok = W == 0 or (W >= 2 and all(st is None or (st[0].is_contiguous() and st[1].is_contiguous()
                                                         and st[0].dtype == st[1].dtype == x0.dtype)
                                         for st in conv_steps))
-    # the kernel scales whole heads of a power-of-two width (HEAD_RMS)
-    head_dim = D // head_rms[0].shape[1] if head_rms is not None else 1
     if (chosen == "reference" or N > MAX_TOKENS or N == 0 or needs_grad or not conv_ok
-            or not all(w.is_contiguous() for w in weights) or head_dim & (head_dim - 1)):
+            or not all(w.is_contiguous() for w in weights)):
         return fused_linear_ref(x, weights, conv_steps, norm_weight=norm_weight, eps=eps, residual=residual,
-                                head_rms=head_rms, backend=chosen)
+                                backend=chosen)
     import triton
 
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _kernel()
     tile = _tiles(D, sum(w.shape[0] for w in weights), norm_weight is not None)
-    block_d = max(min(tile["BLOCK_D"], triton.next_power_of_2(D)), head_dim)  # HEAD_RMS: whole heads per slice
+    block_d = min(tile["BLOCK_D"], triton.next_power_of_2(D))
     if isinstance(x, torch.Tensor):
         x, x_offsets, sx = x.contiguous(), (0,) * len(weights), D
     else:
@@ -429,42 +384,28 @@ def fused_linear(x: torch.Tensor | Sequence[torch.Tensor], weights: Sequence[tor
     align = 8 if all(o % 8 == 0 for o in x_offsets) and sx % 8 == 0 else 1
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     res = residual.contiguous() if residual is not None else x
-    ss = head_rms[0].contiguous() if head_rms is not None else x
-    if head_rms is not None:
-        eps = head_rms[1]
-    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, nw, res, ss, N, D, out, sx, float(eps),
+    _KERNEL[(tab.shape[0],)](x, tab, conv_tab, y, nw, res, N, D, out, sx, float(eps),
                              NT=max(1, triton.next_power_of_2(N)),
                              MULTI_X=multi, X_ALIGN=align, W_ALIGN=w_align,
                              BLOCK_R=tile["BLOCK_R"], BLOCK_D=block_d, EVEN_D=D % block_d == 0,
                              CONV=W > 0, W=max(W, 2), WP=triton.next_power_of_2(max(W, 2)),
                              NORM=norm_weight is not None, RESIDUAL=residual is not None,
-                             HEAD_RMS=head_rms is not None,
-                             HD=head_dim,
-                             NP=head_rms[0].shape[2] if head_rms is not None else 1,
                              num_warps=tile["num_warps"], **launch)
     return list(y.split([w.shape[0] for w in weights], dim=1))
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None = None,
-                    head_rms: tuple[torch.Tensor, float] | None = None, backend: str = "auto") -> torch.Tensor:
-    """``F.linear(x, weight)`` for ``x [..., D]`` (plus ``residual [..., R]``, in the kernel's epilogue;
-    ``head_rms = (sumsq [..., G, P], eps)``: x's heads scaled first, :func:`fused_linear`); through
-    :func:`fused_linear`'s kernel when x has at most ``MAX_TOKENS`` rows (a decode step's output
+                    backend: str = "auto") -> torch.Tensor:
+    """``F.linear(x, weight)`` for ``x [..., D]`` (plus ``residual [..., R]``, in the kernel's epilogue);
+    through :func:`fused_linear`'s kernel when x has at most ``MAX_TOKENS`` rows (a decode step's output
     projection: 7.3 us against cuBLAS's 8.5 on an H100)."""
     rows = x.numel() // max(x.shape[-1], 1)
     if residual is not None and tuple(residual.shape) != (*x.shape[:-1], weight.shape[0]):
         raise ValueError(f"residual must be {(*x.shape[:-1], weight.shape[0])} (x's rows, weight's), "
                          f"got {tuple(residual.shape)}")
-    hr = None
-    if head_rms is not None:
-        hr = (head_rms[0].reshape(rows, *head_rms[0].shape[-2:]), head_rms[1])
     if rows > MAX_TOKENS or rows == 0:
-        if hr is not None:
-            (y,) = fused_linear_ref(x.reshape(rows, x.shape[-1]), [weight], head_rms=hr)
-            y = y.view(*x.shape[:-1], weight.shape[0])
-        else:
-            y = F.linear(x, weight)
+        y = F.linear(x, weight)
         return y if residual is None else residual + y
     res = residual.reshape(rows, weight.shape[0]) if residual is not None else None
-    (y,) = fused_linear(x.reshape(rows, x.shape[-1]), [weight], residual=res, head_rms=hr, backend=backend)
+    (y,) = fused_linear(x.reshape(rows, x.shape[-1]), [weight], residual=res, backend=backend)
     return y.view(*x.shape[:-1], weight.shape[0])

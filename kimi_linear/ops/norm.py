@@ -9,10 +9,6 @@
 
 :func:`rms_norm_store_` normalises one token per row straight into a cache (the MLA decode step's latent).
 
-:func:`gated_norm_parts` and :func:`head_rms_scale` are the gated norm cut in two, for the batch-1 KDA decode
-step: the recurrent kernel that produces x gates it and sums its squares, and the output projection that
-consumes it applies each head's ``rsqrt`` as it loads it (docs/decode.md), so the norm needs no launch.
-
 :func:`add_rms_norm` also adds a residual first (``s = x + delta``, returned with its norm): the pre-norm
 block's second residual add and norm in one launch at decode time.
 
@@ -27,7 +23,7 @@ import torch.nn.functional as F
 
 from kimi_linear.backends import resolve_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "gated_rms_norm", "gated_norm_parts", "head_rms_scale", "rms_norm_store_"]
+__all__ = ["rms_norm", "add_rms_norm", "gated_rms_norm", "rms_norm_store_"]
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -138,27 +134,3 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     xf = x.to(compute)
     normed = F.rms_norm(xf, (xf.shape[-1],), weight.to(compute), eps=eps)
     return (normed * torch.sigmoid(gate.to(compute))).to(x.dtype)
-
-
-def gated_norm_parts(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated norm's two halves (reference): ``x [..., D]``, ``gate`` x's shape, ``weight [D]`` ->
-    ``y = x * weight * sigmoid(gate)`` (fp32, cast to x's dtype) and ``sumsq [..., 1]`` fp32, the sum of x's
-    squares. ``y * head_rms_scale(sumsq, D, eps)`` is :func:`gated_rms_norm` (the fold rounds before the
-    scale, the norm after it: bf16 results differ in the last bit). A kernel may return ``sumsq`` as
-    ``[..., P]`` partial sums (``head_rms_scale`` adds them)."""
-    _check(x, weight)
-    if gate.shape != x.shape or gate.device != x.device:
-        raise ValueError(f"gate must have x's shape {tuple(x.shape)} and device {x.device}, "
-                         f"got {tuple(gate.shape)} on {gate.device}")
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(compute)
-    y = (xf * weight.to(compute) * torch.sigmoid(gate.to(compute))).to(x.dtype)
-    return y, xf.square().sum(-1, keepdim=True).to(torch.float32)
-
-
-def head_rms_scale(sumsq: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
-    """``rsqrt(sum(sumsq, -1) / dim + eps)``: ``sumsq [..., P]`` partial sums of squares of a ``dim``-wide
-    row -> ``[...]`` fp32, the factor :func:`gated_norm_parts`' ``y`` takes to become the gated norm."""
-    if dim <= 0:
-        raise ValueError(f"dim must be positive, got {dim}")
-    return torch.rsqrt(sumsq.float().sum(-1) / dim + eps)

@@ -276,67 +276,6 @@ def test_fused_linear_residual_is_added_after_rounding(N, monkeypatch, triton_de
     assert y.shape == (N, 1, 9) and rel_rms(y, r3 + x3 @ ws[0].T) < tolerance("kernel_interp", torch.float32)
 
 
-@pytest.mark.parametrize("N", [1, 2])
-@pytest.mark.parametrize("heads,head_dim,parts,block_d", [(8, 8, 2, 32), (2, 32, 1, 16), (3, 16, 3, 32)])
-def test_fused_linear_head_rms_prologue(N, heads, head_dim, parts, block_d, monkeypatch, triton_device):
-    # x's heads scaled on load by rsqrt(sum of the parts / head_dim + eps), with the residual epilogue: a
-    # BLOCK_D slice holding four heads; a head wider than the tile (the slice widens to one head); D not a
-    # multiple of the slice (the last slice's fourth head masked). Sums of squares spread over five decades,
-    # so that a wrong head index or scale shows
-    from kimi_linear.ops.norm import head_rms_scale
-
-    device = triton_device
-    _small_tiles(monkeypatch, block_d)
-    D, eps = head_dim * heads, 1e-5
-    ws = [torch.randn(r, D, device=device) for r in (10, 7)]
-    x = torch.randn(N, D, device=device)
-    sumsq = torch.rand(N, heads, parts, device=device) * torch.logspace(-2, 3, heads, device=device)[:, None]
-    res = torch.randn(N, 17, device=device)
-    scale = head_rms_scale(sumsq, head_dim, eps).repeat_interleave(head_dim, dim=1)
-    want = res + torch.cat([(x * scale) @ w.T for w in ws], 1)
-    got = fused_linear(x, ws, residual=res, head_rms=(sumsq, eps), backend="triton")
-    assert rel_rms(torch.cat(got, 1), want) < tolerance("kernel_interp", torch.float32)
-    ref = fused_linear_ref(x, ws, residual=res, head_rms=(sumsq, eps))
-    assert rel_rms(torch.cat(ref, 1), want) < tolerance("kernel_interp", torch.float32)
-    y = few_rows_linear(x[:, None], ws[0], head_rms=(sumsq[:, None], eps), backend="triton")
-    assert y.shape == (N, 1, 10) and rel_rms(y[:, 0], (x * scale) @ ws[0].T) < tolerance("kernel_interp", torch.float32)
-
-
-def test_fused_linear_head_rms_odd_head_width_runs_unfused(monkeypatch, triton_device):
-    # heads of 12 columns (not a power of two): the unfused form, the same values
-    import kimi_linear.ops.gemv as gemv
-    from kimi_linear.ops.norm import head_rms_scale
-
-    calls = []
-    real = gemv.fused_linear_ref
-    monkeypatch.setattr(gemv, "fused_linear_ref", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x, w = torch.randn(1, 36, device=triton_device), torch.randn(5, 36, device=triton_device)
-    sumsq = torch.rand(1, 3, 2, device=triton_device) * 30
-    (got,) = gemv.fused_linear(x, [w], head_rms=(sumsq, 1e-6), backend="triton")
-    assert calls == [1]
-    want = (x * head_rms_scale(sumsq, 12, 1e-6).repeat_interleave(12, dim=1)) @ w.T
-    assert rel_rms(got, want) < tolerance("kernel_interp", torch.float32)
-
-
-def test_fused_linear_head_rms_reference_path_and_bad_input():
-    # beyond the kernel's rows: the scale, rounding to x's dtype, then F.linear
-    from kimi_linear.ops.norm import head_rms_scale
-
-    x, w = torch.randn(5, 8).bfloat16(), torch.randn(3, 8).bfloat16()
-    sumsq = torch.rand(5, 2, 1) * 8
-    scaled = (x.float() * head_rms_scale(sumsq, 4, 1e-6).repeat_interleave(4, dim=1)).bfloat16()
-    assert torch.equal(few_rows_linear(x, w, head_rms=(sumsq, 1e-6)), torch.nn.functional.linear(scaled, w))
-    x2 = torch.randn(2, 8)
-    with pytest.raises(ValueError, match=r"sumsq must be \[N=2, G, P\] with G dividing D=8"):
-        fused_linear(x2, [w.float()], head_rms=(torch.ones(2, 3, 1), 1e-6))
-    with pytest.raises(ValueError, match="must be float32"):
-        fused_linear(x2, [w.float()], head_rms=(torch.ones(2, 2, 1, dtype=torch.float64), 1e-6))
-    with pytest.raises(ValueError, match="head_rms needs one shared input tensor x and no norm_weight"):
-        fused_linear(x2, [w.float()], norm_weight=torch.ones(8), head_rms=(torch.ones(2, 2, 1), 1e-6))
-    with pytest.raises(ValueError, match=r"head_rms must be \(sumsq"):
-        fused_linear(x2, [w.float()], head_rms=torch.ones(2, 2, 1))
-
-
 def test_fused_linear_norm_and_residual_reference_path():
     # on CPU (auto) and beyond MAX_TOKENS: the norm, the products and the add apart, bit for bit
     from kimi_linear.ops.norm import rms_norm
@@ -364,25 +303,6 @@ def test_fused_linear_norm_and_residual_reject_bad_input():
         fused_linear([x, x], ws, norm_weight=torch.ones(8))
     with pytest.raises(ValueError, match=r"residual must be \(2, 4\)"):
         few_rows_linear(x, ws[0], residual=torch.randn(2, 3))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N", [1, 2])
-def test_fused_linear_head_rms_gpu_at_the_model_geometry(cuda_device, N):
-    # bf16, a KDA output projection (32 heads of 128 -> 2304) with the gated norm's second half on load and
-    # the residual, against gated_rms_norm + cuBLAS + the add
-    from kimi_linear.ops.norm import gated_norm_parts, gated_rms_norm
-
-    mk = lambda *s: torch.randn(*s, device=cuda_device, dtype=torch.bfloat16)  # noqa: E731
-    w = mk(2304, 4096) * 4096**-0.5
-    o, gate = mk(N, 32, 128) * 0.05, mk(N, 32, 128) * 3
-    nw = (torch.rand(128, device=cuda_device) + 0.5).to(torch.bfloat16)
-    res = mk(N, 2304)
-    y, sumsq = gated_norm_parts(o, gate, nw)
-    sumsq = torch.cat([sumsq * 0.25, sumsq * 0.75], -1)  # two partial sums per head, as the kernel leaves them
-    (got,) = fused_linear(y.flatten(1), [w], residual=res, head_rms=(sumsq, 1e-6))
-    want = res + torch.nn.functional.linear(gated_rms_norm(o, gate, nw, 1e-6).flatten(1), w)
-    assert torch.isfinite(got).all() and rel_rms(got, want) < tolerance("kernel_fwd", torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kimi_linear.ops.norm import (
-    add_rms_norm,
-    gated_norm_parts,
-    gated_rms_norm,
-    head_rms_scale,
-    rms_norm,
-    rms_norm_store_,
-)
+from kimi_linear.ops.norm import add_rms_norm, gated_rms_norm, rms_norm, rms_norm_store_
 
 
 def test_rms_norm_formula_fp64():
@@ -40,37 +33,6 @@ def test_gated_rms_norm_formula_and_dtype():
     torch.testing.assert_close(gated_rms_norm(x, g, w), ref, rtol=1e-12, atol=1e-12)
     out = gated_rms_norm(x.bfloat16(), g.bfloat16(), w.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
-
-def test_gated_norm_parts_complete_to_the_gated_norm():
-    # fp64: the two halves (gate + sum of squares; the per-head rsqrt) are the gated norm exactly; partial
-    # sums over column pieces add up to the same scale
-    x = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 5
-    g = torch.randn(2, 3, 4, 16, dtype=torch.float64) * 4
-    w = torch.rand(16, dtype=torch.float64) + 0.5
-    y, sumsq = gated_norm_parts(x, g, w)
-    assert sumsq.shape == (2, 3, 4, 1) and sumsq.dtype == torch.float32
-    want = gated_rms_norm(x, g, w, 1e-5)
-    torch.testing.assert_close(y * head_rms_scale(sumsq.double(), 16, 1e-5).double()[..., None], want,
-                               rtol=1e-6, atol=1e-6)  # sumsq is kept in fp32
-    pieces = torch.stack([x[..., :4].square().sum(-1), x[..., 4:].square().sum(-1)], -1).float()
-    torch.testing.assert_close(head_rms_scale(pieces, 16, 1e-5), head_rms_scale(sumsq, 16, 1e-5))
-    # bf16: the fold rounds before the scale, the norm after it -- within a bf16 rounding of each other
-    xb, gb, wb = x.bfloat16(), g.bfloat16(), w.bfloat16()
-    yb, sb = gated_norm_parts(xb, gb, wb)
-    assert yb.dtype == torch.bfloat16
-    got = yb.float() * head_rms_scale(sb, 16, 1e-5)[..., None]
-    ref = gated_rms_norm(xb, gb, wb, 1e-5).float()
-    assert ((got - ref).abs() <= ref.abs() * 2**-7 + 1e-30).all()
-
-
-def test_gated_norm_parts_bad_input():
-    with pytest.raises(ValueError, match="gate must have"):
-        gated_norm_parts(torch.randn(2, 8), torch.randn(2, 4), torch.ones(8))
-    with pytest.raises(ValueError, match="weight must be"):
-        gated_norm_parts(torch.randn(2, 8), torch.randn(2, 8), torch.ones(4))
-    with pytest.raises(ValueError, match="dim must be positive"):
-        head_rms_scale(torch.ones(2, 1), 0, 1e-6)
 
 
 def test_zero_input_is_finite():

@@ -125,84 +125,6 @@ def test_fused_options(gate_scale, poisoned_alloc):
     assert_close(ht, ht_ref, FWD32, torch.float32, "final state (fused)")
 
 
-def _output_norm_inputs(B, T, HV, V, dev, dtype=torch.float32):
-    gen = torch.Generator(device="cpu").manual_seed(7)
-    gate = (torch.randn(B, T, HV, V, generator=gen) * 3).to(device=dev, dtype=dtype)
-    w = (torch.rand(V, generator=gen) + 0.5).to(device=dev, dtype=dtype)
-    return gate, w
-
-
-@needs_triton
-@pytest.mark.parametrize("BV", [8, 16, 32])  # several column tiles per head (several partial sums), one, wider
-def test_kernel_output_norm_parts(BV, poisoned_alloc):
-    # the gated norm's first half in the kernel: y = o * w * sigmoid(gate) and per-tile sums of o's squares,
-    # against the fp64 reference output; y * head_rms_scale is the gated norm of o; the state is the same
-    # as without the option; varlen with an empty sequence, V not a multiple of the tile
-    from kimi_linear.ops.kda.contract import check_kda_inputs
-    from kimi_linear.ops.kda.recurrent import _recurrent_triton
-    from kimi_linear.ops.norm import gated_rms_norm, head_rms_scale
-
-    dev = _device()
-    K, V = 16, 24
-    xs, fusion = make_inputs(1, 6, 1, 2, K, V, device=dev, fused=True)
-    cu = torch.tensor([0, 2, 2, 6], device=dev)
-    h0 = torch.randn(3, 2, K, V, device=dev)
-    gate, w = _output_norm_inputs(1, 6, 2, V, dev)
-    shape = check_kda_inputs(*xs, cu_seqlens=cu, gate_is_log_decay=False)
-    kw = dict(shape=shape, scale=K**-0.5, initial_state=h0, output_final_state=True, cu_seqlens=cu, fusion=fusion,
-              state_indices=None, BV=BV)
-    y, ht, sumsq = _recurrent_triton(*xs, output_norm=(gate, w), **kw)
-    o, ht_plain = _recurrent_triton(*xs, **kw)
-    assert sumsq.shape == (1, 6, 2, -(-V // BV)) and sumsq.dtype == torch.float32
-    assert torch.equal(ht, ht_plain), "the output norm must not touch the state"
-    o_ref, _ = ref64(*xs, fusion, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    want_y = o_ref * w.double() * torch.sigmoid(gate.double())
-    assert_close(y, want_y, FWD32, torch.float32, "gated output")
-    assert_close(sumsq.sum(-1), o_ref.square().sum(-1), FWD32, torch.float32, "sum of squares")
-    assert_close(y * head_rms_scale(sumsq, V, 1e-6)[..., None], gated_rms_norm(o_ref, gate.double(), w.double()),
-                 FWD32, torch.float32, "normed output")
-    # the public op: the same three values; the reference backend returns one partial sum per head
-    y2, ht2, s2 = recurrent_kda(*xs, fusion=fusion, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                                output_norm=(gate, w), backend="reference")
-    assert s2.shape == (1, 6, 2, 1)
-    assert_close(y2, want_y, FWD32, torch.float32, "reference gated output")
-
-
-@needs_triton
-def test_kernel_output_norm_pool_padding_and_half(poisoned_alloc):
-    # bf16 through the pool with a padding row: the padding row's y and sums are zero, its slot untouched;
-    # the kernel's y is the stored output (rounded to bf16) gated, as gated_norm_parts of that output
-    from kimi_linear.ops.norm import gated_norm_parts
-
-    dev = _device()
-    B, H, K, V, P = 3, 2, 16, 32, 5
-    xs, fusion = make_inputs(B, 1, H, H, K, V, device=dev, fused=True)
-    xs = [*_cast(xs, torch.bfloat16)[:3], xs[3].bfloat16(), xs[4]]
-    pool = torch.randn(P, H, K, V, device=dev) * 0.1
-    idx = torch.tensor([3, -1, 0], device=dev)
-    gate, w = _output_norm_inputs(B, 1, H, V, dev, torch.bfloat16)
-    pool_plain = pool.clone()
-    o, _ = recurrent_kda(*xs, fusion=fusion, initial_state=pool_plain, state_indices=idx, backend="triton")
-    before = pool.clone()
-    y, _, sumsq = recurrent_kda(*xs, fusion=fusion, initial_state=pool, state_indices=idx, output_norm=(gate, w),
-                                backend="triton")
-    assert torch.equal(pool, pool_plain) and torch.equal(pool[[1, 2, 4]], before[[1, 2, 4]])
-    assert torch.equal(y[1], torch.zeros_like(y[1])) and torch.equal(sumsq[1], torch.zeros_like(sumsq[1]))
-    want_y, want_s = gated_norm_parts(o, gate, w)
-    assert y.dtype == torch.bfloat16
-    assert (y.float() - want_y.float()).abs().max() <= 2**-7 * want_y.float().abs().max()
-    assert_close(sumsq.sum(-1, keepdim=True), want_s, "kernel_interp", torch.float32, "sums of the stored output")
-
-
-def test_output_norm_bad_input():
-    xs, _ = make_inputs(1, 2, 1, 2, 8, 8, device=torch.device("cpu"))
-    gate, w = _output_norm_inputs(1, 2, 2, 8, torch.device("cpu"))
-    with pytest.raises(ValueError, match="output_norm's gate must have v's shape"):
-        recurrent_kda(*xs, output_norm=(gate[..., :4], w))
-    with pytest.raises(ValueError, match=r"output_norm's weight must be \[V=8\]"):
-        recurrent_kda(*xs, output_norm=(gate, w[:4]))
-
-
 @needs_triton
 @pytest.mark.parametrize("beta_value", [0.0, 1.0])
 def test_extreme_gates_and_beta(beta_value):
@@ -345,30 +267,6 @@ def test_gpu_decode_pool_full_size(dtype, fused, T, cuda_device):
     assert_close(pool[live], ht_ref[keep], "kernel_fwd", dtype, "pool slots")
     untouched = sorted(set(range(P)) - set(live))
     assert torch.equal(pool[untouched], before[untouched])
-
-
-@pytest.mark.gpu
-def test_gpu_output_norm_at_decode_size(cuda_device):
-    # bf16, 32 heads of 128 at batch 1 and 2, the layer's fused options: the kernel's gated output and sums
-    # against gated_norm_parts of its own plain output (the same rounding points) and the fp64 reference
-    from kimi_linear.ops.norm import gated_norm_parts, gated_rms_norm, head_rms_scale
-
-    H, K, V = 32, 128, 128
-    for B in (1, 2):
-        xs, fusion = make_inputs(B, 1, H, H, K, V, device=cuda_device, fused=True)
-        xs = [*_cast(xs, torch.bfloat16)[:3], xs[3].bfloat16(), xs[4]]
-        h0 = torch.randn(B, H, K, V, device=cuda_device) * 0.1
-        gate, w = _output_norm_inputs(B, 1, H, V, cuda_device, torch.bfloat16)
-        o, ht = recurrent_kda(*xs, fusion=fusion, initial_state=h0, output_final_state=True)
-        y, ht2, sumsq = recurrent_kda(*xs, fusion=fusion, initial_state=h0, output_final_state=True,
-                                      output_norm=(gate, w))
-        assert torch.equal(ht, ht2)
-        want_y, want_s = gated_norm_parts(o, gate, w)
-        assert (y.float() - want_y.float()).abs().max() <= 2**-7 * want_y.float().abs().max()
-        assert_close(sumsq.sum(-1, keepdim=True), want_s, "kernel_fwd", torch.float32, "sums")
-        o_ref, _ = ref64(*xs, fusion, initial_state=h0, output_final_state=True)
-        normed = y.float() * head_rms_scale(sumsq, V, 1e-6)[..., None]
-        assert_close(normed, gated_rms_norm(o_ref, gate.double(), w.double()), "kernel_fwd", torch.bfloat16, "normed")
 
 
 @pytest.mark.gpu

@@ -18,7 +18,6 @@ from kimi_linear.backends import resolve_backend
 from kimi_linear.ops.kda.contract import check_kda_inputs, resolve_scale
 from kimi_linear.ops.kda.fusion import KDAFusion
 from kimi_linear.ops.kda.reference import recurrent_kda_ref
-from kimi_linear.ops.norm import gated_norm_parts
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -97,9 +96,8 @@ def recurrent_kda(
     cu_seqlens: torch.Tensor | None = None,
     fusion: KDAFusion | None = None,
     state_indices: torch.Tensor | None = None,
-    output_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent (token-by-token) KDA, forward only.
 
     | arg            | shape                 | notes                                                |
@@ -113,8 +111,6 @@ def recurrent_kda(
     | cu_seqlens     | ``[N+1]`` int         | varlen pack, B == 1                                  |
     | o (returned)   | ``[B, T, HV, V]``     | dtype of v                                           |
     | final state    | ``[N, HV, K, V]`` fp32| the pool itself (updated in place) with indices      |
-    | output_norm    | (``[B, T, HV, V]``,   | the layer's output-gate logits and norm weight; o is |
-    |                | ``[V]``)              | then returned gated but not yet normalised (below)   |
 
     Without ``state_indices``: ``initial_state`` is read only and the final state is a new tensor
     (None unless ``output_final_state``). With ``state_indices``: the pool is updated in place
@@ -123,22 +119,8 @@ def recurrent_kda(
     reference runs; indices already on the GPU are not read back (no sync in the decode loop) and
     the kernel then treats an out-of-range slot as padding.
 
-    ``output_norm = (gate, weight)``: the layer's gated RMSNorm cut in two
-    (:func:`kimi_linear.ops.norm.gated_norm_parts`); returns ``(y, final state, sumsq [B, T, HV, P])``,
-    ``y = o * weight * sigmoid(gate)`` in v's dtype and P partial sums of o's squares per head (the
-    kernel: one per column tile), so that ``y * head_rms_scale(sumsq, V, eps)`` is the normed output. The
-    batch-1 decode step applies that scale in its output projection (docs/decode.md).
-
     ``backend``: "auto" (Triton on CUDA for fp16/bf16/fp32, reference elsewhere), "triton", "reference".
     """
-    if output_norm is not None:
-        gate_o, norm_w = output_norm
-        if tuple(gate_o.shape) != tuple(v.shape) or gate_o.device != v.device:
-            raise ValueError(f"output_norm's gate must have v's shape {tuple(v.shape)} on {v.device}, "
-                             f"got {tuple(gate_o.shape)} on {gate_o.device}")
-        if tuple(norm_w.shape) != (v.shape[-1],) or norm_w.device != v.device:
-            raise ValueError(f"output_norm's weight must be [V={v.shape[-1]}] on {v.device}, "
-                             f"got {tuple(norm_w.shape)} on {norm_w.device}")
     shape = check_kda_inputs(q, k, v, g, beta, initial_state=None, cu_seqlens=cu_seqlens,
                              gate_is_log_decay=fusion is None or not fusion.gate_from_raw, check_values=False)
     if fusion is not None and not isinstance(fusion, KDAFusion):
@@ -158,24 +140,18 @@ def recurrent_kda(
         chosen = "reference"  # fp64 runs only in the reference
     if chosen == "reference":
         if state_indices is not None:
-            o, state = _reference_with_pool(q, k, v, g, beta, scale=scale, pool=initial_state,
-                                            state_indices=state_indices, output_final_state=output_final_state,
-                                            cu_seqlens=cu_seqlens, fusion=fusion)
-        else:
-            o, state = recurrent_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                         output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
-        if output_norm is None:
-            return o, state
-        y, sumsq = gated_norm_parts(o, *output_norm)
-        return y, state, sumsq
+            return _reference_with_pool(q, k, v, g, beta, scale=scale, pool=initial_state,
+                                        state_indices=state_indices, output_final_state=output_final_state,
+                                        cu_seqlens=cu_seqlens, fusion=fusion)
+        return recurrent_kda_ref(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, fusion=fusion)
     return _recurrent_triton(q, k, v, g, beta, shape=shape, scale=resolve_scale(scale, shape.K),
                              initial_state=initial_state, output_final_state=output_final_state,
-                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices,
-                             output_norm=output_norm)
+                             cu_seqlens=cu_seqlens, fusion=fusion, state_indices=state_indices)
 
 
 def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_final_state, cu_seqlens, fusion,
-                      state_indices, output_norm=None, **tile):
+                      state_indices, **tile):
     from kimi_linear.ops.kda.recurrent_kernel import recurrent_kda_fwd
 
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -204,14 +180,11 @@ def _recurrent_triton(q, k, v, g, beta, *, shape, scale, initial_state, output_f
               if output_final_state else None)
         idx = None
     cu = cu_seqlens.to(device=q.device).contiguous() if cu_seqlens is not None else None
-    out_norm = None
-    if output_norm is not None:
-        out_norm = (output_norm[0].contiguous(), output_norm[1].contiguous())
     o = recurrent_kda_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
         scale=scale, h0=h0, ht=ht, cu_seqlens=cu, state_indices=idx, N=shape.N,
-        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, out_norm=out_norm, **tile,
+        A_log=A_log, dt_bias=dt_bias, qk_l2norm=qk_l2norm, beta_sigmoid=beta_sigmoid, **tile,
     )
-    o, sumsq = o if out_norm is not None else (o, None)
-    state = (initial_state if output_final_state else None) if state_indices is not None else ht
-    return (o, state) if out_norm is None else (o, state, sumsq)
+    if state_indices is not None:
+        return o, (initial_state if output_final_state else None)
+    return o, ht

@@ -36,9 +36,6 @@ def _recurrent_kda_fwd_kernel(
     state_indices,  # [N] int, when USE_INDICES
     A_log,  # [HV] fp32, when GATE_FROM_RAW
     dt_bias,  # [HV*K] fp32, when GATE_FROM_RAW
-    out_gate,  # [B*T, HV, V] output-gate logits, when OUT_NORM
-    norm_w,  # [V] output norm weight, when OUT_NORM
-    sumsq,  # [B*T, HV, NV] fp32 per-tile sums of the outputs' squares, when OUT_NORM (NV = cdiv(V, BV))
     scale,
     T,  # tokens per batch row (unused for varlen)
     P,  # slots in the state pool (range guard for USE_INDICES)
@@ -55,7 +52,6 @@ def _recurrent_kda_fwd_kernel(
     QK_L2NORM: tl.constexpr,
     GATE_FROM_RAW: tl.constexpr,
     BETA_SIGMOID: tl.constexpr,
-    OUT_NORM: tl.constexpr,
     PDL: tl.constexpr,
     TRIGGER: tl.constexpr = True,
 ):
@@ -110,11 +106,6 @@ def _recurrent_kda_fwd_kernel(
     p_g = g + (bos * HV + i_hv) * K + o_k
     p_beta = beta + bos * HV + i_hv
     p_o = o + (bos * HV + i_hv) * V + o_v
-    if OUT_NORM:
-        NV = tl.num_programs(0)
-        p_og = out_gate + (bos * HV + i_hv) * V + o_v
-        p_ss = sumsq + (bos * HV + i_hv) * NV + i_v
-        b_nw = tl.load(norm_w + o_v, mask=m_v, other=0.0).to(tl.float32)
 
     for _ in range(0, L):
         b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
@@ -141,14 +132,6 @@ def _recurrent_kda_fwd_kernel(
         b_h = b_h + b_k[:, None] * b_w[None, :]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
         b_o = tl.where(valid, b_o, 0.0)
-        if OUT_NORM:
-            # the gated norm's first half (ops/norm.py gated_norm_parts) on the output as stored without it:
-            # this tile's sum of squares and the gated, weighted, not yet normalised output
-            b_o = b_o.to(p_o.dtype.element_ty).to(tl.float32)
-            tl.store(p_ss, tl.sum(tl.where(m_v, b_o * b_o, 0.0), axis=0))
-            b_o = b_o * b_nw * tl.sigmoid(tl.load(p_og, mask=m_v, other=0.0).to(tl.float32))
-            p_og += HV * V
-            p_ss += HV * NV
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
 
         p_q += H * K
@@ -192,32 +175,27 @@ def recurrent_kda_fwd(
     dt_bias: torch.Tensor | None,
     qk_l2norm: bool,
     beta_sigmoid: bool,
-    out_norm: tuple[torch.Tensor, torch.Tensor] | None = None,
     BV: int | None = None,
     num_warps: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Launch the kernel on validated, contiguous inputs; returns ``o`` (``ht`` is written in place).
 
     ``h0``/``ht`` are ``[P, HV, K, V]`` fp32; with ``state_indices`` they are the same pool tensor.
-    ``out_norm = (gate [B, T, HV, V], weight [V])``: returns ``(y, sumsq [B, T, HV, cdiv(V, BV)])``, the
-    gated norm's first half (``ops.norm.gated_norm_parts``, sums per column tile).
     ``BV``/``num_warps`` override the tile choice (benchmark sweeps).
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     o = torch.empty_like(v)
+    if q.numel() == 0 and T == 0:
+        return o
     BK = triton.next_power_of_2(K)
     bv, nw = default_tile(K, V)
     BV = BV or bv
     num_warps = num_warps or nw
-    grid = (triton.cdiv(V, BV), N * HV)
-    sumsq = torch.empty((B, T, HV, grid[0]), dtype=torch.float32, device=v.device) if out_norm is not None else o
-    if q.numel() == 0 and T == 0:
-        return (o, sumsq) if out_norm is not None else o
     P = h0.shape[0] if h0 is not None else (ht.shape[0] if ht is not None else N)
-    gate_o, norm_w = out_norm if out_norm is not None else (v, v)  # v stands in for unread pointers
+    grid = (triton.cdiv(V, BV), N * HV)
     _recurrent_kda_fwd_kernel[grid](
-        q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias, gate_o, norm_w, sumsq,
+        q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, A_log, dt_bias,
         scale, T, P,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
         IS_VARLEN=cu_seqlens is not None,
@@ -227,8 +205,7 @@ def recurrent_kda_fwd(
         QK_L2NORM=qk_l2norm,
         GATE_FROM_RAW=A_log is not None,
         BETA_SIGMOID=beta_sigmoid,
-        OUT_NORM=out_norm is not None,
         num_warps=num_warps,
         **pdl_launch(q.device, "recurrent_kda"),
     )
-    return (o, sumsq) if out_norm is not None else o
+    return o
