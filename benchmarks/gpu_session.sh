@@ -16,7 +16,10 @@
 # (session 26: run tests/ops/test_chunk_kda.py in parts, pytest -m gpu -k ...).
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
 # calls' fixed cost at 64K+; a persistent whole-step kernel is what would remove the first; fusing launches
-# within one kernel per operation lost five times (sessions 13, 24, 26, 27).
+# within one kernel per operation lost five times (sessions 13, 24, 26, 27), and the KDA output norm moved
+# into its neighbours lost 37-43 us (session 28). Session 28's probe (benchmarks/gluon_gemv_probe.py, ~10 s on
+# the GPU): every GEMV implementation, a warp-specialised Gluon one included, sits 2-4 us above bytes / read
+# rate per call. Gluon (triton.experimental.gluon) gives warp specialisation on Hopper in Triton 3.6.
 # `ab` times a boolean switch or a launch table's 0 / 1 entry off / on (AB_FLAG=MODULE:FLAG or
 # MODULE:TABLE[KEY], AB_CONTEXTS, AB_UPDATES); LATENT_ROUND / LATENT_SHAPES pick the latent sweep's list.
 # Issue 7 (docs/kernels.md, v22-v23): ahead of FLA's bounded-gate path at every grid shape (eager
