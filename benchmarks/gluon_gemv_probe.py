@@ -147,6 +147,13 @@ def _graph_ms(fn, reps: int = 20, rounds: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _read_rate(dev: torch.device) -> float:
+    """Bytes per second of the faster of a sum and a max over 1 GiB of fp16 (a read-only stream)."""
+    big = torch.empty(2**29, dtype=torch.float16, device=dev).normal_()
+    return max(big.numel() * 2 / (_graph_ms(lambda: big.sum(dtype=torch.float32), reps=5) * 1e-3),
+               big.numel() * 2 / (_graph_ms(lambda: big.amax(), reps=5) * 1e-3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="only the sm_90a compile report (no GPU needed)")
@@ -164,10 +171,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     copy = copy_bandwidth(dev)
     # a read-only stream's rate: a GEMV only reads, and HBM may read faster or slower than it copies
-    big = torch.empty(2**29, dtype=torch.float16, device=dev).normal_()  # 1 GiB
-    read = max(big.numel() * 2 / (_graph_ms(lambda: big.sum(dtype=torch.float32), reps=5) * 1e-3),
-               big.numel() * 2 / (_graph_ms(lambda: big.amax(), reps=5) * 1e-3))
-    del big
+    read = _read_rate(dev)
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}; "
           f"copy rate {copy / 1e12:.2f} TB/s (bytes read + written per second by a 1 GiB copy, the floors' rate); "
           f"read rate {read / 1e12:.2f} TB/s (the faster of a sum and a max over 1 GiB)")
@@ -182,14 +186,14 @@ def main() -> None:
         x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
         ref = ws[0].float() @ x[0].float()
         y = torch.empty(R, device=dev, dtype=torch.bfloat16)
-        providers = {"cublas": lambda w: torch.nn.functional.linear(x, w),
-                     "fused_linear": lambda w: fused_linear(x, [w])[0]}
+        providers = {"cublas": lambda w, x=x: torch.nn.functional.linear(x, w),
+                     "fused_linear": lambda w, x=x: fused_linear(x, [w])[0]}
         for br, bd, ns, nw in configs:
             if R % br == 0 and D % bd == 0:
                 # persistent (one program per SM walking row blocks) or one program per row block
                 for grid, progs in (("per SM", sms), ("per block", R // br)):
                     providers[f"gluon ws {br}x{bd} x{ns} {nw}w, {grid}"] = (
-                        lambda w, br=br, bd=bd, ns=ns, nw=nw, progs=progs: ws_gemv(
+                        lambda w, br=br, bd=bd, ns=ns, nw=nw, progs=progs, x=x, y=y: ws_gemv(
                             w, x[0], y, br=br, bd=bd, stages=ns, warps=nw, programs=progs))
         for name, fn in providers.items():
             try:
@@ -202,7 +206,7 @@ def main() -> None:
                 for w in ws[1:]:  # first calls outside the capture (fused_linear builds its address table)
                     fn(w)
                 i = iter(range(10**9))
-                ms = _graph_ms(lambda: fn(ws[next(i) % copies]))
+                ms = _graph_ms(lambda fn=fn, ws=ws, i=i, copies=copies: fn(ws[next(i) % copies]))
                 rate = nbytes / (ms * 1e-3)
                 print(f"| {what} | {nbytes / 1e6:.1f} | {name} | {ms * 1e3:.1f} | {rate / 1e12:.2f} | "
                       f"{rate / copy:.0%} | {rate / read:.0%} | {gate} |", flush=True)
