@@ -155,7 +155,7 @@ def test_l2_prefetch_decode_is_bit_identical(preset, cuda_device, monkeypatch):
     from kimi_linear.layers import mla
     from kimi_linear.ops import prefetch
 
-    monkeypatch.setattr(mla, "PREFETCH_OUTPUT_PROJECTION", True)
+    monkeypatch.setattr(mla, "PREFETCH_OUTPUT_PROJECTION", True)  # the default; set so the test does not follow it
     model = make(preset, cuda_device, torch.bfloat16)
     if prefetch.prefetch_plan(model.lm_head.weight)[1] == 0:
         pytest.skip("the bulk L2 prefetch needs compute capability >= 9")
