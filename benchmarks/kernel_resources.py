@@ -43,7 +43,8 @@ TYPES.update(NC="i32", NGATE="i32", TT="i32")  # chunk and program counts, token
 LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32",
                     M="i32", T="i32", H="i32", keys_per_split="i32", sm_scale="fp32")
 LATENT_TYPES.update({f"stride_{n}": "i32" for n in ("qb", "qm", "qrb", "qrm", "cb", "cl", "krb", "krl", "ob", "os",
-                                                     "om", "lb", "ls")})
+                                                     "om", "lb", "ls", "cm")})
+LATENT_TYPES.update(S="i32", ctx_ptr="*bf16")  # the merge: split count, bf16 contexts (fp32 partials: the default)
 
 # kernel-specific tables (by the kernel's name prefix) override TYPES for that kernel only
 # the absorbed MLA projections at decode: bf16 queries, weights, contexts and outputs
@@ -56,7 +57,9 @@ KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_absorb": ABSORB_TYPES}
 ALIGNED = False
 
 
-def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int = 3):
+    """``fn`` compiled by Triton for sm_90a with these constexprs (decode kernels with PDL on, as launched
+    on Hopper); argument types from TYPES / KERNEL_TYPES. The compiled kernel (``.asm["ptx"]`` ...)."""
     options = dict(num_warps=num_warps, num_stages=num_stages)
     # constexpr parameters with a default take it, as a launch that does not pass them does (typed as
     # pointers they would not compile)
@@ -68,8 +71,12 @@ def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> 
     sig = {name: "constexpr" if name in constexprs else types.get(name, "*fp32") for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if ALIGNED and (sig[name].startswith("*") or sig[name] in ("i32", "i64"))}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_stats(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    kernel = compile_sm90(fn, constexprs, num_warps, num_stages)
     ptx = kernel.asm["ptx"]
     # global loads in the PTX: vector (16/8-byte) against scalar ones; a weight-streaming kernel with
     # many scalar loads has lost its address alignment (docs/decode.md)
@@ -180,6 +187,10 @@ def cases():
                dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True), warps, 2)
     yield ("latent split keys-major TMA 32 keys x 4 stages", lat._latent_attn_split_keys_major_kernel,
            dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=32, TMA=True), 4, 4)
+    yield ("latent split keys-major TMA, 2 tiles prefetched", lat._latent_attn_split_keys_major_kernel,
+           dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True, PREFETCH_TILES=2, ELT=2), 4, 2)
+    yield ("latent merge one pass (132 splits)", lat._latent_attn_merge_one_pass_kernel,
+           dict(BLOCK_R=16, BLOCK_S=256), lat.MERGE_ONE_PASS_WARPS, 3)
     from kimi_linear.ops import latent_absorb_triton as ab
     # the absorbed projections around it (32 heads, Dn = Dv = 128, R = 512), at the launch table's tiles
     yield ("absorb query (MLA decode)", ab._absorb_query_kernel,

@@ -28,6 +28,7 @@ from kimi_linear.ops.latent_attention import _check, split_kv_b
 from kimi_linear.ops.pdl import hopper_or_later, pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 from kimi_linear.ops.prefetch import prefetch_l2_
+from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
 
 
 @triton.jit
@@ -43,6 +44,36 @@ def _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M: tl.constexpr):
     limit = length - (T - 1) + (o_m // H)
     start = i_s * keys_per_split
     return i_s, i_b, o_m, o_m < M, limit, start, tl.minimum(start + keys_per_split, length)
+
+
+@triton.jit
+def _prefetch_split_head(c_ptr, kr_ptr, len_ptr, keys_per_split, stride_cb, stride_krb,
+                         R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, TILES_AHEAD: tl.constexpr,
+                         ELT: tl.constexpr):
+    """L2 prefetch of the first ``TILES_AHEAD`` key tiles of this program's split (grid axis 1: split, 2:
+    batch row): latent rows ``[start, min(start + TILES_AHEAD BLOCK_N, end))`` and the same rows of the
+    shared key part, each one contiguous range (rows ``R`` / ``DR`` elements apart, of ``ELT`` bytes:
+    checked on the host). 128 lanes (4 warps): half cut the latent range into equal pieces, half the
+    key part's."""
+    LANES: tl.constexpr = 128
+    HALF: tl.constexpr = LANES // 2
+    C_PIECE: tl.constexpr = TILES_AHEAD * BLOCK_N * R * ELT // HALF
+    KR_PIECE: tl.constexpr = TILES_AHEAD * BLOCK_N * DR * ELT // HALF
+    i_s = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    start = i_s * keys_per_split
+    end = tl.minimum(tl.minimum(start + keys_per_split, tl.load(len_ptr + i_b).to(tl.int64)),
+                     start + TILES_AHEAD * BLOCK_N)
+    rows = tl.maximum(end - start, 0)
+    lane = tl.arange(0, LANES)
+    is_c = lane < HALF
+    k = tl.where(is_c, lane, lane - HALF).to(tl.int64)
+    c0 = c_ptr.to(tl.int64, bitcast=True) + (i_b * stride_cb + start * R) * ELT
+    kr0 = kr_ptr.to(tl.int64, bitcast=True) + (i_b * stride_krb + start * DR) * ELT
+    piece = tl.where(is_c, C_PIECE, KR_PIECE).to(tl.int64)
+    total = rows * tl.where(is_c, R * ELT, DR * ELT).to(tl.int64)
+    size = tl.minimum(tl.maximum(total - k * piece, 0), piece).to(tl.int32)
+    bulk_prefetch_l2(tl.where(is_c, c0, kr0) + k * piece, size)
 
 
 @triton.jit
@@ -107,13 +138,20 @@ def _latent_attn_split_keys_major_kernel(
     stride_cb, stride_cl, stride_krb, stride_krl,
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    TMA: tl.constexpr = False, TRIGGER: tl.constexpr = True,
+    TMA: tl.constexpr = False, TRIGGER: tl.constexpr = True, PREFETCH_TILES: tl.constexpr = 0,
+    ELT: tl.constexpr = 2,
 ):
     # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
     # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
     # the latent width (R = 512) are then the products' M sides, which Hopper's asynchronous wgmma needs
     # in multiples of 64, where the query rows (32 heads at one token) were too few for it: one program
     # serves all 32 rows from one read of each tile (no second row group re-reading it).
+    if PREFETCH_TILES > 0:
+        # before the wait: the split's first tiles asked into L2 while the query absorption still runs
+        # (TILES["prefetch_tiles"]). Safe: a prefetch has no destination, and the cache rows and lengths
+        # it addresses were written by kernels that completed before the one this launch waits for
+        _prefetch_split_head(c_ptr, kr_ptr, len_ptr, keys_per_split, stride_cb, stride_krb,
+                             R, DR, BLOCK_N, PREFETCH_TILES, ELT)
     wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
@@ -213,6 +251,44 @@ def _latent_attn_merge_kernel(
     tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
 
 
+# Why a one-pass form: the kernel above is a chain of dependent loads -- the lse of every split, then per
+# chunk of splits the lse again and the partials masked by their weights (so each load waits for the one
+# before): at batch 1 ~5.6-6 us per MLA layer and step at every context (S = 64-132 splits), for 4-9 MB
+# that the split kernel has just left in L2.
+@triton.jit
+def _latent_attn_merge_one_pass_kernel(
+    o_ptr, lse_ptr, ctx_ptr, S,
+    stride_ob, stride_os, stride_om, stride_lb, stride_ls, stride_cb, stride_cm,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
+):
+    """The merge of :func:`_latent_attn_merge_kernel` (same contract) for ``S <= BLOCK_S``: every split's
+    lse and ``[BLOCK_S, BLOCK_R]`` partials are loaded at once, with no load waiting on another, then
+    weighted and summed. A keyless split's partials (weight 0, possibly NaN) are loaded but never
+    multiplied: ``tl.where`` drops them."""
+    wait_for_previous_grid(PDL, TRIGGER)
+    i_b = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_s = tl.arange(0, BLOCK_S).to(tl.int64)
+    b_lse = tl.load(lse_ptr + i_b * stride_lb + i_m + o_s * stride_ls, mask=o_s < S, other=float("-inf"))
+    b_o = tl.load(o_ptr + i_b * stride_ob + i_m * stride_om + o_s[:, None] * stride_os + o_r[None, :],
+                  mask=(o_s < S)[:, None], other=0.0)
+    mx = tl.max(b_lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # no key in any split: every weight exp(-inf) = 0
+    w = tl.exp(b_lse - mx)
+    ctx = tl.sum(tl.where((w > 0)[:, None], w[:, None] * b_o, 0.0), 0)
+    ctx = ctx / tl.maximum(tl.sum(w, 0), 1.1754943508222875e-38)  # 2^-126
+    tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
+
+
+# The merge in one pass where the splits fit one tile (S <= MERGE_ONE_PASS_MAX_SPLITS; a switch for A/B runs),
+# tiles of MERGE_ONE_PASS_ELEMENTS fp32 ([next_pow2(S), BLOCK_R]) on MERGE_ONE_PASS_WARPS warps
+MERGE_ONE_PASS = True
+MERGE_ONE_PASS_MAX_SPLITS = 256
+MERGE_ONE_PASS_ELEMENTS = 4096
+MERGE_ONE_PASS_WARPS = 4
+
+
 def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``o_part [B, S, M, R]`` fp32, ``lse [B, S, M]`` fp32 -> ``out [B, M, R]`` (written, returned).
     Launch settings depend on shapes only (graph-capturable)."""
@@ -221,6 +297,18 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         raise ValueError(f"merge: o_part {tuple(o_part.shape)}, lse {tuple(lse.shape)}, out {tuple(out.shape)}")
     if o_part.stride(-1) != 1 or lse.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("merge: o_part, lse and out need a contiguous last dim")
+    if MERGE_ONE_PASS and S <= MERGE_ONE_PASS_MAX_SPLITS:
+        block_s = triton.next_power_of_2(S)
+        block_r = min(triton.next_power_of_2(R), max(16, MERGE_ONE_PASS_ELEMENTS // block_s))
+        if R % block_r == 0:
+            _latent_attn_merge_one_pass_kernel[(B, M, R // block_r)](
+                o_part, lse, out, S,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+                out.stride(0), out.stride(1),
+                BLOCK_R=block_r, BLOCK_S=block_s, num_warps=MERGE_ONE_PASS_WARPS,
+                **pdl_launch(out.device, "latent_merge"),
+            )
+            return out
     # tiles of <= 4096 fp32: [64, 64] for many splits, wider in R when there are few (large batch)
     sub_s = min(64, triton.next_power_of_2(S))
     block_r = min(triton.next_power_of_2(R), max(64, 4096 // sub_s))
@@ -278,8 +366,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   (latent_sweep_fewer_splits_tma_h100.txt). The per-split contexts stored in bf16 (half the partials'
 #   bytes): 55.8 -> 56.4 us at 64K, 451 -> 461 at 1M, the step 3.086 -> 3.082 ms at 64K, 3.269 -> 3.268
 #   at 128K (half_partials_*_h100.txt): no gain, reverted, commit 2dfed50 has it.)
+#   prefetch_tiles: the keys-major kernel asks the L2 for its split's first this many tiles before its PDL
+#   wait (0: not; Hopper, rows back to back); the query absorption before it placing it early
+#   (pdl.EARLY_TRIGGER["absorb_query_keys_major"]) gives that prefetch a window.
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=0)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
@@ -335,6 +426,19 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
         return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                and (t.stride(1) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _prefetch_ok(latent: torch.Tensor, k_rope: torch.Tensor, rows: int) -> bool:
+    """Whether the keys-major kernel may ask the L2 for its first ``rows`` keys before its wait
+    (``_prefetch_split_head``): a Hopper GPU (the bulk prefetch instruction; not the interpreter), rows
+    stored back to back in both tensors, and the pieces the 2 x 64 lanes take 16-byte multiples."""
+    from kimi_linear.backends import triton_interpret
+
+    if triton_interpret() or not hopper_or_later(latent.device) or latent.dtype != k_rope.dtype:
+        return False
+    return (latent.stride(1) == latent.shape[2] and k_rope.stride(1) == k_rope.shape[2]
+            and all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (latent, k_rope))
+            and all((rows * t.shape[2] * t.element_size()) % (64 * 16) == 0 for t in (latent, k_rope)))
 
 
 def _num_splits(B: int, L: int, block_n: int, device: torch.device, per_sm: float = 2) -> int:
@@ -419,6 +523,9 @@ def latent_attention_triton(
         extra["TMA"] = True
         if latent.device.type == "cuda":
             _ensure_scratch_allocator()
+    ahead = int(TILES.get("prefetch_tiles", 0))
+    if keys_major and ahead > 0 and _prefetch_ok(latent, k_rope, block_n * ahead):
+        extra.update(PREFETCH_TILES=ahead, ELT=latent.element_size())
     kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,

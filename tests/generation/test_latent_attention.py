@@ -14,6 +14,17 @@ from kimi_linear.ops.latent_attention import (
 from tests.numerics import poison_, rel_rms, tolerance
 
 
+class _Recorder:
+    """Stands in for a Triton kernel: records ``name`` in ``log`` when a launch indexes it, then launches it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 def inputs(B=3, T=1, H=4, Dn=8, Dr=4, Dv=6, R=16, L=11, dtype=torch.float32):
     return (torch.randn(B, T, H, Dn, dtype=dtype), torch.randn(B, T, H, Dr, dtype=dtype),
             torch.randn(B, L, R, dtype=dtype), torch.randn(B, L, Dr, dtype=dtype),
@@ -188,16 +199,8 @@ def test_triton_split_kernel_chosen_by_context(monkeypatch):
     from kimi_linear.ops import latent_attention_triton as lt
 
     used = []
-    class Spy:  # records which kernel a launch indexes, then launches it
-        def __init__(self, name):
-            self.name, self.real = name, getattr(lt, name)
-
-        def __getitem__(self, grid):
-            used.append(self.name)
-            return self.real[grid]
-
     for name in ("_latent_attn_split_kernel", "_latent_attn_split_keys_major_kernel"):
-        monkeypatch.setattr(lt, name, Spy(name))
+        monkeypatch.setattr(lt, name, _Recorder(getattr(lt, name), name, used))
     monkeypatch.setitem(lt.TILES, "keys_major_from", 40)
     for L, expected in ((32, "_latent_attn_split_kernel"), (48, "_latent_attn_split_keys_major_kernel")):
         args = [a.to(device) for a in inputs(B=2, T=1, H=4, Dn=16, Dr=16, Dv=16, R=32, L=L)]
@@ -224,16 +227,26 @@ def test_triton_reads_query_slices_in_place(T):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("S", [1, 3, 70, 600])
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "chunked"])
+@pytest.mark.parametrize("S", [1, 3, 70, 132, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_merge_kernel_against_full_softmax(S, dtype):
+def test_triton_merge_kernel_against_full_softmax(S, dtype, one_pass, monkeypatch):
     """The merge alone on synthetic partials: each split's ``(o_s, lse_s)`` is a softmax over its own
     keys, and the merge must give the softmax over all keys. Splits without keys (lse = -inf) hold NaN
     in ``o``: they must be ignored, not multiplied by 0. The lse values are large (~100, and +250 in the
     last split of row 0) so that exp overflows unless the true max over all splits is subtracted;
-    S=600 takes that max in two chunks of 512."""
+    S=600 takes that max in two chunks of 512 (the chunked kernel: too many splits for one pass, so
+    ``one_pass`` runs it too). Both kernels: the one-pass form (S <= 256, the decode step's) and the
+    chunked one."""
     device = _triton_device()
+    from kimi_linear.ops import latent_attention_triton as lt
     from kimi_linear.ops.latent_attention_triton import _merge_splits
+
+    monkeypatch.setattr(lt, "MERGE_ONE_PASS", one_pass)
+    launched = []
+    for name in ("_latent_attn_merge_one_pass_kernel", "_latent_attn_merge_kernel"):
+        kernel = getattr(lt, name)
+        monkeypatch.setattr(lt, name, _Recorder(kernel, name, launched))
 
     B, M, R, n = 3, 2, 128, 4   # R=128: two programs along R when S >= 64
     g = torch.Generator().manual_seed(1)
@@ -259,6 +272,7 @@ def test_triton_merge_kernel_against_full_softmax(S, dtype):
 
     out = poison_(torch.empty(B, M, R, device=device, dtype=dtype))
     _merge_splits(o.float().to(device), lse.float().to(device), out)
+    assert launched == ["_latent_attn_merge_one_pass_kernel" if one_pass and S <= 256 else "_latent_attn_merge_kernel"]
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert out[1].abs().max() == 0
     # GPU: exp is ex2.approx (relative error ~|x| * 2^-22 for weights exp(x))
@@ -351,6 +365,35 @@ def test_triton_kernel_full_geometry_gpu(cuda_device, dtype, kernel, monkeypatch
     out = latent_attention_triton(*args, lengths=lengths)
     assert torch.isfinite(out).all()
     assert rel_rms(out, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_split_prefetch_and_one_pass_merge_gpu(cuda_device, monkeypatch):
+    # The keys-major kernel's L2 prefetch before its wait (TILES["prefetch_tiles"]) changes no bit; the
+    # one-pass merge (the decode step's 132 splits) and the chunked one agree to the bf16 output's rounding.
+    # Benchmark geometry, bf16, a second row whose cache past its length is NaN and whose length ends
+    # inside a tile, a split and a prefetched range.
+    from kimi_linear.ops import latent_attention_triton as lt
+
+    monkeypatch.setitem(lt.TILES, "keys_major_from", 0)
+    monkeypatch.setitem(lt.TILES, "keys_major_tma", 1)
+    args = [a.to(cuda_device) for a in inputs(B=2, T=1, H=32, Dn=128, Dr=64, Dv=128, R=512, L=70000, dtype=torch.float32)]
+    lengths = torch.tensor([70000, 12345], device=cuda_device)
+    ref = expanded_attention_ref(*args, lengths=lengths)
+    args = [a.bfloat16() for a in args]
+    args[2][1, 12345:] = float("nan")
+    args[3][1, 12345:] = float("nan")
+    assert lt._prefetch_ok(args[2][:, :70000], args[3][:, :70000], 2 * 64)  # the launches below take it
+    outs = {}
+    for ahead in (0, 1, 2):
+        for one_pass in (True, False):
+            monkeypatch.setitem(lt.TILES, "prefetch_tiles", ahead)
+            monkeypatch.setattr(lt, "MERGE_ONE_PASS", one_pass)
+            outs[ahead, one_pass] = lt.latent_attention_triton(*args, lengths=lengths)
+    for (ahead, one_pass), out in outs.items():
+        assert torch.isfinite(out).all() and rel_rms(out, ref) < 2e-2, (ahead, one_pass)
+        assert torch.equal(out, outs[0, one_pass]), (ahead, one_pass)
+    assert rel_rms(outs[0, True], outs[0, False]) < 4e-3
 
 
 @pytest.mark.parametrize("N,H,Dn,Dv,R", [(1, 4, 8, 6, 16), (5, 3, 16, 12, 20)], ids=["decode", "odd_sizes"])
