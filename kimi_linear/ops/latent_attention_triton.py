@@ -281,12 +281,12 @@ def _latent_attn_merge_one_pass_kernel(
     tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
 
 
-# The merge in one pass where the splits fit one tile (S <= MERGE_ONE_PASS_MAX_SPLITS; a switch for A/B runs),
-# tiles of MERGE_ONE_PASS_ELEMENTS fp32 ([next_pow2(S), BLOCK_R]) on MERGE_ONE_PASS_WARPS warps
+# The merge in one pass where the splits fit one tile (S <= max_splits), tiles of `elements` fp32
+# ([next_pow2(S), BLOCK_R], BLOCK_R >= 16) on `num_warps` warps; MERGE_ONE_PASS: a switch for A/B runs.
+# H100, benchmark model, graph-replayed step (results/decode/session29/ab_merge_one_pass_h100.txt; chunked ->
+# one pass, 4096 elements, 4 warps): 2.807 -> 2.800 ms at 4K, 3.015 -> 3.009 at 64K, 3.196 -> 3.190 at 128K
 MERGE_ONE_PASS = True
-MERGE_ONE_PASS_MAX_SPLITS = 256
-MERGE_ONE_PASS_ELEMENTS = 4096
-MERGE_ONE_PASS_WARPS = 4
+MERGE_TILES = dict(max_splits=256, elements=4096, num_warps=4)
 
 
 def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -297,15 +297,15 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         raise ValueError(f"merge: o_part {tuple(o_part.shape)}, lse {tuple(lse.shape)}, out {tuple(out.shape)}")
     if o_part.stride(-1) != 1 or lse.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("merge: o_part, lse and out need a contiguous last dim")
-    if MERGE_ONE_PASS and S <= MERGE_ONE_PASS_MAX_SPLITS:
+    if MERGE_ONE_PASS and S <= MERGE_TILES["max_splits"]:
         block_s = triton.next_power_of_2(S)
-        block_r = min(triton.next_power_of_2(R), max(16, MERGE_ONE_PASS_ELEMENTS // block_s))
+        block_r = min(triton.next_power_of_2(R), max(16, MERGE_TILES["elements"] // block_s))
         if R % block_r == 0:
             _latent_attn_merge_one_pass_kernel[(B, M, R // block_r)](
                 o_part, lse, out, S,
                 o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
                 out.stride(0), out.stride(1),
-                BLOCK_R=block_r, BLOCK_S=block_s, num_warps=MERGE_ONE_PASS_WARPS,
+                BLOCK_R=block_r, BLOCK_S=block_s, num_warps=MERGE_TILES["num_warps"],
                 **pdl_launch(out.device, "latent_merge"),
             )
             return out
@@ -368,9 +368,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   at 128K (half_partials_*_h100.txt): no gain, reverted, commit 2dfed50 has it.)
 #   prefetch_tiles: the keys-major kernel asks the L2 for its split's first this many tiles before its PDL
 #   wait (0: not; Hopper, rows back to back); the query absorption before it placing it early
-#   (pdl.EARLY_TRIGGER["absorb_query_keys_major"]) gives that prefetch a window.
+#   (pdl.EARLY_TRIGGER["absorb_query_keys_major"]) gives that prefetch a window. H100, benchmark model,
+#   graph-replayed step, both with that trigger (results/decode/session29/ab_prefetch_h100.txt): 0 -> 2 tiles
+#   3.011 -> 3.005 ms at 64K, 3.191 -> 3.183 at 128K; the trigger alone is neutral (3.009 / 3.190 at exit).
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=0)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=2)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/

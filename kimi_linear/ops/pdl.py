@@ -87,12 +87,14 @@ def use_pdl(device: torch.device) -> bool:
 # more) at exit, the Triton absorptions there then gaining: 3.034 -> 3.025 ms at 64K. Then re-measured
 # (session25/pdl_trigger_resweep_h100.txt, early -> exit): latent_keys_major 3.029 -> 3.022 at 64K, 3.209 ->
 # 3.194 at 128K, 5.770 -> 5.766 at 1M (now at exit); absorb_query_keys_major 3.038 -> 3.032, latent_merge
-# 3.058 -> 3.034, moe_down_one 3.055 -> 3.029 at 64K (kept at exit).
+# 3.058 -> 3.034, moe_down_one 3.055 -> 3.029 at 64K (kept at exit). Session 29: absorb_query_keys_major early
+# again, so that the split kernel's programs, placed while it runs, prefetch their first tiles into L2 before
+# their wait (latent_attention_triton.TILES["prefetch_tiles"]): neutral alone, -6 / -8 us at 64K / 128K with it.
 EARLY_TRIGGER: dict[str, int] = {
     "conv": 1, "fused_linear": 1, "route": 1, "route_split": 1, "recurrent_kda": 1, "rms_norm": 1,
     "rms_norm_store": 1, "moe_gate_up": 1, "moe_down": 1, "moe_gate_up_one": 1, "moe_down_one": 0,
     "latent_split": 0, "latent_keys_major": 0, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
-    "absorb_query_keys_major": 0,
+    "absorb_query_keys_major": 1,
 }
 
 
