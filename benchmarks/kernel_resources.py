@@ -190,7 +190,7 @@ def cases():
     yield ("latent split keys-major TMA, 2 tiles prefetched", lat._latent_attn_split_keys_major_kernel,
            dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True, PREFETCH_TILES=2, ELT=2), 4, 2)
     yield ("latent merge one pass (132 splits)", lat._latent_attn_merge_one_pass_kernel,
-           dict(BLOCK_R=16, BLOCK_S=256), lat.MERGE_TILES["num_warps"], 3)
+           dict(BLOCK_R=lat.MERGE_TILES["block_r"], BLOCK_S=256), lat.MERGE_TILES["num_warps"], 3)
     from kimi_linear.ops import latent_absorb_triton as ab
     # the absorbed projections around it (32 heads, Dn = Dv = 128, R = 512), at the launch table's tiles
     yield ("absorb query (MLA decode)", ab._absorb_query_kernel,

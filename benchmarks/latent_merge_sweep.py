@@ -20,7 +20,7 @@ import torch
 
 M, R = 32, 512
 SETTINGS = ([dict(one_pass=False)]
-            + [dict(one_pass=True, elements=e, num_warps=w) for e in (2048, 4096, 8192, 16384) for w in (2, 4, 8)])
+            + [dict(one_pass=True, block_r=r, num_warps=w) for r in (16, 32, 64, 128) for w in (2, 4, 8)])
 
 
 def partials(S: int, dev: torch.device, seed: int = 0):

@@ -281,12 +281,14 @@ def _latent_attn_merge_one_pass_kernel(
     tl.store(ctx_ptr + i_b * stride_cb + i_m * stride_cm + o_r, ctx.to(ctx_ptr.dtype.element_ty))
 
 
-# The merge in one pass where the splits fit one tile (S <= max_splits), tiles of `elements` fp32
-# ([next_pow2(S), BLOCK_R], BLOCK_R >= 16) on `num_warps` warps; MERGE_ONE_PASS: a switch for A/B runs.
-# H100, benchmark model, graph-replayed step (results/decode/session29/ab_merge_one_pass_h100.txt; chunked ->
-# one pass, 4096 elements, 4 warps): 2.807 -> 2.800 ms at 4K, 3.015 -> 3.009 at 64K, 3.196 -> 3.190 at 128K
+# The merge in one pass where the splits fit one tile (S <= max_splits): tiles [next_pow2(S), block_r] fp32
+# on `num_warps` warps; MERGE_ONE_PASS: a switch for A/B runs. H100, benchmark model, graph-replayed step
+# (results/decode/session29/ab_merge_one_pass_h100.txt; chunked -> one pass in tiles of 4096, i.e. block_r 64
+# at 64 splits (4K keys) and 16 at 129-132 (64K keys on)): 2.807 -> 2.800 ms at 4K, 3.015 -> 3.009 at 64K,
+# 3.196 -> 3.190 at 128K. The merge alone (merge_sweep_h100.txt, us per call, graph of PDL launches): at 132
+# splits chunked 5.2, block_r 16 4.65, 32 3.87, 64 3.67 (2 / 8 warps slower); at 64 splits 2.99 / 2.45 (64).
 MERGE_ONE_PASS = True
-MERGE_TILES = dict(max_splits=256, elements=4096, num_warps=4)
+MERGE_TILES = dict(max_splits=256, block_r=64, num_warps=4)
 
 
 def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -299,7 +301,7 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
         raise ValueError("merge: o_part, lse and out need a contiguous last dim")
     if MERGE_ONE_PASS and S <= MERGE_TILES["max_splits"]:
         block_s = triton.next_power_of_2(S)
-        block_r = min(triton.next_power_of_2(R), max(16, MERGE_TILES["elements"] // block_s))
+        block_r = min(triton.next_power_of_2(R), MERGE_TILES["block_r"])
         if R % block_r == 0:
             _latent_attn_merge_one_pass_kernel[(B, M, R // block_r)](
                 o_part, lse, out, S,
@@ -371,8 +373,10 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   (pdl.EARLY_TRIGGER["absorb_query_keys_major"]) gives that prefetch a window. H100, benchmark model,
 #   graph-replayed step, both with that trigger (results/decode/session29/ab_prefetch_h100.txt): 0 -> 2 tiles
 #   3.011 -> 3.005 ms at 64K, 3.191 -> 3.183 at 128K; the trigger alone is neutral (3.009 / 3.190 at exit).
+#   1 tile against 2 (ab_prefetch_1_2_h100.txt): 2.997 / 2.999 ms at 64K, 3.174 / 3.180 at 128K. (The split
+#   and the merge triggering early were slower again, ab_split_trigger / ab_merge_trigger_h100.txt.)
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=2)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=1)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
