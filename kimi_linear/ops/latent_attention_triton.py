@@ -25,10 +25,10 @@ import triton.language as tl
 
 from kimi_linear.ops import latent_absorb_triton as absorb
 from kimi_linear.ops.latent_attention import _check, split_kv_b
+from kimi_linear.ops.latent_prefetch_kernel import prefetch_split_tiles
 from kimi_linear.ops.pdl import hopper_or_later, pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 from kimi_linear.ops.prefetch import prefetch_l2_
-from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
 
 
 @triton.jit
@@ -44,36 +44,6 @@ def _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M: tl.constexpr):
     limit = length - (T - 1) + (o_m // H)
     start = i_s * keys_per_split
     return i_s, i_b, o_m, o_m < M, limit, start, tl.minimum(start + keys_per_split, length)
-
-
-@triton.jit
-def _prefetch_split_head(c_ptr, kr_ptr, len_ptr, keys_per_split, stride_cb, stride_krb,
-                         R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, TILES_AHEAD: tl.constexpr,
-                         ELT: tl.constexpr):
-    """L2 prefetch of the first ``TILES_AHEAD`` key tiles of this program's split (grid axis 1: split, 2:
-    batch row): latent rows ``[start, min(start + TILES_AHEAD BLOCK_N, end))`` and the same rows of the
-    shared key part, each one contiguous range (rows ``R`` / ``DR`` elements apart, of ``ELT`` bytes:
-    checked on the host). 128 lanes (4 warps): half cut the latent range into equal pieces, half the
-    key part's."""
-    LANES: tl.constexpr = 128
-    HALF: tl.constexpr = LANES // 2
-    C_PIECE: tl.constexpr = TILES_AHEAD * BLOCK_N * R * ELT // HALF
-    KR_PIECE: tl.constexpr = TILES_AHEAD * BLOCK_N * DR * ELT // HALF
-    i_s = tl.program_id(1).to(tl.int64)
-    i_b = tl.program_id(2).to(tl.int64)
-    start = i_s * keys_per_split
-    end = tl.minimum(tl.minimum(start + keys_per_split, tl.load(len_ptr + i_b).to(tl.int64)),
-                     start + TILES_AHEAD * BLOCK_N)
-    rows = tl.maximum(end - start, 0)
-    lane = tl.arange(0, LANES)
-    is_c = lane < HALF
-    k = tl.where(is_c, lane, lane - HALF).to(tl.int64)
-    c0 = c_ptr.to(tl.int64, bitcast=True) + (i_b * stride_cb + start * R) * ELT
-    kr0 = kr_ptr.to(tl.int64, bitcast=True) + (i_b * stride_krb + start * DR) * ELT
-    piece = tl.where(is_c, C_PIECE, KR_PIECE).to(tl.int64)
-    total = rows * tl.where(is_c, R * ELT, DR * ELT).to(tl.int64)
-    size = tl.minimum(tl.maximum(total - k * piece, 0), piece).to(tl.int32)
-    bulk_prefetch_l2(tl.where(is_c, c0, kr0) + k * piece, size)
 
 
 @triton.jit
@@ -139,7 +109,7 @@ def _latent_attn_split_keys_major_kernel(
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     TMA: tl.constexpr = False, TRIGGER: tl.constexpr = True, PREFETCH_TILES: tl.constexpr = 0,
-    ELT: tl.constexpr = 2,
+    PREFETCH_FIRST: tl.constexpr = 0, ELT: tl.constexpr = 2,
 ):
     # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
     # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
@@ -148,10 +118,11 @@ def _latent_attn_split_keys_major_kernel(
     # serves all 32 rows from one read of each tile (no second row group re-reading it).
     if PREFETCH_TILES > 0:
         # before the wait: the split's first tiles asked into L2 while the query absorption still runs
-        # (TILES["prefetch_tiles"]). Safe: a prefetch has no destination, and the cache rows and lengths
-        # it addresses were written by kernels that completed before the one this launch waits for
-        _prefetch_split_head(c_ptr, kr_ptr, len_ptr, keys_per_split, stride_cb, stride_krb,
-                             R, DR, BLOCK_N, PREFETCH_TILES, ELT)
+        # (TILES["prefetch_tiles"]; tiles from PREFETCH_FIRST on, those before it asked for by the query
+        # absorption). Safe: a prefetch has no destination, and the lengths it reads were written by a
+        # kernel that completed before the one this launch waits for
+        prefetch_split_tiles(c_ptr, kr_ptr, len_ptr, tl.program_id(1), tl.program_id(2), keys_per_split,
+                             stride_cb, stride_krb, R, DR, BLOCK_N, PREFETCH_FIRST, PREFETCH_TILES, ELT)
     wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
@@ -375,8 +346,12 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   3.011 -> 3.005 ms at 64K, 3.191 -> 3.183 at 128K; the trigger alone is neutral (3.009 / 3.190 at exit).
 #   1 tile against 2 (ab_prefetch_1_2_h100.txt): 2.997 / 2.999 ms at 64K, 3.174 / 3.180 at 128K. (The split
 #   and the merge triggering early were slower again, ab_split_trigger / ab_merge_trigger_h100.txt.)
+#   absorb_prefetch_tiles: the query absorption (Triton, 4 warps) asks for the split's first this many tiles
+#   before its own wait, while the latent cache write before it runs; the split kernel's prefetch then
+#   starts after them.
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=1)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=1,
+                               absorb_prefetch_tiles=0)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
@@ -436,7 +411,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 
 def _prefetch_ok(latent: torch.Tensor, k_rope: torch.Tensor, rows: int) -> bool:
     """Whether the keys-major kernel may ask the L2 for its first ``rows`` keys before its wait
-    (``_prefetch_split_head``): a Hopper GPU (the bulk prefetch instruction; not the interpreter), rows
+    (``latent_prefetch_kernel.prefetch_split_tiles``): a Hopper GPU (the bulk prefetch instruction; not the interpreter), rows
     stored back to back in both tensors, and the pieces the 2 x 64 lanes take 16-byte multiples."""
     from kimi_linear.backends import triton_interpret
 
@@ -506,9 +481,17 @@ def latent_attention_triton(
     # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
     few = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
     triton_absorb = few and (TRITON_ABSORB_KEYS_MAJOR or not keys_major)
+    # the split kernel's first tiles asked into L2 before the PDL waits: TILES["absorb_prefetch_tiles"] by
+    # the query absorption, the next TILES["prefetch_tiles"] by the split kernel itself
+    early = int(TILES.get("absorb_prefetch_tiles", 0)) if triton_absorb and absorb.TILES["num_warps"] == 4 else 0
+    ahead = int(TILES.get("prefetch_tiles", 0))
+    early = early if keys_major and early > 0 and _prefetch_ok(latent, k_rope, block_n * early) else 0
+    ahead = ahead if keys_major and ahead > 0 and _prefetch_ok(latent, k_rope, block_n * ahead) else 0
     if triton_absorb:
+        pf = (dict(latent=latent, k_rope=k_rope, lengths=lengths.to(device=latent.device),
+                   keys_per_split=keys_per_split, splits=S, block_n=block_n, tiles=early) if early else None)
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt,
-                                    before_keys_major=keys_major).view(B, M, R)
+                                    before_keys_major=keys_major, prefetch=pf).view(B, M, R)
     else:
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
     # q_rope is usually a column slice of the query projection: read it in place through its row
@@ -529,9 +512,8 @@ def latent_attention_triton(
         extra["TMA"] = True
         if latent.device.type == "cuda":
             _ensure_scratch_allocator()
-    ahead = int(TILES.get("prefetch_tiles", 0))
-    if keys_major and ahead > 0 and _prefetch_ok(latent, k_rope, block_n * ahead):
-        extra.update(PREFETCH_TILES=ahead, ELT=latent.element_size())
+    if ahead:
+        extra.update(PREFETCH_TILES=ahead, PREFETCH_FIRST=early, ELT=latent.element_size())
     kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,
