@@ -48,9 +48,7 @@ LATENT_TYPES.update(S="i32", ctx_ptr="*bf16")  # the merge: split count, bf16 co
 
 # kernel-specific tables (by the kernel's name prefix) override TYPES for that kernel only
 # the absorbed MLA projections at decode: bf16 queries, weights, contexts and outputs
-ABSORB_TYPES = dict(q_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", c_ptr="*bf16", N="i32", s_qn="i32", s_qh="i32",
-                    kr_ptr="*bf16", len_ptr="*i64", keys_per_split="i32", n_splits="i32", n_rows="i32", stride_cb="i32",
-                    stride_krb="i32")  # (the last: the split kernel's tiles it may prefetch)
+ABSORB_TYPES = dict(q_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", c_ptr="*bf16", N="i32", s_qn="i32", s_qh="i32")
 KERNEL_TYPES = {"_latent_attn": LATENT_TYPES, "_absorb": ABSORB_TYPES}
 
 
@@ -189,16 +187,14 @@ def cases():
                dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True), warps, 2)
     yield ("latent split keys-major TMA 32 keys x 4 stages", lat._latent_attn_split_keys_major_kernel,
            dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=32, TMA=True), 4, 4)
-    yield ("latent split keys-major TMA, tile 1 prefetched", lat._latent_attn_split_keys_major_kernel,
-           dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True, PREFETCH_TILES=1, PREFETCH_FIRST=1, ELT=2), 4, 2)
+    yield ("latent split keys-major TMA, 1 tile prefetched", lat._latent_attn_split_keys_major_kernel,
+           dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True, PREFETCH_TILES=1, ELT=2), 4, 2)
     yield ("latent merge one pass (132 splits)", lat._latent_attn_merge_one_pass_kernel,
            dict(BLOCK_R=lat.MERGE_TILES["block_r"], BLOCK_S=256), lat.MERGE_TILES["num_warps"], 3)
     from kimi_linear.ops import latent_absorb_triton as ab
     # the absorbed projections around it (32 heads, Dn = Dv = 128, R = 512), at the launch table's tiles
     yield ("absorb query (MLA decode)", ab._absorb_query_kernel,
            dict(H=32, DN=128, DV=128, R=512, BD=128, BR=ab.TILES["BR"]), ab.TILES["num_warps"], 3)
-    yield ("absorb query, split tile 0 prefetched", ab._absorb_query_kernel,
-           dict(H=32, DN=128, DV=128, R=512, BD=128, BR=ab.TILES["BR"], PREFETCH_TILES=1), ab.TILES["num_warps"], 3)
     yield ("absorb output (MLA decode)", ab._absorb_output_kernel,
            dict(H=32, DN=128, DV=128, R=512, RP=512, BV=ab.TILES["BV"]), ab.TILES["num_warps"], 3)
     from kimi_linear.ops import gemv

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kimi_linear.ops.latent_prefetch_kernel import prefetch_split_tiles
 from kimi_linear.ops.pdl import pdl_launch
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 
@@ -38,20 +37,9 @@ TILES = dict(BR=64, BV=16, num_warps=4)
 
 @triton.jit
 def _absorb_query_kernel(q_ptr, w_ptr, out_ptr, N, s_qn, s_qh,
-                         c_ptr, kr_ptr, len_ptr, keys_per_split, n_splits, n_rows, stride_cb, stride_krb,
                          H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, R: tl.constexpr,
-                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True,
-                         PREFETCH_TILES: tl.constexpr = 0, RC: tl.constexpr = 512, DR: tl.constexpr = 64,
-                         BLOCK_N: tl.constexpr = 64, ELT: tl.constexpr = 2):
-    # out [N, H, R] (contiguous) = q [N, H, DN] (rows s_qn, heads s_qh apart) times W_uk[h] per head.
-    # PREFETCH_TILES > 0: before the wait, program p asks the L2 for the first PREFETCH_TILES key tiles of
-    # split p % n_splits of batch row p // n_splits (while the latent cache write before it runs) of the
-    # latent cache c [n_rows, L, RC] / shared key part kr [n_rows, L, DR] (ops/latent_prefetch_kernel.py)
-    if PREFETCH_TILES > 0:
-        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if pid < n_splits * n_rows:
-            prefetch_split_tiles(c_ptr, kr_ptr, len_ptr, pid % n_splits, pid // n_splits, keys_per_split,
-                                 stride_cb, stride_krb, RC, DR, BLOCK_N, 0, PREFETCH_TILES, ELT)
+                         BD: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
+    # out [N, H, R] (contiguous) = q [N, H, DN] (rows s_qn, heads s_qh apart) times W_uk[h] per head
     wait_for_previous_grid(PDL, TRIGGER)
     i_h = tl.program_id(0)
     o_d = tl.arange(0, BD)
@@ -98,13 +86,10 @@ def _check(name: str, x: torch.Tensor, w_kv_b: torch.Tensor, inner: int) -> None
 
 
 def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dtype,
-                 before_keys_major: bool = False, prefetch: dict | None = None) -> torch.Tensor:
+                 before_keys_major: bool = False) -> torch.Tensor:
     """``q_nope [N, H, Dn]`` (any row / head strides, unit last stride), ``w_kv_b [H * (Dn + Dv), R]``
     contiguous -> ``q_lat [N, H, R]`` in ``out_dtype``. ``before_keys_major``: the keys-major split kernel
-    comes next, which has its own PDL trigger entry (ops/pdl.py). ``prefetch``: the split kernel's first
-    tiles to ask into L2 before the wait, ``dict(latent=[B, L, RC], k_rope=[B, L, DR], lengths=[B],
-    keys_per_split, splits, block_n, tiles)`` (built by ``latent_attention_triton``, which checks that the
-    rows are back to back; a hint that never changes results)."""
+    comes next, which has its own PDL trigger entry (ops/pdl.py)."""
     _check("q_nope", q_nope, w_kv_b, 0)
     if w_kv_b.shape[0] // q_nope.shape[1] <= q_nope.shape[2]:
         raise ValueError(f"w_kv_b has {w_kv_b.shape[0] // q_nope.shape[1]} rows per head, fewer than "
@@ -116,20 +101,10 @@ def absorb_query(q_nope: torch.Tensor, w_kv_b: torch.Tensor, out_dtype: torch.dt
         q_nope = q_nope.contiguous()
     out = torch.empty(N, H, R, device=q_nope.device, dtype=out_dtype)
     br = min(TILES["BR"], triton.next_power_of_2(R))
-    if prefetch is not None:
-        if TILES["num_warps"] != 4:
-            raise ValueError(f"the split-tile prefetch takes 4-warp programs (128 lanes), TILES has {TILES['num_warps']}")
-        c, kr = prefetch["latent"], prefetch["k_rope"]
-        pf = (c, kr, prefetch["lengths"], prefetch["keys_per_split"], prefetch["splits"], c.shape[0], c.stride(0),
-              kr.stride(0))
-        pf_kw = dict(PREFETCH_TILES=prefetch["tiles"], RC=c.shape[2], DR=kr.shape[2], BLOCK_N=prefetch["block_n"],
-                     ELT=c.element_size())
-    else:  # unused pointer and size arguments
-        pf, pf_kw = (out, out, out, 0, 0, 0, 0, 0), {}
     _absorb_query_kernel[(H, triton.cdiv(R, br))](
-        q_nope, w_kv_b, out, N, q_nope.stride(0), q_nope.stride(1), *pf,
+        q_nope, w_kv_b, out, N, q_nope.stride(0), q_nope.stride(1),
         H=H, DN=Dn, DV=Dv, R=R, BD=triton.next_power_of_2(Dn), BR=br,
-        num_warps=TILES["num_warps"], **pf_kw,
+        num_warps=TILES["num_warps"],
         **pdl_launch(q_nope.device, "absorb_query_keys_major" if before_keys_major else "absorb_query"))
     return out
 

@@ -109,7 +109,7 @@ def _latent_attn_split_keys_major_kernel(
     stride_ob, stride_os, stride_om, stride_lb, stride_ls,
     R: tl.constexpr, DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
     TMA: tl.constexpr = False, TRIGGER: tl.constexpr = True, PREFETCH_TILES: tl.constexpr = 0,
-    PREFETCH_FIRST: tl.constexpr = 0, ELT: tl.constexpr = 2,
+    ELT: tl.constexpr = 2,
 ):
     # The split kernel's arithmetic with both products transposed: scores^T [BLOCK_N keys, BLOCK_M rows]
     # = [c, k_r] [q_lat, q_rope]^T and context^T [R, BLOCK_M] += c^T p^T. The key tile (BLOCK_N = 64) and
@@ -118,11 +118,10 @@ def _latent_attn_split_keys_major_kernel(
     # serves all 32 rows from one read of each tile (no second row group re-reading it).
     if PREFETCH_TILES > 0:
         # before the wait: the split's first tiles asked into L2 while the query absorption still runs
-        # (TILES["prefetch_tiles"]; tiles from PREFETCH_FIRST on, those before it asked for by the query
-        # absorption). Safe: a prefetch has no destination, and the lengths it reads were written by a
-        # kernel that completed before the one this launch waits for
+        # (TILES["prefetch_tiles"]). Safe: a prefetch has no destination, and the lengths it reads were
+        # written by a kernel that completed before the one this launch waits for
         prefetch_split_tiles(c_ptr, kr_ptr, len_ptr, tl.program_id(1), tl.program_id(2), keys_per_split,
-                             stride_cb, stride_krb, R, DR, BLOCK_N, PREFETCH_FIRST, PREFETCH_TILES, ELT)
+                             stride_cb, stride_krb, R, DR, BLOCK_N, 0, PREFETCH_TILES, ELT)
     wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)
@@ -346,12 +345,11 @@ def _merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) ->
 #   3.011 -> 3.005 ms at 64K, 3.191 -> 3.183 at 128K; the trigger alone is neutral (3.009 / 3.190 at exit).
 #   1 tile against 2 (ab_prefetch_1_2_h100.txt): 2.997 / 2.999 ms at 64K, 3.174 / 3.180 at 128K. (The split
 #   and the merge triggering early were slower again, ab_split_trigger / ab_merge_trigger_h100.txt.)
-#   absorb_prefetch_tiles: the query absorption (Triton, 4 warps) asks for the split's first this many tiles
-#   before its own wait, while the latent cache write before it runs; the split kernel's prefetch then
-#   starts after them.
+#   (The query absorption asking for the first tile before its own wait, while the latent cache write ahead
+#   of it runs, and the split kernel for the second: 2.995 -> 2.996 ms at 64K, 3.172 -> 3.174 at 128K, the
+#   absorption 3.7 -> 5.8 us in the eager profile; ab_absorb_prefetch_h100.txt; removed, commit 0b92d4d has it.)
 TILES: dict[str, float] = dict(block_n=64, num_warps=4, num_stages=2, head_groups=2, min_block_m=16, splits_per_sm=1,
-                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=1,
-                               absorb_prefetch_tiles=0)
+                               keys_major_from=65536, keys_major_rows=32, keys_major_tma=1, prefetch_tiles=1)
 # The absorbed projections of a few tokens as Triton kernels (ops/latent_absorb_triton.py) rather than
 # batched matmuls (cuBLAS), with the rows-major split kernel only; a switch for A/B runs in one process
 # (decode_profile.py --ab). H100, benchmark model, graph-replayed step (results/decode/session13/
@@ -481,17 +479,9 @@ def latent_attention_triton(
     # kernels (PDL, each weight tile read once for all tokens); otherwise batched matmuls (TRITON_ABSORB)
     few = TRITON_ABSORB and B * T <= absorb.MAX_TOKENS and w_kv_b.is_contiguous()
     triton_absorb = few and (TRITON_ABSORB_KEYS_MAJOR or not keys_major)
-    # the split kernel's first tiles asked into L2 before the PDL waits: TILES["absorb_prefetch_tiles"] by
-    # the query absorption, the next TILES["prefetch_tiles"] by the split kernel itself
-    early = int(TILES.get("absorb_prefetch_tiles", 0)) if triton_absorb and absorb.TILES["num_warps"] == 4 else 0
-    ahead = int(TILES.get("prefetch_tiles", 0))
-    early = early if keys_major and early > 0 and _prefetch_ok(latent, k_rope, block_n * early) else 0
-    ahead = ahead if keys_major and ahead > 0 and _prefetch_ok(latent, k_rope, block_n * ahead) else 0
     if triton_absorb:
-        pf = (dict(latent=latent, k_rope=k_rope, lengths=lengths.to(device=latent.device),
-                   keys_per_split=keys_per_split, splits=S, block_n=block_n, tiles=early) if early else None)
         q_lat = absorb.absorb_query(q_nope.to(w_kv_b.dtype).reshape(B * T, H, Dn), w_kv_b, kdt,
-                                    before_keys_major=keys_major, prefetch=pf).view(B, M, R)
+                                    before_keys_major=keys_major).view(B, M, R)
     else:
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope.to(w_uk.dtype), w_uk).reshape(B, M, R).to(kdt).contiguous()
     # q_rope is usually a column slice of the query projection: read it in place through its row
@@ -512,8 +502,9 @@ def latent_attention_triton(
         extra["TMA"] = True
         if latent.device.type == "cuda":
             _ensure_scratch_allocator()
-    if ahead:
-        extra.update(PREFETCH_TILES=ahead, PREFETCH_FIRST=early, ELT=latent.element_size())
+    ahead = int(TILES.get("prefetch_tiles", 0))
+    if keys_major and ahead > 0 and _prefetch_ok(latent, k_rope, block_n * ahead):
+        extra.update(PREFETCH_TILES=ahead, ELT=latent.element_size())
     kernel[(groups, S, B)](
         q_lat, q_r, latent, k_rope, lengths, o_part, lse,
         L, M, T, H, keys_per_split, scale,

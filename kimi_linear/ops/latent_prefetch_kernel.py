@@ -1,10 +1,10 @@
 """L2 prefetch of a split's first latent-cache tiles, for the absorbed-MLA decode kernels (Hopper).
 
-Used before a PDL wait (:mod:`kimi_linear.ops.pdl`), where a kernel placed early has nothing of its own to
-do: the keys-major split kernel (while the query absorption runs) and the query absorption (while the
-latent cache write before it runs) ask the L2 for tiles the split kernel will read first. A prefetch has
-no destination, so it is safe before the wait: it cannot see a half-written value, only move bytes into L2
-earlier (docs/decode.md, session 29). Imported lazily (needs Triton).
+The keys-major split kernel, placed early by PDL (:mod:`kimi_linear.ops.pdl`) while the query absorption
+still runs, has nothing of its own to do before its wait; it asks the L2 for the tiles it will read first.
+A prefetch has no destination, so it is safe before the wait: it cannot see a half-written value, only move
+bytes into L2 earlier (docs/decode.md, session 29). The address arithmetic is a function of its own so the
+interpreter can test it (tests/ops/test_latent_prefetch.py). Imported lazily (needs Triton).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import triton
 import triton.language as tl
 
 from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
-
-LANES = 128  # lanes of one 4-warp program: half take the latent range, half the shared key part's
-
 
 @triton.jit
 def split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,

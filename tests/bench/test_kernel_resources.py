@@ -51,32 +51,29 @@ def test_every_listed_kernel_compiles_for_sm90():
     assert len(lines) == n_cases >= 20, (len(lines), n_cases, out.stdout[-1500:])
 
 
-def test_latent_prefetches_come_before_the_pdl_wait():
-    # The keys-major split kernel (TILES["prefetch_tiles"]) and the query absorption before it
-    # (TILES["absorb_prefetch_tiles"]): their bulk L2 prefetches must be issued before griddepcontrol.wait
-    # (else they add nothing over the split's own loads) and no load of theirs may be, but the sequence
-    # length the prefetch needs (a read before the wait could see the previous kernel's output half-written:
-    # ops/pdl.py); without the switches there is no prefetch. Compiled for sm_90a in a fresh process.
+def test_latent_split_prefetch_comes_before_the_pdl_wait():
+    # The keys-major split kernel with TILES["prefetch_tiles"]: its bulk L2 prefetches must be issued
+    # before griddepcontrol.wait (else they add nothing over the TMA loads) and none of its loads may be,
+    # but the sequence length the prefetch needs (a read before the wait could see the query absorption's
+    # output half-written: ops/pdl.py); without the switch there is no prefetch. Compiled for sm_90a in a
+    # fresh process.
     env = compile_env()
     script = (
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_resources as kr\n"
-        "from kimi_linear.ops import latent_attention_triton as lat, latent_absorb_triton as ab\n"
-        "split = dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64, TMA=True, ELT=2)\n"
-        "query = dict(H=32, DN=128, DV=128, R=512, BD=128, BR=64)\n"
-        "for name, fn, ce in (('split', lat._latent_attn_split_keys_major_kernel, split),\n"
-        "                     ('query', ab._absorb_query_kernel, query)):\n"
-        "    for n in (0, 1):\n"
-        "        k = kr.compile_sm90(fn, dict(ce, PREFETCH_TILES=n, **({'PREFETCH_FIRST': 1} if name == 'split' else {})), 4, 2)\n"
-        "        ptx = k.asm['ptx']; pre = ptx[:ptx.index('griddepcontrol.wait')]\n"
-        "        print(name, n, pre.count('cp.async.bulk.prefetch.L2'), ptx.count('cp.async.bulk.prefetch.L2'),"
+        "from kimi_linear.ops import latent_attention_triton as lat\n"
+        "for n in (0, 1, 2):\n"
+        "    k = kr.compile_sm90(lat._latent_attn_split_keys_major_kernel, dict(R=512, DR=64, BLOCK_M=32, BLOCK_N=64,"
+        " TMA=True, PREFETCH_TILES=n, ELT=2), 4, 2)\n"
+        "    ptx = k.asm['ptx']; pre = ptx[:ptx.index('griddepcontrol.wait')]\n"
+        "    print(n, pre.count('cp.async.bulk.prefetch.L2'), ptx.count('cp.async.bulk.prefetch.L2'),"
         " pre.count('ld.global'), pre.count('cp.async.bulk.tensor'))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {(r.split()[0], int(r.split()[1])): [int(x) for x in r.split()[2:]] for r in out.stdout.strip().splitlines()}
-    for name in ("split", "query"):
-        assert rows[name, 0] == [0, 0, 0, 0], rows
-        before, total, loads_before, tma_before = rows[name, 1]
+    rows = {int(r.split()[0]): [int(x) for x in r.split()[1:]] for r in out.stdout.strip().splitlines()}
+    assert rows[0] == [0, 0, 0, 0], rows
+    for n in (1, 2):
+        before, total, loads_before, tma_before = rows[n]
         assert before == total >= 1, rows
         # the only global load before the wait is the split's sequence length, which the prefetch needs
         assert loads_before == 1 and tma_before == 0, rows
