@@ -14,6 +14,7 @@ import triton.language as tl
 
 from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
 
+
 @triton.jit
 def split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,
                       R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr,
