@@ -5,11 +5,12 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-27;
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-29;
 # a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
-# results/decode/README.md sessions 24-27): TPOT 2.81 / 2.85 / 3.02 / 3.19 ms at 4K / 16K / 64K / 128K against
-# the 3 ms target (session 27's official run); the 64K step reads 3.009-3.026 across fresh machines, so the gap
-# there is within the machines' spread. Session 27 kept the MLA output projection's prefetch forked after the
+# results/decode/README.md sessions 24-29): TPOT 2.80 / 2.85 / 3.00 / 3.18 ms at 4K / 16K / 64K / 128K against
+# the 3 ms target (session 29's official run); the 64K step reads 2.994-3.002 across session 29's machines,
+# at the line. Session 29 kept the one-pass split merge (-6 to -12 us) and the split kernel's first tile
+# prefetched into L2 before its PDL wait (-6 to -14 us); the query absorption's own prefetch was neutral. Session 27 kept the MLA output projection's prefetch forked after the
 # split kernel (-2 to -8 us) and removed two more attacks on the latent call's ~28 us fixed cost: each split's
 # first keys prefetched into L2 before the query absorption (+16 us at 64K) and the merge + output absorption
 # in one launch with a per-row counter (+15 us at 64K). GPU tests: the whole set takes more than two calls
