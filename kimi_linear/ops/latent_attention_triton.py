@@ -121,7 +121,7 @@ def _latent_attn_split_keys_major_kernel(
         # (TILES["prefetch_tiles"]). Safe: a prefetch has no destination, and the lengths it reads were
         # written by a kernel that completed before the one this launch waits for
         prefetch_split_tiles(c_ptr, kr_ptr, len_ptr, tl.program_id(1), tl.program_id(2), keys_per_split,
-                             stride_cb, stride_krb, R, DR, BLOCK_N, 0, PREFETCH_TILES, ELT)
+                             stride_cb, stride_krb, R, DR, BLOCK_N, PREFETCH_TILES, ELT)
     wait_for_previous_grid(PDL, TRIGGER)  # programmatic dependent launch (ops/pdl.py)
     i_s, i_b, o_m, m_m, limit, start, end = _split_program(len_ptr, M, T, H, keys_per_split, BLOCK_M)
     o_r = tl.arange(0, R)

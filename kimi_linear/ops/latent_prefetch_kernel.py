@@ -17,23 +17,22 @@ from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
 
 @triton.jit
 def split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,
-                      R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr,
-                      TILES: tl.constexpr, ELT: tl.constexpr):
-    """``(addr, size)`` of 128 lanes (int64 byte addresses, int32 sizes, 0 for an empty piece) covering key
-    tiles ``FIRST .. FIRST + TILES - 1`` of split ``i_s`` of batch row ``i_b``: latent rows ``[lo, hi)``
-    with ``lo = i_s keys_per_split + FIRST BLOCK_N``, ``hi`` the tiles' end or the split's (its length
-    bound), and the same rows of the shared key part. Each range is contiguous (rows ``R`` / ``DR``
-    elements of ``ELT`` bytes apart, batch rows ``stride_cb`` / ``stride_krb`` elements: checked on the
-    host, with 16-byte alignment); lanes 0-63 cut the latent range into equal pieces, 64-127 the key
-    part's (16-byte multiples: host-checked)."""
+                      R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+                      ELT: tl.constexpr):
+    """``(addr, size)`` of 128 lanes (int64 byte addresses, int32 sizes, 0 for an empty piece) covering the
+    first ``TILES`` key tiles of split ``i_s`` of batch row ``i_b``: latent rows ``[lo, hi)`` with
+    ``lo = i_s keys_per_split``, ``hi`` the tiles' end or the split's (its length bound), and the same
+    rows of the shared key part. Each range is contiguous (rows ``R`` / ``DR`` elements of ``ELT`` bytes
+    apart, batch rows ``stride_cb`` / ``stride_krb`` elements: checked on the host, with 16-byte
+    alignment); lanes 0-63 cut the latent range into equal pieces, 64-127 the key part's (16-byte
+    multiples: host-checked)."""
     HALF: tl.constexpr = 64
     C_PIECE: tl.constexpr = TILES * BLOCK_N * R * ELT // HALF
     KR_PIECE: tl.constexpr = TILES * BLOCK_N * DR * ELT // HALF
     i_s = i_s.to(tl.int64)
     i_b = i_b.to(tl.int64)
-    start = i_s * keys_per_split
-    end = tl.minimum(start + keys_per_split, tl.load(len_ptr + i_b).to(tl.int64))
-    lo = start + FIRST * BLOCK_N
+    lo = i_s * keys_per_split
+    end = tl.minimum(lo + keys_per_split, tl.load(len_ptr + i_b).to(tl.int64))
     rows = tl.maximum(tl.minimum(end, lo + TILES * BLOCK_N) - lo, 0)
     lane = tl.arange(0, 2 * HALF)
     is_c = lane < HALF
@@ -48,9 +47,9 @@ def split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_c
 
 @triton.jit
 def prefetch_split_tiles(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,
-                         R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr,
-                         TILES: tl.constexpr, ELT: tl.constexpr):
+                         R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
+                         ELT: tl.constexpr):
     """Ask the L2 for the pieces of :func:`split_tile_pieces` (same arguments): one bulk prefetch per lane."""
     addr, size = split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,
-                                   R, DR, BLOCK_N, FIRST, TILES, ELT)
+                                   R, DR, BLOCK_N, TILES, ELT)
     bulk_prefetch_l2(addr, size)

@@ -15,21 +15,19 @@ from kimi_linear.ops.latent_prefetch_kernel import split_tile_pieces  # noqa: E4
 
 @triton.jit
 def _pieces_kernel(c_ptr, kr_ptr, len_ptr, addr_out, size_out, i_s, i_b, keys_per_split, stride_cb, stride_krb,
-                   R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr, TILES: tl.constexpr,
-                   ELT: tl.constexpr):
+                   R: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, ELT: tl.constexpr):
     addr, size = split_tile_pieces(c_ptr, kr_ptr, len_ptr, i_s, i_b, keys_per_split, stride_cb, stride_krb,
-                                   R, DR, BLOCK_N, FIRST, TILES, ELT)
+                                   R, DR, BLOCK_N, TILES, ELT)
     o = tl.arange(0, 128)
     tl.store(addr_out + o, addr)
     tl.store(size_out + o, size)
 
 
-@pytest.mark.parametrize("first,tiles", [(0, 1), (1, 1), (0, 2)])
-def test_split_tile_prefetch_covers_exactly_the_tiles(first, tiles):
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_split_tile_prefetch_covers_exactly_the_tiles(tiles):
     """For every split of a batch of two rows -- whole tiles, a split cut by its row's length, splits past
-    it -- the 128 pieces cover exactly the latent and shared key rows of tiles ``first .. first + tiles -
-    1`` (64 lanes each, back to back, nothing past the split's end), 16-byte aligned pieces of 16-byte
-    multiples."""
+    it -- the 128 pieces cover exactly the latent and shared key rows of the first ``tiles`` tiles (64
+    lanes each, back to back, nothing past the split's end), 16-byte aligned pieces of 16-byte multiples."""
     from kimi_linear.backends import triton_interpret
 
     if not triton_interpret():
@@ -44,8 +42,8 @@ def test_split_tile_prefetch_covers_exactly_the_tiles(first, tiles):
         for s in range(triton.cdiv(L, kps)):
             addr, size = torch.zeros(128, dtype=torch.int64), torch.zeros(128, dtype=torch.int32)
             _pieces_kernel[(1,)](latent, k_rope, lengths, addr, size, s, b, kps, latent.stride(0), k_rope.stride(0),
-                                 R=R, DR=DR, BLOCK_N=block_n, FIRST=first, TILES=tiles, ELT=2)
-            lo = s * kps + first * block_n
+                                 R=R, DR=DR, BLOCK_N=block_n, TILES=tiles, ELT=2)
+            lo = s * kps
             hi = max(lo, min(s * kps + kps, int(lengths[b]), lo + tiles * block_n))
             for lanes, t, width in ((slice(0, 64), latent, R), (slice(64, 128), k_rope, DR)):
                 got = sorted((int(a), int(n)) for a, n in zip(addr[lanes], size[lanes]) if n > 0)
