@@ -35,6 +35,7 @@ both in PyTorch (same values, not fused).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -143,91 +144,10 @@ def _kernels():
 
 
 def _single_token_kernels():
-    """One token (batch-1 decoding): programs walk the token's chosen experts (its k slots, then the
-    shared ones) instead of all experts, and multiply row blocks with the token as a vector: no tensor
-    cores (a 16-row tile would be 15/16 padding), no programs that exit at once, and more row blocks
-    in flight to stream the weights."""
-    import triton
-    import triton.language as tl
+    """The one-token kernels (:mod:`kimi_linear.ops.moe_one_kernel`, imported here: it needs Triton)."""
+    from kimi_linear.ops import moe_one_kernel as k
 
-    # a module global, not a closure variable: Triton's interpreter resolves a kernel's names there only
-    global wait_for_previous_grid
-    from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
-
-    @triton.jit
-    def gate_up_one_kernel(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, D, I, K, ER, eps,
-                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                           W_ALIGN: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
-                           EARLY: tl.constexpr, X_CACHE: tl.constexpr, TRIGGER: tl.constexpr = True):
-        # W_ALIGN: the experts' address alignment in bytes (see _pointer_table). NORM: x is un-normalised;
-        # the sums are of x * nw, scaled by rstd before the SwiGLU (module docstring).
-        # EARLY (PDL, x written before the previous kernel, the router): the shared experts' programs need
-        # no routing and run before the wait, beside the router; they wait at the end, so that this grid
-        # still completes after the router (ops/pdl.py). X_CACHE ".cg": x read from L2, never from an
-        # SM's L1, which a program that has not waited may not rely on
-        j = tl.program_id(0)
-        if EARLY:
-            if j < K:
-                wait_for_previous_grid(PDL, TRIGGER)
-        else:
-            wait_for_previous_grid(PDL, TRIGGER)  # ops/pdl.py
-        # slot j < K: the token's j-th choice; slot K + s: shared expert s (stored after the routed ones)
-        e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)
-        w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
-        w3 = tl.multiple_of(tl.load(w3_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
-        o_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m_r = o_r < I
-        acc1 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        b_ss = 0.0  # NORM: sum of x^2 (a scalar: a [BLOCK_D] accumulator cost registers, hence occupancy)
-        for d0 in range(0, D, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            m = m_r[:, None] & ((o_d[None, :] < D) | EVEN_D)
-            b_x = tl.load(x_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0, cache_modifier=X_CACHE).to(tl.float32)
-            if NORM:
-                b_ss += tl.sum(b_x * b_x, 0)
-                b_x = b_x * tl.load(nw_ptr + o_d, mask=(o_d < D) | EVEN_D, other=0.0).to(tl.float32)
-            p_w = o_r[:, None].to(tl.int64) * D + o_d[None, :]
-            acc1 += tl.sum(tl.load(w1 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
-            acc3 += tl.sum(tl.load(w3 + p_w, mask=m, other=0.0).to(tl.float32) * b_x[None, :], 1)
-        if NORM:
-            rstd = tl.rsqrt(b_ss / D + eps)
-            acc1 *= rstd
-            acc3 *= rstd
-        h = acc1 * tl.sigmoid(acc1) * acc3
-        tl.store(h_ptr + j * I + o_r, h.to(h_ptr.dtype.element_ty), mask=m_r)
-        if EARLY:
-            if j >= K:
-                wait_for_previous_grid(PDL, TRIGGER)
-
-    @triton.jit
-    def down_one_kernel(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, D, I, K, ER,
-                        J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, W_ALIGN: tl.constexpr,
-                        RESIDUAL: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = True):
-        # y[rows] = sum over the J slots of c_j * w2_e(j)[rows, :] . h_j; the slot loop is unrolled at
-        # compile time (J = k + shared experts is fixed per model), so every slot's loads can be in flight.
-        # RESIDUAL: y = res + (that sum rounded to y's dtype), added in fp32 as the separate add would
-        wait_for_previous_grid(PDL, TRIGGER)
-        o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        m_r = o_r < D
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for j in tl.static_range(J):
-            e = tl.where(j < K, tl.load(idx_ptr + tl.minimum(j, K - 1)), ER + j - K)  # as in gate_up_one
-            c = tl.where(j < K, tl.load(cw_ptr + tl.minimum(j, K - 1)).to(tl.float32), 1.0)  # shared: weight 1
-            w2 = tl.multiple_of(tl.load(w2_tab + e).to(tl.pointer_type(h_ptr.dtype.element_ty)), W_ALIGN)
-            part = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for i0 in range(0, I, BLOCK_I):
-                o_i = i0 + tl.arange(0, BLOCK_I)
-                m_i = o_i < I
-                b_h = tl.load(h_ptr + j * I + o_i, mask=m_i, other=0.0).to(tl.float32)
-                b_w = tl.load(w2 + o_r[:, None].to(tl.int64) * I + o_i[None, :], mask=m_r[:, None] & m_i[None, :], other=0.0)
-                part += tl.sum(b_w.to(tl.float32) * b_h[None, :], 1)
-            acc += c * part
-        if RESIDUAL:
-            acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + o_r, mask=m_r, other=0.0).to(tl.float32)
-        tl.store(y_ptr + o_r, acc.to(y_ptr.dtype.element_ty), mask=m_r)
-
-    return gate_up_one_kernel, down_one_kernel
+    return k.gate_up_one_kernel, k.down_one_kernel, k.moe_one_persistent_kernel
 
 
 _KERNELS = None
@@ -287,6 +207,7 @@ def moe_decode(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     x_ready: bool = False,
+    sync: ExpertSync | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton.
@@ -297,7 +218,11 @@ def moe_decode(
     dtype): returns ``residual + output`` (both folded into the one-token kernels; module docstring).
     ``x_ready``: the caller promises that ``x`` was written before the kernel launched just before this
     call (the model's decode step: the router, which reads the same x), so that with programmatic
-    dependent launch the one-token kernel's shared-expert programs start while that kernel runs."""
+    dependent launch the one-token kernel's shared-expert programs start while that kernel runs.
+    ``sync``: the call site's :class:`ExpertSync`; with it (and :data:`PERSISTENT_ONE`) one token takes
+    the one persistent launch instead of two (:mod:`kimi_linear.ops.moe_one_kernel`)."""
+    if sync is not None and not isinstance(sync, ExpertSync):
+        raise TypeError(f"sync must be a moe_decode.ExpertSync or None, got {type(sync).__name__}")
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
@@ -323,7 +248,7 @@ def moe_decode(
         y = grouped_swiglu(x, indices, weights, w1, w3, w2)
         return y if residual is None else residual + y
     if one_token:
-        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual, x_ready)
+        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual, x_ready, sync)
     y = _moe_decode_many(x, indices, weights, w1, w3, w2, ER)
     return y if residual is None else residual + y
 
@@ -375,16 +300,16 @@ def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
 
 
 def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, eps: float = 1e-6,
-                    residual=None, x_ready: bool = False) -> torch.Tensor:
+                    residual=None, x_ready: bool = False, sync: ExpertSync | None = None) -> torch.Tensor:
     """:func:`moe_decode` for one token ``x [1, D]``: slots are its ``k`` choices, then the shared experts
-    (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add in
-    the two launches."""
+    (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add
+    inside. Two launches, or one persistent launch (:data:`PERSISTENT_ONE`, with a ``sync``)."""
     import triton
 
     global _ONE_KERNELS
     if _ONE_KERNELS is None:
         _ONE_KERNELS = _single_token_kernels()
-    gate_up, down = _ONE_KERNELS
+    gate_up, down, _ = _ONE_KERNELS
     D, I, K = x.shape[1], w1[0].shape[0], indices.shape[1]
     J = K + len(w1) - ER
     x = x.contiguous()
@@ -392,20 +317,114 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     # the kernel reads any float dtype of combine weights (a cast would be one more launch)
     cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
+    y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device, "moe_gate_up_one")
     early = x_ready and launch["PDL"] and J > K and EARLY_SHARED_EXPERTS  # shared slots before the wait
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
+    res = residual.contiguous() if residual is not None else y  # y: likewise
+    counters = sync.get(x.device) if (sync is not None and PERSISTENT_ONE and gu["num_warps"] == dn["num_warps"]) else None
+    if counters is not None:
+        args = (x, idx, cw, t1, t3, t2, h, y, res, nw, counters, D, I, K, ER, float(eps))
+        consts = dict(J=J, GU_R=gu["BLOCK_R"], GU_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, DN_R=dn["BLOCK_R"],
+                      DN_I=dn["BLOCK_I"], W_ALIGN=min(a1, a3), W2_ALIGN=a2, NORM=norm_weight is not None,
+                      RESIDUAL=residual is not None, EARLY=early, JP=triton.next_power_of_2(J),
+                      ELT=x.element_size(), num_warps=gu["num_warps"], **pdl_launch(x.device, "moe_one_persistent"))
+        # the down rows' L2 prefetch: Hopper's bulk copy, 16-byte aligned rows
+        consts["DN_PREFETCH"] = bool(PERSISTENT_TILE["dn_prefetch"]) and launch["PDL"] and a2 == 16 and (
+            dn["BLOCK_R"] * I * x.element_size()) % 16 == 0 and (I * x.element_size()) % 16 == 0
+        if _launch_persistent(args, consts, x.device):
+            return y
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
         NORM=norm_weight is not None, num_warps=gu["num_warps"], EARLY=early, X_CACHE=".cg" if early else "",
         **launch)
-    y = torch.empty(1, D, device=x.device, dtype=x.dtype)
-    res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
         h, idx, cw, t2, y, res, D, I, K, ER,
         J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
         num_warps=dn["num_warps"], **pdl_launch(x.device, "moe_down_one"))
     return y
+
+
+# ---------------------------------------------------------------- the persistent one-token launch
+class ExpertSync:
+    """The persistent one-token kernel's counter pair (int32 ``[2]``, zero between calls: the kernel
+    leaves it so) for one call site, e.g. one MoE layer: a site's calls run in order on its stream, and
+    two sites never share counters. Allocated once per device outside graph capture and never replaced,
+    so a captured graph keeps using it; :meth:`get` returns None (the caller then takes the two
+    launches) while a capture runs and it does not exist yet (a zero fill captured into the graph would
+    not run before the eager calls after it)."""
+
+    def __init__(self) -> None:
+        self.counters: torch.Tensor | None = None
+
+    def get(self, dev: torch.device) -> torch.Tensor | None:
+        if self.counters is None or self.counters.device != dev:
+            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            self.counters = torch.zeros(2, dtype=torch.int32, device=dev)
+        return self.counters
+
+    def reset(self) -> None:
+        """Zero the counters (after a launch failed part-way, so that the next call does not find a count)."""
+        if self.counters is not None:
+            self.counters.zero_()
+
+
+# How many programs of the persistent kernel per SM, at most (they must all be resident at once, so the
+# compiled kernel's registers, threads and shared memory may allow fewer; the host takes the smaller).
+# dn_prefetch: each program asks the L2 for its first down rows before it waits for the others.
+PERSISTENT_TILE: dict[str, int] = dict(progs_per_sm=16, dn_prefetch=1)
+# One launch for both products at batch 1 (module docstring of ops/moe_one_kernel.py); needs an
+# ExpertSync from the caller (the model's MoE layers keep one each)
+PERSISTENT_ONE = True
+_PROGRAMS: dict[tuple, int] = {}
+
+
+def _resident_programs(compiled, dev: torch.device) -> int:
+    """How many programs of ``compiled`` (a Triton kernel) one SM of ``dev`` holds at once: the least of
+    what its registers (allocated per warp in units of 256), threads, shared memory (1 KB reserved per
+    program) and block slots (32) allow."""
+    p = torch.cuda.get_device_properties(dev)
+    warps = compiled.metadata.num_warps
+    per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (per_warp * warps)
+    by_threads = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    smem = int(compiled.metadata.shared)
+    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (smem + 1024)
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
+def _launch_persistent(args: tuple, consts: dict, dev: torch.device, nprog: int | None = None,
+                       phases: int = 3) -> bool:
+    """Launch :func:`kimi_linear.ops.moe_one_kernel.moe_one_persistent_kernel` with ``args`` (its
+    positional arguments up to ``eps``) and ``consts``; returns False, launching nothing, when no program
+    count fits the GPU. ``nprog``: the program count (default: all the GPU holds at once, capped by
+    :data:`PERSISTENT_TILE`; one under the interpreter, which runs programs one after another);
+    ``phases`` 1 or 2 run one product only (tests of the walks with several programs). A launch that
+    fails resets the counters, so the next call starts from zero."""
+    from kimi_linear.backends import triton_interpret
+
+    kernel = _ONE_KERNELS[2]
+    if nprog is None:
+        if triton_interpret():
+            nprog = 1
+        else:
+            cap = int(PERSISTENT_TILE["progs_per_sm"])
+            key = (dev.index, tuple(sorted(consts.items())), args[0].dtype, cap)
+            nprog = _PROGRAMS.get(key)
+            if nprog is None:  # NPROG is not specialised on: any value compiles the same kernel
+                compiled = kernel.warmup(*args, 1, PHASES=3, TRAP=True, **consts, grid=(1,))
+                per_sm = min(_resident_programs(compiled, dev), cap)
+                nprog = _PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
+            if nprog < 1:
+                return False
+    try:
+        kernel[(nprog,)](*args, nprog, PHASES=phases, TRAP=not triton_interpret(), **consts)
+        return True
+    except BaseException:
+        with contextlib.suppress(Exception):  # a GPU fault leaves nothing to reset
+            args[10].zero_()
+        raise
