@@ -324,17 +324,17 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
     res = residual.contiguous() if residual is not None else y  # y: likewise
-    counters = sync.get(x.device) if (sync is not None and PERSISTENT_ONE and gu["num_warps"] == dn["num_warps"]) else None
-    if counters is not None:
-        args = (x, idx, cw, t1, t3, t2, h, y, res, nw, counters, D, I, K, ER, float(eps))
-        consts = dict(J=J, GU_R=gu["BLOCK_R"], GU_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, DN_R=dn["BLOCK_R"],
+    if sync is not None and PERSISTENT_ONE:
+        pt = PERSISTENT_TILE
+        args = (x, idx, cw, t1, t3, t2, h, y, res, nw, None, D, I, K, ER, float(eps))  # None: the workspace
+        consts = dict(J=J, GU_R=pt["gu_rows"], GU_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, DN_R=pt["dn_rows"],
                       DN_I=dn["BLOCK_I"], W_ALIGN=min(a1, a3), W2_ALIGN=a2, NORM=norm_weight is not None,
                       RESIDUAL=residual is not None, EARLY=early, JP=triton.next_power_of_2(J),
-                      ELT=x.element_size(), num_warps=gu["num_warps"], **pdl_launch(x.device, "moe_one_persistent"))
+                      ELT=x.element_size(), num_warps=pt["num_warps"], SLEEP_NS=pt["sleep_ns"] if launch["PDL"] else 0,
+                      **pdl_launch(x.device, "moe_one_persistent"))
         # the down rows' L2 prefetch: Hopper's bulk copy, 16-byte aligned rows
-        consts["DN_PREFETCH"] = bool(PERSISTENT_TILE["dn_prefetch"]) and launch["PDL"] and a2 == 16 and (
-            dn["BLOCK_R"] * I * x.element_size()) % 16 == 0 and (I * x.element_size()) % 16 == 0
-        if _launch_persistent(args, consts, x.device):
+        consts["DN_PREFETCH"] = bool(pt["dn_prefetch"]) and launch["PDL"] and a2 == 16 and (I * x.element_size()) % 16 == 0
+        if _launch_persistent(args, consts, x.device, sync):
             return y
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
@@ -350,33 +350,39 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
 
 # ---------------------------------------------------------------- the persistent one-token launch
 class ExpertSync:
-    """The persistent one-token kernel's counter pair (int32 ``[2]``, zero between calls: the kernel
-    leaves it so) for one call site, e.g. one MoE layer: a site's calls run in order on its stream, and
-    two sites never share counters. Allocated once per device outside graph capture and never replaced,
-    so a captured graph keeps using it; :meth:`get` returns None (the caller then takes the two
-    launches) while a capture runs and it does not exist yet (a zero fill captured into the graph would
-    not run before the eager calls after it)."""
+    """The persistent one-token kernel's workspace (a count and one flag per program, int32, zero between
+    calls: the kernel leaves it so; ops/moe_one_kernel.py) for one call site, e.g. one MoE layer: a
+    site's calls run in order on its stream, and two sites never share it. Allocated on a device outside
+    graph capture; a larger one replaces it, the old one kept alive (a captured graph may still use it).
+    :meth:`get` returns None (the caller then takes the two launches) while a capture runs and none large
+    enough exists (a zero fill captured into the graph would not run before the eager calls after it)."""
 
     def __init__(self) -> None:
         self.counters: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []
 
-    def get(self, dev: torch.device) -> torch.Tensor | None:
-        if self.counters is None or self.counters.device != dev:
+    def get(self, dev: torch.device, words: int) -> torch.Tensor | None:
+        c = self.counters
+        if c is None or c.device != dev or c.numel() < words:
             if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
-            self.counters = torch.zeros(2, dtype=torch.int32, device=dev)
+            if c is not None:
+                self._retired.append(c)
+            self.counters = torch.zeros(words, dtype=torch.int32, device=dev)
         return self.counters
 
     def reset(self) -> None:
-        """Zero the counters (after a launch failed part-way, so that the next call does not find a count)."""
+        """Zero the workspace (after a launch failed part-way, so that the next call finds no count)."""
         if self.counters is not None:
             self.counters.zero_()
 
 
-# How many programs of the persistent kernel per SM, at most (they must all be resident at once, so the
-# compiled kernel's registers, threads and shared memory may allow fewer; the host takes the smaller).
-# dn_prefetch: each program asks the L2 for its first down rows before it waits for the others.
-PERSISTENT_TILE: dict[str, int] = dict(progs_per_sm=16, dn_prefetch=1)
+# The persistent kernel's launch: progs_per_sm, how many programs per SM at most (they must all be
+# resident at once, so the compiled kernel's registers, threads and shared memory may allow fewer; the
+# host takes the smaller); num_warps, gu_rows / dn_rows (rows of a gate/up and of a down block; the D and
+# I tiles are the two-launch kernels'); dn_prefetch, each program asks the L2 for its first down rows
+# before it waits for the others; sleep_ns, the pause between two polls of the counter.
+PERSISTENT_TILE: dict[str, int] = dict(progs_per_sm=5, num_warps=4, gu_rows=16, dn_rows=4, dn_prefetch=1, sleep_ns=200)
 # One launch for both products at batch 1 (module docstring of ops/moe_one_kernel.py); needs an
 # ExpertSync from the caller (the model's MoE layers keep one each)
 PERSISTENT_ONE = True
@@ -387,6 +393,8 @@ def _resident_programs(compiled, dev: torch.device) -> int:
     """How many programs of ``compiled`` (a Triton kernel) one SM of ``dev`` holds at once: the least of
     what its registers (allocated per warp in units of 256), threads, shared memory (1 KB reserved per
     program) and block slots (32) allow."""
+    if hasattr(compiled, "_init_handles"):  # Triton loads the binary (and reads its registers) lazily
+        compiled._init_handles()
     p = torch.cuda.get_device_properties(dev)
     warps = compiled.metadata.num_warps
     per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256
@@ -397,15 +405,17 @@ def _resident_programs(compiled, dev: torch.device) -> int:
     return max(0, min(by_regs, by_threads, by_smem, 32))
 
 
-def _launch_persistent(args: tuple, consts: dict, dev: torch.device, nprog: int | None = None,
+def _launch_persistent(args: tuple, consts: dict, dev: torch.device, sync: ExpertSync, nprog: int | None = None,
                        phases: int = 3) -> bool:
     """Launch :func:`kimi_linear.ops.moe_one_kernel.moe_one_persistent_kernel` with ``args`` (its
-    positional arguments up to ``eps``) and ``consts``; returns False, launching nothing, when no program
-    count fits the GPU. ``nprog``: the program count (default: all the GPU holds at once, capped by
+    positional arguments up to ``eps``, the workspace's place None: ``sync``'s) and ``consts``; returns
+    False, launching nothing, when no program count fits the GPU or no workspace can be had (inside a
+    capture). ``nprog``: the program count (default: all the GPU holds at once, capped by
     :data:`PERSISTENT_TILE`; one under the interpreter, which runs programs one after another);
     ``phases`` 1 or 2 run one product only (tests of the walks with several programs). A launch that
-    fails resets the counters, so the next call starts from zero."""
+    fails zeroes the workspace, so the next call starts from zero."""
     from kimi_linear.backends import triton_interpret
+    from kimi_linear.ops.moe_one_kernel import sync_words
 
     kernel = _ONE_KERNELS[2]
     if nprog is None:
@@ -416,15 +426,20 @@ def _launch_persistent(args: tuple, consts: dict, dev: torch.device, nprog: int 
             key = (dev.index, tuple(sorted(consts.items())), args[0].dtype, cap)
             nprog = _PROGRAMS.get(key)
             if nprog is None:  # NPROG is not specialised on: any value compiles the same kernel
-                compiled = kernel.warmup(*args, 1, PHASES=3, TRAP=True, **consts, grid=(1,))
+                # compiling reads no tensor: an int32 one stands in for the workspace
+                probe = args[:10] + (torch.zeros(1, dtype=torch.int32, device=dev),) + args[11:]
+                compiled = kernel.warmup(*probe, 1, PHASES=3, TRAP=True, **consts, grid=(1,))
                 per_sm = min(_resident_programs(compiled, dev), cap)
                 nprog = _PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
             if nprog < 1:
                 return False
+    work = sync.get(dev, sync_words(nprog))
+    if work is None:
+        return False
     try:
-        kernel[(nprog,)](*args, nprog, PHASES=phases, TRAP=not triton_interpret(), **consts)
+        kernel[(nprog,)](*args[:10], work, *args[11:], nprog, PHASES=phases, TRAP=not triton_interpret(), **consts)
         return True
     except BaseException:
         with contextlib.suppress(Exception):  # a GPU fault leaves nothing to reset
-            args[10].zero_()
+            sync.reset()
         raise

@@ -14,8 +14,9 @@ arithmetic (each row block computed by the same helper, so the two agree to the 
   while the last gate/up blocks still stream, so the weights' stream does not stop and restart
   (docs/decode.md, session 30: why a kernel boundary costs a streaming step its ramp and tail).
 
-The counter pair ``sync [2]`` (int32, zero between calls) is reset by the last program to leave, so
-the next call finds it zero. ``PHASES`` (3 = both) lets the interpreter, which runs programs one after
+The workspace ``sync`` (int32, zero between calls, :func:`sync_words` long) holds a count and one flag per
+program, each in its own 128-byte line: the last program to count in zeroes the count and raises every
+flag; each program waits on its own flag and lowers it, so the next call finds it all zero. ``PHASES`` (3 = both) lets the interpreter, which runs programs one after
 another and so cannot wait for a later one, test each phase's walk with several programs (1, then 2).
 """
 
@@ -26,6 +27,12 @@ import triton.language as tl
 
 from kimi_linear.ops.pdl_kernel import wait_for_previous_grid
 from kimi_linear.ops.prefetch_kernel import bulk_prefetch_l2
+
+
+def sync_words(nprog: int) -> int:
+    """int32 words of the persistent kernel's workspace for ``nprog`` programs: the count's line, then
+    one line per program's flag."""
+    return (nprog + 1) * FLAG_STRIDE.value
 
 
 @triton.jit
@@ -148,6 +155,15 @@ def _trap(x):
     tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _nanosleep(x, NS: tl.constexpr):
+    """Suspend the warp for about ``NS`` nanoseconds (``nanosleep``; sm_70 and later, not the interpreter)."""
+    tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [x * 0 + NS], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+FLAG_STRIDE = tl.constexpr(32)  # int32s between two programs' flags: one 128-byte line each
+FLAG_BLOCK = tl.constexpr(128)  # flags the last program raises per step of its loop
 SPIN_LIMIT = tl.constexpr(1 << 24)  # polls of the counter (~0.5 us each: seconds) before a program gives up and traps
 
 
@@ -158,7 +174,7 @@ def moe_one_persistent_kernel(x_ptr, idx_ptr, cw_ptr, w1_tab, w3_tab, w2_tab, h_
                               DN_R: tl.constexpr, DN_I: tl.constexpr, W_ALIGN: tl.constexpr,
                               W2_ALIGN: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                               EARLY: tl.constexpr, DN_PREFETCH: tl.constexpr, JP: tl.constexpr, ELT: tl.constexpr,
-                              PHASES: tl.constexpr, TRAP: tl.constexpr, PDL: tl.constexpr,
+                              PHASES: tl.constexpr, TRAP: tl.constexpr, SLEEP_NS: tl.constexpr, PDL: tl.constexpr,
                               TRIGGER: tl.constexpr = True):
     """Both products in one grid of ``NPROG`` programs (module docstring). Gate/up row blocks are
     numbered shared slots first, so that with ``EARLY`` (as in :func:`gate_up_one_kernel`) a program
@@ -191,24 +207,34 @@ def moe_one_persistent_kernel(x_ptr, idx_ptr, cw_ptr, w1_tab, w3_tab, w2_tab, h_
             if pid * DN_R < D:  # the weights of this program's first down rows, while others finish gate/up
                 _prefetch_down_rows(idx_ptr, w2_tab, pid, D, I, K, ER, J, JP, DN_R, ELT)
         tl.debug_barrier()  # every thread's h stores precede the count (release, gpu scope)
-        tl.atomic_add(sync_ptr, 1, sem="release")
-        n_in = tl.load(sync_ptr, volatile=True)
+        if tl.atomic_add(sync_ptr, 1, sem="acq_rel") == NPROG - 1:
+            # the last to count in has acquired every program's release: it zeroes the count for the next
+            # call and raises every program's flag with release, one 128-byte line each, so that the
+            # waiting programs poll lines all over the L2 instead of one (one line, read by every program
+            # while the last blocks stream, slowed the stream itself: session 30)
+            tl.atomic_xchg(sync_ptr, 0)
+            o_f = tl.arange(0, FLAG_BLOCK)
+            for f0 in range(0, NPROG, FLAG_BLOCK):
+                p_f = f0 + o_f
+                tl.atomic_xchg(sync_ptr + (p_f + 1) * FLAG_STRIDE, tl.full([FLAG_BLOCK], 1, tl.int32),
+                               mask=p_f < NPROG, sem="release")
+        flag = sync_ptr + (pid + 1) * FLAG_STRIDE
+        seen = tl.load(flag, volatile=True)
         polls = 0
-        while (n_in < NPROG) & (polls < SPIN_LIMIT):
-            n_in = tl.load(sync_ptr, volatile=True)
+        while (seen == 0) & (polls < SPIN_LIMIT):
+            if SLEEP_NS > 0:
+                _nanosleep(seen, SLEEP_NS)
+            seen = tl.load(flag, volatile=True)
             polls += 1
-        # read again, with acquire: the count it returns is the last program's release, so every program's
-        # h stores are visible after it (its result is used, or the compiler drops it)
-        n_in = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        # acquire (the flag's release carries every program's h stores) and lower the flag for the next call
+        seen = tl.atomic_xchg(flag, 0, sem="acquire")
         if TRAP:
-            if n_in < NPROG:
-                _trap(n_in)
+            if seen == 0:
+                _trap(seen)
     if PHASES >= 2:
+        # h through L1 like any load: the acquire above orders these loads after every program's stores
+        # (PTX memory model; the hardware's acquire drops this SM's stale L1 lines), and the SM's programs
+        # then share its lines instead of each reading all of h from L2. PHASES 2 alone follows a launch.
         for rb in range(pid, tl.cdiv(D, DN_R), NPROG):
             _down_rows(h_ptr, idx_ptr, cw_ptr, w2_tab, y_ptr, res_ptr, rb, D, I, K, ER,
-                       J, DN_R, DN_I, W2_ALIGN, RESIDUAL, ".cg")
-    if PHASES == 3:
-        # the last program to leave resets the pair: every program has passed the wait by then
-        if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == NPROG - 1:
-            tl.atomic_xchg(sync_ptr, 0)
-            tl.atomic_xchg(sync_ptr + 1, 0)
+                       J, DN_R, DN_I, W2_ALIGN, RESIDUAL, "")

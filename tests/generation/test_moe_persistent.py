@@ -25,22 +25,30 @@ class _Launches:
         self.results = []
         real = md._launch_persistent
 
-        def spy(args, consts, dev, nprog=None, phases=3):
+        def spy(args, consts, dev, sync, nprog=None, phases=3):
             if split is None:
-                out = real(args, consts, dev, nprog, phases)
+                out = real(args, consts, dev, sync, nprog, phases)
             else:
-                real(args, consts, dev, split[0], 1)
-                out = real(args, consts, dev, split[1], 2)
+                real(args, consts, dev, sync, split[0], 1)
+                out = real(args, consts, dev, sync, split[1], 2)
             self.results.append(out)
             return out
 
         monkeypatch.setattr(md, "_launch_persistent", spy)
 
 
+def _same_tiles(monkeypatch, warps: int, gu_rows: int, dn_rows: int, gu_d: int | None = None, dn_i: int | None = None):
+    """The two launches and the persistent one on the same tiles (so the same reduction order: equal bits)."""
+    gu, dn = md.TILES["gate_up_one"], md.TILES["down_one"]
+    monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=gu_rows, BLOCK_D=gu_d or gu["BLOCK_D"], num_warps=warps))
+    monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=dn_rows, BLOCK_I=dn_i or dn["BLOCK_I"], num_warps=warps))
+    for key, value in dict(num_warps=warps, gu_rows=gu_rows, dn_rows=dn_rows).items():
+        monkeypatch.setitem(md.PERSISTENT_TILE, key, value)
+
+
 def _small_tiles(monkeypatch):
-    # row counts that are not multiples of the tiles; one warp as in the model's tiles
-    monkeypatch.setitem(md.TILES, "gate_up_one", dict(BLOCK_R=8, BLOCK_D=32, num_warps=1))
-    monkeypatch.setitem(md.TILES, "down_one", dict(BLOCK_R=8, BLOCK_I=16, num_warps=1))
+    # row counts that are not multiples of the tiles
+    _same_tiles(monkeypatch, 1, 8, 8, 32, 16)
 
 
 @pytest.mark.parametrize("shared", [0, 2])
@@ -65,7 +73,7 @@ def test_persistent_launch_equals_the_two_launches(shared, fold, monkeypatch, tr
     for _ in range(3):  # the counters are left at zero for the next call
         got = moe_decode(x, idx, w, w1, w3, w2, sync=sync, **kw)
         assert torch.equal(got, want)
-        assert sync.counters.tolist() == [0, 0]
+        assert not sync.counters.any()  # left at zero for the next call
     assert len(launches.results) == 3 and all(launches.results)
     # without a sync (or with the switch off) the two launches run
     assert torch.equal(moe_decode(x, idx, w, w1, w3, w2, **kw), want) and len(launches.results) == 3
@@ -130,6 +138,8 @@ def test_persistent_moe_gpu_at_the_benchmark_geometry(prefetch, monkeypatch, cud
     # slots before the PDL wait (x_ready): equal to the bit to the two launches, over fresh inputs
     # (a race in the count would show as a mismatch), eager and replayed from a CUDA graph
     monkeypatch.setitem(md.PERSISTENT_TILE, "dn_prefetch", prefetch)
+    pt = md.PERSISTENT_TILE
+    _same_tiles(monkeypatch, pt["num_warps"], pt["gu_rows"], pt["dn_rows"])
     w1, w3, w2, sh, idx, w = benchmark_experts(cuda_device)
     D = w1[0].shape[1]
     nw = (torch.rand(D, device=cuda_device) + 0.5).to(torch.bfloat16)
@@ -146,7 +156,7 @@ def test_persistent_moe_gpu_at_the_benchmark_geometry(prefetch, monkeypatch, cud
         res = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
         ix, wt = torch.randperm(16, device=cuda_device)[:8][None], torch.rand(1, 8, device=cuda_device)
         assert torch.equal(run(h, res, ix, wt, True), run(h, res, ix, wt, False))
-    assert all(launches.results) and sync.counters.tolist() == [0, 0]
+    assert all(launches.results) and not sync.counters.any()
     # replayed from a graph with new values in the same buffers
     h, res = torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16), torch.randn(1, D, device=cuda_device, dtype=torch.bfloat16)
     ix, wt = idx.clone(), w.clone()
@@ -160,7 +170,7 @@ def test_persistent_moe_gpu_at_the_benchmark_geometry(prefetch, monkeypatch, cud
         wt.copy_(torch.rand_like(wt))
         graph.replay()
         assert torch.equal(out, run(h, res, ix, wt, False))
-    assert sync.counters.tolist() == [0, 0]
+    assert not sync.counters.any()  # left at zero for the next call
 
 
 @pytest.mark.gpu
@@ -169,5 +179,8 @@ def test_expert_sync_is_not_made_inside_a_capture(cuda_device):
     sync, stream = ExpertSync(), torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        assert sync.get(cuda_device) is None
-    assert sync.get(cuda_device).tolist() == [0, 0]
+        assert sync.get(cuda_device, 64) is None
+    first = sync.get(cuda_device, 64)
+    assert first.numel() == 64 and not first.any()
+    assert sync.get(cuda_device, 32) is first  # large enough: kept
+    assert sync.get(cuda_device, 96).numel() == 96 and sync._retired == [first]  # the old one stays alive
