@@ -180,7 +180,7 @@ def cases():
         yield (f"moe decode persistent (one token) norm residual early{' prefetch' if pf else ''}", persistent1,
                dict(J=9, GU_R=pt["gu_rows"], GU_D=t1["BLOCK_D"], EVEN_D=True, DN_R=pt["dn_rows"], DN_I=t2["BLOCK_I"],
                     W_ALIGN=16, W2_ALIGN=16, NORM=True, RESIDUAL=True, EARLY=True, DN_PREFETCH=pf, JP=16, ELT=2,
-                    PHASES=3, TRAP=True, SLEEP_NS=pt["sleep_ns"]), pt["num_warps"], 3)
+                    PHASES=3, ON_GPU=True, SLEEP_NS=pt["sleep_ns"]), pt["num_warps"], 3)
     from kimi_linear.ops import latent_attention_triton as lat
     # absorbed-MLA decode, 32 heads x (512 + 64), 64-key tiles in 2 stages: rows-major (two 16-row programs
     # per split) and keys-major (one program of all 32 rows; the products transposed)

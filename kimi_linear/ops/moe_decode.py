@@ -428,7 +428,7 @@ def _launch_persistent(args: tuple, consts: dict, dev: torch.device, sync: Exper
             if nprog is None:  # NPROG is not specialised on: any value compiles the same kernel
                 # compiling reads no tensor: an int32 one stands in for the workspace
                 probe = args[:10] + (torch.zeros(1, dtype=torch.int32, device=dev),) + args[11:]
-                compiled = kernel.warmup(*probe, 1, PHASES=3, TRAP=True, **consts, grid=(1,))
+                compiled = kernel.warmup(*probe, 1, PHASES=3, ON_GPU=True, **consts, grid=(1,))
                 per_sm = min(_resident_programs(compiled, dev), cap)
                 nprog = _PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
             if nprog < 1:
@@ -437,7 +437,7 @@ def _launch_persistent(args: tuple, consts: dict, dev: torch.device, sync: Exper
     if work is None:
         return False
     try:
-        kernel[(nprog,)](*args[:10], work, *args[11:], nprog, PHASES=phases, TRAP=not triton_interpret(), **consts)
+        kernel[(nprog,)](*args[:10], work, *args[11:], nprog, PHASES=phases, ON_GPU=not triton_interpret(), **consts)
         return True
     except BaseException:
         with contextlib.suppress(Exception):  # a GPU fault leaves nothing to reset

@@ -156,6 +156,13 @@ def _trap(x):
 
 
 @triton.jit
+def _fence_acq_rel(x):
+    """``fence.acq_rel.gpu``: this thread's earlier accesses (and those it acquired) are ordered before its
+    later writes, for any thread at GPU scope that acquires them."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _nanosleep(x, NS: tl.constexpr):
     """Suspend the warp for about ``NS`` nanoseconds (``nanosleep``; sm_70 and later, not the interpreter)."""
     tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, 0;", "=r,r", [x * 0 + NS], dtype=tl.int32,
@@ -174,15 +181,15 @@ def moe_one_persistent_kernel(x_ptr, idx_ptr, cw_ptr, w1_tab, w3_tab, w2_tab, h_
                               DN_R: tl.constexpr, DN_I: tl.constexpr, W_ALIGN: tl.constexpr,
                               W2_ALIGN: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                               EARLY: tl.constexpr, DN_PREFETCH: tl.constexpr, JP: tl.constexpr, ELT: tl.constexpr,
-                              PHASES: tl.constexpr, TRAP: tl.constexpr, SLEEP_NS: tl.constexpr, PDL: tl.constexpr,
+                              PHASES: tl.constexpr, ON_GPU: tl.constexpr, SLEEP_NS: tl.constexpr, PDL: tl.constexpr,
                               TRIGGER: tl.constexpr = True):
     """Both products in one grid of ``NPROG`` programs (module docstring). Gate/up row blocks are
     numbered shared slots first, so that with ``EARLY`` (as in :func:`gate_up_one_kernel`) a program
     walks its shared blocks before its PDL wait and its routed ones after it; block ``u`` goes to
     program ``u mod NPROG``, and so do the down rows. Every program must be resident at once (the host
     sizes ``NPROG`` from the compiled kernel's occupancy): the down phase waits for all of them, and a
-    program that has waited ``SPIN_LIMIT`` polls traps (``TRAP``, not in the interpreter): a GPU that
-    could not hold them all faults rather than hangs. ``NPROG`` is not specialised on, so the host can
+    program that has waited ``SPIN_LIMIT`` polls traps: a GPU that could not hold them all faults rather
+    than hangs. ``ON_GPU`` (not the interpreter): the trap, the fence and the pause are inline PTX. ``NPROG`` is not specialised on, so the host can
     compile once and size the grid from the result."""
     pid = tl.program_id(0)
     n_gu = tl.cdiv(I, GU_R)
@@ -214,10 +221,12 @@ def moe_one_persistent_kernel(x_ptr, idx_ptr, cw_ptr, w1_tab, w3_tab, w2_tab, h_
             # while the last blocks stream, slowed the stream itself: session 30)
             tl.atomic_xchg(sync_ptr, 0)
             o_f = tl.arange(0, FLAG_BLOCK)
+            if ON_GPU:  # one fence, then relaxed flags (a release on every flag would fence each of them)
+                _fence_acq_rel(o_f)
             for f0 in range(0, NPROG, FLAG_BLOCK):
                 p_f = f0 + o_f
                 tl.atomic_xchg(sync_ptr + (p_f + 1) * FLAG_STRIDE, tl.full([FLAG_BLOCK], 1, tl.int32),
-                               mask=p_f < NPROG, sem="release")
+                               mask=p_f < NPROG, sem="relaxed" if ON_GPU else "release")
         flag = sync_ptr + (pid + 1) * FLAG_STRIDE
         seen = tl.load(flag, volatile=True)
         polls = 0
@@ -228,7 +237,7 @@ def moe_one_persistent_kernel(x_ptr, idx_ptr, cw_ptr, w1_tab, w3_tab, w2_tab, h_
             polls += 1
         # acquire (the flag's release carries every program's h stores) and lower the flag for the next call
         seen = tl.atomic_xchg(flag, 0, sem="acquire")
-        if TRAP:
+        if ON_GPU:
             if seen == 0:
                 _trap(seen)
     if PHASES >= 2:
