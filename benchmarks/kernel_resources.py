@@ -37,7 +37,7 @@ TYPES.update(indices="*i64", logits="*fp32", w_gate="*bf16", x_ptr="*bf16", h_pt
              w3_tab="*i64", w2_tab="*i64", cw_ptr="*fp32", y_ptr="*fp32", N="i32", I="i32", NK="i32", ER="i32", K="i32")
 # the decode step's folded block norms: norm weights and residuals in the model's dtype
 TYPES.update(nw_ptr="*bf16", norm_w="*bf16", res_ptr="*bf16")
-TYPES.update(NC="i32", NGATE="i32", TT="i32", NPROG="i32", sync_ptr="*i32")  # chunk and program counts, tokens
+TYPES.update(NC="i32", NGATE="i32", TT="i32")  # chunk and program counts, tokens
 # the absorbed-MLA split kernels: bf16 queries and cache, int64 lengths, int32 sizes and strides (names
 # such as M are pointers in other kernels: these types apply to the latent kernels only)
 LATENT_TYPES = dict(q_lat_ptr="*bf16", q_rope_ptr="*bf16", c_ptr="*bf16", kr_ptr="*bf16", len_ptr="*i64", L="i32",
@@ -165,7 +165,7 @@ def cases():
                                         W_ALIGN=16), td["num_warps"], td["num_stages"] or 3
     # batch-1 decode: the one-token expert kernels and the projections (weights found through address
     # tables, declared 16-byte aligned: W_ALIGN), at the benchmark's tiles
-    gate_up1, down1, persistent1 = moe_decode._single_token_kernels()
+    gate_up1, down1 = moe_decode._single_token_kernels()
     t1, t2 = moe_decode.TILES["gate_up_one"], moe_decode.TILES["down_one"]
     # (" norm" / " residual": the decode step's folded post-attention norm and residual add, docs/decode.md)
     for norm, early in ((False, False), (True, False), (True, True)):
@@ -175,12 +175,6 @@ def cases():
     for res in (False, True):
         yield (f"moe decode down (one token){' residual' if res else ''}", down1,
                dict(J=9, BLOCK_R=t2["BLOCK_R"], BLOCK_I=t2["BLOCK_I"], W_ALIGN=16, RESIDUAL=res), t2["num_warps"], 3)
-    pt = moe_decode.PERSISTENT_TILE
-    for pf in (False, True):  # both products in one persistent launch, as the folded decode step runs it
-        yield (f"moe decode persistent (one token) norm residual early{' prefetch' if pf else ''}", persistent1,
-               dict(J=9, GU_R=pt["gu_rows"], GU_D=t1["BLOCK_D"], EVEN_D=True, DN_R=pt["dn_rows"], DN_I=t2["BLOCK_I"],
-                    W_ALIGN=16, W2_ALIGN=16, NORM=True, RESIDUAL=True, EARLY=True, DN_PREFETCH=pf, JP=16, ELT=2,
-                    PHASES=3, ON_GPU=True, SLEEP_NS=pt["sleep_ns"]), pt["num_warps"], 3)
     from kimi_linear.ops import latent_attention_triton as lat
     # absorbed-MLA decode, 32 heads x (512 + 64), 64-key tiles in 2 stages: rows-major (two 16-row programs
     # per split) and keys-major (one program of all 32 rows; the products transposed)

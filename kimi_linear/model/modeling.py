@@ -28,7 +28,7 @@ from kimi_linear.layers.kda import KimiDeltaAttention, ShortConvolution, _HeadNo
 from kimi_linear.layers.mla import MultiHeadLatentAttention
 from kimi_linear.layers.moe import MoEGate, SparseMoeBlock, SwiGLUMLP
 from kimi_linear.model.config import KimiLinearConfig
-from kimi_linear.ops.moe_decode import ExpertSync, moe_decode
+from kimi_linear.ops.moe_decode import moe_decode
 from kimi_linear.ops.norm import add_rms_norm
 from kimi_linear.ops.prefetch import join_prefetches
 
@@ -86,8 +86,6 @@ class KimiLinearDecoderLayer(nn.Module):
             self.register_buffer("_dense_weight", torch.ones(1, 1), persistent=False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        # the one-token MoE kernel's counters for this layer (decode; not a checkpoint entry)
-        self._expert_sync = ExpertSync()
 
     def reset_buffers(self) -> None:
         """Fill the non-persistent buffers (not in a checkpoint; garbage after ``to_empty``)."""
@@ -170,7 +168,7 @@ class KimiLinearDecoderLayer(nn.Module):
         elementwise ones). ``fold``: :func:`moe_decode`'s ``norm_weight``, ``eps``, ``residual``."""
         mlp = self.mlp
         return moe_decode(x, self._dense_index, self._dense_weight, [mlp.gate_proj.weight], [mlp.up_proj.weight],
-                          [mlp.down_proj.weight], sync=self._expert_sync, backend=self.backend, **fold)
+                          [mlp.down_proj.weight], backend=self.backend, **fold)
 
     def _shared_expert_weights(self) -> tuple[list, list, list] | None:
         """The shared expert's ``([w1], [w3], [w2])`` when it has a routed expert's size (it then runs
@@ -198,7 +196,7 @@ class KimiLinearDecoderLayer(nn.Module):
                       [e.w2.weight for e in moe.experts])
         # x_ready: the router's launch, just before, read x; nothing since has written it
         y = moe_decode(x, indices, weights, w1, w3, w2, shared=shared, norm_weight=norm_weight, eps=eps,
-                       residual=residual, x_ready=True, sync=self._expert_sync, backend=self.backend)
+                       residual=residual, x_ready=True, backend=self.backend)
         return y + moe.shared_experts(x) if separate else y
 
 

@@ -35,7 +35,6 @@ both in PyTorch (same values, not fused).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -147,7 +146,7 @@ def _single_token_kernels():
     """The one-token kernels (:mod:`kimi_linear.ops.moe_one_kernel`, imported here: it needs Triton)."""
     from kimi_linear.ops import moe_one_kernel as k
 
-    return k.gate_up_one_kernel, k.down_one_kernel, k.moe_one_persistent_kernel
+    return k.gate_up_one_kernel, k.down_one_kernel
 
 
 _KERNELS = None
@@ -207,7 +206,6 @@ def moe_decode(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     x_ready: bool = False,
-    sync: ExpertSync | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Routed-expert output for a few tokens (shapes in the module docstring); no host sync on Triton.
@@ -218,11 +216,7 @@ def moe_decode(
     dtype): returns ``residual + output`` (both folded into the one-token kernels; module docstring).
     ``x_ready``: the caller promises that ``x`` was written before the kernel launched just before this
     call (the model's decode step: the router, which reads the same x), so that with programmatic
-    dependent launch the one-token kernel's shared-expert programs start while that kernel runs.
-    ``sync``: the call site's :class:`ExpertSync`; with it (and :data:`PERSISTENT_ONE`) one token takes
-    the one persistent launch instead of two (:mod:`kimi_linear.ops.moe_one_kernel`)."""
-    if sync is not None and not isinstance(sync, ExpertSync):
-        raise TypeError(f"sync must be a moe_decode.ExpertSync or None, got {type(sync).__name__}")
+    dependent launch the one-token kernel's shared-expert programs start while that kernel runs."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(f"need x [N, D], indices and weights [N, k]; got {tuple(x.shape)}, "
                          f"{tuple(indices.shape)}, {tuple(weights.shape)}")
@@ -248,7 +242,7 @@ def moe_decode(
         y = grouped_swiglu(x, indices, weights, w1, w3, w2)
         return y if residual is None else residual + y
     if one_token:
-        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual, x_ready, sync)
+        return _moe_decode_one(x, indices, weights, w1, w3, w2, ER, norm_weight, eps, residual, x_ready)
     y = _moe_decode_many(x, indices, weights, w1, w3, w2, ER)
     return y if residual is None else residual + y
 
@@ -300,16 +294,16 @@ def _moe_decode_many(x, indices, weights, w1, w3, w2, ER: int) -> torch.Tensor:
 
 
 def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, eps: float = 1e-6,
-                    residual=None, x_ready: bool = False, sync: ExpertSync | None = None) -> torch.Tensor:
+                    residual=None, x_ready: bool = False) -> torch.Tensor:
     """:func:`moe_decode` for one token ``x [1, D]``: slots are its ``k`` choices, then the shared experts
-    (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add
-    inside. Two launches, or one persistent launch (:data:`PERSISTENT_ONE`, with a ``sync``)."""
+    (``w1[ER:]``...), each with its weights read once by row blocks; the norm and the residual add in
+    the two launches."""
     import triton
 
     global _ONE_KERNELS
     if _ONE_KERNELS is None:
         _ONE_KERNELS = _single_token_kernels()
-    gate_up, down, _ = _ONE_KERNELS
+    gate_up, down = _ONE_KERNELS
     D, I, K = x.shape[1], w1[0].shape[0], indices.shape[1]
     J = K + len(w1) - ER
     x = x.contiguous()
@@ -317,129 +311,20 @@ def _moe_decode_one(x, indices, weights, w1, w3, w2, ER: int, norm_weight=None, 
     # the kernel reads any float dtype of combine weights (a cast would be one more launch)
     cw = weights.contiguous() if weights.dtype in (torch.float32, torch.bfloat16, torch.float16) else weights.float()
     h = torch.empty(J, I, device=x.device, dtype=x.dtype)
-    y = torch.empty(1, D, device=x.device, dtype=x.dtype)
     gu, dn = TILES["gate_up_one"], TILES["down_one"]
     launch = pdl_launch(x.device, "moe_gate_up_one")
     early = x_ready and launch["PDL"] and J > K and EARLY_SHARED_EXPERTS  # shared slots before the wait
     (t1, a1), (t3, a3), (t2, a2) = _pointer_table(w1, x), _pointer_table(w3, x), _pointer_table(w2, x)
     nw = norm_weight.contiguous() if norm_weight is not None else x  # x stands in for an unread pointer
-    res = residual.contiguous() if residual is not None else y  # y: likewise
-    if sync is not None and PERSISTENT_ONE:
-        pt = PERSISTENT_TILE
-        args = (x, idx, cw, t1, t3, t2, h, y, res, nw, None, D, I, K, ER, float(eps))  # None: the workspace
-        consts = dict(J=J, GU_R=pt["gu_rows"], GU_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, DN_R=pt["dn_rows"],
-                      DN_I=dn["BLOCK_I"], W_ALIGN=min(a1, a3), W2_ALIGN=a2, NORM=norm_weight is not None,
-                      RESIDUAL=residual is not None, EARLY=early, JP=triton.next_power_of_2(J),
-                      ELT=x.element_size(), num_warps=pt["num_warps"], SLEEP_NS=pt["sleep_ns"] if launch["PDL"] else 0,
-                      **pdl_launch(x.device, "moe_one_persistent"))
-        # the down rows' L2 prefetch: Hopper's bulk copy, 16-byte aligned rows
-        consts["DN_PREFETCH"] = bool(pt["dn_prefetch"]) and launch["PDL"] and a2 == 16 and (I * x.element_size()) % 16 == 0
-        if _launch_persistent(args, consts, x.device, sync):
-            return y
     gate_up[(J, triton.cdiv(I, gu["BLOCK_R"]))](
         x, idx, t1, t3, h, nw, D, I, K, ER, float(eps),
         BLOCK_R=gu["BLOCK_R"], BLOCK_D=gu["BLOCK_D"], EVEN_D=D % gu["BLOCK_D"] == 0, W_ALIGN=min(a1, a3),
         NORM=norm_weight is not None, num_warps=gu["num_warps"], EARLY=early, X_CACHE=".cg" if early else "",
         **launch)
+    y = torch.empty(1, D, device=x.device, dtype=x.dtype)
+    res = residual.contiguous() if residual is not None else y
     down[(triton.cdiv(D, dn["BLOCK_R"]),)](
         h, idx, cw, t2, y, res, D, I, K, ER,
         J=J, BLOCK_R=dn["BLOCK_R"], BLOCK_I=dn["BLOCK_I"], W_ALIGN=a2, RESIDUAL=residual is not None,
         num_warps=dn["num_warps"], **pdl_launch(x.device, "moe_down_one"))
     return y
-
-
-# ---------------------------------------------------------------- the persistent one-token launch
-class ExpertSync:
-    """The persistent one-token kernel's workspace (a count and one flag per program, int32, zero between
-    calls: the kernel leaves it so; ops/moe_one_kernel.py) for one call site, e.g. one MoE layer: a
-    site's calls run in order on its stream, and two sites never share it. Allocated on a device outside
-    graph capture; a larger one replaces it, the old one kept alive (a captured graph may still use it).
-    :meth:`get` returns None (the caller then takes the two launches) while a capture runs and none large
-    enough exists (a zero fill captured into the graph would not run before the eager calls after it)."""
-
-    def __init__(self) -> None:
-        self.counters: torch.Tensor | None = None
-        self._retired: list[torch.Tensor] = []
-
-    def get(self, dev: torch.device, words: int) -> torch.Tensor | None:
-        c = self.counters
-        if c is None or c.device != dev or c.numel() < words:
-            if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            if c is not None:
-                self._retired.append(c)
-            self.counters = torch.zeros(words, dtype=torch.int32, device=dev)
-        return self.counters
-
-    def reset(self) -> None:
-        """Zero the workspace (after a launch failed part-way, so that the next call finds no count)."""
-        if self.counters is not None:
-            self.counters.zero_()
-
-
-# The persistent kernel's launch: progs_per_sm, how many programs per SM at most (they must all be
-# resident at once, so the compiled kernel's registers, threads and shared memory may allow fewer; the
-# host takes the smaller); num_warps, gu_rows / dn_rows (rows of a gate/up and of a down block; the D and
-# I tiles are the two-launch kernels'); dn_prefetch, each program asks the L2 for its first down rows
-# before it waits for the others; sleep_ns, the pause between two polls of the counter.
-PERSISTENT_TILE: dict[str, int] = dict(progs_per_sm=5, num_warps=4, gu_rows=16, dn_rows=4, dn_prefetch=1, sleep_ns=200)
-# One launch for both products at batch 1 (module docstring of ops/moe_one_kernel.py); needs an
-# ExpertSync from the caller (the model's MoE layers keep one each)
-PERSISTENT_ONE = True
-_PROGRAMS: dict[tuple, int] = {}
-
-
-def _resident_programs(compiled, dev: torch.device) -> int:
-    """How many programs of ``compiled`` (a Triton kernel) one SM of ``dev`` holds at once: the least of
-    what its registers (allocated per warp in units of 256), threads, shared memory (1 KB reserved per
-    program) and block slots (32) allow."""
-    if hasattr(compiled, "_init_handles"):  # Triton loads the binary (and reads its registers) lazily
-        compiled._init_handles()
-    p = torch.cuda.get_device_properties(dev)
-    warps = compiled.metadata.num_warps
-    per_warp = -(-max(int(compiled.n_regs), 1) * 32 // 256) * 256
-    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (per_warp * warps)
-    by_threads = getattr(p, "max_threads_per_multi_processor", 2048) // (32 * warps)
-    smem = int(compiled.metadata.shared)
-    by_smem = getattr(p, "shared_memory_per_multiprocessor", 233472) // (smem + 1024)
-    return max(0, min(by_regs, by_threads, by_smem, 32))
-
-
-def _launch_persistent(args: tuple, consts: dict, dev: torch.device, sync: ExpertSync, nprog: int | None = None,
-                       phases: int = 3) -> bool:
-    """Launch :func:`kimi_linear.ops.moe_one_kernel.moe_one_persistent_kernel` with ``args`` (its
-    positional arguments up to ``eps``, the workspace's place None: ``sync``'s) and ``consts``; returns
-    False, launching nothing, when no program count fits the GPU or no workspace can be had (inside a
-    capture). ``nprog``: the program count (default: all the GPU holds at once, capped by
-    :data:`PERSISTENT_TILE`; one under the interpreter, which runs programs one after another);
-    ``phases`` 1 or 2 run one product only (tests of the walks with several programs). A launch that
-    fails zeroes the workspace, so the next call starts from zero."""
-    from kimi_linear.backends import triton_interpret
-    from kimi_linear.ops.moe_one_kernel import sync_words
-
-    kernel = _ONE_KERNELS[2]
-    if nprog is None:
-        if triton_interpret():
-            nprog = 1
-        else:
-            cap = int(PERSISTENT_TILE["progs_per_sm"])
-            key = (dev.index, tuple(sorted(consts.items())), args[0].dtype, cap)
-            nprog = _PROGRAMS.get(key)
-            if nprog is None:  # NPROG is not specialised on: any value compiles the same kernel
-                # compiling reads no tensor: an int32 one stands in for the workspace
-                probe = args[:10] + (torch.zeros(1, dtype=torch.int32, device=dev),) + args[11:]
-                compiled = kernel.warmup(*probe, 1, PHASES=3, ON_GPU=True, **consts, grid=(1,))
-                per_sm = min(_resident_programs(compiled, dev), cap)
-                nprog = _PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
-            if nprog < 1:
-                return False
-    work = sync.get(dev, sync_words(nprog))
-    if work is None:
-        return False
-    try:
-        kernel[(nprog,)](*args[:10], work, *args[11:], nprog, PHASES=phases, ON_GPU=not triton_interpret(), **consts)
-        return True
-    except BaseException:
-        with contextlib.suppress(Exception):  # a GPU fault leaves nothing to reset
-            sync.reset()
-        raise

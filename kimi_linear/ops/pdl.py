@@ -94,7 +94,7 @@ EARLY_TRIGGER: dict[str, int] = {
     "conv": 1, "fused_linear": 1, "route": 1, "route_split": 1, "recurrent_kda": 1, "rms_norm": 1,
     "rms_norm_store": 1, "moe_gate_up": 1, "moe_down": 1, "moe_gate_up_one": 1, "moe_down_one": 0,
     "latent_split": 0, "latent_keys_major": 0, "latent_merge": 0, "absorb_query": 1, "absorb_output": 1,
-    "absorb_query_keys_major": 1, "moe_one_persistent": 0,
+    "absorb_query_keys_major": 1,
 }
 
 
