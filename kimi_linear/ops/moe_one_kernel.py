@@ -5,7 +5,7 @@ A token's "slots" are its ``K`` chosen experts, then the shared ones (weight 1).
 ``gate_up_one_kernel`` (grid ``[J, I / BLOCK_R]``: SwiGLU rows of every slot into ``h [J, I]``), then
 ``down_one_kernel`` (grid ``[D / BLOCK_R]``: output rows, every slot's down projection summed with its
 combine weight, the residual added). Each program's work is a helper of its own (a row block of either
-product), so that another grid can walk the same blocks.
+product), so that a grid walking the blocks another way computes the same bits.
 
 Both products in one persistent launch (programs walking the gate/up blocks, a device-wide count, then
 the down rows) measured slower on the H100 and was removed (docs/decode.md, session 30; commit cfd9aed).
@@ -33,7 +33,8 @@ def _gate_up_rows(x_ptr, idx_ptr, w1_tab, w3_tab, h_ptr, nw_ptr, j, rb, D, I, K,
     """``h[j, rows] = silu(w1_e x) * (w3_e x)`` for row block ``rb`` of slot ``j`` (``BLOCK_R`` rows of
     ``I``). ``W_ALIGN``: the experts' address alignment in bytes (an address read from a table is of
     unknown alignment otherwise). ``NORM``: x is un-normalised; the sums are of ``x * nw``, scaled by
-    ``rstd`` before the SwiGLU (a product is linear in its input). ``X_CACHE`` ".cg": x read from L2."""
+    ``rstd`` before the SwiGLU (a product is linear in its input). ``X_CACHE`` ".cg": x read from L2,
+    never from the SM's L1, which a program that has not yet waited for the previous grid may not rely on."""
     e = _slot_expert(idx_ptr, j, K, ER)
     w1 = tl.multiple_of(tl.load(w1_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
     w3 = tl.multiple_of(tl.load(w3_tab + e).to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
