@@ -5,7 +5,7 @@
 #   run(command="bash benchmarks/gpu_session.sh decode", carry=[".whl"], timeout_s=590)
 #   run(command="bash benchmarks/gpu_session.sh grid", carry=[".whl"], timeout_s=590)   # also: train
 # (after the first call: carry=[".whl", ".triton-autotune.tar.gz"], see TRITON_CACHE_DIR below)
-# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-29;
+# Order for the next session (30 device minutes; the H100 counted 50% of its held time in sessions 22-30;
 # a machine goes back after 30 minutes held, so a call must not run past that). Issue 5 (docs/decode.md,
 # results/decode/README.md sessions 24-29): TPOT 2.80 / 2.85 / 3.00 / 3.18 ms at 4K / 16K / 64K / 128K against
 # the 3 ms target (session 29's official run); the 64K step reads 2.994-3.002 across session 29's machines,
@@ -16,7 +16,9 @@
 # in one launch with a per-row counter (+15 us at 64K). GPU tests: the whole set takes more than two calls
 # (session 26: run tests/ops/test_chunk_kda.py in parts, pytest -m gpu -k ...).
 # The remaining excess is each launch's ramp and tail (~0.7 ms over the weights floor at 4K) and the latent
-# calls' fixed cost at 64K+; a persistent whole-step kernel is what would remove the first; fusing launches
+# calls' fixed cost at 64K+. Session 30: a persistent launch joined by a device-wide count does not remove the
+# first (the MoE's two products in one launch: +0.38 ms per step at best, results/decode/session30/); what
+# is left is tile-level dataflow (each tile waiting on the inputs it reads), not started; fusing launches
 # within one kernel per operation lost five times (sessions 13, 24, 26, 27), and the KDA output norm moved
 # into its neighbours lost 37-43 us (session 28). Session 28's probe (benchmarks/gluon_gemv_probe.py, ~10 s on
 # the GPU): every GEMV implementation, a warp-specialised Gluon one included, sits 2-4 us above bytes / read

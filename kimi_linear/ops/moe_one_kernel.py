@@ -4,8 +4,8 @@
 A token's "slots" are its ``K`` chosen experts, then the shared ones (weight 1). Two launches:
 ``gate_up_one_kernel`` (grid ``[J, I / BLOCK_R]``: SwiGLU rows of every slot into ``h [J, I]``), then
 ``down_one_kernel`` (grid ``[D / BLOCK_R]``: output rows, every slot's down projection summed with its
-combine weight, the residual added). Each program's work is a helper of its own (a row block of either
-product), so that a grid walking the blocks another way computes the same bits.
+combine weight, the residual added). Each kernel's program is a row block of its product, written as a
+helper of its own (``_gate_up_rows``, ``_down_rows``).
 
 Both products in one persistent launch (programs walking the gate/up blocks, a device-wide count, then
 the down rows) measured slower on the H100 and was removed (docs/decode.md, session 30; commit cfd9aed).
